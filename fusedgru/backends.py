@@ -1,0 +1,170 @@
+"""The backend table: every way fusedgru can run one GRU layer-direction, as rows.
+
+A row names the object that implements it, ``module:attribute``; the module is imported on
+first use.  The object (a module-level instance, see fusedgru/_reference_backend.py) has:
+
+    forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after) -> (y, ws)        (fusedgru/ops.py)
+    backward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after) -> 6 grads
+    unavailable_reason() -> str | None      why this backend cannot run on this machine
+    unsupported_reason(device_type: str, dtype) -> str | None
+                                            why it cannot run on that device / dtype
+
+Choosing a backend is a lookup in this table, never an if/else elsewhere in the package.
+"auto" takes the first row of AUTO_ORDER[device type] that is available and supports the
+dtype.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+__all__ = [
+    "Backend",
+    "BACKENDS",
+    "AUTO_ORDER",
+    "BACKEND_NAMES",
+    "available_backends",
+    "backend_status",
+    "get_backend",
+    "resolve_backend",
+    "BackendUnavailableError",
+]
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run here (what is missing is in the message)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    target: str  # "module:attribute", imported lazily
+    summary: str
+    how_to_get: str  # printed when it is missing
+
+
+BACKENDS: Dict[str, Backend] = {
+    b.name: b
+    for b in [
+        Backend(
+            "cuda",
+            "fusedgru.extension:cuda_backend",
+            "C++/CUDA extension: persistent kernel with W_hh on chip (GPU)",
+            "build the extension on a machine with nvcc and a CUDA build of torch: "
+            "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .",
+        ),
+        Backend(
+            "triton",
+            "fusedgru.kernels.backend:backend",
+            "Triton fused time-loop kernels (GPU; CPU tensors under TRITON_INTERPRET=1)",
+            "pip install triton (it comes with CUDA builds of torch) and run on a CUDA "
+            "device, or set TRITON_INTERPRET=1 before importing fusedgru for CPU tensors",
+        ),
+        Backend(
+            "cpu",
+            "fusedgru.extension:cpu_backend",
+            "C++ extension: fused, vectorised CPU loop (at::vec, at::parallel_for)",
+            "build the extension: pip install --no-build-isolation -e . "
+            "(or call fusedgru.extension.jit_build() for a cached JIT build)",
+        ),
+        Backend(
+            "reference",
+            "fusedgru._reference_backend:backend",
+            "pure PyTorch, written for reading; any device and dtype",
+            "always available",
+        ),
+    ]
+}
+
+BACKEND_NAMES = tuple(BACKENDS)
+
+# "auto": fastest first, for each device type.
+AUTO_ORDER: Dict[str, List[str]] = {
+    "cuda": ["cuda", "triton", "reference"],
+    "cpu": ["cpu", "reference"],
+}
+
+_loaded: Dict[str, object] = {}
+_import_errors: Dict[str, str] = {}
+
+
+def _load(name: str):
+    """The backend's implementation object, or None (the reason kept) if it cannot load."""
+    if name in _loaded:
+        return _loaded[name]
+    if name in _import_errors:
+        return None
+    module, attr = BACKENDS[name].target.split(":")
+    try:
+        impl = getattr(importlib.import_module(module), attr)
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+        _import_errors[name] = f"cannot import {module} ({type(exc).__name__}: {exc})"
+        return None
+    _loaded[name] = impl
+    return impl
+
+
+def _why_unavailable(name: str) -> Optional[str]:
+    impl = _load(name)
+    return _import_errors[name] if impl is None else impl.unavailable_reason()
+
+
+def backend_status() -> Dict[str, Optional[str]]:
+    """{name: None if usable here, else the reason it is not}."""
+    return {name: _why_unavailable(name) for name in BACKENDS}
+
+
+def available_backends() -> List[str]:
+    """The backend names usable on this machine (for some device and dtype)."""
+    return [name for name, why in backend_status().items() if why is None]
+
+
+def get_backend(name: str):
+    """The implementation of an available backend; BackendUnavailableError says what is missing."""
+    if name not in BACKENDS:
+        raise ValueError(
+            f"backend: unknown backend {name!r}; expected 'auto' or one of {list(BACKENDS)}"
+        )
+    why = _why_unavailable(name)
+    if why is not None:
+        raise BackendUnavailableError(
+            f"backend {name!r} is not available: {why}. To get it: {BACKENDS[name].how_to_get}"
+        )
+    return _loaded[name]
+
+
+def check_backend_name(name) -> str:
+    if not isinstance(name, str) or (name != "auto" and name not in BACKENDS):
+        raise ValueError(
+            f"backend: unknown backend {name!r}; expected 'auto' or one of {list(BACKENDS)}"
+        )
+    return name
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend that runs tensors of this device and dtype for ``name``."""
+    check_backend_name(name)
+    device_type = torch.device(device).type
+    if name == "auto":
+        reasons = []
+        for candidate in AUTO_ORDER.get(device_type, ["reference"]):
+            why = _why_unavailable(candidate)
+            if why is None:
+                why = _loaded[candidate].unsupported_reason(device_type, dtype)
+            if why is None:
+                return candidate
+            reasons.append(f"{candidate}: {why}")
+        raise BackendUnavailableError(
+            f"no backend runs {dtype} on {device_type}: " + "; ".join(reasons)
+        )
+    mod = get_backend(name)
+    why = mod.unsupported_reason(device_type, dtype)
+    if why is not None:
+        raise BackendUnavailableError(
+            f"backend {name!r} cannot run {dtype} tensors on {device_type}: {why}"
+        )
+    return name

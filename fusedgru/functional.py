@@ -1,0 +1,303 @@
+"""fusedgru.functional: the functional form of FusedGRU and FusedGRUCell.
+
+Layers, directions, packed sequences and dropout live here, as differentiable PyTorch
+around the one autograd boundary (fusedgru.function.GRULayerFunction).  Input checking is
+here too, so that every backend receives contiguous, time-major, validated tensors.
+
+Packed (variable-length) input needs nothing from the kernels: the padded batch runs as a
+dense one.  A forward direction's steps past a sequence's end come after its valid steps,
+so they cannot change them, and h_n is read at each sequence's own last step.  The reverse
+direction reverses each sequence within its own length, so it too starts at its own last
+valid step.  Gradients of the padded steps are zero because their outputs are dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import backends
+from .function import GRULayerFunction
+
+__all__ = ["gru", "gru_cell", "check_module_args"]
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checks (shared by the modules and the functional form)
+# ----------------------------------------------------------------------------------------
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
+    return int(value)
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_dropout(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Number):
+        raise TypeError(f"dropout: expected a float in [0, 1], got {type(value).__name__}")
+    if not (0 <= value <= 1) or math.isnan(value):
+        raise ValueError(f"dropout: expected a float in [0, 1], got {value}")
+    return float(value)
+
+
+def check_module_args(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                      bidirectional, reset_after, backend):
+    """Validates FusedGRU / FusedGRUCell constructor arguments; returns them normalised."""
+    return (
+        _check_positive_int("input_size", input_size),
+        _check_positive_int("hidden_size", hidden_size),
+        _check_positive_int("num_layers", num_layers),
+        _check_bool("bias", bias),
+        _check_bool("batch_first", batch_first),
+        _check_dropout(dropout),
+        _check_bool("bidirectional", bidirectional),
+        _check_bool("reset_after", reset_after),
+        backends.check_backend_name(backend),
+    )
+
+
+def _check_tensor_like(name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a Tensor, got {type(t).__name__}")
+    if t.dtype != ref.dtype:
+        raise TypeError(
+            f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {t.dtype}"
+        )
+    if t.device != ref.device:
+        raise RuntimeError(
+            f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), "
+            f"got one on {t.device}"
+        )
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    # The table lookup is a constant for a given (name, device, dtype): torch.compile
+    # evaluates it once while tracing instead of tracing through the table.
+    return backends.resolve_backend(backend, device, dtype)
+
+
+def _layer_weights(weights: Sequence[Tensor], num_layers: int, num_directions: int):
+    n = len(weights)
+    per = n // (num_layers * num_directions) if num_layers * num_directions else 0
+    if per not in (2, 4) or per * num_layers * num_directions != n:
+        raise ValueError(
+            f"weights: expected {2 * num_layers * num_directions} (no bias) or "
+            f"{4 * num_layers * num_directions} tensors for num_layers={num_layers}, "
+            f"bidirectional={num_directions == 2}, got {n}"
+        )
+    groups = [list(weights[k * per:(k + 1) * per]) for k in range(num_layers * num_directions)]
+    return [(g[0], g[1], g[2] if per == 4 else None, g[3] if per == 4 else None) for g in groups]
+
+
+def _check_weights(layers, input_size_seen: int, num_directions: int, x: Tensor) -> int:
+    w_ih0, w_hh0 = layers[0][0], layers[0][1]
+    if w_hh0.dim() != 2 or w_hh0.shape[0] != 3 * w_hh0.shape[1]:
+        raise ValueError(f"weight_hh_l0: expected shape (3*H, H), got {tuple(w_hh0.shape)}")
+    H = w_hh0.shape[1]
+    for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
+        layer, direction = divmod(k, num_directions)
+        sfx = f"_l{layer}" + ("_reverse" if direction else "")
+        in_size = w_ih0.shape[1] if layer == 0 else num_directions * H
+        for name, t, shape in [
+            ("weight_ih" + sfx, w_ih, (3 * H, in_size)),
+            ("weight_hh" + sfx, w_hh, (3 * H, H)),
+            ("bias_ih" + sfx, b_ih, (3 * H,)),
+            ("bias_hh" + sfx, b_hh, (3 * H,)),
+        ]:
+            if t is None:
+                continue
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"{name}: expected a floating-point dtype, got {t.dtype}")
+            _check_tensor_like(name, t, w_ih0, "weight_ih_l0")
+    if input_size_seen != w_ih0.shape[1]:
+        raise ValueError(
+            f"input: expected input.size(-1) == input_size = {w_ih0.shape[1]}, "
+            f"got {input_size_seen}"
+        )
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"input: expected a floating-point dtype, got {x.dtype}")
+    _check_tensor_like("input", x, w_ih0, "the weights")
+    return H
+
+
+# ----------------------------------------------------------------------------------------
+# Reversal within each sequence's own length
+# ----------------------------------------------------------------------------------------
+
+
+def _reverse_index(lengths: Optional[Tensor], T: int, B: int, device) -> Optional[Tensor]:
+    """(T, B) time index that reverses each sequence within its length (None: plain flip)."""
+    if lengths is None:
+        return None
+    t = torch.arange(T, device=device).unsqueeze(1)  # (T, 1)
+    L = lengths.to(device).unsqueeze(0)  # (1, B)
+    return torch.where(t < L, L - 1 - t, t)
+
+
+def _reverse(x: Tensor, index: Optional[Tensor]) -> Tensor:
+    if index is None:
+        return x.flip(0)
+    return x.gather(0, index.unsqueeze(-1).expand_as(x))
+
+
+# ----------------------------------------------------------------------------------------
+# The functional GRU
+# ----------------------------------------------------------------------------------------
+
+
+def gru(
+    input: Union[Tensor, PackedSequence],
+    weights: Sequence[Tensor],
+    hx: Optional[Tensor] = None,
+    *,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    batch_first: bool = False,
+    dropout: float = 0.0,
+    training: bool = False,
+    reset_after: bool = True,
+    backend: str = "auto",
+) -> Tuple[Union[Tensor, PackedSequence], Tensor]:
+    """A multi-layer GRU with torch.nn.GRU's semantics (see ../shared/SPEC.md section 3).
+
+    input:   (T, B, I), (B, T, I) if batch_first, (T, I) unbatched, or a PackedSequence
+    weights: nn.GRU's flat weights in its order: for each layer, for each direction,
+             weight_ih (3H, I or D*H), weight_hh (3H, H)[, bias_ih (3H,), bias_hh (3H,)]
+    hx:      (L*D, B, H), or (L*D, H) unbatched; zeros if None
+    Returns (output (T, B, D*H) laid out like the input, h_n (L*D, B, H)).
+    """
+    num_layers = _check_positive_int("num_layers", num_layers)
+    _check_bool("bidirectional", bidirectional)
+    _check_bool("batch_first", batch_first)
+    _check_bool("reset_after", reset_after)
+    dropout = _check_dropout(dropout)
+    D = 2 if bidirectional else 1
+    layers = _layer_weights(weights, num_layers, D)
+
+    packed = isinstance(input, PackedSequence)
+    lengths = None
+    if packed:
+        x, lengths = pad_packed_sequence(input)  # (T, B, I), original batch order
+        unbatched = False
+    else:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input: expected a Tensor or PackedSequence, got {type(input).__name__}")
+        if input.dim() not in (2, 3):
+            raise ValueError(
+                f"input: expected a 2-D (unbatched) or 3-D (batched) tensor, got {input.dim()}-D"
+            )
+        unbatched = input.dim() == 2
+        x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if batch_first else input)
+    T, B, I = x.shape
+    H = _check_weights(layers, I, D, x)
+
+    if hx is not None:
+        if not isinstance(hx, Tensor):
+            raise TypeError(f"hx: expected a Tensor, got {type(hx).__name__}")
+        expected = (num_layers * D, H) if unbatched else (num_layers * D, B, H)
+        if tuple(hx.shape) != expected:
+            raise ValueError(
+                f"hx: expected shape {expected} (num_layers * num_directions, "
+                f"{'' if unbatched else 'batch, '}hidden_size), got {tuple(hx.shape)}"
+            )
+        _check_tensor_like("hx", hx, x, "input")
+        if unbatched:
+            hx = hx.unsqueeze(1)
+    if T == 0:
+        raise ValueError("input: expected a sequence of at least one step, got length 0")
+
+    name = _resolve(backend, x.device, x.dtype)
+    # An empty batch has nothing for a kernel to do: the reference handles it exactly.
+    if B == 0:
+        name = "reference"
+    rev_index = _reverse_index(lengths, T, B, x.device) if D == 2 else None
+    last = (lengths.to(x.device) - 1) if lengths is not None else None
+
+    layer_input = x.contiguous()
+    h_n: List[Tensor] = []
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(D):
+            w_ih, w_hh, b_ih, b_hh = layers[layer * D + direction]
+            h0 = hx[layer * D + direction].contiguous() if hx is not None else None
+            xin = _reverse(layer_input, rev_index) if direction else layer_input
+            y = GRULayerFunction.apply(xin, h0, w_ih, w_hh, b_ih, b_hh, reset_after, name)
+            h_n.append(y[-1] if last is None else y[last, torch.arange(B, device=y.device)])
+            outputs.append(_reverse(y, rev_index) if direction else y)
+        layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=2)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, p=dropout, training=True)
+
+    output = layer_input
+    h_n_t = torch.stack(h_n, 0)
+    if packed:
+        order = input.sorted_indices
+        padded = output if order is None else output.index_select(1, order)
+        sorted_lengths = lengths if order is None else lengths[order.cpu()]
+        data = pack_padded_sequence(padded, sorted_lengths, enforce_sorted=True).data
+        return (
+            PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices),
+            h_n_t,
+        )
+    if unbatched:
+        return output.squeeze(1), h_n_t.squeeze(1)
+    if batch_first:
+        output = output.transpose(0, 1)
+    return output, h_n_t
+
+
+def gru_cell(
+    input: Tensor,
+    hx: Optional[Tensor],
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+    *,
+    reset_after: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """One GRU step with torch.nn.GRUCell's semantics.
+
+    input: (B, I) or (I,) unbatched;  hx: (B, H) or (H,), zeros if None.  Returns h' like hx.
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
+    if input.dim() not in (1, 2):
+        raise ValueError(
+            f"input: expected a 1-D (unbatched) or 2-D (batched) tensor, got {input.dim()}-D"
+        )
+    unbatched = input.dim() == 1
+    if hx is not None:
+        if not isinstance(hx, Tensor):
+            raise TypeError(f"hx: expected a Tensor, got {type(hx).__name__}")
+        if hx.dim() != input.dim():
+            raise ValueError(
+                f"hx: expected a {input.dim()}-D tensor to match the {input.dim()}-D input, "
+                f"got {hx.dim()}-D"
+            )
+        hx = hx.unsqueeze(0) if unbatched else hx
+        hx = hx.unsqueeze(0)  # (1, B, H): one layer, one direction
+    x = input.unsqueeze(0) if unbatched else input
+    weights = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else [])
+    _, h_n = gru(x.unsqueeze(0), weights, hx, reset_after=reset_after, backend=backend)
+    h = h_n[0]
+    return h.squeeze(0) if unbatched else h

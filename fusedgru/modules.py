@@ -1,0 +1,213 @@
+"""FusedGRU and FusedGRUCell: drop-in replacements for torch.nn.GRU and torch.nn.GRUCell.
+
+Parameters carry torch.nn.GRU's names, shapes, order and initialisation, so state dicts
+move between the two in both directions with no converter.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import backends
+from . import functional as F_gru
+
+__all__ = ["FusedGRU", "FusedGRUCell"]
+
+
+def _backend_in_use(backend: str, weight: Tensor) -> str:
+    try:
+        resolved = backends.resolve_backend(backend, weight.device, weight.dtype)
+    except backends.BackendUnavailableError as exc:
+        return f"unavailable: {exc}"
+    return resolved if backend != "auto" else f"auto -> {resolved}"
+
+
+class FusedGRU(nn.Module):
+    """torch.nn.GRU with fused kernels.  Same arguments, parameters and forward, plus:
+
+    reset_after: True (default) computes torch.nn.GRU / cuDNN's GRU, n = tanh(i_n + r*(W_hn h
+        + b_hn)); False computes the textbook GRU of Cho et al., n = tanh(i_n + W_hn (r*h)
+        + b_hn).
+    backend: "auto" (fastest for the device and dtype), "cuda", "triton", "cpu" or
+        "reference"; see fusedgru.available_backends().
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        reset_after: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        (input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+         reset_after, backend) = F_gru.check_module_args(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+            reset_after, backend)
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so non-zero "
+                f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
+                f"num_layers={num_layers}"
+            )
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = dropout
+        self.bidirectional = bidirectional
+        self.reset_after = reset_after
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        D = 2 if bidirectional else 1
+        G = 3 * hidden_size
+        self._flat_weights_names: List[str] = []
+        for layer in range(num_layers):
+            in_size = input_size if layer == 0 else D * hidden_size
+            for direction in range(D):
+                sfx = f"_l{layer}" + ("_reverse" if direction else "")
+                shapes = [("weight_ih", (G, in_size)), ("weight_hh", (G, hidden_size))]
+                if bias:
+                    shapes += [("bias_ih", (G,)), ("bias_hh", (G,))]
+                for prefix, shape in shapes:
+                    setattr(self, prefix + sfx, nn.Parameter(torch.empty(shape, **factory)))
+                    self._flat_weights_names.append(prefix + sfx)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """As torch.nn.GRU: every parameter uniform(-1/sqrt(H), 1/sqrt(H))."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for w in self.parameters():
+            nn.init.uniform_(w, -bound, bound)
+
+    @property
+    def _flat_weights(self) -> List[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> List[List[Tensor]]:
+        per = 4 if self.bias else 2
+        w = self._flat_weights
+        return [w[k:k + per] for k in range(0, len(w), per)]
+
+    def flatten_parameters(self) -> None:
+        """A no-op kept for drop-in compatibility: fusedgru reads parameters in place."""
+
+    def forward(self, input, hx: Optional[Tensor] = None):
+        return F_gru.gru(
+            input,
+            self._flat_weights,
+            hx,
+            num_layers=self.num_layers,
+            bidirectional=self.bidirectional,
+            batch_first=self.batch_first,
+            dropout=self.dropout,
+            training=self.training,
+            reset_after=self.reset_after,
+            backend=self.backend,
+        )
+
+    @property
+    def backend_in_use(self) -> str:
+        """The backend that runs this module's parameters' device and dtype."""
+        return _backend_in_use(self.backend, self.weight_hh_l0)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        return s + f", reset_after={self.reset_after}, backend={self.backend_in_use}"
+
+    @classmethod
+    def from_torch(cls, gru: nn.GRU, *, backend: str = "auto") -> "FusedGRU":
+        """A FusedGRU computing exactly what ``gru`` computes, with a copy of its weights."""
+        if not isinstance(gru, nn.GRU):
+            raise TypeError(f"gru: expected a torch.nn.GRU, got {type(gru).__name__}")
+        w = gru.weight_hh_l0
+        new = cls(gru.input_size, gru.hidden_size, gru.num_layers, gru.bias, gru.batch_first,
+                  float(gru.dropout), gru.bidirectional, device=w.device, dtype=w.dtype,
+                  reset_after=True, backend=backend)
+        new.load_state_dict(gru.state_dict())
+        new.train(gru.training)
+        return new
+
+    def to_torch(self) -> nn.GRU:
+        """A torch.nn.GRU with a copy of this module's weights (reset_after=True only)."""
+        if not self.reset_after:
+            raise ValueError(
+                "reset_after: torch.nn.GRU computes only the reset_after=True formulation; "
+                "this module has reset_after=False"
+            )
+        w = self.weight_hh_l0
+        gru = nn.GRU(self.input_size, self.hidden_size, self.num_layers, self.bias,
+                     self.batch_first, self.dropout, self.bidirectional,
+                     device=w.device, dtype=w.dtype)
+        gru.load_state_dict(self.state_dict())
+        gru.train(self.training)
+        return gru
+
+
+class FusedGRUCell(nn.Module):
+    """torch.nn.GRUCell with fused kernels: weight_ih (3H, I), weight_hh (3H, H),
+    bias_ih / bias_hh (3H,); forward(input (B, I) or (I,), hx=None) -> h' (B, H) or (H,).
+    ``reset_after`` and ``backend`` as in FusedGRU."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None, *, reset_after: bool = True, backend: str = "auto") -> None:
+        super().__init__()
+        (input_size, hidden_size, _, bias, _, _, _, reset_after, backend) = F_gru.check_module_args(
+            input_size, hidden_size, 1, bias, False, 0.0, False, reset_after, backend)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.reset_after = reset_after
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        G = 3 * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(G, input_size, **factory))
+        self.weight_hh = nn.Parameter(torch.empty(G, hidden_size, **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(G, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(G, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    reset_parameters = FusedGRU.reset_parameters
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        return F_gru.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih,
+                              self.bias_hh, reset_after=self.reset_after, backend=self.backend)
+
+    @property
+    def backend_in_use(self) -> str:
+        return _backend_in_use(self.backend, self.weight_hh)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if not self.bias:
+            s += ", bias=False"
+        return s + f", reset_after={self.reset_after}, backend={self.backend_in_use}"

@@ -1,0 +1,221 @@
+"""The GRU written for reading: the specification every fused backend is checked against.
+
+Dimension legend (used in every shape comment of this package):
+    T  sequence length (timesteps)
+    B  batch size
+    I  input features
+    H  hidden units
+    G  = 3 gates, stacked in the order r (reset), z (update), n (new / candidate)
+
+Three things live here (see ../shared/SPEC.md sections 1 and 4):
+
+1. ``gru_scratch``: the textbook from-scratch GRU (Cho et al. 2014, reset applied *before*
+   the recurrent matmul), with per-gate matrices of shape (inputs, hiddens) and the classic
+   ``(inputs, state, params)`` call signature.  ``scratch_params_from_torch`` maps
+   torch.nn.GRU's stacked weights onto its nine parameters.
+2. ``gru_layer_forward``: one layer, one direction, both formulations, vectorised: the input
+   projection of all T steps is ONE matmul before the time loop; each step does the
+   recurrent product(s) and the elementwise update.  It returns the outputs and the 4H
+   values per row per step that the backward needs (r, z, n and W_hn-product + b_hn).
+3. ``gru_layer_backward``: the hand-written backward of (2), SPEC section 4.  Only the
+   product with W_hh^T is inside the reverse-time loop; dx, dW_ih, dW_hh and both biases are
+   each ONE matmul (or sum) over all T*B rows afterwards.  Every fused backend's backward
+   follows this function line for line.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "gru_scratch",
+    "init_gru_state",
+    "scratch_params_from_torch",
+    "gru_layer_forward",
+    "gru_layer_backward",
+]
+
+
+# ----------------------------------------------------------------------------------------
+# 1. The textbook GRU
+# ----------------------------------------------------------------------------------------
+
+
+def init_gru_state(batch_size: int, num_hiddens: int, device=None, dtype=None) -> Tuple[Tensor]:
+    """The textbook's initial state: a one-element tuple holding zeros of shape (B, H)."""
+    return (torch.zeros((batch_size, num_hiddens), device=device, dtype=dtype),)
+
+
+def scratch_params_from_torch(
+    w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
+) -> List[Tensor]:
+    """torch.nn.GRU's stacked layer weights -> the textbook's nine per-gate parameters.
+
+    w_ih: (3H, I), w_hh: (3H, H), b_ih / b_hh: (3H,) or None; rows stacked r, z, n.
+    Returns [W_xz, W_hz, b_z, W_xr, W_hr, b_r, W_xh, W_hh, b_h], matrices (inputs, H).
+    The textbook form is reset_after=False, where b_hn sits outside the reset product, so
+    the input and hidden biases of each gate merge into one.
+    """
+    H = w_hh.shape[1]
+    w_ir, w_iz, w_in = w_ih.split(H, dim=0)
+    w_hr, w_hz, w_hn = w_hh.split(H, dim=0)
+    if b_ih is None:
+        b_ih = w_ih.new_zeros(3 * H)
+    if b_hh is None:
+        b_hh = w_hh.new_zeros(3 * H)
+    b_r, b_z, b_h = (b_ih + b_hh).split(H)
+    return [w_iz.T, w_hz.T, b_z, w_ir.T, w_hr.T, b_r, w_in.T, w_hn.T, b_h]
+
+
+def gru_scratch(inputs, state: Tuple[Tensor], params: Sequence[Tensor]):
+    """The from-scratch GRU of the textbooks.
+
+    inputs: (T, B, I) tensor, or any iterable of (B, I) tensors, one per timestep
+    state:  (H_0,) with H_0 of shape (B, H)
+    params: [W_xz, W_hz, b_z, W_xr, W_hr, b_r, W_xh, W_hh, b_h]
+    Returns (outputs (T, B, H), (H_T,)).  The output layer (Y = H @ W_hq + b_q) of the
+    textbook's language model is not part of the GRU and is left to the caller.
+    """
+    W_xz, W_hz, b_z, W_xr, W_hr, b_r, W_xh, W_hh, b_h = params
+    (H,) = state
+    outputs = []
+    for X in inputs:
+        Z = torch.sigmoid(X @ W_xz + H @ W_hz + b_z)
+        R = torch.sigmoid(X @ W_xr + H @ W_hr + b_r)
+        H_tilde = torch.tanh(X @ W_xh + (R * H) @ W_hh + b_h)
+        H = Z * H + (1 - Z) * H_tilde
+        outputs.append(H)
+    return torch.stack(outputs), (H,)
+
+
+# ----------------------------------------------------------------------------------------
+# 2. One layer-direction, vectorised
+# ----------------------------------------------------------------------------------------
+
+
+def _input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor]) -> Tensor:
+    """gi = x W_ih^T + b_ih for all T*B rows at once.  x: (T, B, I) -> (T, B, 3H)."""
+    T, B, I = x.shape
+    x2 = x.reshape(T * B, I)
+    gi = torch.addmm(b_ih, x2, w_ih.T) if b_ih is not None else x2 @ w_ih.T
+    return gi.view(T, B, -1)
+
+
+def gru_layer_forward(
+    x: Tensor,
+    h0: Optional[Tensor],
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor],
+    b_hh: Optional[Tensor],
+    reset_after: bool = True,
+) -> Tuple[Tensor, Tensor]:
+    """Forward of one layer in one direction.
+
+    x:    (T, B, I)   inputs, time-major
+    h0:   (B, H)      initial state, or None for zeros
+    w_ih: (3H, I)     rows r, z, n
+    w_hh: (3H, H)     rows r, z, n
+    b_ih, b_hh: (3H,) or None
+    Returns
+      y:  (T, B, H)   h_t for every step (y[-1] is h_n)
+      ws: (T, B, 4H)  saved for backward: [r, z, n, hn] where hn = W_hn h + b_hn
+                      (reset_after=True) or W_hn (r * h) + b_hn (reset_after=False)
+    """
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+    gi = _input_projection(x, w_ih, b_ih)
+    h = h0 if h0 is not None else x.new_zeros(B, H)
+    y = x.new_empty(T, B, H)
+    ws = x.new_empty(T, B, 4 * H)
+    if not reset_after:
+        w_hrz, w_hn = w_hh[: 2 * H], w_hh[2 * H :]
+        b_hrz = b_hh[: 2 * H] if b_hh is not None else None
+        b_hn = b_hh[2 * H :] if b_hh is not None else None
+    for t in range(T):
+        i_r, i_z, i_n = gi[t].split(H, dim=1)
+        if reset_after:
+            gh = torch.addmm(b_hh, h, w_hh.T) if b_hh is not None else h @ w_hh.T
+            h_r, h_z, hn = gh.split(H, dim=1)
+            r = torch.sigmoid(i_r + h_r)
+            z = torch.sigmoid(i_z + h_z)
+            n = torch.tanh(i_n + r * hn)
+        else:
+            grz = torch.addmm(b_hrz, h, w_hrz.T) if b_hrz is not None else h @ w_hrz.T
+            h_r, h_z = grz.split(H, dim=1)
+            r = torch.sigmoid(i_r + h_r)
+            z = torch.sigmoid(i_z + h_z)
+            hn = torch.addmm(b_hn, r * h, w_hn.T) if b_hn is not None else (r * h) @ w_hn.T
+            n = torch.tanh(i_n + hn)
+        h = n + z * (h - n)  # = (1 - z) n + z h
+        y[t] = h
+        ws[t] = torch.cat([r, z, n, hn], dim=1)
+    return y, ws
+
+
+# ----------------------------------------------------------------------------------------
+# 3. The hand-written backward
+# ----------------------------------------------------------------------------------------
+
+
+def gru_layer_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    h0: Optional[Tensor],
+    w_ih: Tensor,
+    w_hh: Tensor,
+    y: Tensor,
+    ws: Tensor,
+    reset_after: bool = True,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of ``gru_layer_forward`` (SPEC section 4).
+
+    grad_y: (T, B, H)   dL/dy (the gradient of h_n already added into grad_y[-1])
+    x, h0, w_ih, w_hh:  as in the forward (h0 may be None: zeros)
+    y, ws:              the forward's outputs
+    Returns (dx (T,B,I), dh0 (B,H), dw_ih (3H,I), dw_hh (3H,H), db_ih (3H,), db_hh (3H,)).
+    The bias gradients are returned even when the layer has no bias (the caller drops them).
+    """
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    h_prev = torch.cat([(h0 if h0 is not None else y.new_zeros(B, H)).unsqueeze(0), y[:-1]], 0)
+    dgi = x.new_empty(T, B, 3 * H)  # gradient of the pre-activations fed by W_ih x + b_ih
+    dgh = x.new_empty(T, B, 3 * H)  # gradient of the pre-activations fed by W_hh (.) + b_hh
+    dh = y.new_zeros(B, H)  # what step t+1 sends back to step t
+    w_hrz, w_hn = w_hh[: 2 * H], w_hh[2 * H :]
+    for t in range(T - 1, -1, -1):
+        g = grad_y[t] + dh
+        r, z, n, hn = ws[t].split(H, dim=1)
+        h = h_prev[t]
+        da_n = g * (1 - z) * (1 - n * n)
+        da_z = g * (h - n) * z * (1 - z)
+        if reset_after:
+            da_r = da_n * hn * r * (1 - r)
+            dgh[t] = torch.cat([da_r, da_z, da_n * r], dim=1)
+            dh = g * z + dgh[t] @ w_hh
+        else:
+            d_rh = da_n @ w_hn
+            da_r = d_rh * h * r * (1 - r)
+            dgh[t] = torch.cat([da_r, da_z, da_n], dim=1)
+            dh = g * z + d_rh * r + dgh[t, :, : 2 * H] @ w_hrz
+        dgi[t] = torch.cat([da_r, da_z, da_n], dim=1)
+
+    # After the loop: each gradient is one product over all T*B rows.
+    dgi2 = dgi.view(T * B, 3 * H)
+    dgh2 = dgh.view(T * B, 3 * H)
+    dx = (dgi2 @ w_ih).view(T, B, I)
+    dw_ih = dgi2.T @ x.reshape(T * B, I)
+    h_prev2 = h_prev.reshape(T * B, H)
+    if reset_after:
+        dw_hh = dgh2.T @ h_prev2
+    else:
+        # Rows r, z multiply h; rows n multiply r * h: one batched product over the gates.
+        r_all = ws[..., :H].reshape(T * B, H)
+        rhs = torch.stack([h_prev2, h_prev2, r_all * h_prev2])  # (3, T*B, H)
+        dw_hh = torch.bmm(dgh2.view(T * B, 3, H).permute(1, 2, 0), rhs).reshape(3 * H, H)
+    db_ih = dgi2.sum(0)
+    db_hh = dgh2.sum(0)
+    return dx, dh, dw_ih, dw_hh, db_ih, db_hh

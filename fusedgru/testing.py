@@ -1,0 +1,138 @@
+"""The correctness policy of ../shared/SPEC.md section 5, as code shared by the tests,
+`fusedgru check` and the benchmarks (which check a provider before timing it).
+
+    err(y)  = ||y - y64|| / ||y64||           (Frobenius, against the float64 oracle)
+    budget  = 2 * err(baseline in the same dtype on the same inputs) + band(dtype)
+
+The baseline is the reference backend run in the kernel's dtype on the kernel's device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+from . import backends, reference
+
+__all__ = ["BAND", "rel_err", "budget", "LayerCase", "make_layer_case", "check_layer", "LayerReport"]
+
+BAND: Dict[torch.dtype, float] = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.float16: 1e-3,
+    torch.bfloat16: 1e-2,
+}
+
+GRAD_NAMES = ("dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh")
+
+
+def rel_err(y: Tensor, y64: Tensor) -> float:
+    """||y - y64|| / ||y64|| in float64 on the CPU; inf if y has a NaN or Inf the oracle has
+    not (an unwritten, poisoned element always fails)."""
+    a = y.detach().to("cpu", torch.float64)
+    b = y64.detach().to("cpu", torch.float64)
+    if a.shape != b.shape:
+        raise AssertionError(f"shape {tuple(a.shape)} != oracle shape {tuple(b.shape)}")
+    if not torch.equal(torch.isfinite(a), torch.isfinite(b)):
+        return float("inf")
+    a = torch.where(torch.isfinite(b), a, 0)
+    b = torch.where(torch.isfinite(b), b, 0)
+    denom = b.norm().item()
+    num = (a - b).norm().item()
+    return num / denom if denom > 0 else num
+
+
+def budget(dtype: torch.dtype, baseline_err: float) -> float:
+    return 2.0 * baseline_err + BAND[dtype]
+
+
+@dataclass
+class LayerCase:
+    """Random inputs of one layer-direction (never zeros or ones), on the CPU in float64."""
+
+    x: Tensor  # (T, B, I)
+    h0: Optional[Tensor]  # (B, H)
+    w_ih: Tensor  # (3H, I)
+    w_hh: Tensor  # (3H, H)
+    b_ih: Optional[Tensor]  # (3H,)
+    b_hh: Optional[Tensor]  # (3H,)
+    grad_y: Tensor  # (T, B, H)
+    reset_after: bool
+
+    def args(self, device=None, dtype=None):
+        def cv(t):
+            return None if t is None else t.to(device=device, dtype=dtype).contiguous()
+
+        return [cv(t) for t in (self.x, self.h0, self.w_ih, self.w_hh, self.b_ih, self.b_hh)]
+
+
+def make_layer_case(T: int, B: int, I: int, H: int, *, reset_after: bool = True,
+                    with_h0: bool = True, bias: bool = True,
+                    generator: Optional[torch.Generator] = None) -> LayerCase:
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator) * scale
+
+    k = 1.0 / H ** 0.5  # nn.GRU's initialisation scale
+    return LayerCase(
+        x=rnd(T, B, I),
+        h0=rnd(B, H, scale=0.5) if with_h0 else None,
+        w_ih=(torch.rand(3 * H, I, dtype=torch.float64, generator=generator) * 2 - 1) * k,
+        w_hh=(torch.rand(3 * H, H, dtype=torch.float64, generator=generator) * 2 - 1) * k,
+        b_ih=rnd(3 * H, scale=k) if bias else None,
+        b_hh=rnd(3 * H, scale=k) if bias else None,
+        grad_y=rnd(T, B, H),
+        reset_after=reset_after,
+    )
+
+
+@dataclass
+class LayerReport:
+    errors: Dict[str, float] = field(default_factory=dict)
+    budgets: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> Dict[str, str]:
+        return {k: f"err {self.errors[k]:.3g} > budget {self.budgets[k]:.3g}"
+                for k in self.errors if not self.errors[k] <= self.budgets[k]}
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @property
+    def worst(self) -> float:
+        """The largest err/budget ratio (<= 1 passes)."""
+        return max(self.errors[k] / self.budgets[k] for k in self.errors)
+
+
+def _run(impl, case: LayerCase, device, dtype, backward: bool):
+    x, h0, w_ih, w_hh, b_ih, b_hh = case.args(device, dtype)
+    y, ws = impl.forward(x, h0, w_ih, w_hh, b_ih, b_hh, case.reset_after)
+    out = {"y": y}
+    if backward:
+        gy = case.grad_y.to(device=device, dtype=dtype)
+        grads = impl.backward(gy, x, h0, w_ih, w_hh, y, ws, case.reset_after)
+        out.update(zip(GRAD_NAMES, grads))
+        if h0 is None:
+            del out["dh0"]
+        if b_ih is None:
+            del out["db_ih"], out["db_hh"]
+    return out
+
+
+def check_layer(backend: str, case: LayerCase, *, device="cpu", dtype=torch.float32,
+                backward: bool = True) -> LayerReport:
+    """Runs ``backend`` on ``case`` and measures every output and gradient against the
+    float64 reference, with SPEC's budget from the reference run in the same dtype."""
+    impl = backends.get_backend(backend)
+    oracle = _run(backends.get_backend("reference"), case, "cpu", torch.float64, backward)
+    baseline = _run(backends.get_backend("reference"), case, device, dtype, backward)
+    got = _run(impl, case, device, dtype, backward)
+    report = LayerReport()
+    for k, ref in oracle.items():
+        report.errors[k] = rel_err(got[k], ref)
+        report.budgets[k] = budget(dtype, rel_err(baseline[k], ref))
+    return report

@@ -1,0 +1,1 @@
+"""Triton kernels of fusedgru (installed as fusedgru.kernels)."""
