@@ -21,6 +21,7 @@ setup(
     packages=["fusedgru", "fusedgru.kernels"],
     # kernels/ is also a PyPI package's name: install it under fusedgru, never top level.
     package_dir={"fusedgru": "fusedgru", "fusedgru.kernels": "kernels"},
+    package_data={"fusedgru": ["data/*.txt"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
     extras_require={"test": ["pytest", "pytest-benchmark"], "bench": ["tqdm", "matplotlib"]},
