@@ -6,6 +6,7 @@ kernels are imported: that is done here, first.
 """
 
 import os
+import zlib
 
 import torch
 
@@ -20,7 +21,7 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (GP
 
 @pytest.fixture
 def gen():
-    """A fresh, seeded generator per test: random inputs that differ between tests."""
+    """A seeded generator per test: inputs differ between tests, repeat between runs."""
     g = torch.Generator()
-    g.manual_seed(hash(os.environ.get("PYTEST_CURRENT_TEST", "")) % (2**31))
+    g.manual_seed(zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").encode()))
     return g
