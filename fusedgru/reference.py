@@ -101,7 +101,7 @@ def _input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor]) -> Tensor
     T, B, I = x.shape
     x2 = x.reshape(T * B, I)
     gi = torch.addmm(b_ih, x2, w_ih.T) if b_ih is not None else x2 @ w_ih.T
-    return gi.view(T, B, -1)
+    return gi.view(T, B, w_ih.shape[0])
 
 
 def gru_layer_forward(
