@@ -1,0 +1,58 @@
+"""The `fusedgru` command: info lists every backend with its state, check passes on what is
+here and fails (non-zero exit) on a backend that computes the wrong thing."""
+
+import subprocess
+import sys
+
+import torch
+
+from fusedgru import backends, cli, reference
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "fusedgru", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_info_lists_versions_and_backends():
+    p = _run("info")
+    assert p.returncode == 0, p.stderr
+    for word in ("fusedgru", "torch", "device", "reference", "available", "auto picks"):
+        assert word in p.stdout
+    for name in backends.BACKEND_NAMES:
+        assert f"  {name} " in p.stdout
+
+
+def test_check_passes_for_the_reference():
+    p = _run("check", "--backends", "reference")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "reference  cpu" in p.stdout and "FAIL" not in p.stdout
+    assert "4 passed, 0 failed" in p.stdout
+
+
+def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
+    """A backend whose backward drops one term must be caught by `fusedgru check`."""
+
+    def bad_backward(*args):
+        dx, dh0, dw_ih, dw_hh, db_ih, db_hh = reference.gru_layer_backward(*args)
+        return dx, dh0, dw_ih, dw_hh * 0.999, db_ih, db_hh
+
+    class Broken:
+        forward = staticmethod(reference.gru_layer_forward)
+        backward = staticmethod(bad_backward)
+        unavailable_reason = staticmethod(lambda: None)
+        unsupported_reason = staticmethod(lambda device_type, dtype: None)
+
+    monkeypatch.setitem(backends.BACKENDS, "broken",
+                        backends.Backend("broken", "x:y", "a deliberately wrong backend", "-"))
+    monkeypatch.setitem(backends._loaded, "broken", Broken())
+    assert cli.main(["check", "--backends", "broken"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL broken cpu torch.float64" in out and "dw_hh" in out
+
+
+def test_console_script_entry_point():
+    from importlib.metadata import entry_points
+
+    eps = [e for e in entry_points(group="console_scripts") if e.name == "fusedgru"]
+    assert eps and eps[0].value == "fusedgru.cli:main"
