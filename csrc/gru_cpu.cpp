@@ -1,0 +1,347 @@
+// fusedgru::gru_fwd / gru_bwd on the CPU: the "cpu" backend.
+//
+// Dimension legend: T timesteps, B batch, I input features, H hidden units, G = 3 gates
+// (r, z, n).  Semantics: fusedgru/reference.py, line for line; SPEC section 4 for the
+// backward.
+//
+// Structure (forward, reset_after=True):
+//   gi = x W_ih^T + b_ih              one GEMM over all T*B rows before the loop
+//   for t: gh = h W_hh^T              one GEMM per step into a preallocated (B, 3H) buffer
+//          gates + update             ONE fused at::vec loop over (row, 64-unit chunk),
+//                                     split over threads by at::parallel_for
+// torch.nn.GRU's CPU path launches ~10 ATen ops per step (linear, chunk, sigmoid x2, tanh,
+// mul/add ...), each a dispatcher call plus a pass over memory; the fused loop does one
+// pass.  The backward runs the same way in reverse time, and dx, dW_ih, dW_hh and the
+// biases are single GEMMs / sums over all T*B rows after the loop.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "gru_common.h"
+
+namespace fusedgru {
+namespace {
+
+using at::Tensor;
+
+// Units per parallel task: a multiple of every Vectorized width (4..16).
+constexpr int64_t kChunk = 64;
+// Work below ~16K elements per step runs on the calling thread: an OpenMP fork/join costs
+// a few microseconds, about what 16K fused gate evaluations take on one AVX2 core.
+constexpr int64_t kInlineElems = 16384;
+
+// Runs f(b, j0, j1) for every row b < B and every chunk [j0, j1) of [0, H).
+template <typename F>
+inline void for_rows_and_chunks(int64_t B, int64_t H, const F& f) {
+  const int64_t nch = (H + kChunk - 1) / kChunk;
+  const int64_t grain = std::max<int64_t>(1, kInlineElems / kChunk);
+  at::parallel_for(0, B * nch, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / nch;
+      const int64_t j0 = (i % nch) * kChunk;
+      f(b, j0, std::min(H, j0 + kChunk));
+    }
+  });
+}
+
+// Calls body(j, n) for vectors [j, j + n) covering [j0, j1), n < Vec::size() only at the end.
+template <typename Vec, typename F>
+inline void for_vectors(int64_t j0, int64_t j1, const F& body) {
+  constexpr int64_t W = Vec::size();
+  int64_t j = j0;
+  for (; j + W <= j1; j += W) body(j, W);
+  if (j < j1) body(j, j1 - j);
+}
+
+template <typename Vec, typename T>
+inline Vec ld(const T* p, int64_t n) {
+  return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n);
+}
+
+template <typename Vec, typename T>
+inline void st(const Vec& v, T* p, int64_t n) {
+  if (n == Vec::size()) v.store(p); else v.store(p, n);
+}
+
+template <typename Vec>
+inline Vec sigmoid(const Vec& x) {
+  const Vec one(1);
+  return one / (one + x.neg().exp());  // exp overflows to inf for x << 0: 1/inf = 0, exact
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+void forward_loop(const Tensor& gi,    // (T, B, 3H) = x W_ih^T + b_ih
+                  const Tensor& h0,    // (B, H)
+                  const Tensor& w_hh,  // (3H, H)
+                  const Tensor& bhh,   // (3H,) zeros when the layer has no bias
+                  bool reset_after, Tensor& y /* (T,B,H) */, Tensor& ws /* (T,B,4H) */) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const int64_t T = gi.size(0), B = gi.size(1), H = w_hh.size(1);
+  const scalar_t* gi_p = gi.data_ptr<scalar_t>();
+  const scalar_t* b_p = bhh.data_ptr<scalar_t>();
+  scalar_t* y_p = y.data_ptr<scalar_t>();
+  scalar_t* ws_p = ws.data_ptr<scalar_t>();
+
+  if (reset_after) {
+    const Tensor w_t = w_hh.t();                 // (H, 3H) view, no copy
+    Tensor gh = at::empty({B, 3 * H}, gi.options());  // h W_hh^T, reused every step
+    scalar_t* gh_p = gh.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      const Tensor hp = t == 0 ? h0 : y[t - 1];
+      at::mm_out(gh, hp, w_t);
+      const scalar_t* hp_p = hp.data_ptr<scalar_t>();
+      for_rows_and_chunks(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
+        const int64_t row = t * B + b;
+        const scalar_t* gir = gi_p + row * 3 * H;
+        const scalar_t* ghr = gh_p + b * 3 * H;
+        const scalar_t* hpr = hp_p + b * H;
+        scalar_t* yr = y_p + row * H;
+        scalar_t* wsr = ws_p + row * 4 * H;
+        for_vectors<Vec>(j0, j1, [&](int64_t j, int64_t n) {
+          const Vec r = sigmoid(ld<Vec>(gir + j, n) + ld<Vec>(ghr + j, n) + ld<Vec>(b_p + j, n));
+          const Vec z = sigmoid(ld<Vec>(gir + H + j, n) + ld<Vec>(ghr + H + j, n) +
+                                ld<Vec>(b_p + H + j, n));
+          const Vec hn = ld<Vec>(ghr + 2 * H + j, n) + ld<Vec>(b_p + 2 * H + j, n);
+          const Vec nn = (ld<Vec>(gir + 2 * H + j, n) + r * hn).tanh();
+          const Vec h = ld<Vec>(hpr + j, n);
+          st(nn + z * (h - nn), yr + j, n);
+          st(r, wsr + j, n);
+          st(z, wsr + H + j, n);
+          st(nn, wsr + 2 * H + j, n);
+          st(hn, wsr + 3 * H + j, n);
+        });
+      });
+    }
+    return;
+  }
+
+  // reset_after=False: [r, z] from h, then W_hn applied to r * h (two GEMMs per step).
+  const Tensor w_rz_t = w_hh.narrow(0, 0, 2 * H).t();  // (H, 2H)
+  const Tensor w_n_t = w_hh.narrow(0, 2 * H, H).t();   // (H, H)
+  Tensor grz = at::empty({B, 2 * H}, gi.options());
+  Tensor rh = at::empty({B, H}, gi.options());
+  Tensor ghn = at::empty({B, H}, gi.options());
+  scalar_t* grz_p = grz.data_ptr<scalar_t>();
+  scalar_t* rh_p = rh.data_ptr<scalar_t>();
+  scalar_t* ghn_p = ghn.data_ptr<scalar_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    const Tensor hp = t == 0 ? h0 : y[t - 1];
+    const scalar_t* hp_p = hp.data_ptr<scalar_t>();
+    at::mm_out(grz, hp, w_rz_t);
+    for_rows_and_chunks(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
+      const int64_t row = t * B + b;
+      const scalar_t* gir = gi_p + row * 3 * H;
+      const scalar_t* gr = grz_p + b * 2 * H;
+      scalar_t* wsr = ws_p + row * 4 * H;
+      for_vectors<Vec>(j0, j1, [&](int64_t j, int64_t n) {
+        const Vec r = sigmoid(ld<Vec>(gir + j, n) + ld<Vec>(gr + j, n) + ld<Vec>(b_p + j, n));
+        const Vec z = sigmoid(ld<Vec>(gir + H + j, n) + ld<Vec>(gr + H + j, n) +
+                              ld<Vec>(b_p + H + j, n));
+        st(r * ld<Vec>(hp_p + b * H + j, n), rh_p + b * H + j, n);
+        st(r, wsr + j, n);
+        st(z, wsr + H + j, n);
+      });
+    });
+    at::mm_out(ghn, rh, w_n_t);
+    for_rows_and_chunks(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
+      const int64_t row = t * B + b;
+      const scalar_t* gir = gi_p + row * 3 * H;
+      scalar_t* yr = y_p + row * H;
+      scalar_t* wsr = ws_p + row * 4 * H;
+      for_vectors<Vec>(j0, j1, [&](int64_t j, int64_t n) {
+        const Vec hn = ld<Vec>(ghn_p + b * H + j, n) + ld<Vec>(b_p + 2 * H + j, n);
+        const Vec nn = (ld<Vec>(gir + 2 * H + j, n) + hn).tanh();
+        const Vec z = ld<Vec>(wsr + H + j, n);
+        const Vec h = ld<Vec>(hp_p + b * H + j, n);
+        st(nn + z * (h - nn), yr + j, n);
+        st(nn, wsr + 2 * H + j, n);
+        st(hn, wsr + 3 * H + j, n);
+      });
+    });
+  }
+}
+
+std::tuple<Tensor, Tensor> gru_fwd_cpu(const Tensor& x_, const std::optional<Tensor>& h0_,
+                                       const Tensor& w_ih_, const Tensor& w_hh_,
+                                       const std::optional<Tensor>& b_ih_,
+                                       const std::optional<Tensor>& b_hh_, bool reset_after) {
+  constexpr const char* op = "fusedgru::gru_fwd (cpu)";
+  const Dims d = check_inputs(op, x_, h0_, w_ih_, w_hh_, b_ih_, b_hh_);
+  TORCH_CHECK(x_.device().is_cpu(), op, ": expected CPU tensors, got ", x_.device());
+  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble, op,
+              ": supports float32 and float64, got ", x_.scalar_type());
+  const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  Tensor y = at::empty({d.T, d.B, d.H}, x.options());
+  Tensor ws = at::empty({d.T, d.B, 4 * d.H}, x.options());
+  poison(y);
+  poison(ws);
+  if (d.T == 0 || d.B == 0) return {y, ws};
+  const Tensor h0 = h0_.has_value() ? h0_->contiguous() : at::zeros({d.B, d.H}, x.options());
+  const Tensor bhh = b_hh_.has_value() ? b_hh_->contiguous() : at::zeros({3 * d.H}, x.options());
+  const Tensor x2 = x.view({d.T * d.B, d.I});
+  const Tensor gi = (b_ih_.has_value() ? at::addmm(*b_ih_, x2, w_ih.t()) : at::mm(x2, w_ih.t()))
+                        .view({d.T, d.B, 3 * d.H});
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_fwd_cpu", [&] {
+    forward_loop<scalar_t>(gi, h0, w_hh, bhh, reset_after, y, ws);
+  });
+  return {y, ws};
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward (SPEC section 4)
+// ---------------------------------------------------------------------------------------
+
+// Fills dgi / dgh (T, B, 3H) and returns dh0 (B, H).  hprev: (T, B, H), the state entering
+// each step (h0, y[0], ..., y[T-2]).
+template <typename scalar_t>
+Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_hh,
+                     const Tensor& ws, bool reset_after, Tensor& dgi, Tensor& dgh) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const int64_t T = grad_y.size(0), B = grad_y.size(1), H = w_hh.size(1);
+  const scalar_t* gy_p = grad_y.data_ptr<scalar_t>();
+  const scalar_t* hp_p = hprev.data_ptr<scalar_t>();
+  const scalar_t* ws_p = ws.data_ptr<scalar_t>();
+  scalar_t* dgi_p = dgi.data_ptr<scalar_t>();
+  scalar_t* dgh_p = dgh.data_ptr<scalar_t>();
+  // dh: what step t+1 sends back to step t; overwritten in place by each step.
+  Tensor dh = at::zeros({B, H}, grad_y.options());
+  scalar_t* dh_p = dh.data_ptr<scalar_t>();
+  const Vec one(1);
+
+  if (reset_after) {
+    for (int64_t t = T - 1; t >= 0; --t) {
+      for_rows_and_chunks(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
+        const int64_t row = t * B + b;
+        const scalar_t* wsr = ws_p + row * 4 * H;
+        const scalar_t* gyr = gy_p + row * H;
+        const scalar_t* hr = hp_p + row * H;
+        scalar_t* dir = dgi_p + row * 3 * H;
+        scalar_t* dhr_ = dgh_p + row * 3 * H;
+        scalar_t* dhb = dh_p + b * H;
+        for_vectors<Vec>(j0, j1, [&](int64_t j, int64_t n) {
+          const Vec g = ld<Vec>(gyr + j, n) + ld<Vec>(dhb + j, n);
+          const Vec r = ld<Vec>(wsr + j, n), z = ld<Vec>(wsr + H + j, n);
+          const Vec nn = ld<Vec>(wsr + 2 * H + j, n), hn = ld<Vec>(wsr + 3 * H + j, n);
+          const Vec h = ld<Vec>(hr + j, n);
+          const Vec da_n = g * (one - z) * (one - nn * nn);
+          const Vec da_z = g * (h - nn) * z * (one - z);
+          const Vec da_r = da_n * hn * r * (one - r);
+          st(da_r, dir + j, n);
+          st(da_z, dir + H + j, n);
+          st(da_n, dir + 2 * H + j, n);
+          st(da_r, dhr_ + j, n);
+          st(da_z, dhr_ + H + j, n);
+          st(da_n * r, dhr_ + 2 * H + j, n);
+          st(g * z, dhb + j, n);
+        });
+      });
+      dh.addmm_(dgh[t], w_hh);  // dh = g * z + dgh_t W_hh   (B,3H) x (3H,H), in place
+    }
+    return dh;
+  }
+
+  // reset_after=False: dgi == dgh = [da_r, da_z, da_n]; the caller passes the same tensor.
+  const Tensor w_rz = w_hh.narrow(0, 0, 2 * H);  // (2H, H)
+  const Tensor w_n = w_hh.narrow(0, 2 * H, H);    // (H, H)
+  Tensor drh = at::empty({B, H}, grad_y.options());  // d(r * h) = da_n W_hn
+  scalar_t* drh_p = drh.data_ptr<scalar_t>();
+  for (int64_t t = T - 1; t >= 0; --t) {
+    for_rows_and_chunks(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
+      const int64_t row = t * B + b;
+      const scalar_t* wsr = ws_p + row * 4 * H;
+      const scalar_t* gyr = gy_p + row * H;
+      const scalar_t* hr = hp_p + row * H;
+      scalar_t* dr = dgh_p + row * 3 * H;
+      scalar_t* dhb = dh_p + b * H;
+      for_vectors<Vec>(j0, j1, [&](int64_t j, int64_t n) {
+        const Vec g = ld<Vec>(gyr + j, n) + ld<Vec>(dhb + j, n);
+        const Vec z = ld<Vec>(wsr + H + j, n), nn = ld<Vec>(wsr + 2 * H + j, n);
+        const Vec h = ld<Vec>(hr + j, n);
+        st(g * (h - nn) * z * (one - z), dr + H + j, n);
+        st(g * (one - z) * (one - nn * nn), dr + 2 * H + j, n);
+        st(g * z, dhb + j, n);
+      });
+    });
+    const Tensor dgt = dgh[t];
+    at::mm_out(drh, dgt.narrow(1, 2 * H, H), w_n);
+    for_rows_and_chunks(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
+      const int64_t row = t * B + b;
+      const scalar_t* wsr = ws_p + row * 4 * H;
+      const scalar_t* hr = hp_p + row * H;
+      scalar_t* dr = dgh_p + row * 3 * H;
+      scalar_t* dhb = dh_p + b * H;
+      const scalar_t* drhb = drh_p + b * H;
+      for_vectors<Vec>(j0, j1, [&](int64_t j, int64_t n) {
+        const Vec r = ld<Vec>(wsr + j, n);
+        const Vec d = ld<Vec>(drhb + j, n);
+        st(d * ld<Vec>(hr + j, n) * r * (one - r), dr + j, n);
+        st(ld<Vec>(dhb + j, n) + d * r, dhb + j, n);
+      });
+    });
+    dh.addmm_(dgt.narrow(1, 0, 2 * H), w_rz);  // dh += [da_r, da_z] W_h[rz]
+  }
+  (void)dgi_p;
+  return dh;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cpu(
+    const Tensor& grad_y_, const Tensor& x_, const std::optional<Tensor>& h0_,
+    const Tensor& w_ih_, const Tensor& w_hh_, const Tensor& y_, const Tensor& ws_,
+    bool reset_after) {
+  constexpr const char* op = "fusedgru::gru_bwd (cpu)";
+  const Dims d = check_inputs(op, x_, h0_, w_ih_, w_hh_, std::nullopt, std::nullopt);
+  check_backward_extra(op, d, x_, grad_y_, y_, ws_);
+  TORCH_CHECK(x_.device().is_cpu(), op, ": expected CPU tensors, got ", x_.device());
+  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble, op,
+              ": supports float32 and float64, got ", x_.scalar_type());
+  const int64_t T = d.T, B = d.B, I = d.I, H = d.H;
+  const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const Tensor grad_y = grad_y_.contiguous(), y = y_.contiguous(), ws = ws_.contiguous();
+  const Tensor h0 = h0_.has_value() ? h0_->contiguous() : at::zeros({B, H}, x.options());
+
+  Tensor dgh = at::empty({T, B, 3 * H}, x.options());
+  Tensor dgi = reset_after ? at::empty({T, B, 3 * H}, x.options()) : dgh;
+  poison(dgh);
+  poison(dgi);
+  // The state entering each step: (T, B, H).
+  const Tensor hprev = T > 0 ? at::cat({h0.unsqueeze(0), y.narrow(0, 0, T - 1)}, 0)
+                             : at::empty({0, B, H}, x.options());
+  Tensor dh0;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_bwd_cpu", [&] {
+    dh0 = backward_loop<scalar_t>(grad_y, hprev, w_hh, ws, reset_after, dgi, dgh);
+  });
+
+  // After the loop: every gradient is one GEMM (or sum) over all T*B rows.
+  const Tensor dgi2 = dgi.view({T * B, 3 * H}), dgh2 = dgh.view({T * B, 3 * H});
+  const Tensor x2 = x.view({T * B, I}), hp2 = hprev.view({T * B, H});
+  Tensor dx = at::mm(dgi2, w_ih).view({T, B, I});
+  Tensor dw_ih = at::mm(dgi2.t(), x2);
+  Tensor dw_hh;
+  if (reset_after) {
+    dw_hh = at::mm(dgh2.t(), hp2);
+  } else {
+    dw_hh = at::empty({3 * H, H}, x.options());
+    Tensor top = dw_hh.narrow(0, 0, 2 * H), bottom = dw_hh.narrow(0, 2 * H, H);
+    at::mm_out(top, dgh2.narrow(1, 0, 2 * H).t(), hp2);
+    const Tensor rh = ws.view({T * B, 4 * H}).narrow(1, 0, H) * hp2;
+    at::mm_out(bottom, dgh2.narrow(1, 2 * H, H).t(), rh);
+  }
+  Tensor db_hh = dgh2.sum(0);
+  Tensor db_ih = reset_after ? dgi2.sum(0) : db_hh.clone();
+  return {dx, dh0, dw_ih, dw_hh, db_ih, db_hh};
+}
+
+}  // namespace
+}  // namespace fusedgru
+
+TORCH_LIBRARY_IMPL(fusedgru, CPU, m) {
+  m.impl("gru_fwd", &fusedgru::gru_fwd_cpu);
+  m.impl("gru_bwd", &fusedgru::gru_bwd_cpu);
+}

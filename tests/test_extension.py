@@ -1,0 +1,239 @@
+"""The C++ extension's "cpu" backend (csrc/gru_cpu.cpp) against the float64 reference:
+parity on odd sizes with poisoned outputs, gradcheck, module parity with torch.nn.GRU,
+bad input to the raw ops, and torch.library.opcheck on both registered ops."""
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fusedgru
+from fusedgru import backends, testing
+
+try:
+    from fusedgru import extension
+    EXT_ERROR = extension.load_error()
+except Exception as exc:  # noqa: BLE001
+    EXT_ERROR = f"fusedgru.extension does not import: {exc}"
+
+pytestmark = pytest.mark.skipif(EXT_ERROR is not None, reason=f"extension not built: {EXT_ERROR}")
+
+
+@pytest.fixture
+def poisoned():
+    """Every output of the ops is filled with NaN before the kernels write it."""
+    prev = torch.ops.fusedgru._set_poison(True)
+    yield
+    torch.ops.fusedgru._set_poison(prev)
+
+
+SHAPES = [  # (T, B, I, H): H in {1, 3, 17, 63, 100}, B in {1, 3, 5}, T in {1, 2, 7}, I != H
+    (1, 1, 2, 1),
+    (2, 3, 5, 3),
+    (7, 5, 9, 17),
+    (7, 3, 40, 63),
+    (2, 5, 33, 100),
+    (7, 1, 4, 100),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%dB%dI%dH%d" % s)
+@pytest.mark.parametrize("with_h0,bias", [(True, True), (False, True), (True, False)],
+                         ids=["h0-bias", "noh0", "nobias"])
+def test_cpu_matches_reference(shape, reset_after, dtype, with_h0, bias, gen, poisoned):
+    case = testing.make_layer_case(*shape, reset_after=reset_after, with_h0=with_h0,
+                                   bias=bias, generator=gen)
+    report = testing.check_layer("cpu", case, dtype=dtype)
+    assert report.ok, report.failures
+
+
+def test_poison_switch_fills_outputs_with_nan():
+    """The switch really poisons: an op output the kernel would not write stays NaN.
+    (B = 0 rows: nothing is computed, so the empty outputs are simply returned.)"""
+    prev = torch.ops.fusedgru._set_poison(True)
+    try:
+        assert torch.ops.fusedgru._set_poison(True) is True
+        x = torch.randn(3, 2, 4)
+        w_ih, w_hh = torch.randn(6, 4), torch.randn(6, 2)
+        # T = 3 with every input finite: outputs must be finite, i.e. fully overwritten.
+        y, ws = torch.ops.fusedgru.gru_fwd(x, None, w_ih, w_hh, None, None, True)
+        assert torch.isfinite(y).all() and torch.isfinite(ws).all()
+    finally:
+        torch.ops.fusedgru._set_poison(prev)
+
+
+def test_large_hidden_parallel_path(gen, poisoned):
+    """Enough rows x units that at::parallel_for splits the loop (> 16K elements per step)."""
+    case = testing.make_layer_case(3, 70, 24, 257, generator=gen)
+    assert testing.check_layer("cpu", case, dtype=torch.float32).ok
+    case = testing.make_layer_case(3, 70, 24, 257, reset_after=False, generator=gen)
+    assert testing.check_layer("cpu", case, dtype=torch.float32).ok
+
+
+def test_sequence_of_length_zero():
+    x = torch.randn(0, 3, 4)
+    y, ws = torch.ops.fusedgru.gru_fwd(x, None, torch.randn(15, 4), torch.randn(15, 5),
+                                       None, None, True)
+    assert y.shape == (0, 3, 5) and ws.shape == (0, 3, 20)
+
+
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+@pytest.mark.parametrize("T,B,I,H", [(1, 2, 3, 3), (4, 3, 2, 5), (5, 2, 4, 8)])
+def test_gradcheck_float64(T, B, I, H, reset_after, gen):
+    torch.manual_seed(T * 100 + H)
+    gru = fusedgru.FusedGRU(I, H, dtype=torch.float64, reset_after=reset_after, backend="cpu")
+    assert gru.backend_in_use == "cpu"
+    x = torch.randn(T, B, I, dtype=torch.float64, generator=gen, requires_grad=True)
+    h0 = torch.randn(1, B, H, dtype=torch.float64, generator=gen, requires_grad=True)
+    params = list(gru.parameters())
+
+    def f(x, h0, *ps):
+        with torch.nn.utils.stateless._reparametrize_module(
+                gru, dict(zip([n for n, _ in gru.named_parameters()], ps))):
+            out, hn = gru(x, h0)
+        return out, hn
+
+    assert torch.autograd.gradcheck(f, (x, h0, *params))
+
+
+def _parity(ref, fused, x, h0, atol):
+    out_r, hn_r = ref(x, h0)
+    out_f, hn_f = fused(x, h0)
+    if isinstance(out_r, torch.nn.utils.rnn.PackedSequence):
+        out_r, _ = pad_packed_sequence(out_r)
+        out_f, _ = pad_packed_sequence(out_f)
+    torch.testing.assert_close(out_f, out_r, atol=atol, rtol=0)
+    torch.testing.assert_close(hn_f, hn_r, atol=atol, rtol=0)
+    (out_r.square().sum() + hn_r.sin().sum()).backward()
+    (out_f.square().sum() + hn_f.sin().sum()).backward()
+    for (n, p_r), p_f in zip(ref.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(p_f.grad, p_r.grad, atol=atol, rtol=0, msg=n)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 2e-5)],
+                         ids=["fp64", "fp32"])
+@pytest.mark.parametrize("layers,bidir,batch_first", [(1, False, False), (2, True, False),
+                                                      (3, True, True)])
+def test_module_parity_with_nn_gru(layers, bidir, batch_first, dtype, atol, gen):
+    torch.manual_seed(layers)
+    ref = torch.nn.GRU(6, 17, num_layers=layers, bidirectional=bidir, batch_first=batch_first,
+                       dtype=dtype)
+    fused = fusedgru.FusedGRU(6, 17, num_layers=layers, bidirectional=bidir,
+                              batch_first=batch_first, dtype=dtype, backend="cpu")
+    fused.load_state_dict(ref.state_dict())
+    shape = (3, 7, 6) if batch_first else (7, 3, 6)
+    x = torch.randn(*shape, dtype=dtype, generator=gen)
+    h0 = torch.randn(layers * (2 if bidir else 1), 3, 17, dtype=dtype, generator=gen)
+    _parity(ref, fused, x, h0, atol)
+
+
+def test_module_parity_packed(gen):
+    ref = torch.nn.GRU(5, 9, num_layers=2, bidirectional=True, dtype=torch.float64)
+    fused = fusedgru.FusedGRU(5, 9, num_layers=2, bidirectional=True, dtype=torch.float64,
+                              backend="cpu")
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 4, 5, dtype=torch.float64, generator=gen)
+    packed = pack_padded_sequence(x, torch.tensor([6, 4, 3, 1]), enforce_sorted=False)
+    _parity(ref, fused, packed, None, 1e-10)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input to the raw ops: clear RuntimeErrors, never a crash
+# ---------------------------------------------------------------------------------------
+
+
+def _good(T=3, B=2, I=4, H=5, dtype=torch.float32):
+    return dict(x=torch.randn(T, B, I, dtype=dtype), h0=torch.randn(B, H, dtype=dtype),
+                w_ih=torch.randn(3 * H, I, dtype=dtype), w_hh=torch.randn(3 * H, H, dtype=dtype),
+                b_ih=torch.randn(3 * H, dtype=dtype), b_hh=torch.randn(3 * H, dtype=dtype))
+
+
+def _fwd(a, reset_after=True):
+    return torch.ops.fusedgru.gru_fwd(a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"],
+                                      a["b_hh"], reset_after)
+
+
+BAD_FWD = [
+    ("x", torch.randn(3, 4), "x must be \\(T, B, I\\)"),
+    ("x", torch.randn(3, 2, 7), "w_ih must have shape"),
+    ("x", torch.randint(0, 3, (3, 2, 4)), "x must be floating point"),
+    ("h0", torch.randn(2, 6), "h0 must have shape"),
+    ("h0", torch.randn(2, 5, dtype=torch.float64), "h0 must have the dtype of x"),
+    ("w_hh", torch.randn(15, 4), "w_hh must be \\(3H, H\\)"),
+    ("w_hh", torch.randn(0, 0), "w_hh must be \\(3H, H\\) with H >= 1"),
+    ("w_ih", torch.randn(15, 3), "w_ih must have shape"),
+    ("b_ih", torch.randn(14), "b_ih must have shape"),
+    ("b_hh", None, "b_ih and b_hh must both be given"),
+    ("b_hh", torch.randn(15, dtype=torch.float64), "b_hh must have the dtype of x"),
+]
+
+
+@pytest.mark.parametrize("name,value,match", BAD_FWD,
+                         ids=[f"{n}-{m[:20]}" for n, _, m in BAD_FWD])
+def test_forward_rejects_bad_input(name, value, match):
+    a = _good()
+    a[name] = value
+    with pytest.raises(RuntimeError, match=match):
+        _fwd(a)
+
+
+def test_rejects_unsupported_dtype():
+    with pytest.raises(RuntimeError, match="supports float32 and float64"):
+        _fwd(_good(dtype=torch.float16))
+
+
+def test_backward_rejects_bad_input():
+    a = _good()
+    y, ws = _fwd(a)
+    gy = torch.randn_like(y)
+    bwd = torch.ops.fusedgru.gru_bwd
+    with pytest.raises(RuntimeError, match="grad_y must have shape"):
+        bwd(gy[:2], a["x"], a["h0"], a["w_ih"], a["w_hh"], y, ws, True)
+    with pytest.raises(RuntimeError, match="ws must have shape"):
+        bwd(gy, a["x"], a["h0"], a["w_ih"], a["w_hh"], y, ws[..., :-1], True)
+    with pytest.raises(RuntimeError, match="y must have the dtype"):
+        bwd(gy, a["x"], a["h0"], a["w_ih"], a["w_hh"], y.double(), ws, True)
+    with pytest.raises(RuntimeError, match="h0 must have shape"):
+        bwd(gy, a["x"], a["h0"].t(), a["w_ih"], a["w_hh"], y, ws, True)
+
+
+def test_non_contiguous_inputs_are_accepted(gen):
+    a = _good()
+    ref = _fwd(a)
+    a2 = dict(a, x=a["x"].transpose(0, 1).contiguous().transpose(0, 1),
+              w_hh=a["w_hh"].t().contiguous().t())
+    assert not a2["x"].is_contiguous()
+    for r, o in zip(ref, _fwd(a2)):
+        torch.testing.assert_close(o, r)
+
+
+# ---------------------------------------------------------------------------------------
+# Registration: opcheck, backend table
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+@pytest.mark.parametrize("with_h0,bias", [(True, True), (False, False)], ids=["full", "bare"])
+def test_opcheck(reset_after, with_h0, bias, gen):
+    case = testing.make_layer_case(3, 2, 4, 5, reset_after=reset_after, with_h0=with_h0,
+                                   bias=bias, generator=gen)
+    x, h0, w_ih, w_hh, b_ih, b_hh = case.args(dtype=torch.float32)
+    torch.library.opcheck(torch.ops.fusedgru.gru_fwd.default,
+                          (x, h0, w_ih, w_hh, b_ih, b_hh, reset_after))
+    y, ws = torch.ops.fusedgru.gru_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
+    gy = case.grad_y.float()
+    torch.library.opcheck(torch.ops.fusedgru.gru_bwd.default,
+                          (gy, x, h0, w_ih, w_hh, y, ws, reset_after))
+
+
+def test_backend_rows():
+    from fusedgru import extension
+
+    assert backends.get_backend("cpu") is extension.cpu_backend
+    assert extension.cpu_backend.unsupported_reason("cpu", torch.float32) is None
+    assert "float32" in extension.cpu_backend.unsupported_reason("cpu", torch.bfloat16)
+    assert extension.cpu_backend.unsupported_reason("cuda", torch.float32) is not None
+    assert backends.resolve_backend("auto", torch.device("cpu"), torch.float32) == "cpu"
+    if not torch.cuda.is_available():
+        assert extension.cuda_backend.unavailable_reason() is not None
