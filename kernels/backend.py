@@ -1,0 +1,149 @@
+"""The "triton" row of the backend table: kernels/gru.py behind registered ops.
+
+Shapes as in fusedgru/reference.py (T, B, I, H; G = 3 gates r, z, n):
+
+    forward(x (T,B,I), h0 (B,H)?, w_ih (3H,I), w_hh (3H,H), b_ih (3H)?, b_hh (3H)?,
+            reset_after) -> (y (T,B,H), ws (T,B,4H))
+    backward(grad_y (T,B,H), x, h0?, w_ih, w_hh, y, ws, reset_after)
+            -> (dx (T,B,I), dh0 (B,H), dw_ih (3H,I), dw_hh (3H,H), db_ih (3H), db_hh (3H))
+
+Around the Triton recurrence, the work over all T*B rows at once is torch (cuBLAS):
+the input projection before the forward loop; dx, dW_ih, dW_hh and the two bias
+gradients after the backward loop, each one matmul or one sum (deterministic).
+
+Devices and dtypes: CUDA tensors in float32 (TF32 inside the recurrence exactly when
+torch.backends.cuda.matmul.allow_tf32 is set), float16 and bfloat16 (fp32 accumulation and
+fp32 state); CPU tensors in float32 only under TRITON_INTERPRET=1 (how CI runs the kernels).
+float64 is refused: the kernels keep an fp32 state (use backend "reference" or "cpu").
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fusedgru import ops
+
+from . import gru
+
+__all__ = ["backend", "triton_forward", "triton_backward"]
+
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INTERPRETER_DTYPES = (torch.float32,)
+
+
+def _device_guard(t: Tensor):
+    # Triton launches on the current device: make it the tensors' one.
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NullGuard()
+
+
+class _NullGuard:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def triton_forward(
+    x: Tensor,  # (T, B, I)
+    h0: Optional[Tensor],  # (B, H) or None (zeros)
+    w_ih: Tensor,  # (3H, I)
+    w_hh: Tensor,  # (3H, H)
+    b_ih: Optional[Tensor],  # (3H,) or None
+    b_hh: Optional[Tensor],  # (3H,) or None
+    reset_after: bool,
+):
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    x2 = x.reshape(T * B, I)
+    # One matmul for the input projection of all T steps: gi (T, B, 3H).
+    gi = (torch.addmm(b_ih, x2, w_ih.T) if b_ih is not None else x2 @ w_ih.T).view(T, B, 3 * H)
+    b_hh = b_hh.contiguous() if b_hh is not None else w_hh.new_zeros(3 * H)
+    y = x.new_empty(T, B, H)
+    ws = x.new_empty(T, B, 4 * H)
+    with _device_guard(x):
+        gru.launch_forward(gi, None if h0 is None else h0.contiguous(), w_hh.contiguous(),
+                           b_hh, y, ws, reset_after)
+    return y, ws
+
+
+def triton_backward(
+    grad_y: Tensor,  # (T, B, H)
+    x: Tensor,  # (T, B, I)
+    h0: Optional[Tensor],  # (B, H) or None
+    w_ih: Tensor,  # (3H, I)
+    w_hh: Tensor,  # (3H, H)
+    y: Tensor,  # (T, B, H)
+    ws: Tensor,  # (T, B, 4H)
+    reset_after: bool,
+):
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    h0 = None if h0 is None else h0.contiguous()
+    dgi = x.new_empty(T, B, 3 * H)
+    dgh = x.new_empty(T, B, 3 * H)
+    dh0 = x.new_empty(B, H)
+    with _device_guard(x):
+        gru.launch_backward(grad_y.contiguous(), h0, w_hh.contiguous(), y, ws, dgi, dgh, dh0,
+                            reset_after)
+
+    # After the loop: each gradient is one product (or sum) over all T*B rows.
+    dgi2 = dgi.view(T * B, 3 * H)
+    dgh2 = dgh.view(T * B, 3 * H)
+    dx = (dgi2 @ w_ih).view(T, B, I)
+    dw_ih = dgi2.T @ x.reshape(T * B, I)
+    if reset_after:
+        # dW_hh = sum_t dgh[t]^T h_{t-1}: y[:-1] for t >= 1, plus h0 at t = 0 (no copy of y).
+        dw_hh = dgh2[B:].T @ y[:-1].reshape((T - 1) * B, H)
+        if h0 is not None:
+            dw_hh.addmm_(dgh2[:B].T, h0)
+    else:
+        h_prev = torch.cat([(h0 if h0 is not None else y.new_zeros(B, H)).unsqueeze(0),
+                            y[:-1]]).view(T * B, H)
+        rh = ws[..., :H].reshape(T * B, H) * h_prev
+        # Rows r, z multiply h; rows n multiply r * h: one batched product over the gates.
+        rhs = torch.stack([h_prev, h_prev, rh])  # (3, T*B, H)
+        dw_hh = torch.bmm(dgh2.view(T * B, 3, H).permute(1, 2, 0), rhs).reshape(3 * H, H)
+    db_ih = dgi2.sum(0)
+    db_hh = dgh2.sum(0)
+    return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
+
+
+_fwd_op, _bwd_op = ops.register_backend_ops("triton", triton_forward, triton_backward)
+
+
+class _TritonBackend:
+    name = "triton"
+    forward = staticmethod(_fwd_op)
+    backward = staticmethod(_bwd_op)
+
+    @staticmethod
+    def unavailable_reason() -> Optional[str]:
+        if gru.INTERPRET or torch.cuda.is_available():
+            return None
+        return ("no CUDA device, and the Triton interpreter is off (set TRITON_INTERPRET=1 "
+                "before fusedgru's kernels are imported to run them on CPU tensors)")
+
+    @staticmethod
+    def unsupported_reason(device_type: str, dtype: torch.dtype) -> Optional[str]:
+        if dtype == torch.float64:
+            return ("float64 is not supported: the Triton kernels keep an fp32 state; "
+                    "use backend 'reference' (or 'cpu') for float64")
+        if device_type == "cuda":
+            if dtype not in _CUDA_DTYPES:
+                return f"expected float32, float16 or bfloat16 on cuda, got {dtype}"
+            return None
+        if device_type == "cpu":
+            if not gru.INTERPRET:
+                return "CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1)"
+            if dtype not in _INTERPRETER_DTYPES:
+                return (f"the Triton interpreter runs float32 only (it computes 16-bit dots "
+                        f"wrongly); got {dtype}: test 16-bit dtypes on a GPU")
+            return None
+        return f"Triton kernels run on cuda (or cpu under TRITON_INTERPRET=1), not {device_type}"
+
+
+backend = _TritonBackend()

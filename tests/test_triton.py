@@ -1,0 +1,193 @@
+"""The "triton" backend against the float64 reference (SPEC section 5).
+
+Without a GPU (CI) the kernels run on CPU tensors through the Triton interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1 before anything imports them); sizes are small
+but odd.  GPU-only checks live in tests/test_triton_gpu.py, ahead-of-time compilation in
+tests/test_triton_aot.py.
+"""
+
+import math
+
+import pytest
+import torch
+
+import fusedgru
+from fusedgru import backends, reference, testing
+from fusedgru.kernels import gru
+from fusedgru.kernels.backend import backend as triton_backend
+
+pytestmark = pytest.mark.skipif(
+    triton_backend.unavailable_reason() is not None,
+    reason=f"triton backend unavailable: {triton_backend.unavailable_reason()}",
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (T, B, I, H): H in {1, 3, 17} and I != H; B in {1, 3, 5}; T in {1, 2, 7}.
+SIZES = [(1, 1, 2, 1), (7, 5, 4, 1), (2, 3, 5, 3), (7, 1, 3, 17), (2, 5, 9, 17), (1, 3, 17, 5)]
+
+# Small blocks so the step kernels use several column programs and reduction chunks
+# (H = 17 -> 2 column blocks, 2 K chunks) and B = 17 -> 2 row blocks.
+SMALL_STEP = gru.Config("step", block_b=16, block_h=16, block_k=16, num_warps=4)
+
+
+def _assert_ok(report):
+    assert report.ok, report.failures
+
+
+@pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
+@pytest.mark.parametrize("with_h0,bias", [(True, True), (False, False), (True, False),
+                                          (False, True)])
+@pytest.mark.parametrize("T,B,I,H", SIZES)
+def test_resident_vs_reference(T, B, I, H, with_h0, bias, reset_after, gen):
+    case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, with_h0=with_h0,
+                                   bias=bias, generator=gen)
+    assert gru.choose_config(B, H, torch.float32).strategy == "resident"
+    _assert_ok(testing.check_layer("triton", case, device=DEVICE, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
+@pytest.mark.parametrize("T,B,I,H,with_h0,bias", [
+    (7, 3, 5, 17, True, True),
+    (2, 17, 4, 17, False, True),
+    (1, 1, 3, 33, True, False),
+    (2, 5, 9, 3, False, False),
+])
+def test_step_vs_reference(T, B, I, H, with_h0, bias, reset_after, gen):
+    case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, with_h0=with_h0,
+                                   bias=bias, generator=gen)
+    with gru.force_config(SMALL_STEP):
+        _assert_ok(testing.check_layer("triton", case, device=DEVICE, dtype=torch.float32))
+
+
+def _poisoned_run(case, config, device):
+    """Runs the launchers on NaN-filled output buffers; returns every output."""
+    x, h0, w_ih, w_hh, b_ih, b_hh = case.args(device, torch.float32)
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+    gi = reference._input_projection(x, w_ih, b_ih).contiguous()
+    nan = float("nan")
+    y = torch.full((T, B, H), nan, device=device)
+    ws = torch.full((T, B, 4 * H), nan, device=device)
+    b = b_hh if b_hh is not None else w_hh.new_zeros(3 * H)
+    gru.launch_forward(gi, h0, w_hh, b, y, ws, case.reset_after, config)
+    dgi = torch.full((T, B, 3 * H), nan, device=device)
+    dgh = torch.full((T, B, 3 * H), nan, device=device)
+    dh0 = torch.full((B, H), nan, device=device)
+    gy = case.grad_y.to(device, torch.float32)
+    gru.launch_backward(gy, h0, w_hh, y, ws, dgi, dgh, dh0, case.reset_after, config)
+    return y, ws, dgi, dgh, dh0
+
+
+@pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
+@pytest.mark.parametrize("strategy", ["resident", "step"])
+def test_every_output_element_written(strategy, reset_after, gen):
+    T, B, I, H = 3, 17, 4, 19  # two row blocks, a partial column block
+    case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, generator=gen)
+    config = SMALL_STEP if strategy == "step" else gru.Config("resident", 16, 32)
+    outs = _poisoned_run(case, config, DEVICE)
+    for name, t in zip(("y", "ws", "dgi", "dgh", "dh0"), outs):
+        assert torch.isfinite(t).all(), f"{name}: {int((~torch.isfinite(t)).sum())} unwritten"
+    # The saved values and the pre-activation gradients match the reference's.
+    a64 = case.args(None, torch.float64)
+    y64, ws64 = reference.gru_layer_forward(*a64, case.reset_after)
+    y, ws = outs[0], outs[1]
+    assert testing.rel_err(y, y64) < 1e-5
+    assert testing.rel_err(ws, ws64) < 1e-5
+
+
+def test_both_strategies_agree(gen):
+    case = testing.make_layer_case(5, 3, 6, 17, reset_after=True, generator=gen)
+    res = _poisoned_run(case, gru.Config("resident", 16, 32), DEVICE)
+    step = _poisoned_run(case, SMALL_STEP, DEVICE)
+    for a, b in zip(res, step):
+        assert testing.rel_err(a, b) < 1e-5
+
+
+def test_dispatcher_configs():
+    # Small H: one launch for all steps; large H: H split across programs.
+    assert gru.choose_config(16, 64, torch.float32).strategy == "resident"
+    assert gru.choose_config(16, 1, torch.float32) == gru.Config("resident", 16, 16, 0, 4)
+    big = gru.choose_config(16, 512, torch.bfloat16)
+    assert big.strategy == "step" and big.block_h * 16 == 512
+    with gru.force_config(SMALL_STEP):
+        assert gru.choose_config(1, 1, torch.float32) is SMALL_STEP
+    assert gru.choose_config(1, 1, torch.float32).strategy == "resident"
+
+
+@pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
+def test_module_bidirectional_multilayer(reset_after, gen):
+    """FusedGRU(backend="triton") vs the float64 oracle, within SPEC's budget set by
+    torch.nn.GRU (reset_after=True) or the reference backend (reset_after=False) in fp32."""
+    T, B, I, H, L = 5, 3, 7, 5, 2
+    torch.manual_seed(gen.initial_seed() % 2**31)
+    kw = dict(num_layers=L, bidirectional=True, batch_first=False)
+    oracle = fusedgru.FusedGRU(I, H, dtype=torch.float64, reset_after=reset_after,
+                               backend="reference", **kw)
+    x64 = torch.randn(T, B, I, dtype=torch.float64, generator=gen)
+    h064 = torch.randn(2 * L, B, H, dtype=torch.float64, generator=gen) * 0.5
+    gout = torch.randn(T, B, 2 * H, dtype=torch.float64, generator=gen)
+    ghn = torch.randn(2 * L, B, H, dtype=torch.float64, generator=gen)
+
+    def run(mod, dtype):
+        mod = mod.to(device=DEVICE)
+        x = x64.to(DEVICE, dtype).detach().clone().requires_grad_()
+        h0 = h064.to(DEVICE, dtype).detach().clone().requires_grad_()
+        out, hn = mod(x, h0)
+        ((out * gout.to(DEVICE, dtype)).sum() + (hn * ghn.to(DEVICE, dtype)).sum()).backward()
+        res = {"out": out, "h_n": hn, "dx": x.grad, "dh0": h0.grad}
+        res.update({"d" + k: p.grad for k, p in mod.named_parameters()})
+        return res
+
+    sd = {k: v.float() for k, v in oracle.state_dict().items()}
+    kernel = fusedgru.FusedGRU(I, H, reset_after=reset_after, backend="triton", **kw)
+    kernel.load_state_dict(sd)
+    if reset_after:
+        baseline = torch.nn.GRU(I, H, **kw)
+    else:
+        baseline = fusedgru.FusedGRU(I, H, reset_after=False, backend="reference", **kw)
+    baseline.load_state_dict(sd)
+    want = run(oracle, torch.float64)
+    got = run(kernel, torch.float32)
+    base = run(baseline, torch.float32)
+    assert set(got) == set(want) and len(got) == 4 + 4 * 2 * L
+    for k in want:
+        err, lim = testing.rel_err(got[k], want[k]), testing.budget(
+            torch.float32, testing.rel_err(base[k], want[k]))
+        assert err <= lim, f"{k}: err {err:.3g} > budget {lim:.3g}"
+
+
+def test_float64_refused_with_clear_error():
+    why = triton_backend.unsupported_reason("cpu", torch.float64)
+    assert why is not None and "float64" in why and "reference" in why
+    assert "float64" in triton_backend.unsupported_reason("cuda", torch.float64)
+    gru64 = fusedgru.FusedGRU(3, 4, dtype=torch.float64, backend="triton")
+    with pytest.raises(backends.BackendUnavailableError, match="float64"):
+        gru64(torch.randn(2, 1, 3, dtype=torch.float64))
+
+
+def test_dtype_and_device_support():
+    assert triton_backend.unavailable_reason() is None
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        assert triton_backend.unsupported_reason("cuda", dt) is None
+    assert "int" in str(triton_backend.unsupported_reason("cuda", torch.int32))
+    if gru.INTERPRET:
+        assert triton_backend.unsupported_reason("cpu", torch.float32) is None
+        assert "interpreter" in triton_backend.unsupported_reason("cpu", torch.bfloat16)
+    assert triton_backend.unsupported_reason("mps", torch.float32) is not None
+
+
+def test_registered_ops(gen):
+    """The ops carry fusedgru's schema and fake implementations (torch.compile-traceable)."""
+    case = testing.make_layer_case(2, 3, 4, 5, reset_after=True, generator=gen)
+    x, h0, w_ih, w_hh, b_ih, b_hh = case.args(DEVICE, torch.float32)
+    fwd_args = (x, h0, w_ih, w_hh, b_ih, b_hh, True)
+    torch.library.opcheck(torch.ops.fusedgru.triton_fwd.default, fwd_args,
+                          test_utils=("test_schema", "test_faketensor"))
+    y, ws = torch.ops.fusedgru.triton_fwd(*fwd_args)
+    gy = case.grad_y.to(DEVICE, torch.float32)
+    torch.library.opcheck(torch.ops.fusedgru.triton_bwd.default,
+                          (gy, x, h0, w_ih, w_hh, y, ws, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    assert triton_backend.forward is torch.ops.fusedgru.triton_fwd
+    assert math.isfinite(y.sum().item())
