@@ -890,6 +890,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="start no new cell after this many seconds (the rest are recorded "
                         "as skipped)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's own choice; on a loaded machine "
+                        "--threads 1 avoids OpenMP oversubscription, which can slow small "
+                        "cells a hundredfold)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true",
                    help="print the cells and providers that would run, and exit")
@@ -950,6 +954,17 @@ def _report(results: dict, out: Optional[Path], compare: Optional[str]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """`fusedgru bench ARGS` (fusedgru/cli.py passes sys.argv[2:]); returns the exit status."""
+    threads = torch.get_num_threads()
+    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        return _main(argv)
+    finally:  # a caller (a test, a notebook) gets its settings back
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _main(argv: Optional[List[str]]) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     if args.from_file:
@@ -1005,6 +1020,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("fusedgru bench: no cell matches --grid/--dtype/--mode", file=sys.stderr)
         return 2
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     tf32 = _set_tf32(args.tf32) if device.type == "cuda" else None
     opts = RunOptions(check_steps=args.check_steps, timing=TimingOptions(quick=args.quick),
                       tf32=tf32)
@@ -1016,10 +1033,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     results = {"schema": SCHEMA, "meta": meta, "rows": []}
     start = time.monotonic()
     bar = _progress(len(cases) * len(providers), args.no_progress)
-    for case in cases:
+    if args.time_budget is not None:
+        # Under a time budget the --quick subset of every grid runs first, so that a run
+        # cut short still covers each grid; rows are put back in grid order at the end.
+        quick = set(c for g in grids for c in grid_cases(g, quick=True))
+        order = sorted(range(len(cases)), key=lambda i: (cases[i] not in quick, i))
+    else:
+        order = list(range(len(cases)))
+    per_case: Dict[int, List[dict]] = {}
+    for i in order:
+        case = cases[i]
         if args.time_budget is not None and time.monotonic() - start > args.time_budget:
-            for p in providers:
-                results["rows"].append(_blank_row(case, p, tf32, "skipped", "time budget"))
+            per_case[i] = [_blank_row(case, p, tf32, "skipped", "time budget")
+                           for p in providers]
             if bar is not None:
                 bar.update(len(providers))
             continue
@@ -1029,14 +1055,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 bar.set_description(f"{case.label} {name}", refresh=False)
                 bar.update(0)
 
-        rows = run_cell(case, providers, device, opts, on_provider)
-        results["rows"].extend(rows)
+        per_case[i] = run_cell(case, providers, device, opts, on_provider)
+        results["rows"] = [r for j in sorted(per_case) for r in per_case[j]]
         if bar is not None:
             bar.update(len(providers))
         results["meta"]["elapsed_s"] = round(time.monotonic() - start, 1)
         _write_json(out / "results.json", results)  # a killed run keeps what it measured
     if bar is not None:
         bar.close()
+    results["rows"] = [r for j in sorted(per_case) for r in per_case[j]]
     results["meta"]["elapsed_s"] = round(time.monotonic() - start, 1)
     _write_json(out / "results.json", results)
     _report(results, out, args.compare)

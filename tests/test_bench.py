@@ -16,7 +16,7 @@ CPU = torch.device("cpu")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     rc = bench.main(["--grid", "tiny", "--quick", "--backends", "reference", "--out", str(out),
-                     "--no-progress"])
+                     "--no-progress", "--threads", "1"])
     return rc, out, json.loads((out / "results.json").read_text())
 
 

@@ -1,0 +1,141 @@
+"""Small cases for compute-sanitizer (memcheck, racecheck): every GPU backend, forward and
+backward, both formulations, odd tiny sizes.  benchmarks/gpu_run.sh runs it as
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \\
+        python benchmarks/sanitize_cases.py
+
+(without the caching allocator each tensor is its own allocation, so an out-of-bounds
+access is caught at its tensor's edge instead of landing inside a cached block).
+
+Every run is also checked against the float64 reference with SPEC section 5's budget, so a
+kernel that reads uninitialised or neighbouring memory without crashing still fails here.
+Exit status: 0 when every case ran and passed, 1 otherwise.
+
+    python benchmarks/sanitize_cases.py --list          the cases, running nothing
+    python benchmarks/sanitize_cases.py --device cpu    the same driver on CPU backends
+                                                        (a dry run of the GPU script)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import zlib
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fusedgru import backends, testing  # noqa: E402
+from fusedgru.modules import FusedGRU  # noqa: E402
+
+# (T, B, I, H): H not a multiple of any block size, I != H, B = 1 and odd
+LAYER_SHAPES = [(3, 2, 5, 17), (2, 1, 3, 33), (4, 5, 7, 63)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def gpu_backends(device_type: str, requested=None):
+    names = []
+    for name in backends.BACKENDS:  # the table, never a hard-coded list
+        if requested and name not in requested:
+            continue
+        if backends.backend_status()[name] is not None:
+            continue
+        impl = backends.get_backend(name)
+        if impl.unsupported_reason(device_type, torch.float32) is not None:
+            continue
+        # the reference is torch's own ops: nothing of ours to sanitise
+        if name == "reference" and not requested:
+            continue
+        names.append(name)
+    return names
+
+
+def cases(device_type: str, requested=None):
+    for name in gpu_backends(device_type, requested):
+        impl = backends.get_backend(name)
+        for dtype in DTYPES:
+            if impl.unsupported_reason(device_type, dtype) is not None:
+                continue
+            for reset_after in (True, False):
+                for shape in LAYER_SHAPES:
+                    yield ("layer", name, dtype, reset_after, shape)
+                yield ("module", name, dtype, reset_after, (4, 3, 6, 17))
+
+
+def run_case(kind, name, dtype, reset_after, shape, device) -> str:
+    """'' when it passed, else what failed."""
+    T, B, I, H = shape
+    g = torch.Generator().manual_seed(zlib.crc32(repr((kind, name, dtype, reset_after, shape)).encode()))
+    if kind == "layer":
+        case = testing.make_layer_case(T, B, I, H, reset_after=reset_after,
+                                       with_h0=shape[1] != 1, generator=g)
+        report = testing.check_layer(name, case, device=device, dtype=dtype, backward=True)
+        return "" if report.ok else str(report.failures)
+    # the module path: 2 layers, bidirectional (reversal, concatenation, h_n order)
+    torch.manual_seed(g.initial_seed())
+    m64 = FusedGRU(I, H, num_layers=2, bidirectional=True, reset_after=reset_after,
+                   backend="reference", dtype=torch.float64)
+    m = FusedGRU(I, H, num_layers=2, bidirectional=True, reset_after=reset_after,
+                 backend=name, device=device, dtype=dtype)
+    m.load_state_dict(m64.state_dict())
+    x64 = torch.randn(T, B, I, dtype=torch.float64, generator=g, requires_grad=True)
+    x = x64.detach().to(device, dtype).requires_grad_(True)
+    y64, h64 = m64(x64)
+    y, h = m(x)
+    gy = torch.randn(y64.shape, dtype=torch.float64, generator=g)
+    (y64 * gy).sum().backward()
+    (y * gy.to(device, dtype)).sum().backward()
+    errs = {"y": testing.rel_err(y, y64), "h_n": testing.rel_err(h, h64),
+            "dx": testing.rel_err(x.grad, x64.grad),
+            "dw_hh_l1r": testing.rel_err(m.weight_hh_l1_reverse.grad,
+                                         m64.weight_hh_l1_reverse.grad)}
+    # a loose sanity bound here (the layer cases above hold the exact SPEC budget): this
+    # case is about memory errors; 50x the dtype's band catches garbage, not rounding
+    bound = {torch.float32: 1e-4, torch.bfloat16: 0.5}[dtype]
+    bad = {k: v for k, v in errs.items() if not v <= bound}
+    return "" if not bad else f"errors over {bound}: {bad}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backends", default=None, help="comma-separated backend names")
+    p.add_argument("--list", action="store_true")
+    args = p.parse_args(argv)
+    requested = args.backends.split(",") if args.backends else None
+    device = torch.device(args.device)
+    todo = list(cases(device.type, requested))
+    print(f"sanitize_cases: device {device}, backends "
+          f"{gpu_backends(device.type, requested) or 'none'}, {len(todo)} cases")
+    if not todo:
+        print("sanitize_cases: no backend to run on this device "
+              f"({backends.backend_status()})")
+        return 1
+    failed = 0
+    for kind, name, dtype, reset_after, shape in todo:
+        label = (f"{kind:6} {name:8} {str(dtype).replace('torch.', ''):8} "
+                 f"reset_after={reset_after!s:5} T,B,I,H={shape}")
+        if args.list:
+            print(label)
+            continue
+        t0 = time.monotonic()
+        try:
+            why = run_case(kind, name, dtype, reset_after, shape, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 - report and go on to the next case
+            why = f"{type(exc).__name__}: {exc}"
+        failed += bool(why)
+        print(f"{'FAIL' if why else 'ok  '} {label} {time.monotonic() - t0:6.2f}s {why}",
+              flush=True)
+    if not args.list:
+        print(f"sanitize_cases: {len(todo) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
