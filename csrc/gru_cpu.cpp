@@ -301,7 +301,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cpu(
   TORCH_CHECK(x_.device().is_cpu(), op, ": expected CPU tensors, got ", x_.device());
   TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble, op,
               ": supports float32 and float64, got ", x_.scalar_type());
-  const int64_t T = d.T, B = d.B, I = d.I, H = d.H;
+  const int64_t T = d.T, B = d.B, H = d.H;
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor grad_y = grad_y_.contiguous(), y = y_.contiguous(), ws = ws_.contiguous();
   const Tensor h0 = h0_.has_value() ? h0_->contiguous() : at::zeros({B, H}, x.options());
@@ -310,31 +310,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cpu(
   Tensor dgi = reset_after ? at::empty({T, B, 3 * H}, x.options()) : dgh;
   poison(dgh);
   poison(dgi);
-  // The state entering each step: (T, B, H).
-  const Tensor hprev = T > 0 ? at::cat({h0.unsqueeze(0), y.narrow(0, 0, T - 1)}, 0)
-                             : at::empty({0, B, H}, x.options());
+  const Tensor hprev = states_before(h0, y);  // (T, B, H), contiguous
   Tensor dh0;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_bwd_cpu", [&] {
     dh0 = backward_loop<scalar_t>(grad_y, hprev, w_hh, ws, reset_after, dgi, dgh);
   });
 
-  // After the loop: every gradient is one GEMM (or sum) over all T*B rows.
-  const Tensor dgi2 = dgi.view({T * B, 3 * H}), dgh2 = dgh.view({T * B, 3 * H});
-  const Tensor x2 = x.view({T * B, I}), hp2 = hprev.view({T * B, H});
-  Tensor dx = at::mm(dgi2, w_ih).view({T, B, I});
-  Tensor dw_ih = at::mm(dgi2.t(), x2);
-  Tensor dw_hh;
-  if (reset_after) {
-    dw_hh = at::mm(dgh2.t(), hp2);
-  } else {
-    dw_hh = at::empty({3 * H, H}, x.options());
-    Tensor top = dw_hh.narrow(0, 0, 2 * H), bottom = dw_hh.narrow(0, 2 * H, H);
-    at::mm_out(top, dgh2.narrow(1, 0, 2 * H).t(), hp2);
-    const Tensor rh = ws.view({T * B, 4 * H}).narrow(1, 0, H) * hp2;
-    at::mm_out(bottom, dgh2.narrow(1, 2 * H, H).t(), rh);
-  }
-  Tensor db_hh = dgh2.sum(0);
-  Tensor db_ih = reset_after ? dgi2.sum(0) : db_hh.clone();
+  auto [dx, dw_ih, dw_hh, db_ih, db_hh] = weight_grads(dgi, dgh, x, w_ih, hprev, ws, reset_after);
   return {dx, dh0, dw_ih, dw_hh, db_ih, db_hh};
 }
 

@@ -20,6 +20,17 @@ bool poison_outputs() { return g_poison.load(std::memory_order_relaxed); }
 // before computing it.  Returns the previous setting.
 static bool set_poison(bool enable) { return g_poison.exchange(enable); }
 
+static std::atomic<int64_t> g_cuda_path{0};
+
+int cuda_path_mode() { return static_cast<int>(g_cuda_path.load(std::memory_order_relaxed)); }
+
+// Test / benchmark switch: which CUDA kernels gru_fwd / gru_bwd use (0 automatic,
+// 1 persistent or error, 2 per-step fallback).  Returns the previous setting.
+static int64_t set_cuda_path(int64_t mode) {
+  TORCH_CHECK(mode >= 0 && mode <= 2, "fusedgru::_set_cuda_path: mode must be 0, 1 or 2");
+  return g_cuda_path.exchange(mode);
+}
+
 }  // namespace fusedgru
 
 TORCH_LIBRARY(fusedgru, m) {
@@ -30,6 +41,10 @@ TORCH_LIBRARY(fusedgru, m) {
       "gru_bwd(Tensor grad_y, Tensor x, Tensor? h0, Tensor w_ih, Tensor w_hh, Tensor y, "
       "Tensor ws, bool reset_after) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("_set_poison(bool enable) -> bool", &fusedgru::set_poison);
+  m.def("_set_cuda_path(int mode) -> int", &fusedgru::set_cuda_path);
+  // Which CUDA path gru_fwd (backward=False) or gru_bwd would take for these sizes, and why
+  // (CUDA kernel in gru_cuda.cu): the on-chip capacity limit, as the dispatcher sees it.
+  m.def("_cuda_plan(Tensor x, Tensor w_hh, bool reset_after, bool backward) -> str");
 }
 
 // `import fusedgru._C` loads the library (and so runs the registrations above); the module
