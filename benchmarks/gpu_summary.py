@@ -1,0 +1,155 @@
+"""The last step of benchmarks/gpu_run.sh: summary.json and a short table.
+
+Reads the steps file gpu_run.sh kept (name, exit status, seconds, note per line), the
+verdict lines of run.log and sanitizer.log, and the benchmark's results.json files, and
+writes $OUT/summary.json.  Never fails: a missing piece is recorded as missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import statistics
+import sys
+from pathlib import Path
+
+PYTEST_RE = re.compile(r"(\d+ (passed|failed|error|errors|skipped|deselected)[^\n]*"
+                       r"|no tests ran[^\n]*)")
+VERDICT_RE = re.compile(r"(ERROR SUMMARY: \d+ errors?|RACECHECK SUMMARY: \d+ hazards?[^\n]*"
+                        r"|sanitize_cases: \d+ passed, \d+ failed|^\d+ passed, \d+ failed[^\n]*)",
+                        re.MULTILINE)
+
+
+def _sections(path: Path) -> dict:
+    """{step name: the text it printed} from the '===== step NAME: ... =====' headers."""
+    out, name = {}, None
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        m = re.match(r"===== step (\S+): ", line)
+        if m:
+            name = m.group(1)
+            out.setdefault(name, [])
+        elif name is not None:
+            out[name].append(line)
+    return {k: "\n".join(v) for k, v in out.items()}
+
+
+def _last(regex, text: str):
+    hits = regex.findall(text or "")
+    if not hits:
+        return None
+    h = hits[-1]
+    return (h[0] if isinstance(h, tuple) else h).strip()
+
+
+def _bench_summary(path: Path) -> dict:
+    if not path.exists():
+        return {"file": str(path.name), "missing": True}
+    try:
+        res = json.loads(path.read_text())
+    except Exception as exc:  # noqa: BLE001
+        return {"file": str(path.name), "unreadable": f"{type(exc).__name__}: {exc}"}
+    rows = res.get("rows", [])
+    meta = res.get("meta", {})
+    by_status = {}
+    for r in rows:
+        by_status[r.get("status")] = by_status.get(r.get("status"), 0) + 1
+    providers = {}
+    for r in rows:
+        p = providers.setdefault(r["provider"], {"ok": 0, "WRONG": 0, "error": 0, "speedups": []})
+        if r.get("status") in ("ok", "WRONG", "error"):
+            p[r["status"]] += 1
+        if r.get("status") == "ok" and r.get("speedup_vs_nn_gru") is not None:
+            p["speedups"].append(r["speedup_vs_nn_gru"])
+    for p in providers.values():
+        s = p.pop("speedups")
+        p["speedup_median"] = statistics.median(s) if s else None
+        p["speedup_min"] = min(s) if s else None
+        p["speedup_max"] = max(s) if s else None
+    return {"file": str(path), "device_name": meta.get("device_name"),
+            "torch": meta.get("torch"), "cuda": meta.get("cuda"), "cudnn": meta.get("cudnn"),
+            "triton": meta.get("triton"), "commit": meta.get("commit"),
+            "tf32": meta.get("tf32_run"), "grids": meta.get("grids"),
+            "elapsed_s": meta.get("elapsed_s"), "rows_by_status": by_status,
+            "providers": providers, "wrong_or_failed": [
+                f"{r['provider']} {r['mode']} {r['dtype']} B={r['B']} H={r['H']} T={r['T']}: "
+                f"{r.get('status')}: {str(r.get('reason'))[:200]}"
+                for r in rows if r.get("status") in ("WRONG", "error")][:40]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dry-run", default="0")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    log = _sections(out / "run.log")
+    san = _sections(out / "sanitizer.log")
+    steps = []
+    try:
+        lines = Path(args.steps).read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        name, rc, secs, note = (line.split("\t") + ["", "", "", ""])[:4]
+        text = log.get(name) or san.get(name) or ""
+        verdict = None
+        if name.startswith("pytest"):
+            verdict = _last(PYTEST_RE, text)
+        elif name in ("memcheck", "racecheck", "check"):
+            verdict = _last(VERDICT_RE, text)
+        ok = rc == "0" or (name.startswith("pytest") and rc == "5")  # 5: nothing selected
+        steps.append({"step": name, "rc": rc, "seconds": int(secs or 0), "note": note,
+                      "ok": ok if rc != "skipped" else None, "verdict": verdict})
+    summary = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": os.environ.get("FUSEDGRU_COMMIT"),
+        "dry_run": args.dry_run == "1",
+        "steps": steps,
+        "bench": _bench_summary(out / "results.json"),
+        "bench_compile": _bench_summary(out / "compile" / "results.json"),
+        "files": sorted({str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()}
+                        | {"summary.json"}),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+
+    print("\n================ gpu_run summary ================")
+    print(f"{'step':14} {'rc':>7} {'s':>5}  verdict / note")
+    for s in steps:
+        print(f"{s['step']:14} {s['rc']:>7} {s['seconds']:>5}  "
+              f"{s['verdict'] or ''} {s['note'] or ''}".rstrip())
+    for key in ("bench", "bench_compile"):
+        b = summary[key]
+        if b.get("missing") or b.get("unreadable"):
+            print(f"\n{key}: no results ({b.get('unreadable') or 'missing'})")
+            continue
+        print(f"\n{key}: {b['device_name']}, torch {b['torch']}, cuDNN {b['cudnn']}, "
+              f"TF32 {b['tf32']}, grids {b['grids']}, {b['elapsed_s']} s, rows "
+              f"{b['rows_by_status']}")
+        print(f"  {'provider':12} {'ok':>4} {'WRONG':>5} {'error':>5} "
+              f"{'speed-up vs nn.GRU: median':>27} {'min':>6} {'max':>6}")
+        for name, pr in b["providers"].items():
+            def f(v):
+                return "-" if v is None else f"{v:.2f}"
+            print(f"  {name:12} {pr['ok']:>4} {pr['WRONG']:>5} {pr['error']:>5} "
+                  f"{f(pr['speedup_median']):>27} {f(pr['speedup_min']):>6} "
+                  f"{f(pr['speedup_max']):>6}")
+        for w in b["wrong_or_failed"][:10]:
+            print(f"  ! {w}")
+    print(f"\nfiles in {out}: {', '.join(summary['files'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Exception as exc:  # noqa: BLE001 - the summary must never hide the run
+        print(f"gpu_summary.py failed: {type(exc).__name__}: {exc}")
+        sys.exit(0)
