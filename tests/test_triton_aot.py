@@ -1,0 +1,79 @@
+"""Ahead-of-time compilation of the Triton kernels for sm_90 and sm_80, with no GPU.
+
+A lowering error or shared memory above the device's limit fails here, in CI, instead of
+on the first GPU run.  The compile runs in fresh processes (python -m fusedgru.kernels.aot):
+a process that imported triton under TRITON_INTERPRET=1 cannot compile.  Shared memory,
+registers and spills per configuration are printed (pytest -s) and kept in the JSON the
+module writes; the full table for every configuration is in benchmarks/NOTES-triton.md
+(python -m fusedgru.kernels.aot --level all).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+# sm_90 (H100): every kernel, precision and formulation at the largest block shapes;
+# sm_80 (A100): the same for float32 (exact and TF32) and bfloat16.
+RUNS = [(90, "fp32,fp16,bf16"), (80, "fp32,bf16")]
+
+
+@pytest.fixture(scope="module")
+def aot_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("aot")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = {}
+    for arch, dtypes in RUNS:  # both at once: each is mostly one core
+        out = tmp / f"sm{arch}.json"
+        cmd = [sys.executable, "-m", "fusedgru.kernels.aot", "--arch", str(arch), "--level",
+               "ci", "--dtypes", dtypes, "--json", str(out)]
+        procs[arch] = (subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True), out)
+    results = {}
+    for arch, (proc, out) in procs.items():
+        text, _ = proc.communicate(timeout=900)
+        print(text)
+        assert out.exists(), f"sm_{arch}: the AOT run wrote no results (rc {proc.returncode}):\n{text[-4000:]}"
+        results[arch] = (proc.returncode, json.loads(out.read_text()), text)
+    return results
+
+
+@pytest.mark.parametrize("arch", [a for a, _ in RUNS])
+def test_every_configuration_compiles_within_shared_memory(aot_results, arch):
+    rc, data, text = aot_results[arch]
+    rows = data["rows"]
+    errors = [r for r in rows if "error" in r]
+    assert not errors, "lowering errors:\n" + "\n".join(f"{r['label']}: {r['error']}"
+                                                         for r in errors)
+    over = [r for r in rows if r["shared"] > data["shared_limit"]]
+    assert not over, "over the shared-memory limit:\n" + "\n".join(
+        f"{r['label']}: {r['shared']} > {data['shared_limit']}" for r in over)
+    assert rc == 0, text[-4000:]
+    kernels = {r["kernel"] for r in rows}
+    assert kernels == {"_fwd_resident_kernel", "_bwd_resident_kernel", "_fwd_step_kernel",
+                       "_bwd_step_kernel"}
+    assert {r["constexprs"]["DOT_PREC"] for r in rows if r["dtype"] == "fp32"} == \
+        {"ieee", "tf32"}
+    assert all(r["shared"] >= 0 for r in rows)
+
+
+def test_ci_set_covers_every_dispatcher_choice():
+    """Every (kernel, precision, formulation, block shape) the CI set compiles is one the
+    dispatcher can choose, and the CI set misses none of those at the largest blocks."""
+    code = (
+        "from fusedgru.kernels import aot\n"
+        "key=lambda s:(s.kernel,s.dtype,s.constexprs.get('DOT_PREC'),"
+        "s.constexprs.get('RESET_AFTER'),s.constexprs.get('PHASE'),s.constexprs.get('STAGE'))\n"
+        "ci={key(s) for s in aot.dispatch_specs('ci')}\n"
+        "al={key(s) for s in aot.dispatch_specs('all')}\n"
+        "assert ci==al,(al-ci)\n"
+        "print(len(list(aot.dispatch_specs('ci'))),len(list(aot.dispatch_specs('all'))))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
