@@ -109,9 +109,11 @@ struct Wmma<float> {  // TF32: 10-bit mantissa operands, fp32 accumulation
 };
 
 template <typename op_t, typename acc_t, bool TC>
-__device__ __forceinline__ void warp_tile(const op_t* __restrict__ A, int lda,
-                                          const op_t* __restrict__ W, int ldw, int k0, int k1,
-                                          acc_t* __restrict__ out) {
+__device__ __forceinline__ void warp_tile(const op_t* A, int lda, const op_t* W, int ldw,
+                                          int k0, int k1, acc_t* out) {
+  // No __restrict__ on A: it is a buffer other blocks write during the same persistent
+  // launch (visible after grid.sync()); const + restrict would let nvcc use the
+  // non-coherent read-only path (LDG.NC), which may return stale lines.
   if constexpr (TC) {
     namespace wmma = nvcuda::wmma;
     using S = Wmma<op_t>;
@@ -583,29 +585,82 @@ typename Native<T>::type* nat_mut(const Tensor& t) {
   return reinterpret_cast<typename Native<T>::type*>(t.data_ptr<T>());
 }
 
-// Runs fn.template operator()<scalar_t (ATen), op_t (ATen), acc_t, TC>() for x's dtype.
-template <typename F>
-void dispatch(at::ScalarType st, const F& fn) {
-  switch (st) {
-    case at::kFloat:
-      // torch.backends.cuda.matmul.allow_tf32 (False by default): TF32 tensor cores or FMA.
-      if (at::globalContext().allowTF32CuBLAS())
-        fn.template operator()<float, float, float, true>();
-      else
-        fn.template operator()<float, float, float, false>();
-      break;
-    case at::kDouble: fn.template operator()<double, double, double, false>(); break;
-    case at::kHalf: fn.template operator()<at::Half, at::Half, float, true>(); break;
-    case at::kBFloat16: fn.template operator()<at::BFloat16, at::BFloat16, float, true>(); break;
-    default: TORCH_CHECK(false, "fusedgru (cuda): unsupported dtype ", st);
+// Calls FN<scalar_t (ATen), op_t (ATen), acc_t, TC>(args...) for dtype ST.  float32 uses TF32
+// tensor cores only when torch.backends.cuda.matmul.allow_tf32 (False by default) allows it.
+#define FUSEDGRU_DISPATCH(ST, FN, ...)                                                   \
+  switch (ST) {                                                                          \
+    case at::kFloat:                                                                     \
+      if (at::globalContext().allowTF32CuBLAS())                                         \
+        FN<float, float, float, true>(__VA_ARGS__);                                      \
+      else                                                                               \
+        FN<float, float, float, false>(__VA_ARGS__);                                     \
+      break;                                                                             \
+    case at::kDouble: FN<double, double, double, false>(__VA_ARGS__); break;             \
+    case at::kHalf: FN<at::Half, at::Half, float, true>(__VA_ARGS__); break;             \
+    case at::kBFloat16: FN<at::BFloat16, at::BFloat16, float, true>(__VA_ARGS__); break; \
+    default: TORCH_CHECK(false, "fusedgru (cuda): unsupported dtype ", ST);              \
   }
-}
 
 void check_cuda(const char* op, const Tensor& x) {
   TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors, got ", x.device());
   const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
               op, ": supports float32, float64, float16 and bfloat16, got ", st);
+}
+
+template <typename scalar_t, typename op_at, typename acc_t, bool TC>
+void launch_forward(const Dims& d, const Tensor& x, const std::optional<Tensor>& h0_,
+                    const Tensor& w_hh, const Tensor& gi, const Tensor& bhh, bool reset_after,
+                    Tensor& y, Tensor& ws) {
+  const int dev = x.get_device();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
+  using sc = typename Native<scalar_t>::type;
+  using opt = typename Native<op_at>::type;
+  const at::ScalarType op_type = c10::CppTypeToScalarType<op_at>::value;
+  const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  auto persistent = gru_fwd_persistent<sc, opt, acc_t, TC>;
+  Plan pl = make_plan(d.T, d.B, d.H, sizeof(opt), sizeof(acc_t), false,
+                      reinterpret_cast<const void*>(persistent), dev);
+  const Geom& g = pl.g;
+  const Tensor wpack = pack_forward(w_hh, g, op_type);
+  Tensor hstate = at::zeros({d.B, g.Hp}, x.options().dtype(acc_type));
+  Tensor zstate = reset_after ? Tensor() : at::empty({d.B, g.Hp}, x.options().dtype(acc_type));
+  Tensor hbuf = at::zeros({2, g.Bp, g.Hp}, x.options().dtype(op_type));
+  Tensor rhbuf = reset_after ? Tensor() : at::zeros({g.Bp, g.Hp}, x.options().dtype(op_type));
+  if (h0_.has_value()) {
+    hstate.narrow(1, 0, d.H).copy_(*h0_);
+    hbuf[0].narrow(0, 0, d.B).narrow(1, 0, d.H).copy_(*h0_);
+  }
+  FwdArgs<sc, opt, acc_t> p;
+  p.g = g;
+  p.gi = nat<scalar_t>(gi);
+  p.bhh = bhh.defined() ? nat<scalar_t>(bhh) : nullptr;
+  p.wpack = nat<op_at>(wpack);
+  p.y = nat_mut<scalar_t>(y);
+  p.ws = nat_mut<scalar_t>(ws);
+  p.hstate = hstate.data_ptr<acc_t>();
+  p.zstate = reset_after ? nullptr : zstate.data_ptr<acc_t>();
+  p.hbuf = nat_mut<op_at>(hbuf);
+  p.rhbuf = reset_after ? nullptr : nat_mut<op_at>(rhbuf);
+  p.reset_after = reset_after;
+  if (pl.persistent) {
+    int64_t w_bytes = pl.w_bytes;
+    void* args[] = {&p, &w_bytes};
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(persistent),
+                                               dim3(pl.NB), dim3(kThreads), args,
+                                               static_cast<size_t>(pl.w_bytes + pl.acc_bytes),
+                                               stream));
+  } else {
+    auto step = gru_fwd_step<sc, opt, acc_t, TC>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(step, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(pl.acc_bytes)));
+    for (int64_t t = 0; t < d.T; ++t) {
+      for (int phase = 0; phase < (reset_after ? 1 : 2); ++phase) {
+        step<<<pl.NB, kThreads, pl.acc_bytes, stream>>>(p, t, phase);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+  }
 }
 
 std::tuple<Tensor, Tensor> gru_fwd_cuda(const Tensor& x_, const std::optional<Tensor>& h0_,
@@ -625,59 +680,61 @@ std::tuple<Tensor, Tensor> gru_fwd_cuda(const Tensor& x_, const std::optional<Te
   const Tensor x2 = x.view({d.T * d.B, d.I});
   const Tensor gi = b_ih_.has_value() ? at::addmm(*b_ih_, x2, w_ih.t()) : at::mm(x2, w_ih.t());
   const Tensor bhh = b_hh_.has_value() ? b_hh_->contiguous() : Tensor();
+
+  FUSEDGRU_DISPATCH(x.scalar_type(), launch_forward, d, x, h0_, w_hh, gi, bhh, reset_after, y, ws);
+  return {y, ws};
+}
+
+template <typename scalar_t, typename op_at, typename acc_t, bool TC>
+void launch_backward(const Dims& d, const Tensor& grad_y, const Tensor& x,
+                     const std::optional<Tensor>& h0, const Tensor& w_hh, const Tensor& y,
+                     const Tensor& ws, bool reset_after, Tensor& dgi, Tensor& dgh, Tensor& dh0) {
   const int dev = x.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
-
-  dispatch(x.scalar_type(), [&]<typename scalar_t, typename op_at, typename acc_t, bool TC>() {
-    using sc = typename Native<scalar_t>::type;
-    using opt = typename Native<op_at>::type;
-    const at::ScalarType op_type = c10::CppTypeToScalarType<op_at>::value;
-    const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    auto persistent = gru_fwd_persistent<sc, opt, acc_t, TC>;
-    Plan pl = make_plan(d.T, d.B, d.H, sizeof(opt), sizeof(acc_t), false,
-                        reinterpret_cast<const void*>(persistent), dev);
-    const Geom& g = pl.g;
-    const Tensor wpack = pack_forward(w_hh, g, op_type);
-    Tensor hstate = at::zeros({d.B, g.Hp}, x.options().dtype(acc_type));
-    Tensor zstate = reset_after ? Tensor() : at::empty({d.B, g.Hp}, x.options().dtype(acc_type));
-    Tensor hbuf = at::zeros({2, g.Bp, g.Hp}, x.options().dtype(op_type));
-    Tensor rhbuf = reset_after ? Tensor() : at::zeros({g.Bp, g.Hp}, x.options().dtype(op_type));
-    if (h0_.has_value()) {
-      hstate.narrow(1, 0, d.H).copy_(*h0_);
-      hbuf[0].narrow(0, 0, d.B).narrow(1, 0, d.H).copy_(*h0_);
-    }
-    FwdArgs<sc, opt, acc_t> p;
-    p.g = g;
-    p.gi = nat<scalar_t>(gi);
-    p.bhh = bhh.defined() ? nat<scalar_t>(bhh) : nullptr;
-    p.wpack = nat<op_at>(wpack);
-    p.y = nat_mut<scalar_t>(y);
-    p.ws = nat_mut<scalar_t>(ws);
-    p.hstate = hstate.data_ptr<acc_t>();
-    p.zstate = reset_after ? nullptr : zstate.data_ptr<acc_t>();
-    p.hbuf = nat_mut<op_at>(hbuf);
-    p.rhbuf = reset_after ? nullptr : nat_mut<op_at>(rhbuf);
-    p.reset_after = reset_after;
-    if (pl.persistent) {
-      int64_t w_bytes = pl.w_bytes;
-      void* args[] = {&p, &w_bytes};
-      C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(persistent),
-                                                 dim3(pl.NB), dim3(kThreads), args,
-                                                 static_cast<size_t>(pl.w_bytes + pl.acc_bytes),
-                                                 stream));
-    } else {
-      auto step = gru_fwd_step<sc, opt, acc_t, TC>;
-      C10_CUDA_CHECK(cudaFuncSetAttribute(step, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(pl.acc_bytes)));
-      for (int64_t t = 0; t < d.T; ++t) {
-        for (int phase = 0; phase < (reset_after ? 1 : 2); ++phase) {
-          step<<<pl.NB, kThreads, pl.acc_bytes, stream>>>(p, t, phase);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
+  using sc = typename Native<scalar_t>::type;
+  using opt = typename Native<op_at>::type;
+  const at::ScalarType op_type = c10::CppTypeToScalarType<op_at>::value;
+  const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  auto persistent = gru_bwd_persistent<sc, opt, acc_t, TC>;
+  Plan pl = make_plan(d.T, d.B, d.H, sizeof(opt), sizeof(acc_t), true,
+                      reinterpret_cast<const void*>(persistent), dev);
+  const Geom& g = pl.g;
+  const Tensor wpack = pack_backward(w_hh, g, op_type);
+  Tensor dhs = at::zeros({d.B, g.Hp}, x.options().dtype(acc_type));
+  Tensor gbuf = at::zeros({2, g.Bp, 3 * g.Hp}, x.options().dtype(op_type));
+  BwdArgs<sc, opt, acc_t> p;
+  p.g = g;
+  p.gy = nat<scalar_t>(grad_y);
+  p.ws = nat<scalar_t>(ws);
+  p.y = nat<scalar_t>(y);
+  p.h0 = h0.has_value() ? nat<scalar_t>(*h0) : nullptr;
+  p.wpack = nat<op_at>(wpack);
+  p.dgi = nat_mut<scalar_t>(dgi);
+  p.dgh = nat_mut<scalar_t>(dgh);
+  p.dhs = dhs.data_ptr<acc_t>();
+  p.gbuf = nat_mut<op_at>(gbuf);
+  p.dh0 = nat_mut<scalar_t>(dh0);
+  p.reset_after = reset_after;
+  if (pl.persistent) {
+    int64_t w_bytes = pl.w_bytes;
+    void* args[] = {&p, &w_bytes};
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(persistent),
+                                               dim3(pl.NB), dim3(kThreads), args,
+                                               static_cast<size_t>(pl.w_bytes + pl.acc_bytes),
+                                               stream));
+  } else {
+    auto step = gru_bwd_step<sc, opt, acc_t, TC>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(step, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(pl.acc_bytes)));
+    for (int64_t t = d.T - 1; t >= 0; --t) {
+      for (int phase = 0; phase < (reset_after ? 1 : 2); ++phase) {
+        step<<<pl.NB, kThreads, pl.acc_bytes, stream>>>(p, t, phase);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
-  });
-  return {y, ws};
+    step<<<pl.NB, kThreads, pl.acc_bytes, stream>>>(p, -1, 2);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cuda(
@@ -702,58 +759,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cuda(
   if (d.T == 0 || d.B == 0) {
     dh0.zero_();
   } else {
-    const int dev = x.get_device();
-    cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
-    dispatch(x.scalar_type(), [&]<typename scalar_t, typename op_at, typename acc_t, bool TC>() {
-      using sc = typename Native<scalar_t>::type;
-      using opt = typename Native<op_at>::type;
-      const at::ScalarType op_type = c10::CppTypeToScalarType<op_at>::value;
-      const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-      auto persistent = gru_bwd_persistent<sc, opt, acc_t, TC>;
-      Plan pl = make_plan(d.T, d.B, d.H, sizeof(opt), sizeof(acc_t), true,
-                          reinterpret_cast<const void*>(persistent), dev);
-      const Geom& g = pl.g;
-      const Tensor wpack = pack_backward(w_hh, g, op_type);
-      Tensor dhs = at::zeros({d.B, g.Hp}, x.options().dtype(acc_type));
-      Tensor gbuf = at::zeros({2, g.Bp, 3 * g.Hp}, x.options().dtype(op_type));
-      BwdArgs<sc, opt, acc_t> p;
-      p.g = g;
-      p.gy = nat<scalar_t>(grad_y);
-      p.ws = nat<scalar_t>(ws);
-      p.y = nat<scalar_t>(y);
-      p.h0 = h0.has_value() ? nat<scalar_t>(*h0) : nullptr;
-      p.wpack = nat<op_at>(wpack);
-      p.dgi = nat_mut<scalar_t>(dgi);
-      p.dgh = nat_mut<scalar_t>(dgh);
-      p.dhs = dhs.data_ptr<acc_t>();
-      p.gbuf = nat_mut<op_at>(gbuf);
-      p.dh0 = nat_mut<scalar_t>(dh0);
-      p.reset_after = reset_after;
-      if (pl.persistent) {
-        int64_t w_bytes = pl.w_bytes;
-        void* args[] = {&p, &w_bytes};
-        C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(persistent),
-                                                   dim3(pl.NB), dim3(kThreads), args,
-                                                   static_cast<size_t>(pl.w_bytes + pl.acc_bytes),
-                                                   stream));
-      } else {
-        auto step = gru_bwd_step<sc, opt, acc_t, TC>;
-        C10_CUDA_CHECK(cudaFuncSetAttribute(step, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(pl.acc_bytes)));
-        for (int64_t t = d.T - 1; t >= 0; --t) {
-          for (int phase = 0; phase < (reset_after ? 1 : 2); ++phase) {
-            step<<<pl.NB, kThreads, pl.acc_bytes, stream>>>(p, t, phase);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          }
-        }
-        step<<<pl.NB, kThreads, pl.acc_bytes, stream>>>(p, -1, 2);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-    });
+    FUSEDGRU_DISPATCH(x.scalar_type(), launch_backward, d, grad_y, x, h0, w_hh, y, ws,
+                      reset_after, dgi, dgh, dh0);
   }
   const Tensor hprev = states_before(h0, y);
   auto [dx, dw_ih, dw_hh, db_ih, db_hh] = weight_grads(dgi, dgh, x, w_ih, hprev, ws, reset_after);
   return {dx, dh0, dw_ih, dw_hh, db_ih, db_hh};
+}
+
+template <typename scalar_t, typename op_at, typename acc_t, bool TC>
+void describe_plan(const Tensor& x, const Tensor& w_hh, bool reset_after, bool backward,
+                   std::string& out) {
+  using sc = typename Native<scalar_t>::type;
+  using opt = typename Native<op_at>::type;
+  const void* k = backward ? reinterpret_cast<const void*>(gru_bwd_persistent<sc, opt, acc_t, TC>)
+                           : reinterpret_cast<const void*>(gru_fwd_persistent<sc, opt, acc_t, TC>);
+  Plan pl = make_plan(x.size(0), x.size(1), w_hh.size(1), sizeof(opt), sizeof(acc_t), backward,
+                      k, x.get_device());
+  out = pl.why + (TC ? ", tensor cores" : ", CUDA cores") +
+        (reset_after ? "" : ", two barriers per step");
 }
 
 std::string cuda_plan(const Tensor& x, const Tensor& w_hh, bool reset_after, bool backward) {
@@ -761,16 +785,7 @@ std::string cuda_plan(const Tensor& x, const Tensor& w_hh, bool reset_after, boo
   TORCH_CHECK(x.dim() == 3 && w_hh.dim() == 2, "fusedgru::_cuda_plan: x (T,B,I), w_hh (3H,H)");
   const c10::cuda::CUDAGuard guard(x.device());
   std::string out;
-  dispatch(x.scalar_type(), [&]<typename scalar_t, typename op_at, typename acc_t, bool TC>() {
-    using sc = typename Native<scalar_t>::type;
-    using opt = typename Native<op_at>::type;
-    const void* k = backward ? reinterpret_cast<const void*>(gru_bwd_persistent<sc, opt, acc_t, TC>)
-                             : reinterpret_cast<const void*>(gru_fwd_persistent<sc, opt, acc_t, TC>);
-    Plan pl = make_plan(x.size(0), x.size(1), w_hh.size(1), sizeof(opt), sizeof(acc_t), backward,
-                        k, x.get_device());
-    out = pl.why + (TC ? ", tensor cores" : ", CUDA cores") +
-          (reset_after ? "" : ", two barriers per step");
-  });
+  FUSEDGRU_DISPATCH(x.scalar_type(), describe_plan, x, w_hh, reset_after, backward, out);
   return out;
 }
 

@@ -1,0 +1,106 @@
+"""The CUDA kernels' resource report from ptxas for sm_90 (and sm_80): no register spills and
+no local-memory stack in any kernel of csrc/gru_cuda.cu, the persistent ones above all (a
+spill inside the time loop costs a local-memory round trip on every step).
+
+Compiles the .cu source to a cubin with `nvcc -Xptxas=-v` (device code only, C++20 as torch
+builds extensions; the code itself is C++17).  The report is cached under
+build/ by source hash, so only the first run after an edit pays for the compile (~1-3 min on
+2 cores).  Runs without a GPU; skips only when nvcc or the CUDA headers of torch are missing.
+"""
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SRC = os.path.join(ROOT, "csrc", "gru_cuda.cu")
+
+
+def _nvcc():
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    cand = [os.path.join(CUDA_HOME, "bin", "nvcc")] if CUDA_HOME else []
+    cand.append(shutil.which("nvcc"))
+    return next((c for c in cand if c and os.path.exists(c)), None)
+
+
+def _include_dirs():
+    from torch.utils import cpp_extension
+
+    try:
+        dirs = cpp_extension.include_paths(device_type="cuda")
+    except TypeError:  # older signature
+        dirs = cpp_extension.include_paths(cuda=True)
+    return dirs + [os.path.join(ROOT, "csrc"), sysconfig.get_paths()["include"]]
+
+
+def ptxas_report(arch: str) -> str:
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (set CUDA_HOME): cannot read the ptxas report")
+    if torch.version.cuda is None:
+        pytest.skip("torch is a CPU-only build: no CUDA headers to compile against")
+    with open(SRC, "rb") as f:
+        key = hashlib.sha256(f.read() + open(os.path.join(ROOT, "csrc", "gru_common.h"), "rb").read()
+                             + arch.encode() + torch.__version__.encode()).hexdigest()[:16]
+    cache = os.path.join(ROOT, "build", f"ptxas-{arch}-{key}.txt")
+    if os.path.exists(cache):
+        with open(cache) as f:
+            return f.read()
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    out = cache + ".cubin"
+    cmd = [nvcc, "-cubin", f"-arch={arch}", "-O3", "-Xptxas=-v", "-std=c++20",
+           "--expt-relaxed-constexpr", "-DFUSEDGRU_WITH_CUDA=1",
+           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+           *[f"-I{d}" for d in _include_dirs()], SRC, "-o", out]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, f"nvcc failed:\n{r.stderr[-4000:]}"
+    os.remove(out)
+    with open(cache, "w") as f:
+        f.write(r.stderr)
+    return r.stderr
+
+
+def parse(report: str):
+    """{kernel (demangled-ish name): {'registers', 'stack', 'spill_stores', 'spill_loads'}}"""
+    kernels, cur = {}, None
+    for line in report.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            cur = m.group(1)
+            kernels[cur] = {}
+            continue
+        if cur is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                      line)
+        if m:
+            kernels[cur].update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                                spill_loads=int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            kernels[cur]["registers"] = int(m.group(1))
+    return kernels
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_no_spills_no_stack(arch):
+    if arch == "sm_80" and os.environ.get("FUSEDGRU_PTXAS_ALL_ARCHS") != "1":
+        pytest.skip("sm_80 checked only with FUSEDGRU_PTXAS_ALL_ARCHS=1 (the build log has it)")
+    kernels = parse(ptxas_report(arch))
+    persistent = [k for k in kernels if "persistent" in k]
+    # fwd + bwd x (bf16, fp16, fp32 TF32, fp32 FMA, fp64)
+    assert len(persistent) == 10, sorted(kernels)
+    assert len(kernels) == 20, sorted(kernels)
+    bad = {k: v for k, v in kernels.items()
+           if v.get("stack", 1) or v.get("spill_stores", 1) or v.get("spill_loads", 1)}
+    assert not bad, f"spills or stack in: {bad}"
+    for k, v in kernels.items():
+        assert v["registers"] <= 255, (k, v)
