@@ -484,11 +484,13 @@ def _bwd_step_kernel(
 # Dispatcher
 # ----------------------------------------------------------------------------------------
 
-# Largest padded H for which the resident kernels hold W_hh (3 HP x HP) in registers.
-# Chosen from the ahead-of-time compile for sm_90 (tests/test_triton_aot.py prints
-# registers and spills per configuration; benchmarks/NOTES-triton.md): to be confirmed by
-# timing on a GPU.
-RESIDENT_MAX = {torch.float32: 64, torch.float16: 64, torch.bfloat16: 64}
+# Largest padded H for which the resident kernels keep W_hh (3 x HP x HP) on chip.  From
+# the ahead-of-time compile for sm_90 (python -m fusedgru.kernels.aot; table in
+# benchmarks/NOTES-triton.md): Triton stages the loop-invariant W_hh tiles in shared memory.
+# HP = 128 takes 100 KB (16-bit, fwd and bwd, 215 registers, no spill) but 200 KB (fwd)
+# and 328 KB (bwd, over the 227 KB limit) in fp32, so fp32 stops at 64 (52 / 116 KB).
+# Whether resident beats the step kernels at the boundary is still to be timed on a GPU.
+RESIDENT_MAX = {torch.float32: 64, torch.float16: 128, torch.bfloat16: 128}
 
 
 @dataclass(frozen=True)
