@@ -1,57 +1,60 @@
-"""The single autograd boundary: one torch.autograd.Function per GRU layer-direction.
+"""The single autograd boundary: one layer-direction through a backend's registered ops.
 
-Everything above it (layers, directions, packing, dropout) is plain differentiable PyTorch in
-fusedgru/functional.py; everything below it is a registered forward op and a registered
-backward op of the chosen backend (fusedgru/ops.py, fusedgru/backends.py).
+Everything above it (layers, directions, packing, dropout, autocast) is plain differentiable
+PyTorch in fusedgru/functional.py; below it is the chosen backend's forward op, whose
+autograd formula (registered on the op, fusedgru/ops.py) calls the same backend's backward
+op.  So a GRU layer is exactly one dispatcher call forward and one backward, and
+torch.compile / torch.export see one opaque node for each.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, ops
+
+__all__ = ["gru_layer", "check_determinism"]
 
 
-class GRULayerFunction(torch.autograd.Function):
-    """y = GRU layer (one direction) over x; see fusedgru/reference.py for the shapes.
+def check_determinism(name: str, impl) -> None:
+    """Raises (or warns, in warn-only mode) as PyTorch's own nondeterministic ops do when
+    ``torch.use_deterministic_algorithms(True)`` is set and the backend cannot guarantee
+    bitwise-reproducible results (its ``deterministic`` attribute, fusedgru/backends.py)."""
+    if getattr(impl, "deterministic", True) or not torch.are_deterministic_algorithms_enabled():
+        return
+    msg = (f"fusedgru backend {name!r} does not have a deterministic implementation, but you "
+           "set 'torch.use_deterministic_algorithms(True)'. Choose a deterministic backend "
+           "(FusedGRU(..., backend='reference') or another with deterministic=True), or turn "
+           "this check off with torch.use_deterministic_algorithms(True, warn_only=True).")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg)
+    else:
+        raise RuntimeError(msg)
 
-    Saves x, h0, the weights, y and the backend's ws (T, B, 4H) for the backward: 4H values
-    per row per step beyond the output, as SPEC section 4 asks.
+
+def gru_layer(
+    x: Tensor,  # (T, B, I), contiguous
+    h0: Optional[Tensor],  # (B, H) or None (zeros)
+    w_ih: Tensor,  # (3H, I)
+    w_hh: Tensor,  # (3H, H)
+    b_ih: Optional[Tensor],  # (3H,) or None
+    b_hh: Optional[Tensor],  # (3H,) or None
+    reset_after: bool,
+    backend: str,  # a name already resolved by backends.resolve_backend
+) -> Tensor:
+    """y (T, B, H) = one GRU layer in one direction over x (see fusedgru/reference.py).
+
+    Autograd saves x, h0, the weights, y and the backend's ws (T, B, 4H) for the backward:
+    4H values per row per step beyond the output, as SPEC section 4 asks.
     """
-
-    @staticmethod
-    def forward(
-        ctx,
-        x: Tensor,  # (T, B, I), contiguous
-        h0: Optional[Tensor],  # (B, H) or None (zeros)
-        w_ih: Tensor,  # (3H, I)
-        w_hh: Tensor,  # (3H, H)
-        b_ih: Optional[Tensor],  # (3H,) or None
-        b_hh: Optional[Tensor],  # (3H,) or None
-        reset_after: bool,
-        backend: str,  # a name already resolved by backends.resolve_backend
-    ) -> Tensor:
-        impl = backends._loaded[backend]
-        y, ws = impl.forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
-        ctx.save_for_backward(x, h0, w_ih, w_hh, y, ws)
-        ctx.reset_after = reset_after
-        ctx.backend = backend
-        ctx.has_bias = b_ih is not None
-        ctx.has_h0 = h0 is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor):
-        x, h0, w_ih, w_hh, y, ws = ctx.saved_tensors
-        impl = backends._loaded[ctx.backend]
-        dx, dh0, dw_ih, dw_hh, db_ih, db_hh = impl.backward(
-            grad_y.contiguous(), x, h0, w_ih, w_hh, y, ws, ctx.reset_after
-        )
-        if not ctx.has_bias:
-            db_ih = db_hh = None
-        if not ctx.has_h0:
-            dh0 = None
-        return dx, dh0, dw_ih, dw_hh, db_ih, db_hh, None, None
+    impl = backends._loaded[backend]
+    check_determinism(backend, impl)
+    # The inputs are already in the computation dtype (functional._autocast); the kernels own
+    # their accumulation precision, so autocast must not recast anything inside them.
+    with ops.autocast_off(x.device.type):
+        y, _ = impl.forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
+    return y

@@ -1,7 +1,7 @@
 """fusedgru.functional: the functional form of FusedGRU and FusedGRUCell.
 
 Layers, directions, packed sequences and dropout live here, as differentiable PyTorch
-around the one autograd boundary (fusedgru.function.GRULayerFunction).  Input checking is
+around the one autograd boundary (fusedgru.function.gru_layer).  Input checking is
 here too, so that every backend receives contiguous, time-major, validated tensors.
 
 Packed (variable-length) input needs nothing from the kernels: the padded batch runs as a
@@ -23,7 +23,8 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import backends
-from .function import GRULayerFunction
+from . import ops
+from .function import gru_layer
 
 __all__ = ["gru", "gru_cell", "check_module_args"]
 
@@ -89,7 +90,39 @@ def _check_tensor_like(name: str, t: Tensor, ref: Tensor, ref_name: str) -> None
 def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     # The table lookup is a constant for a given (name, device, dtype): torch.compile
     # evaluates it once while tracing instead of tracing through the table.
-    return backends.resolve_backend(backend, device, dtype)
+    name = backends.resolve_backend(backend, device, dtype)
+    # The extension's ops are defined in C++ when fusedgru._C loads; they get their autograd
+    # formulas (fusedgru/ops.py) on first use (a no-op afterwards, and for other backends).
+    ops.register_extension_autograd()
+    return name
+
+
+# torch.autocast's own policy for torch.nn.GRU, by device type, so that FusedGRU returns what
+# nn.GRU returns: on CUDA, cuDNN's RNN runs in the lower precision (ATen's autocast wrapper of
+# _cudnn_rnn); on the CPU, autocast runs the GRU in float32 (a bfloat16 GRU has no fused CPU
+# kernel and would be slower).  Other device types take the autocast dtype.
+_AUTOCAST_FLOAT32_DEVICES = ("cpu",)
+
+
+def _autocast(x: Tensor, hx: Optional[Tensor], layers):
+    """Under torch.autocast for x's device type, casts the input, hx and the weights the way
+    autocast casts nn.GRU's: floating-point tensors other than float64 go to the computation
+    dtype (float64 is left alone, as autocast leaves it).  The casts are differentiable, so
+    float32 parameters receive float32 gradients."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, hx, layers
+    if device_type in _AUTOCAST_FLOAT32_DEVICES:
+        dtype = torch.float32
+    else:
+        dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        eligible = (isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                    and t.device.type == device_type)
+        return t.to(dtype) if eligible else t
+
+    return cast(x), cast(hx), [tuple(cast(t) for t in layer) for layer in layers]
 
 
 def _layer_weights(weights: Sequence[Tensor], num_layers: int, num_directions: int):
@@ -206,6 +239,7 @@ def gru(
             )
         unbatched = input.dim() == 2
         x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if batch_first else input)
+    x, hx, layers = _autocast(x, hx, layers)
     T, B, I = x.shape
     H = _check_weights(layers, I, D, x)
 
@@ -239,7 +273,7 @@ def gru(
             w_ih, w_hh, b_ih, b_hh = layers[layer * D + direction]
             h0 = hx[layer * D + direction].contiguous() if hx is not None else None
             xin = _reverse(layer_input, rev_index) if direction else layer_input
-            y = GRULayerFunction.apply(xin, h0, w_ih, w_hh, b_ih, b_hh, reset_after, name)
+            y = gru_layer(xin, h0, w_ih, w_hh, b_ih, b_hh, reset_after, name)
             h_n.append(y[-1] if last is None else y[last, torch.arange(B, device=y.device)])
             outputs.append(_reverse(y, rev_index) if direction else y)
         layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=2)

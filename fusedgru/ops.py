@@ -11,21 +11,41 @@ fusedgru/reference.py; T, B, I, H as there):
 They are registered (``torch.library.custom_op`` here for the Python backends, TORCH_LIBRARY
 in csrc/ for the extension) with the fake implementations below, so that torch.compile
 traces them as opaque nodes without graph breaks and torch.export can serialise them.
-Autograd is NOT registered on the ops: the single autograd boundary is
-fusedgru.function.GRULayerFunction, which calls the forward op and, in its backward, the
-backward op (one registered boundary on the hot path, see ../shared/STYLE.md).
+
+Autograd is registered on the ops themselves (``torch.library.register_autograd``), and it
+is the ONE autograd boundary on the hot path (../shared/STYLE.md): the forward op's formula
+calls the same backend's backward op.  Registering it on the op rather than wrapping the op
+in a torch.autograd.Function is what lets ``torch.library.opcheck`` pass with
+requires_grad inputs, and lets a traced graph (torch.export) carry the op with its
+gradient.  Two rare paths run in plain PyTorch, because no kernel computes them:
+
+- a gradient arriving for ``ws`` (only when a caller uses ws, which fusedgru never does,
+  or during a double backward): the VJP of the reference forward;
+- double backward (create_graph=True through the backward op, e.g. a gradient penalty):
+  the VJP of ``_differentiable_backward`` below.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+import contextlib
+from typing import Callable, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
 
 from . import reference
 
-__all__ = ["fake_forward", "fake_backward", "register_backend_ops"]
+__all__ = ["fake_forward", "fake_backward", "register_backend_ops", "register_autograd",
+           "register_extension_autograd", "autocast_off"]
+
+
+def autocast_off(device_type: str):
+    """A context that turns torch.autocast off for ``device_type`` while a kernel runs (its
+    inputs are already in the computation dtype; autocast would recast its inner ops, e.g.
+    sum to float32 on CUDA); a no-op context when autocast is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def fake_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after):
@@ -47,11 +67,132 @@ def fake_backward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after):
     )
 
 
+# ----------------------------------------------------------------------------------------
+# Autograd formulas (shared by every backend's op pair)
+# ----------------------------------------------------------------------------------------
+
+
+def _differentiable_backward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after: bool):
+    """reference.gru_layer_backward written without in-place writes, so that autograd (and
+    torch.func.vjp) can differentiate it: the double backward of every backend.  Same
+    shapes and formulas (SPEC section 4); h0 is a tensor here (zeros when absent)."""
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    h_prev = torch.cat([h0.unsqueeze(0), y[:-1]], 0)  # (T, B, H)
+    w_hrz, w_hn = w_hh[: 2 * H], w_hh[2 * H:]
+    dh = h0.new_zeros(B, H)
+    dgi, dgh = [], []
+    for t in range(T - 1, -1, -1):
+        g = grad_y[t] + dh
+        r, z, n, hn = ws[t].split(H, dim=1)
+        h = h_prev[t]
+        da_n = g * (1 - z) * (1 - n * n)
+        da_z = g * (h - n) * z * (1 - z)
+        if reset_after:
+            da_r = da_n * hn * r * (1 - r)
+            dgh_t = torch.cat([da_r, da_z, da_n * r], dim=1)
+            dh = g * z + dgh_t @ w_hh
+        else:
+            d_rh = da_n @ w_hn
+            da_r = d_rh * h * r * (1 - r)
+            dgh_t = torch.cat([da_r, da_z, da_n], dim=1)
+            dh = g * z + d_rh * r + dgh_t[:, : 2 * H] @ w_hrz
+        dgi.append(torch.cat([da_r, da_z, da_n], dim=1))
+        dgh.append(dgh_t)
+    dgi2 = torch.stack(dgi[::-1]).reshape(T * B, 3 * H)
+    dgh2 = torch.stack(dgh[::-1]).reshape(T * B, 3 * H)
+    h_prev2 = h_prev.reshape(T * B, H)
+    dx = (dgi2 @ w_ih).view(T, B, I)
+    dw_ih = dgi2.T @ x.reshape(T * B, I)
+    if reset_after:
+        dw_hh = dgh2.T @ h_prev2
+    else:
+        rh = ws[..., :H].reshape(T * B, H) * h_prev2
+        dw_hh = torch.cat([dgh2[:, : 2 * H].T @ h_prev2, dgh2[:, 2 * H:].T @ rh], 0)
+    return dx, dh, dw_ih, dw_hh, dgi2.sum(0), dgh2.sum(0)
+
+
+def _zeros_if_none(grads, like):
+    return tuple(torch.zeros_like(o) if g is None else g for g, o in zip(grads, like))
+
+
+def _setup_forward(ctx, inputs, output):
+    x, h0, w_ih, w_hh, b_ih, b_hh, reset_after = inputs
+    y, ws = output
+    ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, y, ws)
+    ctx.reset_after = reset_after
+    # None (not zeros) for an unused output's gradient: how the formula tells that ws
+    # received no gradient, the usual case, without looking at tensor values.
+    ctx.set_materialize_grads(False)
+
+
+def _make_forward_formula(bwd_op):
+    def backward(ctx, grad_y: Optional[Tensor], grad_ws: Optional[Tensor]):
+        x, h0, w_ih, w_hh, b_ih, b_hh, y, ws = ctx.saved_tensors
+        ra = ctx.reset_after
+        if grad_ws is None:  # the hot path: the backend's own backward kernel
+            gy = torch.zeros_like(y) if grad_y is None else grad_y.contiguous()
+            with autocast_off(x.device.type):
+                grads = bwd_op(gy, x, h0, w_ih, w_hh, y, ws, ra)
+        else:  # ws is used downstream: differentiate the reference forward instead
+            h0_ = h0 if h0 is not None else x.new_zeros(x.shape[1], w_hh.shape[1])
+            b_ih_ = b_ih if b_ih is not None else w_hh.new_zeros(w_hh.shape[0])
+            b_hh_ = b_hh if b_hh is not None else w_hh.new_zeros(w_hh.shape[0])
+            out, vjp = torch.func.vjp(
+                lambda *a: reference.gru_layer_forward(*a, ra), x, h0_, w_ih, w_hh, b_ih_, b_hh_)
+            grads = vjp(_zeros_if_none((grad_y, grad_ws), out))
+        dx, dh0, dw_ih, dw_hh, db_ih, db_hh = grads
+        return (dx, dh0 if h0 is not None else None, dw_ih, dw_hh,
+                db_ih if b_ih is not None else None, db_hh if b_hh is not None else None, None)
+
+    return backward
+
+
+def _setup_backward(ctx, inputs, output):
+    grad_y, x, h0, w_ih, w_hh, y, ws, reset_after = inputs
+    ctx.save_for_backward(grad_y, x, h0, w_ih, w_hh, y, ws)
+    ctx.reset_after = reset_after
+    ctx.set_materialize_grads(False)
+
+
+def _backward_formula(ctx, *grads):
+    grad_y, x, h0, w_ih, w_hh, y, ws = ctx.saved_tensors
+    ra = ctx.reset_after
+    h0_ = h0 if h0 is not None else x.new_zeros(x.shape[1], w_hh.shape[1])
+    out, vjp = torch.func.vjp(lambda *a: _differentiable_backward(*a, ra),
+                              grad_y, x, h0_, w_ih, w_hh, y, ws)
+    d_grad_y, dx, dh0, dw_ih, dw_hh, dy, dws = vjp(_zeros_if_none(grads, out))
+    return d_grad_y, dx, dh0 if h0 is not None else None, dw_ih, dw_hh, dy, dws, None
+
+
+_with_autograd: Set[str] = set()
+
+
+def register_autograd(prefix: str) -> None:
+    """Registers the autograd formulas of ``fusedgru::<prefix>_fwd`` / ``_bwd`` (once)."""
+    if prefix in _with_autograd:
+        return
+    bwd_op = getattr(torch.ops.fusedgru, f"{prefix}_bwd").default
+    torch.library.register_autograd(f"fusedgru::{prefix}_fwd", _make_forward_formula(bwd_op),
+                                    setup_context=_setup_forward)
+    torch.library.register_autograd(f"fusedgru::{prefix}_bwd", _backward_formula,
+                                    setup_context=_setup_backward)
+    _with_autograd.add(prefix)
+
+
+def register_extension_autograd() -> None:
+    """The extension's ops (``fusedgru::gru_fwd`` / ``gru_bwd``, defined in C++ by
+    fusedgru._C when it loads) get the same formulas; a no-op until they exist."""
+    if "gru" not in _with_autograd and torch._C._dispatch_has_kernel("fusedgru::gru_fwd"):
+        register_autograd("gru")
+
+
 def register_backend_ops(
     name: str, forward_impl: Callable, backward_impl: Callable
 ) -> Tuple[Callable, Callable]:
-    """Registers ``fusedgru::<name>_fwd`` and ``fusedgru::<name>_bwd`` with the shared schema
-    and fake implementations; returns the two ops (``torch.ops.fusedgru.<name>_fwd`` ...)."""
+    """Registers ``fusedgru::<name>_fwd`` and ``fusedgru::<name>_bwd`` with the shared schema,
+    fake implementations and autograd formulas; returns the two ops
+    (``torch.ops.fusedgru.<name>_fwd`` ...)."""
 
     @torch.library.custom_op(f"fusedgru::{name}_fwd", mutates_args=())
     def fwd(
@@ -80,6 +221,7 @@ def register_backend_ops(
 
     fwd.register_fake(fake_forward)
     bwd.register_fake(fake_backward)
+    register_autograd(name)
     return getattr(torch.ops.fusedgru, f"{name}_fwd"), getattr(torch.ops.fusedgru, f"{name}_bwd")
 
 
