@@ -13,6 +13,8 @@ class _ReferenceBackend:
     name = "reference"
     forward = staticmethod(ops.reference_fwd)
     backward = staticmethod(ops.reference_bwd)
+    # Plain PyTorch ops in a fixed order, no atomics: PyTorch's own determinism applies.
+    deterministic = True
 
     @staticmethod
     def unavailable_reason() -> Optional[str]:

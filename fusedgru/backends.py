@@ -8,6 +8,15 @@ first use.  The object (a module-level instance, see fusedgru/_reference_backend
     unavailable_reason() -> str | None      why this backend cannot run on this machine
     unsupported_reason(device_type: str, dtype) -> str | None
                                             why it cannot run on that device / dtype
+    deterministic: bool   (optional; True when absent) whether two runs on the same inputs
+                          give bitwise-identical outputs and gradients.  A backend whose
+                          kernels cannot promise it (atomics, split reductions) sets False:
+                          under torch.use_deterministic_algorithms(True) it then raises, as
+                          PyTorch's own nondeterministic ops do (checked in one place,
+                          fusedgru.function.check_determinism).
+
+forward and backward are registered dispatcher ops (fusedgru/ops.py: fake implementations
+for torch.compile / torch.export, and autograd formulas registered on the ops).
 
 Choosing a backend is a lookup in this table, never an if/else elsewhere in the package.
 "auto" takes the first row of AUTO_ORDER[device type] that is available and supports the

@@ -1,0 +1,137 @@
+"""The registered ops of every backend available here: torch.library.opcheck (schema, fake
+implementation, autograd registration, AOTDispatcher with static and dynamic shapes), with
+and without requires_grad inputs, both formulations, h0 and biases present and absent; and
+the autograd formulas registered on the ops (fusedgru/ops.py) checked by gradcheck and
+gradgradcheck in float64."""
+
+import itertools
+
+import pytest
+import torch
+
+import fusedgru
+from fusedgru import FusedGRU, backends, ops, testing
+from fusedgru.function import gru_layer
+
+F64 = torch.float64
+
+
+def _cpu_backends():
+    """(backend, op prefix, dtype) for every backend that runs CPU tensors here.  The
+    extension's "cpu" row serves fusedgru::gru_*, every Python row fusedgru::<name>_*."""
+    out = []
+    for name in fusedgru.available_backends():
+        impl = backends.get_backend(name)
+        for dtype in (F64, torch.float32):
+            if impl.unsupported_reason("cpu", dtype) is None:
+                prefix = "gru" if name in ("cpu", "cuda") else name
+                out.append(pytest.param(name, prefix, dtype, id=name))
+                break
+    return out
+
+
+CPU_BACKENDS = _cpu_backends()
+FORMS = [pytest.param(True, id="after"), pytest.param(False, id="before")]
+
+
+def _op_args(prefix, dtype, reset_after, full, requires_grad, gen):
+    ops.register_extension_autograd()
+    case = testing.make_layer_case(3, 2, 4, 5, reset_after=reset_after, with_h0=full,
+                                   bias=full, generator=gen)
+    fw = case.args(dtype=dtype)
+    y, ws = getattr(torch.ops.fusedgru, f"{prefix}_fwd")(*fw, reset_after)
+    bw = [case.grad_y.to(dtype), *fw[:4], y, ws]
+    if requires_grad:
+        for t in fw + bw:
+            if t is not None:
+                t.requires_grad_()
+    return tuple(fw) + (reset_after,), tuple(bw) + (reset_after,)
+
+
+@pytest.mark.parametrize("backend,prefix,dtype", CPU_BACKENDS)
+@pytest.mark.parametrize("reset_after", FORMS)
+@pytest.mark.parametrize("full", [True, False], ids=["h0+bias", "bare"])
+def test_opcheck(backend, prefix, dtype, reset_after, full, gen):
+    fw, bw = _op_args(prefix, dtype, reset_after, full, False, gen)
+    torch.library.opcheck(getattr(torch.ops.fusedgru, f"{prefix}_fwd").default, fw)
+    torch.library.opcheck(getattr(torch.ops.fusedgru, f"{prefix}_bwd").default, bw)
+
+
+# With requires_grad, opcheck traces forward + backward through AOTDispatcher (~8 s an op on
+# 2 loaded cores): each backend covers both formulations and both h0/bias cases between
+# its two ops' checks, and every case runs on some backend.
+_RG_CASES = [(True, True), (False, False), (False, True), (True, False)]
+
+
+@pytest.mark.parametrize("backend,prefix,dtype", CPU_BACKENDS)
+@pytest.mark.parametrize("which", ["fwd", "bwd"])
+def test_opcheck_requires_grad(backend, prefix, dtype, which, gen):
+    k = [p.values[0] for p in CPU_BACKENDS].index(backend)
+    reset_after, full = _RG_CASES[(2 * k + (which == "bwd")) % len(_RG_CASES)]
+    fw, bw = _op_args(prefix, dtype, reset_after, full, True, gen)
+    torch.library.opcheck(getattr(torch.ops.fusedgru, f"{prefix}_{which}").default,
+                          fw if which == "fwd" else bw)
+
+
+@pytest.mark.parametrize("backend,prefix,dtype", [p for p in CPU_BACKENDS if p.values[2] == F64])
+@pytest.mark.parametrize("reset_after", FORMS)
+def test_forward_op_gradients(backend, prefix, dtype, reset_after, gen):
+    """The forward op's registered formula: the hot path (only y used: the backend's backward
+    op) and the path where ws is used too (the reference forward's VJP), by gradcheck."""
+    fw, _ = _op_args(prefix, F64, reset_after, True, True, gen)
+    op = getattr(torch.ops.fusedgru, f"{prefix}_fwd")
+    tensors = fw[:6]
+
+    def y_only(*a):
+        return op(*a, reset_after)[0]
+
+    def y_and_ws(*a):
+        return op(*a, reset_after)
+
+    assert torch.autograd.gradcheck(y_only, tensors)
+    assert torch.autograd.gradcheck(y_and_ws, tensors)
+
+
+@pytest.mark.parametrize("backend,prefix,dtype", [p for p in CPU_BACKENDS if p.values[2] == F64])
+@pytest.mark.parametrize("reset_after", FORMS)
+def test_double_backward(backend, prefix, dtype, reset_after, gen):
+    """create_graph=True through FusedGRU (gradient penalties) is differentiable: the
+    backward op's formula is the VJP of ops._differentiable_backward."""
+    f = FusedGRU(3, 4, dtype=F64, reset_after=reset_after, backend=backend)
+    names = [n for n, _ in f.named_parameters()]
+    x = torch.randn(2, 2, 3, dtype=F64, generator=gen, requires_grad=True)
+    h = torch.randn(1, 2, 4, dtype=F64, generator=gen, requires_grad=True)
+
+    def fn(x, h, *params):
+        with torch.nn.utils.stateless._reparametrize_module(f, dict(zip(names, params))):
+            return f(x, h)
+
+    assert torch.autograd.gradgradcheck(fn, (x, h, *f.parameters()))
+
+
+def test_differentiable_backward_matches_reference(gen):
+    """ops._differentiable_backward (the double-backward formula) computes what
+    reference.gru_layer_backward computes, both formulations, h0 present or zeros."""
+    for reset_after, with_h0 in itertools.product((True, False), (True, False)):
+        case = testing.make_layer_case(4, 3, 5, 6, reset_after=reset_after, with_h0=with_h0,
+                                       generator=gen)
+        x, h0, w_ih, w_hh, b_ih, b_hh = case.args()
+        y, ws = fusedgru.reference.gru_layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
+        want = fusedgru.reference.gru_layer_backward(case.grad_y, x, h0, w_ih, w_hh, y, ws,
+                                                     reset_after)
+        h0z = h0 if h0 is not None else x.new_zeros(3, 6)
+        got = ops._differentiable_backward(case.grad_y, x, h0z, w_ih, w_hh, y, ws, reset_after)
+        for name, a, b in zip(testing.GRAD_NAMES, got, want):
+            assert testing.rel_err(a, b) < 1e-14, name
+
+
+def test_one_registered_boundary():
+    """A GRU layer is one call of the backend's forward op, and its autograd node is that
+    op's registered formula, directly on the leaves: no autograd.Function around it."""
+    backends.get_backend("reference")
+    x = torch.randn(3, 2, 4, requires_grad=True)
+    w_ih = torch.randn(15, 4, requires_grad=True)
+    w_hh = torch.randn(15, 5, requires_grad=True)
+    y = gru_layer(x, None, w_ih, w_hh, None, None, True, "reference")
+    assert "fusedgru_reference_fwd" in y.grad_fn.name()
+    assert all(type(n).__name__ == "AccumulateGrad" for n, _ in y.grad_fn.next_functions)
