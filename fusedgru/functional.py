@@ -51,7 +51,9 @@ def _check_bool(name: str, value) -> bool:
 def _check_dropout(value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Number):
         raise TypeError(f"dropout: expected a float in [0, 1], got {type(value).__name__}")
-    if not (0 <= value <= 1) or math.isnan(value):
+    # NaN fails both comparisons; no math.isnan, which torch.compile cannot trace when it
+    # makes the module's float attributes symbolic (dynamic=True).
+    if not (0 <= value <= 1):
         raise ValueError(f"dropout: expected a float in [0, 1], got {value}")
     return float(value)
 
