@@ -112,7 +112,7 @@ def _autocast(x: Tensor, hx: Optional[Tensor], layers):
     dtype (float64 is left alone, as autocast leaves it).  The casts are differentiable, so
     float32 parameters receive float32 gradients."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not ops.autocast_enabled(device_type):
         return x, hx, layers
     if device_type in _AUTOCAST_FLOAT32_DEVICES:
         dtype = torch.float32

@@ -36,14 +36,20 @@ from torch import Tensor
 from . import reference
 
 __all__ = ["fake_forward", "fake_backward", "register_backend_ops", "register_autograd",
-           "register_extension_autograd", "autocast_off"]
+           "register_extension_autograd", "autocast_enabled", "autocast_off"]
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether torch.autocast is on for ``device_type`` (False for types it does not know,
+    such as meta, where asking would raise)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def autocast_off(device_type: str):
     """A context that turns torch.autocast off for ``device_type`` while a kernel runs (its
     inputs are already in the computation dtype; autocast would recast its inner ops, e.g.
     sum to float32 on CUDA); a no-op context when autocast is off."""
-    if torch.is_autocast_enabled(device_type):
+    if autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
