@@ -135,3 +135,44 @@ def test_one_registered_boundary():
     y = gru_layer(x, None, w_ih, w_hh, None, None, True, "reference")
     assert "fusedgru_reference_fwd" in y.grad_fn.name()
     assert all(type(n).__name__ == "AccumulateGrad" for n, _ in y.grad_fn.next_functions)
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend,prefix,dtype", CPU_BACKENDS)
+def test_backward_runs_the_backends_backward_op(backend, prefix, dtype, gen):
+    """The hot path: a module's backward is one call of the backend's backward op per
+    layer-direction, never the reference fallback (taken only when ws gets a gradient)."""
+    f = FusedGRU(3, 4, num_layers=2, bidirectional=True, dtype=dtype, backend=backend)
+    x = torch.randn(2, 3, 3, dtype=dtype, generator=gen, requires_grad=True)
+    y, h_n = f(x)
+    loss = y.sum() + h_n.sum()
+    with _OpLog() as log:
+        loss.backward()
+    assert log.names.count(f"fusedgru.{prefix}_bwd.default") == 4, log.names
+    assert not any(n.startswith(("aten.sigmoid", "aten.tanh")) for n in log.names), log.names
+
+
+def test_compiled_backward_graph_holds_the_backward_op(gen):
+    """Under torch.compile the traced backward graph calls the backward op (AOTAutograd
+    passes no gradient for ws either), not a recomputation."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    torch._dynamo.reset()
+    rec = AotEagerAndRecordGraphs()
+    f = FusedGRU(3, 4, dtype=F64, backend="reference")
+    compiled = torch.compile(f, backend=rec, fullgraph=True)
+    x = torch.randn(2, 3, 3, dtype=F64, generator=gen, requires_grad=True)
+    y, _ = compiled(x)
+    y.sum().backward()
+    (bw,) = rec.bw_graphs
+    code = bw.code
+    assert "fusedgru.reference_bwd" in code and "sigmoid" not in code, code
