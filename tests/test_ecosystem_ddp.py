@@ -1,6 +1,7 @@
-"""DistributedDataParallel over gloo, 2 CPU processes: a training step of a model holding
-FusedGRU averages its gradients exactly as one process on the whole batch computes them
-(float64; multi-GPU training uses DDP / FSDP as with nn.GRU, nothing fusedgru-specific)."""
+"""DistributedDataParallel and FSDP2 (fully_shard) over gloo, 2 CPU processes: a training
+step of a model holding FusedGRU averages its gradients exactly as one process on the whole
+batch computes them (float64; multi-GPU training uses DDP / FSDP as with nn.GRU, nothing
+fusedgru-specific)."""
 
 import os
 import socket
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.fsdp import fully_shard
 
 import fusedgru
 from fusedgru import FusedGRU, backends
@@ -43,13 +45,18 @@ def _loss(model, x, target):
     return ((out - target) ** 2).mean() + h_n.pow(2).sum(dim=(0, 2)).mean()
 
 
+def _full(t):
+    """A plain tensor (FSDP2 shards parameters and gradients as DTensors)."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
 def _step(model, x, target):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     opt.zero_grad()
     _loss(model, x, target).backward()
-    grads = {n.removeprefix("module."): p.grad.clone() for n, p in model.named_parameters()}
+    grads = {n.removeprefix("module."): _full(p.grad) for n, p in model.named_parameters()}
     opt.step()
-    params = {n.removeprefix("module."): p.detach().clone() for n, p in model.named_parameters()}
+    params = {n.removeprefix("module."): _full(p) for n, p in model.named_parameters()}
     return grads, params
 
 
@@ -64,7 +71,12 @@ def _worker(rank, port, out_dir):
         for backend in BACKENDS:
             torch.manual_seed(0)  # the same initial weights on every rank (DDP also syncs)
             model = torch.nn.parallel.DistributedDataParallel(Model(backend))
-            results[backend] = _step(model, x[shard], target[shard])
+            results["ddp", backend] = _step(model, x[shard], target[shard])
+            torch.manual_seed(0)
+            model = Model(backend)
+            fully_shard(model.gru)  # FusedGRU's parameters as one sharded group
+            fully_shard(model)
+            results["fsdp", backend] = _step(model, x[shard], target[shard])
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -84,15 +96,16 @@ def ddp_results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ddp_gradients_equal_whole_batch(ddp_results, backend):
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_distributed_gradients_equal_whole_batch(ddp_results, wrapper, backend):
     x, target = _data()
     torch.manual_seed(0)
     grads, params = _step(Model(backend), x, target)
     for rank, results in enumerate(ddp_results):
-        got_grads, got_params = results[backend]
+        got_grads, got_params = results[wrapper, backend]
         assert got_grads.keys() == grads.keys()
         for name in grads:
             torch.testing.assert_close(got_grads[name], grads[name], rtol=1e-12, atol=1e-14,
-                                       msg=f"rank {rank} grad {name}")
+                                       msg=f"{wrapper} rank {rank} grad {name}")
             torch.testing.assert_close(got_params[name], params[name], rtol=1e-12, atol=1e-14,
-                                       msg=f"rank {rank} param {name}")
+                                       msg=f"{wrapper} rank {rank} param {name}")
