@@ -13,7 +13,6 @@ valid step.  Gradients of the padded steps are zero because their outputs are dr
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -99,10 +98,13 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     return name
 
 
-# torch.autocast's own policy for torch.nn.GRU, by device type, so that FusedGRU returns what
-# nn.GRU returns: on CUDA, cuDNN's RNN runs in the lower precision (ATen's autocast wrapper of
-# _cudnn_rnn); on the CPU, autocast runs the GRU in float32 (a bfloat16 GRU has no fused CPU
-# kernel and would be slower).  Other device types take the autocast dtype.
+# The computation dtype under torch.autocast, by device type, so that FusedGRU returns what
+# nn.GRU returns.  CUDA (and other devices): the autocast dtype, as cuDNN's RNN runs in the
+# lower precision under autocast (ATen's autocast wrapper of _cudnn_rnn).  CPU: nn.GRU there
+# is composite: autocast runs its gate matmuls in bfloat16 but its state and its output stay
+# float32.  FusedGRU returns the same float32, computed in float32 throughout: the fused CPU
+# kernel has no bfloat16 path (the reference's would be slower than float32) and the result
+# is at least as accurate (tests/test_ecosystem_autocast.py).
 _AUTOCAST_FLOAT32_DEVICES = ("cpu",)
 
 
@@ -218,6 +220,7 @@ def gru(
              weight_ih (3H, I or D*H), weight_hh (3H, H)[, bias_ih (3H,), bias_hh (3H,)]
     hx:      (L*D, B, H), or (L*D, H) unbatched; zeros if None
     Returns (output (T, B, D*H) laid out like the input, h_n (L*D, B, H)).
+    Under torch.autocast, input, hx and weights are cast as nn.GRU's are (see _autocast).
     """
     num_layers = _check_positive_int("num_layers", num_layers)
     _check_bool("bidirectional", bidirectional)
