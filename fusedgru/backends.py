@@ -63,8 +63,9 @@ BACKENDS: Dict[str, Backend] = {
             "cuda",
             "fusedgru.extension:cuda_backend",
             "C++/CUDA extension: persistent kernel with W_hh on chip (GPU)",
-            "build the extension on a machine with nvcc and a CUDA build of torch: "
-            "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .",
+            "a CUDA device, and the extension built with nvcc against a CUDA build of torch "
+            "(no GPU needed to build): CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=9.0 "
+            "pip install --no-build-isolation -e . (or fusedgru.extension.jit_build())",
         ),
         Backend(
             "triton",

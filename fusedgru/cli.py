@@ -122,15 +122,16 @@ def cmd_check(args) -> int:
     return 1 if failed or not rows else 0
 
 
-def _delegate(module: str):
-    def run(args) -> int:
-        return importlib.import_module(module).main(args.rest)
-
-    return run
+# Subcommands with their own argparse parser: everything after the name is theirs (argparse's
+# REMAINDER would reject their leading options), so they are dispatched before parsing.
+_DELEGATED = {"bench": ("fusedgru.bench", "benchmarks against torch.nn.GRU"),
+              "demo": ("fusedgru.demo", "character-level language model demo")}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:
+        return importlib.import_module(_DELEGATED[argv[0]][0]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="fusedgru", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,11 +140,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--backends", nargs="+", metavar="NAME", help="only these backends")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_check)
-    for name, module, text in [("bench", "fusedgru.bench", "benchmarks against torch.nn.GRU"),
-                               ("demo", "fusedgru.demo", "character-level language model demo")]:
-        p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_delegate(module))
+    for name, (_, text) in _DELEGATED.items():
+        sub.add_parser(name, help=f"{text} (fusedgru {name} --help)")  # listed in --help only
     args = parser.parse_args(argv)
     if args.command == "check" and not os.environ.get("TRITON_INTERPRET"):
         import torch

@@ -333,6 +333,12 @@ def gru_cell(
                 f"hx: expected a {input.dim()}-D tensor to match the {input.dim()}-D input, "
                 f"got {hx.dim()}-D"
             )
+        hidden = w_hh.shape[-1] if isinstance(w_hh, Tensor) and w_hh.dim() == 2 else None
+        expected = input.shape[:-1] + ((hidden,) if hidden is not None else hx.shape[-1:])
+        if tuple(hx.shape) != tuple(expected):
+            what = "(H,) for the unbatched input" if unbatched else "(B, H)"
+            raise ValueError(f"hx: expected shape {tuple(expected)} {what}, "
+                             f"got {tuple(hx.shape)}")
         hx = hx.unsqueeze(0) if unbatched else hx
         hx = hx.unsqueeze(0)  # (1, B, H): one layer, one direction
     x = input.unsqueeze(0) if unbatched else input

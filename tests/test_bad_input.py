@@ -105,8 +105,12 @@ def test_cell_bad_inputs():
         c(torch.randn(1, 2, 3))
     with pytest.raises(ValueError, match=r"hx: expected a 2-D tensor to match the 2-D input, got 1-D"):
         c(torch.randn(2, 3), torch.randn(4))
-    with pytest.raises(ValueError, match=r"hx: expected shape \(1, 2, 4\)"):
+    with pytest.raises(ValueError, match=r"hx: expected shape \(2, 4\) \(B, H\), got \(2, 5\)"):
         c(torch.randn(2, 3), torch.randn(2, 5))
+    with pytest.raises(ValueError, match=r"hx: expected shape \(2, 4\) \(B, H\), got \(3, 4\)"):
+        c(torch.randn(2, 3), torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"hx: expected shape \(4,\) \(H,\) for the unbatched input, got \(5,\)"):
+        c(torch.randn(3), torch.randn(5))
     with pytest.raises(ValueError, match=r"input: expected input.size\(-1\) == input_size = 3"):
         c(torch.randn(2, 6))
 

@@ -56,3 +56,16 @@ def test_console_script_entry_point():
 
     eps = [e for e in entry_points(group="console_scripts") if e.name == "fusedgru"]
     assert eps and eps[0].value == "fusedgru.cli:main"
+
+
+def test_bench_and_demo_receive_their_own_options():
+    """`fusedgru bench`/`demo` hand every later argument, options included, to their own parser
+    (an argparse REMAINDER in the top-level parser would reject a leading `--grid`)."""
+    for cmd, word in (("bench", "--grid"), ("demo", "--epochs")):
+        p = _run(cmd, "--help")
+        assert p.returncode == 0, p.stderr
+        assert word in p.stdout
+    p = _run("bench", "--no-such-option")
+    assert p.returncode == 2 and "--no-such-option" in p.stderr
+    top = _run("--help")
+    assert top.returncode == 0 and "bench" in top.stdout and "demo" in top.stdout
