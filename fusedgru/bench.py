@@ -214,9 +214,12 @@ class CompiledReferenceGRU(nn.Module):
                 h = h0[layer * self.D + d]
                 w_hh, b_hh = getattr(self, "weight_hh" + sfx), getattr(self, "bias_hh" + sfx)
                 ys = []
-                for t in range(gi.shape[0]):
-                    h = _COMPILED_STEP(gi[t], h, w_hh, b_hh)
-                    ys.append(h)
+                # Each (grad mode, dtype, stride pattern) of the grid is one more graph of
+                # the same cell; torch's default limit of 8 would leave later cells eager.
+                with torch._dynamo.config.patch(recompile_limit=64):
+                    for t in range(gi.shape[0]):
+                        h = _COMPILED_STEP(gi[t], h, w_hh, b_hh)
+                        ys.append(h)
                 y = torch.stack(ys)
                 h_n.append(h)
                 outs.append(y.flip(0) if d else y)
