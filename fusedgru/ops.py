@@ -22,7 +22,8 @@ gradient.  Two rare paths run in plain PyTorch, because no kernel computes them:
 - a gradient arriving for ``ws`` (only when a caller uses ws, which fusedgru never does,
   or during a double backward): the VJP of the reference forward;
 - double backward (create_graph=True through the backward op, e.g. a gradient penalty):
-  the VJP of ``_differentiable_backward`` below.
+  the VJP of ``reference.gru_layer_backward`` (written without in-place writes, so that
+  autograd can differentiate it).
 """
 
 from __future__ import annotations
@@ -78,46 +79,6 @@ def fake_backward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after):
 # ----------------------------------------------------------------------------------------
 
 
-def _differentiable_backward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after: bool):
-    """reference.gru_layer_backward written without in-place writes, so that autograd (and
-    torch.func.vjp) can differentiate it: the double backward of every backend.  Same
-    shapes and formulas (SPEC section 4); h0 is a tensor here (zeros when absent)."""
-    T, B, I = x.shape
-    H = w_hh.shape[1]
-    h_prev = torch.cat([h0.unsqueeze(0), y[:-1]], 0)  # (T, B, H)
-    w_hrz, w_hn = w_hh[: 2 * H], w_hh[2 * H:]
-    dh = h0.new_zeros(B, H)
-    dgi, dgh = [], []
-    for t in range(T - 1, -1, -1):
-        g = grad_y[t] + dh
-        r, z, n, hn = ws[t].split(H, dim=1)
-        h = h_prev[t]
-        da_n = g * (1 - z) * (1 - n * n)
-        da_z = g * (h - n) * z * (1 - z)
-        if reset_after:
-            da_r = da_n * hn * r * (1 - r)
-            dgh_t = torch.cat([da_r, da_z, da_n * r], dim=1)
-            dh = g * z + dgh_t @ w_hh
-        else:
-            d_rh = da_n @ w_hn
-            da_r = d_rh * h * r * (1 - r)
-            dgh_t = torch.cat([da_r, da_z, da_n], dim=1)
-            dh = g * z + d_rh * r + dgh_t[:, : 2 * H] @ w_hrz
-        dgi.append(torch.cat([da_r, da_z, da_n], dim=1))
-        dgh.append(dgh_t)
-    dgi2 = torch.stack(dgi[::-1]).reshape(T * B, 3 * H)
-    dgh2 = torch.stack(dgh[::-1]).reshape(T * B, 3 * H)
-    h_prev2 = h_prev.reshape(T * B, H)
-    dx = (dgi2 @ w_ih).view(T, B, I)
-    dw_ih = dgi2.T @ x.reshape(T * B, I)
-    if reset_after:
-        dw_hh = dgh2.T @ h_prev2
-    else:
-        rh = ws[..., :H].reshape(T * B, H) * h_prev2
-        dw_hh = torch.cat([dgh2[:, : 2 * H].T @ h_prev2, dgh2[:, 2 * H:].T @ rh], 0)
-    return dx, dh, dw_ih, dw_hh, dgi2.sum(0), dgh2.sum(0)
-
-
 def _zeros_if_none(grads, like):
     return tuple(torch.zeros_like(o) if g is None else g for g, o in zip(grads, like))
 
@@ -165,7 +126,7 @@ def _backward_formula(ctx, *grads):
     grad_y, x, h0, w_ih, w_hh, y, ws = ctx.saved_tensors
     ra = ctx.reset_after
     h0_ = h0 if h0 is not None else x.new_zeros(x.shape[1], w_hh.shape[1])
-    out, vjp = torch.func.vjp(lambda *a: _differentiable_backward(*a, ra),
+    out, vjp = torch.func.vjp(lambda *a: reference.gru_layer_backward(*a, ra),
                               grad_y, x, h0_, w_ih, w_hh, y, ws)
     d_grad_y, dx, dh0, dw_ih, dw_hh, dy, dws = vjp(_zeros_if_none(grads, out))
     return d_grad_y, dx, dh0 if h0 is not None else None, dw_ih, dw_hh, dy, dws, None

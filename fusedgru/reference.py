@@ -182,8 +182,8 @@ def gru_layer_backward(
     T, B, I = x.shape
     H = w_hh.shape[1]
     h_prev = torch.cat([(h0 if h0 is not None else y.new_zeros(B, H)).unsqueeze(0), y[:-1]], 0)
-    dgi = x.new_empty(T, B, 3 * H)  # gradient of the pre-activations fed by W_ih x + b_ih
-    dgh = x.new_empty(T, B, 3 * H)  # gradient of the pre-activations fed by W_hh (.) + b_hh
+    dgi = []  # per step, reverse time: gradient of the pre-activations fed by W_ih x + b_ih
+    dgh = []  # per step, reverse time: gradient of the pre-activations fed by W_hh (.) + b_hh
     dh = y.new_zeros(B, H)  # what step t+1 sends back to step t
     w_hrz, w_hn = w_hh[: 2 * H], w_hh[2 * H :]
     for t in range(T - 1, -1, -1):
@@ -194,18 +194,20 @@ def gru_layer_backward(
         da_z = g * (h - n) * z * (1 - z)
         if reset_after:
             da_r = da_n * hn * r * (1 - r)
-            dgh[t] = torch.cat([da_r, da_z, da_n * r], dim=1)
-            dh = g * z + dgh[t] @ w_hh
+            dgh_t = torch.cat([da_r, da_z, da_n * r], dim=1)
+            dh = g * z + dgh_t @ w_hh
         else:
             d_rh = da_n @ w_hn
             da_r = d_rh * h * r * (1 - r)
-            dgh[t] = torch.cat([da_r, da_z, da_n], dim=1)
-            dh = g * z + d_rh * r + dgh[t, :, : 2 * H] @ w_hrz
-        dgi[t] = torch.cat([da_r, da_z, da_n], dim=1)
+            dgh_t = torch.cat([da_r, da_z, da_n], dim=1)
+            dh = g * z + d_rh * r + dgh_t[:, : 2 * H] @ w_hrz
+        dgi.append(torch.cat([da_r, da_z, da_n], dim=1))
+        dgh.append(dgh_t)
 
-    # After the loop: each gradient is one product over all T*B rows.
-    dgi2 = dgi.view(T * B, 3 * H)
-    dgh2 = dgh.view(T * B, 3 * H)
+    # After the loop: each gradient is one product over all T*B rows.  (No in-place writes
+    # anywhere, so autograd can differentiate this function: the double backward.)
+    dgi2 = torch.stack(dgi[::-1]).view(T * B, 3 * H)
+    dgh2 = torch.stack(dgh[::-1]).view(T * B, 3 * H)
     dx = (dgi2 @ w_ih).view(T, B, I)
     dw_ih = dgi2.T @ x.reshape(T * B, I)
     h_prev2 = h_prev.reshape(T * B, H)
