@@ -81,13 +81,17 @@ void forward_loop(const Tensor& gi,    // (T, B, 3H) = x W_ih^T + b_ih
                   const Tensor& h0,    // (B, H)
                   const Tensor& w_hh,  // (3H, H)
                   const Tensor& bhh,   // (3H,) zeros when the layer has no bias
-                  bool reset_after, Tensor& y /* (T,B,H) */, Tensor& ws /* (T,B,4H) */) {
+                  bool reset_after, Tensor& y /* (T,B,H) */,
+                  Tensor& ws /* (T,B,4H), or (1,B,4H) scratch reused every step */) {
   using Vec = at::vec::Vectorized<scalar_t>;
   const int64_t T = gi.size(0), B = gi.size(1), H = w_hh.size(1);
   const scalar_t* gi_p = gi.data_ptr<scalar_t>();
   const scalar_t* b_p = bhh.data_ptr<scalar_t>();
   scalar_t* y_p = y.data_ptr<scalar_t>();
   scalar_t* ws_p = ws.data_ptr<scalar_t>();
+  // Elements between two steps' ws: B*4H when ws keeps every step for the backward, 0 when
+  // it is one step's scratch (inference: r, z, n, hn stay in cache, never reach memory).
+  const int64_t ws_step = ws.size(0) == T ? B * 4 * H : 0;
 
   if (reset_after) {
     const Tensor w_t = w_hh.t();                 // (H, 3H) view, no copy
@@ -103,7 +107,7 @@ void forward_loop(const Tensor& gi,    // (T, B, 3H) = x W_ih^T + b_ih
         const scalar_t* ghr = gh_p + b * 3 * H;
         const scalar_t* hpr = hp_p + b * H;
         scalar_t* yr = y_p + row * H;
-        scalar_t* wsr = ws_p + row * 4 * H;
+        scalar_t* wsr = ws_p + t * ws_step + b * 4 * H;
         for_vectors<Vec>(j0, j1, [&](int64_t j, int64_t n) {
           const Vec r = sigmoid(ld<Vec>(gir + j, n) + ld<Vec>(ghr + j, n) + ld<Vec>(b_p + j, n));
           const Vec z = sigmoid(ld<Vec>(gir + H + j, n) + ld<Vec>(ghr + H + j, n) +
@@ -139,7 +143,7 @@ void forward_loop(const Tensor& gi,    // (T, B, 3H) = x W_ih^T + b_ih
       const int64_t row = t * B + b;
       const scalar_t* gir = gi_p + row * 3 * H;
       const scalar_t* gr = grz_p + b * 2 * H;
-      scalar_t* wsr = ws_p + row * 4 * H;
+      scalar_t* wsr = ws_p + t * ws_step + b * 4 * H;
       for_vectors<Vec>(j0, j1, [&](int64_t j, int64_t n) {
         const Vec r = sigmoid(ld<Vec>(gir + j, n) + ld<Vec>(gr + j, n) + ld<Vec>(b_p + j, n));
         const Vec z = sigmoid(ld<Vec>(gir + H + j, n) + ld<Vec>(gr + H + j, n) +
@@ -154,7 +158,7 @@ void forward_loop(const Tensor& gi,    // (T, B, 3H) = x W_ih^T + b_ih
       const int64_t row = t * B + b;
       const scalar_t* gir = gi_p + row * 3 * H;
       scalar_t* yr = y_p + row * H;
-      scalar_t* wsr = ws_p + row * 4 * H;
+      scalar_t* wsr = ws_p + t * ws_step + b * 4 * H;
       for_vectors<Vec>(j0, j1, [&](int64_t j, int64_t n) {
         const Vec hn = ld<Vec>(ghn_p + b * H + j, n) + ld<Vec>(b_p + 2 * H + j, n);
         const Vec nn = (ld<Vec>(gir + 2 * H + j, n) + hn).tanh();
@@ -168,18 +172,19 @@ void forward_loop(const Tensor& gi,    // (T, B, 3H) = x W_ih^T + b_ih
   }
 }
 
-std::tuple<Tensor, Tensor> gru_fwd_cpu(const Tensor& x_, const std::optional<Tensor>& h0_,
-                                       const Tensor& w_ih_, const Tensor& w_hh_,
-                                       const std::optional<Tensor>& b_ih_,
+// The forward of gru_fwd (save_ws: ws keeps every step for the backward) and gru_infer
+// (ws is one step's scratch).  Returns {y (T,B,H), ws (T,B,4H) or the (1,B,4H) scratch}.
+std::tuple<Tensor, Tensor> forward_cpu(const char* op, bool save_ws, const Tensor& x_,
+                                       const std::optional<Tensor>& h0_, const Tensor& w_ih_,
+                                       const Tensor& w_hh_, const std::optional<Tensor>& b_ih_,
                                        const std::optional<Tensor>& b_hh_, bool reset_after) {
-  constexpr const char* op = "fusedgru::gru_fwd (cpu)";
   const Dims d = check_inputs(op, x_, h0_, w_ih_, w_hh_, b_ih_, b_hh_);
   TORCH_CHECK(x_.device().is_cpu(), op, ": expected CPU tensors, got ", x_.device());
   TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble, op,
               ": supports float32 and float64, got ", x_.scalar_type());
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   Tensor y = at::empty({d.T, d.B, d.H}, x.options());
-  Tensor ws = at::empty({d.T, d.B, 4 * d.H}, x.options());
+  Tensor ws = at::empty({save_ws ? d.T : 1, d.B, 4 * d.H}, x.options());
   poison(y);
   poison(ws);
   if (d.T == 0 || d.B == 0) return {y, ws};
@@ -192,6 +197,21 @@ std::tuple<Tensor, Tensor> gru_fwd_cpu(const Tensor& x_, const std::optional<Ten
     forward_loop<scalar_t>(gi, h0, w_hh, bhh, reset_after, y, ws);
   });
   return {y, ws};
+}
+
+std::tuple<Tensor, Tensor> gru_fwd_cpu(const Tensor& x, const std::optional<Tensor>& h0,
+                                       const Tensor& w_ih, const Tensor& w_hh,
+                                       const std::optional<Tensor>& b_ih,
+                                       const std::optional<Tensor>& b_hh, bool reset_after) {
+  return forward_cpu("fusedgru::gru_fwd (cpu)", true, x, h0, w_ih, w_hh, b_ih, b_hh,
+                     reset_after);
+}
+
+Tensor gru_infer_cpu(const Tensor& x, const std::optional<Tensor>& h0, const Tensor& w_ih,
+                     const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+                     const std::optional<Tensor>& b_hh, bool reset_after) {
+  return std::get<0>(forward_cpu("fusedgru::gru_infer (cpu)", false, x, h0, w_ih, w_hh, b_ih,
+                                 b_hh, reset_after));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -325,5 +345,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cpu(
 
 TORCH_LIBRARY_IMPL(fusedgru, CPU, m) {
   m.impl("gru_fwd", &fusedgru::gru_fwd_cpu);
+  m.impl("gru_infer", &fusedgru::gru_infer_cpu);
   m.impl("gru_bwd", &fusedgru::gru_bwd_cpu);
 }

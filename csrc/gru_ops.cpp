@@ -37,6 +37,10 @@ TORCH_LIBRARY(fusedgru, m) {
   m.def(
       "gru_fwd(Tensor x, Tensor? h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
       "bool reset_after) -> (Tensor, Tensor)");
+  // Inference (nothing needs a gradient): y only, no (T, B, 4H) ws written to memory.
+  m.def(
+      "gru_infer(Tensor x, Tensor? h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "bool reset_after) -> Tensor");
   m.def(
       "gru_bwd(Tensor grad_y, Tensor x, Tensor? h0, Tensor w_ih, Tensor w_hh, Tensor y, "
       "Tensor ws, bool reset_after) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");

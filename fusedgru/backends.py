@@ -8,6 +8,9 @@ first use.  The object (a module-level instance, see fusedgru/_reference_backend
     unavailable_reason() -> str | None      why this backend cannot run on this machine
     unsupported_reason(device_type: str, dtype) -> str | None
                                             why it cannot run on that device / dtype
+    inference(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after) -> y
+                          (optional) the forward when nothing needs a gradient: y alone,
+                          without writing the (T, B, 4H) ws the backward would read
     deterministic: bool   (optional; True when absent) whether two runs on the same inputs
                           give bitwise-identical outputs and gradients.  A backend whose
                           kernels cannot promise it (atomics, split reductions) sets False:

@@ -4,6 +4,8 @@ fusedgru._C (csrc/) registers the dispatcher ops
 
     fusedgru::gru_fwd(x, h0?, w_ih, w_hh, b_ih?, b_hh?, reset_after) -> (y, ws)
     fusedgru::gru_bwd(grad_y, x, h0?, w_ih, w_hh, y, ws, reset_after) -> 6 gradients
+    fusedgru::gru_infer(x, h0?, w_ih, w_hh, b_ih?, b_hh?, reset_after) -> y
+                      (no gradient needed: no ws; CPU kernel only so far)
 
 with a CPU kernel (always) and a CUDA kernel (when built with nvcc); shapes as in
 fusedgru/reference.py.  This module loads the library, gives the ops their fake kernels
@@ -51,6 +53,7 @@ def _register_fakes() -> None:
         return
     torch.library.register_fake("fusedgru::gru_fwd")(ops.fake_forward)
     torch.library.register_fake("fusedgru::gru_bwd")(ops.fake_backward)
+    torch.library.register_fake("fusedgru::gru_infer")(ops.fake_inference)
     _state["fakes"] = True
 
 
@@ -135,6 +138,9 @@ class _ExtensionBackend:
     def backward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after):
         return torch.ops.fusedgru.gru_bwd(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after)
 
+    def __repr__(self) -> str:
+        return f"<fusedgru extension backend {self.name!r}>"
+
     def unavailable_reason(self) -> Optional[str]:
         if not _state["loaded"]:
             return _state["error"]
@@ -153,12 +159,18 @@ class _ExtensionBackend:
             return f"supports {names}, got {dtype}"
         return None
 
-    def __repr__(self) -> str:
-        return f"<fusedgru extension backend {self.name!r}>"
+
+class _ExtensionCPUBackend(_ExtensionBackend):
+    """The "cpu" row: also a forward without ws for when nothing needs a gradient (the CUDA
+    kernels have no such entry yet, so the "cuda" row keeps only forward/backward)."""
+
+    @staticmethod
+    def inference(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after):
+        return torch.ops.fusedgru.gru_infer(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
 
 
 _load()
 
-cpu_backend = _ExtensionBackend("cpu", "cpu", (torch.float32, torch.float64))
+cpu_backend = _ExtensionCPUBackend("cpu", "cpu", (torch.float32, torch.float64))
 cuda_backend = _ExtensionBackend(
     "cuda", "cuda", (torch.float32, torch.float64, torch.float16, torch.bfloat16))

@@ -56,6 +56,11 @@ def gru_layer(
     check_determinism(backend, impl)
     # The inputs are already in the computation dtype (functional._autocast); the kernels own
     # their accumulation precision, so autocast must not recast anything inside them.
+    inference = getattr(impl, "inference", None)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, h0, w_ih, w_hh, b_ih, b_hh))
     with ops.autocast_off(x.device.type):
+        if inference is not None and not needs_grad:
+            return inference(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)  # no ws stored
         y, _ = impl.forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
     return y

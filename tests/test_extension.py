@@ -48,6 +48,75 @@ def test_cpu_matches_reference(shape, reset_after, dtype, with_h0, bias, gen, po
     assert report.ok, report.failures
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%dB%dI%dH%d" % s)
+@pytest.mark.parametrize("with_h0,bias", [(True, True), (False, False)], ids=["full", "bare"])
+def test_infer_op_matches_reference_and_forward(shape, reset_after, dtype, with_h0, bias, gen,
+                                                 poisoned):
+    """gru_infer (no ws kept: one step's scratch reused) gives the float64 reference's y
+    within SPEC's budget, and exactly the y of gru_fwd (the same loop and arithmetic)."""
+    case = testing.make_layer_case(*shape, reset_after=reset_after, with_h0=with_h0,
+                                   bias=bias, generator=gen)
+    args = case.args(dtype=dtype)
+    y = torch.ops.fusedgru.gru_infer(*args, reset_after)
+    ref = case.args(dtype=torch.float64)
+    want, _ = fusedgru.reference.gru_layer_forward(*ref, reset_after)
+    base, _ = fusedgru.reference.gru_layer_forward(*args, reset_after)
+    err = testing.rel_err(y, want)
+    assert err <= testing.budget(dtype, testing.rel_err(base, want)), err
+    y_fwd, _ = torch.ops.fusedgru.gru_fwd(*args, reset_after)
+    assert torch.equal(y, y_fwd)
+
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_module_runs_infer_op_only_when_no_gradient_is_needed(gen):
+    """FusedGRU(backend="cpu") takes gru_infer under no_grad / inference_mode / inputs and
+    weights without requires_grad, and gru_fwd (which keeps ws) whenever autograd records:
+    the two give the same output."""
+    f = fusedgru.FusedGRU(3, 5, num_layers=2, bidirectional=True, backend="cpu")
+    x = torch.randn(4, 2, 3, generator=gen)
+    calls = {}
+    for name, ctx in [("no_grad", torch.no_grad), ("inference_mode", torch.inference_mode)]:
+        with ctx(), _OpNames() as log:
+            calls[name] = f(x)[0]
+        assert log.names.count("fusedgru.gru_infer.default") == 4, log.names
+        assert "fusedgru.gru_fwd.default" not in log.names
+    with _OpNames() as log:
+        y_train = f(x)[0]
+    assert log.names.count("fusedgru.gru_fwd.default") == 4, log.names
+    assert y_train.requires_grad
+    assert torch.equal(calls["no_grad"], y_train.detach())
+    assert torch.equal(calls["inference_mode"], y_train.detach())
+    f.requires_grad_(False)
+    with _OpNames() as log:
+        f(x)
+    assert "fusedgru.gru_fwd.default" not in log.names
+    with _OpNames() as log:
+        f(x.requires_grad_())
+    assert log.names.count("fusedgru.gru_fwd.default") == 4, log.names
+
+
+def test_infer_op_compiles_under_no_grad(gen):
+    """torch.compile(fullgraph=True) of an inference call traces gru_infer (its fake kernel)
+    and matches eager."""
+    torch._dynamo.reset()
+    f = fusedgru.FusedGRU(3, 5, backend="cpu").eval()
+    x = torch.randn(6, 2, 3, generator=gen)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(x)[0], f(x)[0])
+
+
 def test_poison_switch_fills_outputs_with_nan():
     """The switch really poisons: an op output the kernel would not write stays NaN.
     (B = 0 rows: nothing is computed, so the empty outputs are simply returned.)"""
@@ -225,6 +294,8 @@ def test_opcheck(reset_after, with_h0, bias, gen):
     gy = case.grad_y.float()
     torch.library.opcheck(torch.ops.fusedgru.gru_bwd.default,
                           (gy, x, h0, w_ih, w_hh, y, ws, reset_after))
+    torch.library.opcheck(torch.ops.fusedgru.gru_infer.default,
+                          (x, h0, w_ih, w_hh, b_ih, b_hh, reset_after))
 
 
 def test_backend_rows():
