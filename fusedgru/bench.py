@@ -995,9 +995,6 @@ def _main(argv: Optional[List[str]]) -> int:
     if device.type == "cuda" and not has_cuda:
         print("fusedgru bench: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
-    if not has_cuda:
-        # Triton kernels on CPU tensors need the interpreter, set before they are defined.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
 
     grid_arg = args.grid or ("stream" if device.type == "cuda" else "cpu")
     grids = list(ALL) if grid_arg == "all" else _csv(grid_arg)

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import os
 import platform
+import subprocess
 import sys
 from typing import List, Optional
 
@@ -148,8 +149,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         if not torch.cuda.is_available():
             # Without a GPU the Triton kernels can still be checked, on CPU tensors through
-            # Triton's interpreter, which must be on before the kernels are defined.
-            os.environ["TRITON_INTERPRET"] = "1"
+            # Triton's interpreter.  It must be on before triton is first imported (torch
+            # has imported it by now), so the check runs in a fresh process.
+            env = dict(os.environ, TRITON_INTERPRET="1")
+            return subprocess.run([sys.executable, "-m", "fusedgru", *argv], env=env).returncode
     return args.func(args)
 
 

@@ -122,6 +122,8 @@ class _TritonBackend:
 
     @staticmethod
     def unavailable_reason() -> Optional[str]:
+        if gru.INTERPRET_ERROR is not None:
+            return gru.INTERPRET_ERROR
         if gru.INTERPRET or torch.cuda.is_available():
             return None
         return ("no CUDA device, and the Triton interpreter is off (set TRITON_INTERPRET=1 "

@@ -46,6 +46,7 @@ from triton.language.extra import libdevice
 
 __all__ = [
     "INTERPRET",
+    "INTERPRET_ERROR",
     "Config",
     "choose_config",
     "force_config",
@@ -55,8 +56,30 @@ __all__ = [
     "launch_backward",
 ]
 
+
+
+def _interpreter_error() -> Optional[str]:
+    """Why TRITON_INTERPRET=1 cannot work in this process, or None.  Triton picks the
+    interpreter when each @triton.jit function is defined; its own library functions
+    (tl.sigmoid, ...) are defined when triton is first imported, which torch may do long
+    before fusedgru's kernels load.  Set too late, the kernels below are interpreted but
+    call compiled-only library functions ("Cannot call @triton.jit'd outside of the scope of
+    a kernel")."""
+    try:
+        import triton.language.standard as std
+        from triton.runtime.jit import JITFunction
+    except Exception:  # noqa: BLE001 - a triton without these modules: nothing to check
+        return None
+    if any(type(v) is JITFunction for v in vars(std).values()):
+        return ("TRITON_INTERPRET=1 was set after triton had been imported (torch imports it); "
+                "set it in the environment before Python starts")
+    return None
+
+
 # The interpreter is chosen when the @triton.jit functions below are defined (import time).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET_ERROR = (_interpreter_error() if os.environ.get("TRITON_INTERPRET", "0") == "1"
+                   else None)
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1" and INTERPRET_ERROR is None
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """The `fusedgru` command: info lists every backend with its state, check passes on what is
 here and fails (non-zero exit) on a backend that computes the wrong thing."""
 
+import os
 import subprocess
 import sys
 
 import torch
 
+import fusedgru
 from fusedgru import backends, cli, reference
 
 
@@ -69,3 +71,31 @@ def test_bench_and_demo_receive_their_own_options():
     assert p.returncode == 2 and "--no-such-option" in p.stderr
     top = _run("--help")
     assert top.returncode == 0 and "bench" in top.stdout and "demo" in top.stdout
+
+
+def test_check_without_gpu_runs_every_backend_with_the_interpreter_unset():
+    """A user's shell has no TRITON_INTERPRET: `fusedgru check` still checks the Triton
+    kernels (through the interpreter, in a fresh process) next to the other backends."""
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("with a GPU the Triton kernels run compiled; the interpreter is not used")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-m", "fusedgru", "check"], capture_output=True,
+                       text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for name in fusedgru.available_backends():  # this process: interpreter on (conftest)
+        assert f"\n{name} " in p.stdout, p.stdout
+    assert " failed" in p.stdout and "FAIL" not in p.stdout
+
+
+def test_interpreter_switched_on_too_late_is_reported():
+    """TRITON_INTERPRET=1 set after triton was imported cannot work (triton's own library
+    functions were compiled-only): the backend says so instead of failing inside a kernel."""
+    code = ("import os, torch, triton.language; os.environ['TRITON_INTERPRET'] = '1'; "
+            "import fusedgru; print(fusedgru.backend_status()['triton'])")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "set after triton had been imported" in p.stdout, p.stdout
