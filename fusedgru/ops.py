@@ -40,10 +40,18 @@ __all__ = ["fake_forward", "fake_backward", "register_backend_ops", "register_au
            "register_extension_autograd", "fake_inference", "autocast_enabled", "autocast_off"]
 
 
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    # A constant per device type: torch.compile evaluates it once while tracing.  (Dynamo
+    # of torch 2.11 cannot trace torch._C._is_autocast_available, which this calls; without
+    # the decorator a fullgraph compile of FusedGRU fails there.)
+    return torch.amp.is_autocast_available(device_type)
+
+
 def autocast_enabled(device_type: str) -> bool:
     """Whether torch.autocast is on for ``device_type`` (False for types it does not know,
     such as meta, where asking would raise)."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    return _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def autocast_off(device_type: str):
