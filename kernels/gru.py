@@ -82,6 +82,50 @@ INTERPRET_ERROR = (_interpreter_error() if os.environ.get("TRITON_INTERPRET", "0
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1" and INTERPRET_ERROR is None
 
 
+def _interpreter_index_fix() -> bool:
+    """Under the interpreter a scalar kernel argument (T, B, H) is a tl.tensor over a
+    1-element numpy array.  triton 3.6's interpreter gives it ``__index__ = int(data)``,
+    which numpy >= 2.5 refuses for a 1-d array, so ``for t in range(T)`` fails ("only
+    0-dimensional arrays can be converted to Python scalars"); triton 3.8 squeezes first.
+    Where this triton's patch has the problem (tried on a probe, not read from a version),
+    wrap it to squeeze as 3.8 does.  Returns whether the wrap was installed."""
+    try:
+        import numpy as np
+        from triton.runtime import interpreter as interp
+
+        patch = interp._patch_lang_tensor
+    except (ImportError, AttributeError):  # another interpreter layout: nothing to fix
+        return False
+
+    class _Scope:
+        def set_attr(self, obj, name, value):
+            setattr(obj, name, value)
+
+    class _Probe:
+        pass
+
+    try:
+        patch(_Probe, _Scope())
+        probe = _Probe.__new__(_Probe)
+        probe.handle = type("H", (), {"data": np.array([3], dtype=np.int32)})()
+        if int(_Probe.__index__(probe)) == 3:
+            return False  # works as it is
+    except TypeError:
+        pass
+    except Exception:  # noqa: BLE001 - not the failure this fixes: leave triton alone
+        return False
+
+    def _patch_lang_tensor(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interp._patch_lang_tensor = _patch_lang_tensor
+    return True
+
+
+INTERPRET_INDEX_FIX = _interpreter_index_fix() if INTERPRET else False
+
+
 # ----------------------------------------------------------------------------------------
 # Elementwise helpers
 # ----------------------------------------------------------------------------------------
