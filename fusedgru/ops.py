@@ -37,7 +37,7 @@ from torch import Tensor
 from . import reference
 
 __all__ = ["fake_forward", "fake_backward", "register_backend_ops", "register_autograd",
-           "register_extension_autograd", "fake_inference", "autocast_enabled", "autocast_off"]
+           "register_extension_autograd", "fake_inference", "register_inference_op", "autocast_enabled", "autocast_off"]
 
 
 @torch.compiler.assume_constant_result
@@ -164,6 +164,27 @@ def register_extension_autograd() -> None:
     fusedgru._C when it loads) get the same formulas; a no-op until they exist."""
     if "gru" not in _with_autograd and torch._C._dispatch_has_kernel("fusedgru::gru_fwd"):
         register_autograd("gru")
+
+
+def register_inference_op(name: str, inference_impl: Callable) -> Callable:
+    """Registers ``fusedgru::<name>_infer`` (the shared forward schema, returning y only,
+    with a fake implementation).  No autograd: function.gru_layer calls it only when
+    nothing needs a gradient."""
+
+    @torch.library.custom_op(f"fusedgru::{name}_infer", mutates_args=())
+    def infer(
+        x: Tensor,
+        h0: Optional[Tensor],
+        w_ih: Tensor,
+        w_hh: Tensor,
+        b_ih: Optional[Tensor],
+        b_hh: Optional[Tensor],
+        reset_after: bool,
+    ) -> Tensor:
+        return inference_impl(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
+
+    infer.register_fake(fake_inference)
+    return getattr(torch.ops.fusedgru, f"{name}_infer")
 
 
 def register_backend_ops(

@@ -81,7 +81,7 @@ def _signature(kernel: str, dtype: torch.dtype) -> Dict[str, str]:
     types = {
         "_fwd_resident_kernel": [p] * 6 + ["i32"] * 3,
         "_bwd_resident_kernel": [p] * 8 + ["i32"] * 3,
-        "_fwd_step_kernel": [p] * 6 + ["i32"] * 3,
+        "_fwd_step_kernel": [p] * 6 + ["i32"] * 4,
         "_bwd_step_kernel": [p] * 7 + [f32] * 3 + [p] + ["i32"] * 3,
     }[kernel]
     names = fn.arg_names
@@ -113,9 +113,10 @@ def dispatch_specs(level: str = "all") -> Iterator[KernelSpec]:
             cfg = gru.choose_config(16, hp, dtype)
             assert cfg.strategy == "resident" and cfg.block_h == hp
             common = dict(RESET_AFTER=ra, HAS_H0=h0)
-            yield KernelSpec("_fwd_resident_kernel", dtype, dict(
-                common, LIBDEVICE_TANH=True, DOT_PREC=prec, BLOCK_B=cfg.block_b,
-                BLOCK_H=hp), cfg.num_warps)
+            for store_ws in bools:  # False (inference) only drops the ws stores
+                yield KernelSpec("_fwd_resident_kernel", dtype, dict(
+                    common, STORE_WS=store_ws, LIBDEVICE_TANH=True, DOT_PREC=prec,
+                    BLOCK_B=cfg.block_b, BLOCK_H=hp), cfg.num_warps)
             yield KernelSpec("_bwd_resident_kernel", dtype, dict(
                 common, DOT_PREC=prec, BLOCK_B=cfg.block_b, BLOCK_H=hp), cfg.num_warps)
         # Step kernels: the two batch blocks choose_config picks (B <= 16, B > 16).

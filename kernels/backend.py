@@ -47,6 +47,21 @@ class _NullGuard:
         return False
 
 
+def _forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool, keep_ws: bool):
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    x2 = x.reshape(T * B, I)
+    # One matmul for the input projection of all T steps: gi (T, B, 3H).
+    gi = (torch.addmm(b_ih, x2, w_ih.T) if b_ih is not None else x2 @ w_ih.T).view(T, B, 3 * H)
+    b_hh = b_hh.contiguous() if b_hh is not None else w_hh.new_zeros(3 * H)
+    y = x.new_empty(T, B, H)
+    ws = x.new_empty(T, B, 4 * H) if keep_ws else None
+    with _device_guard(x):
+        gru.launch_forward(gi, None if h0 is None else h0.contiguous(), w_hh.contiguous(),
+                           b_hh, y, ws, reset_after)
+    return y, ws
+
+
 def triton_forward(
     x: Tensor,  # (T, B, I)
     h0: Optional[Tensor],  # (B, H) or None (zeros)
@@ -56,18 +71,13 @@ def triton_forward(
     b_hh: Optional[Tensor],  # (3H,) or None
     reset_after: bool,
 ):
-    T, B, I = x.shape
-    H = w_hh.shape[1]
-    x2 = x.reshape(T * B, I)
-    # One matmul for the input projection of all T steps: gi (T, B, 3H).
-    gi = (torch.addmm(b_ih, x2, w_ih.T) if b_ih is not None else x2 @ w_ih.T).view(T, B, 3 * H)
-    b_hh = b_hh.contiguous() if b_hh is not None else w_hh.new_zeros(3 * H)
-    y = x.new_empty(T, B, H)
-    ws = x.new_empty(T, B, 4 * H)
-    with _device_guard(x):
-        gru.launch_forward(gi, None if h0 is None else h0.contiguous(), w_hh.contiguous(),
-                           b_hh, y, ws, reset_after)
-    return y, ws
+    """(y (T, B, H), ws (T, B, 4H)): the forward that keeps ws for the backward."""
+    return _forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, keep_ws=True)
+
+
+def triton_inference(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool) -> Tensor:
+    """y (T, B, H) alone, when nothing needs a gradient: no (T, B, 4H) ws is written."""
+    return _forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, keep_ws=False)[0]
 
 
 def triton_backward(
@@ -113,12 +123,14 @@ def triton_backward(
 
 
 _fwd_op, _bwd_op = ops.register_backend_ops("triton", triton_forward, triton_backward)
+_infer_op = ops.register_inference_op("triton", triton_inference)
 
 
 class _TritonBackend:
     name = "triton"
     forward = staticmethod(_fwd_op)
     backward = staticmethod(_bwd_op)
+    inference = staticmethod(_infer_op)
 
     @staticmethod
     def unavailable_reason() -> Optional[str]:

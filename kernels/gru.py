@@ -162,12 +162,13 @@ def _fwd_resident_kernel(
     w_ptr,  # (3H, H)     W_hh, rows r, z, n
     b_ptr,  # (3H,)       b_hh (zeros when the layer has no bias)
     y_ptr,  # (T, B, H)   out: h_t
-    ws_ptr,  # (T, B, 4H)  out: r, z, n, hn
+    ws_ptr,  # (T, B, 4H)  out: r, z, n, hn; not touched when not STORE_WS
     T,
     B,
     H,
     RESET_AFTER: tl.constexpr,
     HAS_H0: tl.constexpr,
+    STORE_WS: tl.constexpr,  # False: inference, nothing will need ws (y only)
     LIBDEVICE_TANH: tl.constexpr,
     DOT_PREC: tl.constexpr,  # "ieee" (exact fp32) or "tf32"; ignored for 16-bit weights
     BLOCK_B: tl.constexpr,
@@ -215,12 +216,13 @@ def _fwd_resident_kernel(
         h = tl.where(m_bh, n + z * (h - n), 0.0)  # (1 - z) n + z h; padding stays 0
 
         tl.store(y_ptr + row * H + o_h[None, :], h.to(y_ptr.dtype.element_ty), mask=m_bh)
-        p_ws = ws_ptr + row * (4 * H) + o_h[None, :]
-        wsdt = ws_ptr.dtype.element_ty
-        tl.store(p_ws, r.to(wsdt), mask=m_bh)
-        tl.store(p_ws + H, z.to(wsdt), mask=m_bh)
-        tl.store(p_ws + 2 * H, n.to(wsdt), mask=m_bh)
-        tl.store(p_ws + 3 * H, hn.to(wsdt), mask=m_bh)
+        if STORE_WS:
+            p_ws = ws_ptr + row * (4 * H) + o_h[None, :]
+            wsdt = ws_ptr.dtype.element_ty
+            tl.store(p_ws, r.to(wsdt), mask=m_bh)
+            tl.store(p_ws + H, z.to(wsdt), mask=m_bh)
+            tl.store(p_ws + 2 * H, n.to(wsdt), mask=m_bh)
+            tl.store(p_ws + 3 * H, hn.to(wsdt), mask=m_bh)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -308,16 +310,17 @@ def _bwd_resident_kernel(
 # ----------------------------------------------------------------------------------------
 
 
-# t changes every launch: do not specialise on it.
-@triton.jit(do_not_specialize=["t"])
+# t (and ws_t) change every launch: do not specialise on them.
+@triton.jit(do_not_specialize=["t", "ws_t"])
 def _fwd_step_kernel(
     gi_ptr,  # (T, B, 3H)
     h0_ptr,  # (B, H)      read when PREV == 1
     w_ptr,  # (3H, H)
     b_ptr,  # (3H,)       b_hh (zeros when the layer has no bias)
     y_ptr,  # (T, B, H)   out: y[t]; y[t-1] read when PREV == 2
-    ws_ptr,  # (T, B, 4H)  out: ws[t]; PHASE 2 reads r, z written by PHASE 1
+    ws_ptr,  # (T, B, 4H)  out: ws[ws_t]; PHASE 2 reads r, z written by PHASE 1
     t,  # the step
+    ws_t,  # the step's ws row block: t, or 0 when ws is one step's (1, B, 4H) scratch
     B,
     H,
     PHASE: tl.constexpr,  # 0: the whole step (reset_after=True); reset_after=False:
@@ -337,6 +340,7 @@ def _fwd_step_kernel(
     m_n = o_n < H
     m_bn = m_b[:, None] & m_n[None, :]
     row = (o_b + t * B)[:, None]  # (BB, 1) int64 rows of step t
+    row_ws = (o_b + ws_t * B)[:, None]  # (BB, 1) int64 rows of ws
     wdt = w_ptr.dtype.element_ty
     if PREV == 2:
         p_hp = y_ptr + (row - B) * H  # (BB, 1) row starts of h_{t-1}
@@ -352,7 +356,7 @@ def _fwd_step_kernel(
             m_k = o_k < H
             a = tl.load(p_hp + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
             if PHASE == 2:  # the operand is r * h_{t-1}
-                r_k = tl.load(ws_ptr + row * (4 * H) + o_k[None, :],
+                r_k = tl.load(ws_ptr + row_ws * (4 * H) + o_k[None, :],
                               mask=m_b[:, None] & m_k[None, :], other=0.0)
                 a = a.to(tl.float32) * r_k.to(tl.float32)
             a = a.to(wdt)  # (BB, BK)
@@ -374,7 +378,7 @@ def _fwd_step_kernel(
                     acc_n += tl.dot(a, b_w, input_precision=DOT_PREC)
 
     p_gi = gi_ptr + row * (3 * H) + o_n[None, :]
-    p_ws = ws_ptr + row * (4 * H) + o_n[None, :]
+    p_ws = ws_ptr + row_ws * (4 * H) + o_n[None, :]
     wsdt = ws_ptr.dtype.element_ty
     if PHASE == 1:
         i_r = tl.load(p_gi, mask=m_bn, other=0.0).to(tl.float32)
@@ -636,11 +640,13 @@ def launch_forward(
     w_hh: Tensor,  # (3H, H)
     b_hh: Tensor,  # (3H,)   zeros when the layer has no bias
     y: Tensor,  # (T, B, H)   out
-    ws: Tensor,  # (T, B, 4H)  out
+    ws: Optional[Tensor],  # (T, B, 4H)  out; None: inference, y only
     reset_after: bool,
     config: Optional[Config] = None,
 ) -> None:
-    """Runs the forward recurrence into y and ws (every element is written)."""
+    """Runs the forward recurrence into y and ws (every element is written).  With ws None
+    nothing of r, z, n, hn reaches memory beyond one step's scratch (the step kernels pass
+    r and z between their two launches through it)."""
     T, B, _ = gi.shape
     H = w_hh.shape[1]
     if T == 0 or B == 0:
@@ -651,19 +657,23 @@ def launch_forward(
     nb = triton.cdiv(B, cfg.block_b)
     if cfg.strategy == "resident":
         _fwd_resident_kernel[(nb,)](
-            gi, h0_arg, w_hh, b_hh, y, ws, T, B, H,
-            RESET_AFTER=reset_after, HAS_H0=h0 is not None, LIBDEVICE_TANH=_libdevice_tanh(),
+            gi, h0_arg, w_hh, b_hh, y, y if ws is None else ws, T, B, H,
+            RESET_AFTER=reset_after, HAS_H0=h0 is not None, STORE_WS=ws is not None,
+            LIBDEVICE_TANH=_libdevice_tanh(),
             DOT_PREC=prec, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
         )
         return
     # Per-step launches on the current stream: stream order is the barrier between steps.
     grid = (nb, triton.cdiv(H, cfg.block_h))
+    keep = ws is not None
+    if not keep:
+        ws = y.new_empty(1, B, 4 * H)  # one step's r, z, n, hn, reused by every step
     phases = (0,) if reset_after else (1, 2)
     for t in range(T):
         prev = 2 if t > 0 else (1 if h0 is not None else 0)
         for phase in phases:
             _fwd_step_kernel[grid](
-                gi, h0_arg, w_hh, b_hh, y, ws, t, B, H,
+                gi, h0_arg, w_hh, b_hh, y, ws, t, t if keep else 0, B, H,
                 PHASE=phase, PREV=prev, LIBDEVICE_TANH=_libdevice_tanh(), DOT_PREC=prec,
                 BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_h, BLOCK_K=cfg.block_k,
                 num_warps=cfg.num_warps,

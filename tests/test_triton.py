@@ -104,6 +104,40 @@ def test_both_strategies_agree(gen):
         assert testing.rel_err(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
+@pytest.mark.parametrize("strategy", ["resident", "step"])
+@pytest.mark.parametrize("with_h0", [True, False], ids=["h0", "noh0"])
+def test_inference_writes_y_only_and_equals_the_forward(strategy, reset_after, with_h0, gen):
+    """launch_forward with ws=None (the inference op): every element of y written, equal to
+    the y of the forward that keeps ws; the step kernels pass r, z through one step's
+    scratch instead (T = 4 steps reuse it)."""
+    T, B, I, H = 4, 17, 4, 19  # two row blocks, a partial column block
+    case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, with_h0=with_h0,
+                                   generator=gen)
+    config = SMALL_STEP if strategy == "step" else gru.Config("resident", 16, 32)
+    x, h0, w_ih, w_hh, b_ih, b_hh = case.args(DEVICE, torch.float32)
+    gi = reference._input_projection(x, w_ih, b_ih).contiguous()
+    b = b_hh if b_hh is not None else w_hh.new_zeros(3 * H)
+    y_inf = torch.full((T, B, H), float("nan"), device=DEVICE)
+    gru.launch_forward(gi, h0, w_hh, b, y_inf, None, case.reset_after, config)
+    y = torch.full((T, B, H), float("nan"), device=DEVICE)
+    ws = torch.full((T, B, 4 * H), float("nan"), device=DEVICE)
+    gru.launch_forward(gi, h0, w_hh, b, y, ws, case.reset_after, config)
+    assert torch.isfinite(y_inf).all()
+    assert torch.equal(y_inf, y)
+
+
+def test_module_takes_the_inference_op_without_grad(gen):
+    f = fusedgru.FusedGRU(3, 5, backend="triton", device=DEVICE)
+    x = torch.randn(4, 2, 3, generator=gen).to(DEVICE)
+    with torch.no_grad():
+        y_inf = f(x)[0]
+    y = f(x)[0]
+    assert y.grad_fn is not None and "triton_fwd" in y.grad_fn.name()
+    assert torch.equal(y_inf, y.detach())
+    assert triton_backend.inference is torch.ops.fusedgru.triton_infer
+
+
 def test_dispatcher_configs():
     # Small H: one launch for all steps; large H: H split across programs.
     assert gru.choose_config(16, 64, torch.float32).strategy == "resident"
@@ -188,6 +222,8 @@ def test_registered_ops(gen):
     gy = case.grad_y.to(DEVICE, torch.float32)
     torch.library.opcheck(torch.ops.fusedgru.triton_bwd.default,
                           (gy, x, h0, w_ih, w_hh, y, ws, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fusedgru.triton_infer.default, fwd_args,
                           test_utils=("test_schema", "test_faketensor"))
     assert triton_backend.forward is torch.ops.fusedgru.triton_fwd
     assert math.isfinite(y.sum().item())
