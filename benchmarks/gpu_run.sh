@@ -108,7 +108,7 @@ if [ -z "$SANITIZER" ] && [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/compute-saniti
 fi
 if [ "$DRY" = 1 ]; then
   # no GPU: the driver alone, on the CPU backends (the sanitizer needs a GPU)
-  run_step memcheck 120 170 "$SAN" "$PY" benchmarks/sanitize_cases.py --device cpu
+  run_step memcheck 120 170 "$SAN" env TRITON_INTERPRET=1 "$PY" benchmarks/sanitize_cases.py --device cpu
   skip_step racecheck "dry run"
 elif [ -n "$SANITIZER" ]; then
   # Without the caching allocator each tensor is its own allocation: an out-of-bounds
