@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 import torch
+import torch.utils._python_dispatch
 from torch import Tensor
 
 from . import backends, reference
 
-__all__ = ["BAND", "rel_err", "budget", "LayerCase", "make_layer_case", "check_layer", "LayerReport"]
+__all__ = ["BAND", "rel_err", "budget", "LayerCase", "make_layer_case", "check_layer", "LayerReport",
+           "OpLog"]
 
 BAND: Dict[torch.dtype, float] = {
     torch.float64: 1e-12,
@@ -136,3 +138,16 @@ def check_layer(backend: str, case: LayerCase, *, device="cpu", dtype=torch.floa
         report.errors[k] = rel_err(got[k], ref)
         report.budgets[k] = budget(dtype, rel_err(baseline[k], ref))
     return report
+
+
+class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every dispatcher op run inside it (``"fusedgru.gru_fwd.default"``,
+    ``"aten.mm.default"`` ...): which kernels a call really took."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))

@@ -120,16 +120,6 @@ def test_one_registered_boundary():
     assert all(type(n).__name__ == "AccumulateGrad" for n, _ in y.grad_fn.next_functions)
 
 
-class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("backend,prefix,dtype", CPU_BACKENDS)
 def test_backward_runs_the_backends_backward_op(backend, prefix, dtype, gen):
     """The hot path: a module's backward is one call of the backend's backward op per
@@ -138,7 +128,7 @@ def test_backward_runs_the_backends_backward_op(backend, prefix, dtype, gen):
     x = torch.randn(2, 3, 3, dtype=dtype, generator=gen, requires_grad=True)
     y, h_n = f(x)
     loss = y.sum() + h_n.sum()
-    with _OpLog() as log:
+    with testing.OpLog() as log:
         loss.backward()
     assert log.names.count(f"fusedgru.{prefix}_bwd.default") == 4, log.names
     assert not any(n.startswith(("aten.sigmoid", "aten.tanh")) for n in log.names), log.names

@@ -69,16 +69,6 @@ def test_infer_op_matches_reference_and_forward(shape, reset_after, dtype, with_
     assert torch.equal(y, y_fwd)
 
 
-class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_module_runs_infer_op_only_when_no_gradient_is_needed(gen):
     """FusedGRU(backend="cpu") takes gru_infer under no_grad / inference_mode / inputs and
     weights without requires_grad, and gru_fwd (which keeps ws) whenever autograd records:
@@ -87,21 +77,21 @@ def test_module_runs_infer_op_only_when_no_gradient_is_needed(gen):
     x = torch.randn(4, 2, 3, generator=gen)
     calls = {}
     for name, ctx in [("no_grad", torch.no_grad), ("inference_mode", torch.inference_mode)]:
-        with ctx(), _OpNames() as log:
+        with ctx(), testing.OpLog() as log:
             calls[name] = f(x)[0]
         assert log.names.count("fusedgru.gru_infer.default") == 4, log.names
         assert "fusedgru.gru_fwd.default" not in log.names
-    with _OpNames() as log:
+    with testing.OpLog() as log:
         y_train = f(x)[0]
     assert log.names.count("fusedgru.gru_fwd.default") == 4, log.names
     assert y_train.requires_grad
     assert torch.equal(calls["no_grad"], y_train.detach())
     assert torch.equal(calls["inference_mode"], y_train.detach())
     f.requires_grad_(False)
-    with _OpNames() as log:
+    with testing.OpLog() as log:
         f(x)
     assert "fusedgru.gru_fwd.default" not in log.names
-    with _OpNames() as log:
+    with testing.OpLog() as log:
         f(x.requires_grad_())
     assert log.names.count("fusedgru.gru_fwd.default") == 4, log.names
 
