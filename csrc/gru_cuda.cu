@@ -585,12 +585,24 @@ typename Native<T>::type* nat_mut(const Tensor& t) {
   return reinterpret_cast<typename Native<T>::type*>(t.data_ptr<T>());
 }
 
+// Whether torch lets float32 matmuls on CUDA use TF32 (fusedgru.ops.tf32_matmul_allowed in
+// C++): read through the fp32_precision settings, since the legacy allowTF32CuBLAS() throws
+// once a user has set those ("mix of the legacy and new APIs"); setting the legacy flag sets
+// them too.  "none" on the CUDA matmul inherits the generic setting.
+inline bool tf32_matmul_allowed() {
+  const auto& ctx = at::globalContext();
+  at::Float32Precision p = ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
+  if (p == at::Float32Precision::NONE)
+    p = ctx.float32Precision(at::Float32Backend::GENERIC, at::Float32Op::ALL);
+  return p == at::Float32Precision::TF32;
+}
+
 // Calls FN<scalar_t (ATen), op_t (ATen), acc_t, TC>(args...) for dtype ST.  float32 uses TF32
-// tensor cores only when torch.backends.cuda.matmul.allow_tf32 (False by default) allows it.
+// tensor cores only when torch allows TF32 for float32 matmuls (False by default).
 #define FUSEDGRU_DISPATCH(ST, FN, ...)                                                   \
   switch (ST) {                                                                          \
     case at::kFloat:                                                                     \
-      if (at::globalContext().allowTF32CuBLAS())                                         \
+      if (tf32_matmul_allowed())                                                         \
         FN<float, float, float, true>(__VA_ARGS__);                                      \
       else                                                                               \
         FN<float, float, float, false>(__VA_ARGS__);                                     \

@@ -53,6 +53,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import ops
+
 __all__ = ["main", "Case", "GRIDS", "grid_cases", "Provider", "discover_providers",
            "check_provider", "run_cell", "environment", "SCHEMA"]
 
@@ -702,7 +704,7 @@ def environment(device: torch.device) -> dict:
         "date": now.isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(),
         "tf32": {"cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
-                 "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32},
+                 "cuda.matmul.allow_tf32": ops.tf32_matmul_allowed()},
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
         "backends": backends.backend_status(),
         "suggested_name": f"{now:%Y-%m-%d}_{_slug(name)}_{sha[:7]}",
@@ -928,7 +930,7 @@ def _progress(total: int, disable: bool):
 
 def _set_tf32(mode: str) -> Optional[bool]:
     if mode == "torch-default":
-        return torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
+        return torch.backends.cudnn.allow_tf32 or ops.tf32_matmul_allowed()
     on = mode == "on"
     torch.backends.cudnn.allow_tf32 = on
     torch.backends.cuda.matmul.allow_tf32 = on

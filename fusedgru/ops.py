@@ -37,7 +37,8 @@ from torch import Tensor
 from . import reference
 
 __all__ = ["fake_forward", "fake_backward", "register_backend_ops", "register_autograd",
-           "register_extension_autograd", "fake_inference", "register_inference_op", "autocast_enabled", "autocast_off"]
+           "register_extension_autograd", "fake_inference", "register_inference_op",
+           "tf32_matmul_allowed", "autocast_enabled", "autocast_off"]
 
 
 @torch.compiler.assume_constant_result
@@ -46,6 +47,22 @@ def _autocast_available(device_type: str) -> bool:
     # of torch 2.11 cannot trace torch._C._is_autocast_available, which this calls; without
     # the decorator a fullgraph compile of FusedGRU fails there.)
     return torch.amp.is_autocast_available(device_type)
+
+
+def tf32_matmul_allowed() -> bool:
+    """Whether float32 matmuls on CUDA may use TF32, as torch decides it for its own matmuls.
+
+    Read through the fp32_precision settings (torch >= 2.9): once a user has set those,
+    torch's legacy ``torch.backends.cuda.matmul.allow_tf32`` getter raises ("mix of the
+    legacy and new APIs"), and setting the legacy flag sets the new one too.  "none" on the
+    matmul inherits the global ``torch.backends.fp32_precision``."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch without the fp32_precision API
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
 
 
 def autocast_enabled(device_type: str) -> bool:

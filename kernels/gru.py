@@ -44,6 +44,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from fusedgru.ops import tf32_matmul_allowed
+
 __all__ = [
     "INTERPRET",
     "INTERPRET_ERROR",
@@ -617,7 +619,7 @@ def choose_config(B: int, H: int, dtype: torch.dtype) -> Config:
 def dot_precision(dtype: torch.dtype, device_type: str) -> str:
     """"tf32" for float32 on a GPU when torch allows TF32 float32 matmuls, else "ieee"."""
     if dtype == torch.float32 and device_type == "cuda" and not INTERPRET:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return "tf32" if tf32_matmul_allowed() else "ieee"
     return "ieee"
 
 

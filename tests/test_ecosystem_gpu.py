@@ -206,3 +206,26 @@ def test_deterministic_cuda(backend, dtype, gen):
     assert torch.equal(oa, ob) and torch.equal(ha, hb)
     for k in ga:
         assert torch.equal(ga[k], gb[k]), k
+
+
+@pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b != "reference"])
+def test_float32_under_the_fp32_precision_api(backend, gen):
+    """A user who sets TF32 through torch's fp32_precision API (where torch's legacy
+    allow_tf32 getter raises) still runs float32: TF32 when "tf32", exact when "ieee"."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    x = torch.randn(6, 5, 24, device="cuda")
+    torch.manual_seed(0)
+    model = Tagger(backend)
+    try:
+        outs = {}
+        for precision in ("tf32", "ieee"):
+            matmul.fp32_precision = precision
+            assert ops.tf32_matmul_allowed() is (precision == "tf32")
+            y, h_n = model(x)
+            (y.sum() + h_n.sum()).backward()
+            outs[precision] = y.detach()
+        assert torch.isfinite(outs["tf32"]).all()
+        assert rel_err(outs["tf32"], outs["ieee"].double()) < 1e-2
+    finally:
+        matmul.fp32_precision = before

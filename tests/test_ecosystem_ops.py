@@ -149,3 +149,32 @@ def test_compiled_backward_graph_holds_the_backward_op(gen):
     (bw,) = rec.bw_graphs
     code = bw.code
     assert "fusedgru.reference_bwd" in code and "sigmoid" not in code, code
+
+
+@pytest.fixture
+def restore_fp32_precision():
+    matmul = torch.backends.cuda.matmul
+    before = (matmul.fp32_precision, torch.backends.fp32_precision)
+    yield
+    matmul.fp32_precision, torch.backends.fp32_precision = before
+
+
+def test_tf32_query_follows_both_torch_apis(restore_fp32_precision):
+    """ops.tf32_matmul_allowed (what the CUDA and Triton kernels obey for float32) agrees
+    with the legacy flag, and still answers once the fp32_precision API is in use, where
+    torch's own legacy getter raises."""
+    matmul = torch.backends.cuda.matmul
+    for legacy in (True, False):
+        matmul.allow_tf32 = legacy
+        assert ops.tf32_matmul_allowed() is legacy
+    matmul.fp32_precision = "tf32"
+    with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
+        matmul.allow_tf32  # noqa: B018 - the getter this helper must not call
+    assert ops.tf32_matmul_allowed() is True
+    matmul.fp32_precision = "ieee"
+    assert ops.tf32_matmul_allowed() is False
+    matmul.fp32_precision = "none"  # inherits the global setting
+    torch.backends.fp32_precision = "tf32"
+    assert ops.tf32_matmul_allowed() is True
+    torch.backends.fp32_precision = "ieee"
+    assert ops.tf32_matmul_allowed() is False
