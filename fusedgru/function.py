@@ -54,11 +54,12 @@ def gru_layer(
     """
     impl = backends._loaded[backend]
     check_determinism(backend, impl)
-    # The inputs are already in the computation dtype (functional._autocast); the kernels own
-    # their accumulation precision, so autocast must not recast anything inside them.
+    # With nothing to differentiate, a backend's optional inference entry skips ws.
     inference = getattr(impl, "inference", None)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, w_ih, w_hh, b_ih, b_hh))
+    # The inputs are already in the computation dtype (functional._autocast); the kernels own
+    # their accumulation precision, so autocast must not recast anything inside them.
     with ops.autocast_off(x.device.type):
         if inference is not None and not needs_grad:
             return inference(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)  # no ws stored

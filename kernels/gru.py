@@ -59,7 +59,6 @@ __all__ = [
 ]
 
 
-
 def _interpreter_error() -> Optional[str]:
     """Why TRITON_INTERPRET=1 cannot work in this process, or None.  Triton picks the
     interpreter when each @triton.jit function is defined; its own library functions
@@ -79,9 +78,9 @@ def _interpreter_error() -> Optional[str]:
 
 
 # The interpreter is chosen when the @triton.jit functions below are defined (import time).
-INTERPRET_ERROR = (_interpreter_error() if os.environ.get("TRITON_INTERPRET", "0") == "1"
-                   else None)
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1" and INTERPRET_ERROR is None
+_INTERPRET_ASKED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET_ERROR = _interpreter_error() if _INTERPRET_ASKED else None
+INTERPRET = _INTERPRET_ASKED and INTERPRET_ERROR is None
 
 
 def _interpreter_index_fix() -> bool:
