@@ -1,5 +1,6 @@
 """Small cases for compute-sanitizer (memcheck, racecheck): every GPU backend, forward and
-backward, both formulations, odd tiny sizes.  benchmarks/gpu_run.sh runs it as
+backward, and its inference entry (the no-grad forward without ws) where it has one, both
+formulations, odd tiny sizes.  benchmarks/gpu_run.sh runs it as
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \\
         python benchmarks/sanitize_cases.py
@@ -27,7 +28,7 @@ import torch
 
 # Without a GPU (the dry run) the Triton kernels need TRITON_INTERPRET=1 in the environment
 # before Python starts (gpu_run.sh --dry-run sets it); set here it would come too late.
-from fusedgru import backends, testing  # noqa: E402
+from fusedgru import backends, reference, testing  # noqa: E402
 from fusedgru.modules import FusedGRU  # noqa: E402
 
 # (T, B, I, H): H not a multiple of any block size, I != H, B = 1 and odd
@@ -72,7 +73,19 @@ def run_case(kind, name, dtype, reset_after, shape, device) -> str:
         case = testing.make_layer_case(T, B, I, H, reset_after=reset_after,
                                        with_h0=shape[1] != 1, generator=g)
         report = testing.check_layer(name, case, device=device, dtype=dtype, backward=True)
-        return "" if report.ok else str(report.failures)
+        failures = dict(report.failures)
+        inference = getattr(backends.get_backend(name), "inference", None)
+        if inference is not None:  # what FusedGRU runs under no_grad: y only, no ws
+            args = case.args(device, dtype)
+            with torch.no_grad():
+                y = inference(*args, reset_after)
+            want, _ = reference.gru_layer_forward(*case.args(dtype=torch.float64), reset_after)
+            base, _ = reference.gru_layer_forward(*args, reset_after)
+            err = testing.rel_err(y, want)
+            bound = testing.budget(dtype, testing.rel_err(base, want))
+            if not err <= bound:
+                failures["y (inference)"] = f"err {err:.3g} > budget {bound:.3g}"
+        return "" if not failures else str(failures)
     # the module path: 2 layers, bidirectional (reversal, concatenation, h_n order)
     torch.manual_seed(g.initial_seed())
     m64 = FusedGRU(I, H, num_layers=2, bidirectional=True, reset_after=reset_after,

@@ -1,4 +1,4 @@
-// fusedgru::gru_fwd / gru_bwd on CUDA: the "cuda" backend.
+// fusedgru::gru_fwd / gru_infer / gru_bwd on CUDA: the "cuda" backend.
 //
 // STATUS: compiled for sm_80 / sm_90 and checked with ptxas (no spills, no stack), but
 // NEVER RUN ON A GPU at the time of writing.  tests/test_extension_gpu.py is its first check.
@@ -17,6 +17,12 @@
 // operand dtype to a ping-pong buffer (Bp x Hp, zero padded, so MMA tiles never need
 // bounds checks), and meets the other blocks at a grid barrier (cooperative groups).
 // reset_after=False needs r (.) h of every unit before W_hn: a second barrier per step.
+//
+// Inference (gru_infer: nothing needs a gradient) runs the same kernels with ws = nullptr:
+// r, z, n, hn are only stored for the backward (no stage of a step reads them back; z
+// crosses the barrier of reset_after=False in zstate, r as r (.) h in rhbuf), so the
+// stores are skipped and no (T, B, 4H) buffer exists.  A null test on a kernel argument
+// (warp-uniform) rather than a template flag: no second set of 20 kernels.
 //
 // Backward.  The reverse-time loop is the same kind of persistent launch with W_hh^T
 // resident: block nb keeps the 16 columns of W_hh of its units (16 x 3Hp) and computes
@@ -206,7 +212,7 @@ struct FwdArgs {
   const scalar_t* bhh;   // (3H,) or nullptr
   const op_t* wpack;     // (NB, 3, 16, ldw)  rows of W_hh per block, zero padded
   scalar_t* y;           // (T, B, H)
-  scalar_t* ws;          // (T, B, 4H)   [r, z, n, hn]
+  scalar_t* ws;          // (T, B, 4H)   [r, z, n, hn], or nullptr (gru_infer: not kept)
   acc_t* hstate;         // (B, Hp)  the state in the accumulation type (own units only)
   acc_t* zstate;         // (B, Hp)  z between the two phases of reset_after=False
   op_t* hbuf;            // (2, Bp, Hp)  h_t as MMA operand, ping-pong; hbuf[0] = h0
@@ -247,11 +253,13 @@ __device__ void fwd_phase(const FwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
         const acc_t h = n + z * (hp - n);
         p.hstate[b * Hp + j] = h;
         stf(p.y + row * H + j, h);
-        scalar_t* wsr = p.ws + row * 4 * H;
-        stf(wsr + j, r);
-        stf(wsr + H + j, z);
-        stf(wsr + 2 * H + j, n);
-        stf(wsr + 3 * H + j, hn);
+        if (p.ws) {
+          scalar_t* wsr = p.ws + row * 4 * H;
+          stf(wsr + j, r);
+          stf(wsr + H + j, z);
+          stf(wsr + 2 * H + j, n);
+          stf(wsr + 3 * H + j, hn);
+        }
         stf(hout + b * Hp + j, h);
       }
     } else if (phase == 0) {  // r, z from h_{t-1}; publish r (.) h_{t-1}
@@ -268,8 +276,10 @@ __device__ void fwd_phase(const FwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
             sigm(acc_t(ldf(gir + H + j)) + tile_sum(g, acc, mt0, mtp, 2, b, 1, jj) + bias(H + j));
         p.zstate[b * Hp + j] = z;
         stf(p.rhbuf + b * Hp + j, r * p.hstate[b * Hp + j]);
-        stf(p.ws + row * 4 * H + j, r);
-        stf(p.ws + row * 4 * H + H + j, z);
+        if (p.ws) {
+          stf(p.ws + row * 4 * H + j, r);
+          stf(p.ws + row * 4 * H + H + j, z);
+        }
       }
     } else {  // n from W_hn (r (.) h_{t-1}); the update
       block_gemm<op_t, acc_t, TC>(g, p.rhbuf, Hp, W + 2 * 16 * g.ldw, 1, Hp, mt0, mt1, acc);
@@ -286,8 +296,10 @@ __device__ void fwd_phase(const FwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
         const acc_t h = n + z * (hp - n);
         p.hstate[b * Hp + j] = h;
         stf(p.y + row * H + j, h);
-        stf(p.ws + row * 4 * H + 2 * H + j, n);
-        stf(p.ws + row * 4 * H + 3 * H + j, hn);
+        if (p.ws) {
+          stf(p.ws + row * 4 * H + 2 * H + j, n);
+          stf(p.ws + row * 4 * H + 3 * H + j, hn);
+        }
         stf(hout + b * Hp + j, h);
       }
     }
@@ -623,7 +635,7 @@ void check_cuda(const char* op, const Tensor& x) {
 template <typename scalar_t, typename op_at, typename acc_t, bool TC>
 void launch_forward(const Dims& d, const Tensor& x, const std::optional<Tensor>& h0_,
                     const Tensor& w_hh, const Tensor& gi, const Tensor& bhh, bool reset_after,
-                    Tensor& y, Tensor& ws) {
+                    Tensor& y, Tensor& ws /* (T,B,4H), or undefined: not kept */) {
   const int dev = x.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
   using sc = typename Native<scalar_t>::type;
@@ -649,7 +661,7 @@ void launch_forward(const Dims& d, const Tensor& x, const std::optional<Tensor>&
   p.bhh = bhh.defined() ? nat<scalar_t>(bhh) : nullptr;
   p.wpack = nat<op_at>(wpack);
   p.y = nat_mut<scalar_t>(y);
-  p.ws = nat_mut<scalar_t>(ws);
+  p.ws = ws.defined() ? nat_mut<scalar_t>(ws) : nullptr;
   p.hstate = hstate.data_ptr<acc_t>();
   p.zstate = reset_after ? nullptr : zstate.data_ptr<acc_t>();
   p.hbuf = nat_mut<op_at>(hbuf);
@@ -675,19 +687,21 @@ void launch_forward(const Dims& d, const Tensor& x, const std::optional<Tensor>&
   }
 }
 
-std::tuple<Tensor, Tensor> gru_fwd_cuda(const Tensor& x_, const std::optional<Tensor>& h0_,
-                                        const Tensor& w_ih_, const Tensor& w_hh_,
-                                        const std::optional<Tensor>& b_ih_,
+// The forward of gru_fwd (save_ws: ws (T, B, 4H) keeps r, z, n, hn of every step for the
+// backward) and of gru_infer (no ws: the kernels skip those stores).  Returns {y (T, B, H),
+// ws (T, B, 4H) or an undefined tensor}.
+std::tuple<Tensor, Tensor> forward_cuda(const char* op, bool save_ws, const Tensor& x_,
+                                        const std::optional<Tensor>& h0_, const Tensor& w_ih_,
+                                        const Tensor& w_hh_, const std::optional<Tensor>& b_ih_,
                                         const std::optional<Tensor>& b_hh_, bool reset_after) {
-  constexpr const char* op = "fusedgru::gru_fwd (cuda)";
   const Dims d = check_inputs(op, x_, h0_, w_ih_, w_hh_, b_ih_, b_hh_);
   check_cuda(op, x_);
   const c10::cuda::CUDAGuard guard(x_.device());
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   Tensor y = at::empty({d.T, d.B, d.H}, x.options());
-  Tensor ws = at::empty({d.T, d.B, 4 * d.H}, x.options());
+  Tensor ws = save_ws ? at::empty({d.T, d.B, 4 * d.H}, x.options()) : Tensor();
   poison(y);
-  poison(ws);
+  if (save_ws) poison(ws);
   if (d.T == 0 || d.B == 0) return {y, ws};
   const Tensor x2 = x.view({d.T * d.B, d.I});
   const Tensor gi = b_ih_.has_value() ? at::addmm(*b_ih_, x2, w_ih.t()) : at::mm(x2, w_ih.t());
@@ -695,6 +709,22 @@ std::tuple<Tensor, Tensor> gru_fwd_cuda(const Tensor& x_, const std::optional<Te
 
   FUSEDGRU_DISPATCH(x.scalar_type(), launch_forward, d, x, h0_, w_hh, gi, bhh, reset_after, y, ws);
   return {y, ws};
+}
+
+std::tuple<Tensor, Tensor> gru_fwd_cuda(const Tensor& x, const std::optional<Tensor>& h0,
+                                        const Tensor& w_ih, const Tensor& w_hh,
+                                        const std::optional<Tensor>& b_ih,
+                                        const std::optional<Tensor>& b_hh, bool reset_after) {
+  return forward_cuda("fusedgru::gru_fwd (cuda)", true, x, h0, w_ih, w_hh, b_ih, b_hh,
+                      reset_after);
+}
+
+// y only: the same kernels as gru_fwd (bitwise the same y), without the (T, B, 4H) ws.
+Tensor gru_infer_cuda(const Tensor& x, const std::optional<Tensor>& h0, const Tensor& w_ih,
+                      const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+                      const std::optional<Tensor>& b_hh, bool reset_after) {
+  return std::get<0>(forward_cuda("fusedgru::gru_infer (cuda)", false, x, h0, w_ih, w_hh, b_ih,
+                                  b_hh, reset_after));
 }
 
 template <typename scalar_t, typename op_at, typename acc_t, bool TC>
@@ -806,6 +836,7 @@ std::string cuda_plan(const Tensor& x, const Tensor& w_hh, bool reset_after, boo
 
 TORCH_LIBRARY_IMPL(fusedgru, CUDA, m) {
   m.impl("gru_fwd", &fusedgru::cuda_gru::gru_fwd_cuda);
+  m.impl("gru_infer", &fusedgru::cuda_gru::gru_infer_cuda);
   m.impl("gru_bwd", &fusedgru::cuda_gru::gru_bwd_cuda);
   m.impl("_cuda_plan", &fusedgru::cuda_gru::cuda_plan);
 }

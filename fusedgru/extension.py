@@ -5,7 +5,7 @@ fusedgru._C (csrc/) registers the dispatcher ops
     fusedgru::gru_fwd(x, h0?, w_ih, w_hh, b_ih?, b_hh?, reset_after) -> (y, ws)
     fusedgru::gru_bwd(grad_y, x, h0?, w_ih, w_hh, y, ws, reset_after) -> 6 gradients
     fusedgru::gru_infer(x, h0?, w_ih, w_hh, b_ih?, b_hh?, reset_after) -> y
-                      (no gradient needed: no ws; CPU kernel only so far)
+                      (no gradient needed: no (T, B, 4H) ws is kept)
 
 with a CPU kernel (always) and a CUDA kernel (when built with nvcc); shapes as in
 fusedgru/reference.py.  This module loads the library, gives the ops their fake kernels
@@ -138,6 +138,12 @@ class _ExtensionBackend:
     def backward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after):
         return torch.ops.fusedgru.gru_bwd(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after)
 
+    @staticmethod
+    def inference(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after):
+        # The forward when nothing needs a gradient (fusedgru.function.gru_layer): y alone.
+        # CPU: one step's scratch instead of ws; CUDA: the same kernels skip the ws stores.
+        return torch.ops.fusedgru.gru_infer(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
+
     def __repr__(self) -> str:
         return f"<fusedgru extension backend {self.name!r}>"
 
@@ -147,6 +153,10 @@ class _ExtensionBackend:
         if self.device_type == "cuda":
             if not has_cuda_kernels():
                 return "fusedgru._C was built without CUDA (no nvcc or a CPU-only torch)"
+            if not torch._C._dispatch_has_kernel_for_dispatch_key("fusedgru::gru_infer", "CUDA"):
+                # inference() above would fail on every no-grad call: say so up front
+                return ("fusedgru._C was built from older sources (no CUDA kernel for "
+                        "gru_infer): rebuild it")
             if not torch.cuda.is_available():
                 return "no CUDA device is visible"
         return None
@@ -160,17 +170,8 @@ class _ExtensionBackend:
         return None
 
 
-class _ExtensionCPUBackend(_ExtensionBackend):
-    """The "cpu" row: also a forward without ws for when nothing needs a gradient (the CUDA
-    kernels have no such entry yet, so the "cuda" row keeps only forward/backward)."""
-
-    @staticmethod
-    def inference(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after):
-        return torch.ops.fusedgru.gru_infer(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
-
-
 _load()
 
-cpu_backend = _ExtensionCPUBackend("cpu", "cpu", (torch.float32, torch.float64))
+cpu_backend = _ExtensionBackend("cpu", "cpu", (torch.float32, torch.float64))
 cuda_backend = _ExtensionBackend(
     "cuda", "cuda", (torch.float32, torch.float64, torch.float16, torch.bfloat16))

@@ -288,6 +288,22 @@ def test_opcheck(reset_after, with_h0, bias, gen):
                           (x, h0, w_ih, w_hh, b_ih, b_hh, reset_after))
 
 
+def test_both_rows_take_the_infer_op():
+    """The "cpu" and "cuda" rows both have the inference entry (fusedgru.function.gru_layer
+    uses it when nothing needs a gradient), and a CUDA build registers a CUDA gru_infer
+    kernel beside gru_fwd / gru_bwd (checked here without a GPU: registration only)."""
+    from fusedgru import extension
+
+    args = testing.make_layer_case(3, 2, 4, 5).args(dtype=torch.float32)
+    for impl in (extension.cpu_backend, extension.cuda_backend):
+        with testing.OpLog() as log:
+            impl.inference(*args, True)  # CPU tensors: the CPU kernel of the same op
+        assert log.names == ["fusedgru.gru_infer.default"], (impl, log.names)
+    if extension.has_cuda_kernels():
+        for op in ("gru_fwd", "gru_infer", "gru_bwd"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedgru::{op}", "CUDA"), op
+
+
 def test_backend_rows():
     from fusedgru import extension
 

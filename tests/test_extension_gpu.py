@@ -1,6 +1,7 @@
 """The "cuda" backend (csrc/gru_cuda.cu) on a GPU: parity with the float64 reference in every
 dtype, on both CUDA paths (persistent cooperative kernels and the per-step fallback), with
-poisoned outputs; gradcheck in float64; determinism; the dispatcher's capacity plan.
+poisoned outputs; gradcheck in float64; determinism; the dispatcher's capacity plan; the
+inference op gru_infer (y bitwise gru_fwd's, no (T, B, 4H) ws allocated, opcheck).
 
 Run by the repository's GPU script (`pytest -m gpu`); skipped without a CUDA device.
 """
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import fusedgru
-from fusedgru import testing
+from fusedgru import reference, testing
 
 pytestmark = [
     pytest.mark.gpu,
@@ -136,3 +137,123 @@ def test_cuda_rejects_cpu_tensors_mixed():
     with pytest.raises(RuntimeError, match="must be on the device of x"):
         torch.ops.fusedgru.gru_fwd(x, None, torch.randn(9, 3), torch.randn(9, 3, device="cuda"),
                                    None, None, True)
+
+
+# ---------------------------------------------------------------------------------------
+# gru_infer: the forward without ws (what FusedGRU runs when nothing needs a gradient)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=[1, 2], ids=["persistent-path", "per-step-path"])
+def forced_path(request):
+    """Each CUDA path forced (1 = persistent or an error), so both really run."""
+    prev = torch.ops.fusedgru._set_cuda_path(request.param)
+    yield request.param
+    torch.ops.fusedgru._set_cuda_path(prev)
+
+
+INFER_DTYPES = [(torch.float32, False), (torch.float32, True), (torch.float64, False),
+                (torch.float16, False), (torch.bfloat16, False)]
+
+
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%dB%dI%dH%d" % s)
+@pytest.mark.parametrize("dtype,allow_tf32", INFER_DTYPES,
+                         ids=["fp32-strict", "tf32", "fp64", "fp16", "bf16"])
+def test_cuda_infer_matches_forward_and_reference(shape, dtype, allow_tf32, reset_after, gen,
+                                                  poisoned, forced_path):
+    """gru_infer's y (poisoned beforehand) is bitwise gru_fwd's y (the same kernels, only
+    the ws stores skipped) and within SPEC's budget of the float64 reference."""
+    _ext_ready()
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        case = testing.make_layer_case(*shape, reset_after=reset_after, generator=gen)
+        args = case.args("cuda", dtype)
+        y = torch.ops.fusedgru.gru_infer(*args, reset_after)
+        y_fwd, _ = torch.ops.fusedgru.gru_fwd(*args, reset_after)
+        base, _ = reference.gru_layer_forward(*args, reset_after)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    want, _ = reference.gru_layer_forward(*case.args(dtype=torch.float64), reset_after)
+    assert y.shape == y_fwd.shape and y.dtype == dtype
+    assert torch.equal(y, y_fwd)
+    err = testing.rel_err(y, want)
+    assert err <= testing.budget(dtype, testing.rel_err(base, want)), err
+
+
+@pytest.mark.parametrize("with_h0,bias", [(False, True), (True, False)], ids=["noh0", "nobias"])
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+def test_cuda_infer_optional_inputs(with_h0, bias, reset_after, gen, poisoned):
+    _ext_ready()
+    case = testing.make_layer_case(4, 3, 6, 33, reset_after=reset_after, with_h0=with_h0,
+                                   bias=bias, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        args = case.args("cuda", dtype)
+        y = torch.ops.fusedgru.gru_infer(*args, reset_after)
+        assert torch.equal(y, torch.ops.fusedgru.gru_fwd(*args, reset_after)[0]), dtype
+
+
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+def test_cuda_infer_allocates_no_ws(reset_after, gen):
+    """The peak memory of gru_infer leaves no room for a (T, B, 4H) buffer; gru_fwd's, the
+    same call keeping ws, is higher by exactly ws (so the measurement does see it)."""
+    _ext_ready()
+    T, B, I, H = 256, 32, 64, 64  # ws: 8 MiB in float32, far above the small buffers
+    case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, generator=gen)
+    args = case.args("cuda", torch.float32)
+    torch.ops.fusedgru.gru_fwd(*args, reset_after)  # warm-up: cuBLAS workspace, attributes
+
+    def peak(op):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        op(*args, reset_after)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    e = 4
+    ws_bytes, y_bytes, gi_bytes = T * B * 4 * H * e, T * B * H * e, T * B * 3 * H * e
+    p_fwd = peak(torch.ops.fusedgru.gru_fwd)
+    p_inf = peak(torch.ops.fusedgru.gru_infer)
+    assert p_fwd >= y_bytes + gi_bytes + ws_bytes, (p_fwd, ws_bytes)
+    assert p_inf < y_bytes + gi_bytes + ws_bytes // 2, (p_inf, ws_bytes)
+    assert p_fwd - p_inf >= ws_bytes, (p_fwd, p_inf, ws_bytes)
+
+
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+@pytest.mark.parametrize("with_h0,bias", [(True, True), (False, False)], ids=["full", "bare"])
+def test_cuda_infer_opcheck(reset_after, with_h0, bias, gen):
+    _ext_ready()
+    case = testing.make_layer_case(5, 3, 8, 12, reset_after=reset_after, with_h0=with_h0,
+                                   bias=bias, generator=gen)
+    torch.library.opcheck(torch.ops.fusedgru.gru_infer.default,
+                          (*case.args("cuda", torch.float32), reset_after))
+
+
+def test_cuda_module_takes_infer_op_without_grad(gen):
+    """FusedGRU(backend="cuda") runs gru_infer (and never gru_fwd) under no_grad and
+    inference_mode, with the output of the training-mode call bit for bit."""
+    _ext_ready()
+    f = fusedgru.FusedGRU(6, 17, num_layers=2, bidirectional=True, device="cuda",
+                          backend="cuda")
+    x = torch.randn(5, 3, 6, generator=gen).cuda()
+    y_train = f(x)[0]
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx(), testing.OpLog() as log:
+            y = f(x)[0]
+        assert log.names.count("fusedgru.gru_infer.default") == 4, log.names
+        assert "fusedgru.gru_fwd.default" not in log.names
+        assert torch.equal(y, y_train.detach())
+
+
+def test_cuda_infer_edge_cases():
+    _ext_ready()
+    y = torch.ops.fusedgru.gru_infer(torch.randn(0, 3, 4, device="cuda"), None,
+                                     torch.randn(15, 4, device="cuda"),
+                                     torch.randn(15, 5, device="cuda"), None, None, True)
+    assert y.shape == (0, 3, 5)
+    x = torch.randn(2, 2, 3, device="cuda")
+    with pytest.raises(RuntimeError, match="gru_infer.*must be on the device of x"):
+        torch.ops.fusedgru.gru_infer(x, None, torch.randn(9, 3),
+                                     torch.randn(9, 3, device="cuda"), None, None, True)
