@@ -81,8 +81,8 @@ def _signature(kernel: str, dtype: torch.dtype) -> Dict[str, str]:
     types = {
         "_fwd_resident_kernel": [p] * 6 + ["i32"] * 3,
         "_bwd_resident_kernel": [p] * 8 + ["i32"] * 3,
-        "_fwd_step_kernel": [p] * 6 + ["i32"] * 4,
-        "_bwd_step_kernel": [p] * 7 + [f32] * 3 + [p] + ["i32"] * 3,
+        "_fwd_split_kernel": [p] * 6 + [f32, "*i32"] + ["i32"] * 5,
+        "_bwd_split_kernel": [p] * 7 + [f32] * 2 + [p, "*i32"] + ["i32"] * 4,
     }[kernel]
     names = fn.arg_names
     sig = {}
@@ -119,20 +119,29 @@ def dispatch_specs(level: str = "all") -> Iterator[KernelSpec]:
                     BLOCK_B=cfg.block_b, BLOCK_H=hp), cfg.num_warps)
             yield KernelSpec("_bwd_resident_kernel", dtype, dict(
                 common, DOT_PREC=prec, BLOCK_B=cfg.block_b, BLOCK_H=hp), cfg.num_warps)
-        # Step kernels: the two batch blocks choose_config picks (B <= 16, B > 16).
+        # Split kernels: the two batch blocks choose_config picks (B <= 16, B > 16), one
+        # launch per unit ("step") and the persistent launch of the later steps.
         big_h = 2 * gru.resident_max(dtype)
+        state_buf = dtype != torch.float32
         for B in (17,) if level == "ci" else (16, 17):
             cfg = gru.choose_config(B, big_h, dtype)
             assert cfg.strategy == "step"
+            assert gru.choose_config(B, big_h, dtype, 1 << 30, "persistent") == \
+                gru.Config("persistent", cfg.block_b, cfg.block_h, cfg.block_k, cfg.num_warps)
             blocks = dict(BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_h, BLOCK_K=cfg.block_k)
-            # Forward: PREV 0 (t = 0, no h0) or 1 (t = 0, h0 given), and 2 (t > 0).
+            fwd = dict(RESET_AFTER=ra, STATE_BUF=state_buf, LIBDEVICE_TANH=True,
+                       DOT_PREC=prec, **blocks)
+            # Forward units: PREV 0 (t = 0, no h0) or 1 (t = 0, h0 given), and 2 (t > 0).
             phases = (0,) if ra else (1, 2)
             prevs = (2,) if level == "ci" else sorted({2, 1 if h0 else 0})
             for phase, prev in itertools.product(phases, prevs):
-                yield KernelSpec("_fwd_step_kernel", dtype, dict(
-                    PHASE=phase, PREV=prev, LIBDEVICE_TANH=True, DOT_PREC=prec, **blocks),
-                    cfg.num_warps)
-            # Backward: (STAGE, HAS_NEXT, HAS_CUR): first step, middle steps, the dh0 launch.
+                yield KernelSpec("_fwd_split_kernel", dtype, dict(
+                    fwd, PHASE=phase, PREV=prev, PERSIST=False), cfg.num_warps)
+            yield KernelSpec("_fwd_split_kernel", dtype, dict(
+                fwd, PHASE=0, PREV=2, PERSIST=True), cfg.num_warps)
+            # Backward units (STAGE, HAS_NEXT, HAS_CUR): the last step, the middle steps,
+            # the dh0 unit; then the persistent launch (which holds all three).
+            bwd = dict(RESET_AFTER=ra, HAS_H0=h0, DOT_PREC=prec, **blocks)
             stages = [(0, True, True), (0, False, True), (0, True, False)]
             if not ra:
                 stages.append((1, False, True))
@@ -141,9 +150,11 @@ def dispatch_specs(level: str = "all") -> Iterator[KernelSpec]:
             if level == "ci":
                 stages = [s for s in stages if s != (0, True, False)]
             for stage, has_next, has_cur in stages:
-                yield KernelSpec("_bwd_step_kernel", dtype, dict(
-                    STAGE=stage, RESET_AFTER=ra, HAS_NEXT=has_next, HAS_CUR=has_cur,
-                    HAS_H0=h0, DOT_PREC=prec, **blocks), cfg.num_warps)
+                yield KernelSpec("_bwd_split_kernel", dtype, dict(
+                    bwd, STAGE=stage, HAS_NEXT=has_next, HAS_CUR=has_cur, PERSIST=False),
+                    cfg.num_warps)
+            yield KernelSpec("_bwd_split_kernel", dtype, dict(
+                bwd, STAGE=0, HAS_NEXT=True, HAS_CUR=True, PERSIST=True), cfg.num_warps)
 
 
 def _attrs(fn, signature, target):
@@ -178,6 +189,38 @@ def _cuobjdump_usage(cubin: bytes):
     return (int(reg.group(1)) if reg else None, int(local.group(1)) if local else None)
 
 
+def _sass(cubin: bytes) -> Optional[str]:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        try:
+            return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True,
+                                  timeout=120).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+
+def barrier_facts(ptx: str, sass: Optional[str]) -> Dict[str, Optional[int]]:
+    """What the grid barrier of a persistent kernel compiled to: its release adds and
+    acquire loads (PTX; each must be issued by one thread, so predicated), and in the SASS
+    the GPU-scope fences before the adds and the L1 invalidations (CCTL.IVALL) after the
+    acquire loads, which let plain loads read what other SMs wrote."""
+    lines = ptx.splitlines()
+    rel = [l for l in lines if re.search(r"atom\.global\.gpu\.release\.add", l)]
+    acq = [l for l in lines if re.search(r"ld\.global\.gpu\.acquire", l)]
+    return {
+        "release_adds": len(rel),
+        "acquire_loads": len(acq),
+        "unpredicated": sum(not l.strip().startswith("@") for l in rel + acq),
+        "membar_gpu": None if sass is None else len(re.findall(r"MEMBAR\.\w*\.?GPU", sass)),
+        "cctl_ivall": None if sass is None else sass.count("CCTL.IVALL"),
+    }
+
+
 def compile_spec(spec: KernelSpec, arch: int = 90) -> KernelSpec:
     """Compiles ``spec`` for sm_<arch>; fills shared memory, registers and spills.
 
@@ -198,6 +241,8 @@ def compile_spec(spec: KernelSpec, arch: int = 90) -> KernelSpec:
     md = compiled.metadata
     spec.shared = int(md.shared if hasattr(md, "shared") else md["shared"])
     spec.registers, spec.spill_bytes = _cuobjdump_usage(compiled.asm["cubin"])
+    if spec.constexprs.get("PERSIST"):
+        spec.extra["barrier"] = barrier_facts(compiled.asm["ptx"], _sass(compiled.asm["cubin"]))
     return spec
 
 
@@ -230,7 +275,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "constexprs": {k: v for k, v in spec.constexprs.items()},
                      "num_warps": spec.num_warps, "shared": spec.shared,
                      "registers": spec.registers, "spill_bytes": spec.spill_bytes,
-                     "over_limit": bool(over)})
+                     "over_limit": bool(over), **spec.extra})
         print(f"{spec.label:100s} {spec.shared:8d} {spec.registers!s:>5s} "
               f"{spec.spill_bytes!s:>6s}{'  OVER LIMIT' if over else ''}", flush=True)
     if args.json:

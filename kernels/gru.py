@@ -5,29 +5,32 @@ Dimension legend (as in fusedgru/reference.py):
     H   hidden units         G   = 3 gates, stacked r (reset), z (update), n (new)
     BB  batch rows per program                                   (BLOCK_B)
     HP  H padded to a power of two >= 16, resident kernels       (BLOCK_H)
-    BN  hidden columns per program, BK reduction chunk, step kernels (BLOCK_N, BLOCK_K)
+    BN  hidden columns per program, BK reduction chunk, split kernels (BLOCK_N, BLOCK_K)
 Every tensor is contiguous and time-major; "[t]" below is the (B, .) slice of step t.
 ws holds, per row and step, [r, z, n, hn] (4H) with hn = W_hn h + b_hn (reset_after=True)
 or W_hn (r * h) + b_hn (reset_after=False): the backward needs nothing else.
 
 Four kernels, one per job (constexpr flags pick the formulation, where h_{t-1} comes from,
-the tanh and the dot precision; no near-copies):
+the tanh, the dot precision and the strategy; no near-copies):
 
     _fwd_resident_kernel   forward, ONE launch for all T steps; a program owns BB rows and
                            all H columns; W_hh is loaded once, before the time loop, and
-                           stays in registers with the fp32 state h.   grid (cdiv(B, BB),)
+                           stays on chip with the fp32 state h.          grid (cdiv(B, BB),)
     _bwd_resident_kernel   the reverse-time loop of the backward, same scheme; dh is carried
                            in registers through W_hh^T.                 grid (cdiv(B, BB),)
-    _fwd_step_kernel       large H: one step (or half a step for reset_after=False), H split
-                           across programs, h_{t-1} read from y[t-1].  grid (cdiv(B, BB), cdiv(H, BN))
-    _bwd_step_kernel       large H: one stage of one backward step, H split likewise.
+    _fwd_split_kernel      large H: H split across programs, BN columns each; either one
+                           unit (a step, or half a step for reset_after=False) per launch,
+                           or (PERSIST) all steps after the first in one launch with a grid
+                           barrier between units.        grid (cdiv(B, BB), cdiv(H, BN))
+    _bwd_split_kernel      large H: the backward's units (a stage of a step), likewise.
 
 The input projection (x W_ih^T + b_ih for all T*B rows) is one torch matmul before the
 forward loop; dx, dW_ih, dW_hh and the biases are torch matmuls / sums over all T*B rows
-after the backward loop (deterministic: no atomics anywhere).
+after the backward loop (deterministic: no atomics on data; the only atomic is the
+persistent launches' barrier counter).
 
 Offsets: row indices are int64 before they are multiplied by H, 3H or 4H, so tensors with
-more than 2^31 elements are addressed correctly (T*B itself must stay below 2^31).
+more than 2^31 elements are addressed correctly; t is widened to int64 before t * B.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ __all__ = [
     "Config",
     "choose_config",
     "force_config",
+    "max_coresident_programs",
+    "LARGE_H_STRATEGY",
     "resident_max",
     "dot_precision",
     "launch_forward",
@@ -200,7 +205,7 @@ def _fwd_resident_kernel(
         h = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
 
     for t in range(T):
-        row = (o_b + t * B)[:, None]  # (BB, 1) int64 row of the (T*B) rows
+        row = (o_b + tl.cast(t, tl.int64) * B)[:, None]  # (BB, 1) int64 row of the T*B rows
         p_gi = gi_ptr + row * (3 * H) + o_h[None, :]
         i_r = tl.load(p_gi, mask=m_bh, other=0.0).to(tl.float32)
         i_z = tl.load(p_gi + H, mask=m_bh, other=0.0).to(tl.float32)
@@ -263,7 +268,7 @@ def _bwd_resident_kernel(
     dh = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)  # what step t+1 sends to step t
     for tt in range(T):
         t = T - 1 - tt
-        row = (o_b + t * B)[:, None]  # (BB, 1) int64
+        row = (o_b + tl.cast(t, tl.int64) * B)[:, None]  # (BB, 1) int64
         g = tl.load(gy_ptr + row * H + o_h[None, :], mask=m_bh, other=0.0).to(tl.float32) + dh
         p_ws = ws_ptr + row * (4 * H) + o_h[None, :]
         r = tl.load(p_ws, mask=m_bh, other=0.0).to(tl.float32)
@@ -307,26 +312,54 @@ def _bwd_resident_kernel(
 
 
 # ----------------------------------------------------------------------------------------
-# Step kernels: H split across programs, one launch per step (or per stage of a step)
+# Split kernels (large H): H split across programs
 # ----------------------------------------------------------------------------------------
+# A unit of work is one phase of a forward step (reset_after=False has two: r and z, then
+# n and h_t) or one stage of a backward step.  Every program must finish a unit before any
+# starts the next, because the next one reads all H columns of what it wrote.  The two
+# strategies differ only in how they get that barrier:
+#     "step"        one launch per unit (PERSIST=False): stream order is the barrier
+#     "persistent"  one launch for the remaining units (PERSIST=True): a grid-wide barrier
+#                   in the kernel (an atomic counter); every program must be co-resident,
+#                   so the launcher allows at most one program per SM
+# The per-unit code is shared (_fwd_unit, _bwd_unit).  What other programs wrote in the
+# launch (h_{t-1}, r, dgh) is read with plain loads after the barrier: its acquire (by one
+# thread, then __syncthreads) orders them, and on sm_90 it invalidates L1 (CCTL.IVALL in
+# the SASS, checked by tests/test_triton_aot.py), so no stale line is read.
 
 
-# t (and ws_t) change every launch: do not specialise on them.
-@triton.jit(do_not_specialize=["t", "ws_t"])
-def _fwd_step_kernel(
+@triton.jit
+def _grid_barrier(bar_ptr, target):
+    """Adds this program's arrival to the int32 counter at bar_ptr (zero at launch) and
+    waits until it reaches ``target``.  All threads' earlier stores are ordered before the
+    arrival (__syncthreads, then a release add) and the other programs' stores before any
+    later load (acquire loads, then __syncthreads).  Triton issues a scalar atomic from one
+    thread and broadcasts its result through shared memory."""
+    tl.debug_barrier()
+    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+    while seen < target:
+        seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _fwd_unit(
     gi_ptr,  # (T, B, 3H)
     h0_ptr,  # (B, H)      read when PREV == 1
     w_ptr,  # (3H, H)
     b_ptr,  # (3H,)       b_hh (zeros when the layer has no bias)
-    y_ptr,  # (T, B, H)   out: y[t]; y[t-1] read when PREV == 2
+    y_ptr,  # (T, B, H)   out: y[t]; y[t-1] read when PREV == 2 and not STATE_BUF
     ws_ptr,  # (T, B, 4H)  out: ws[ws_t]; PHASE 2 reads r, z written by PHASE 1
+    hs_ptr,  # (2, B, H) fp32  STATE_BUF: h_t into [t % 2], h_{t-1} from [(t - 1) % 2]
     t,  # the step
     ws_t,  # the step's ws row block: t, or 0 when ws is one step's (1, B, 4H) scratch
     B,
     H,
     PHASE: tl.constexpr,  # 0: the whole step (reset_after=True); reset_after=False:
     #                        1: r and z, 2: hn = W_hn (r*h) + b_hn, n and h_t
-    PREV: tl.constexpr,  # h_{t-1} is 0: zeros, 1: h0, 2: y[t-1]
+    PREV: tl.constexpr,  # h_{t-1} is 0: zeros, 1: h0, 2: the previous step's output
+    STATE_BUF: tl.constexpr,  # 16-bit y: the state is carried in fp32 through hs
     LIBDEVICE_TANH: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -340,11 +373,14 @@ def _fwd_step_kernel(
     m_b = o_b < B
     m_n = o_n < H
     m_bn = m_b[:, None] & m_n[None, :]
-    row = (o_b + t * B)[:, None]  # (BB, 1) int64 rows of step t
-    row_ws = (o_b + ws_t * B)[:, None]  # (BB, 1) int64 rows of ws
+    row = (o_b + tl.cast(t, tl.int64) * B)[:, None]  # (BB, 1) int64 rows of step t
+    row_ws = (o_b + tl.cast(ws_t, tl.int64) * B)[:, None]  # (BB, 1) int64 rows of ws
     wdt = w_ptr.dtype.element_ty
     if PREV == 2:
-        p_hp = y_ptr + (row - B) * H  # (BB, 1) row starts of h_{t-1}
+        if STATE_BUF:
+            p_hp = hs_ptr + (o_b + ((t - 1) % 2) * B)[:, None] * H  # (BB, 1) row starts
+        else:
+            p_hp = y_ptr + (row - B) * H
     else:
         p_hp = h0_ptr + o_b[:, None] * H
 
@@ -410,8 +446,61 @@ def _fwd_step_kernel(
             n = _tanh(i_n + hn, LIBDEVICE_TANH)
         h = n + z * (h - n)
         tl.store(y_ptr + row * H + o_n[None, :], h.to(y_ptr.dtype.element_ty), mask=m_bn)
+        if STATE_BUF:
+            tl.store(hs_ptr + (o_b + (t % 2) * B)[:, None] * H + o_n[None, :], h, mask=m_bn)
         tl.store(p_ws + 2 * H, n.to(wsdt), mask=m_bn)
         tl.store(p_ws + 3 * H, hn.to(wsdt), mask=m_bn)
+
+
+# t_begin, t_end and ws_keep change between launches: do not specialise on them.
+@triton.jit(do_not_specialize=["t_begin", "t_end", "ws_keep"])
+def _fwd_split_kernel(
+    gi_ptr,  # (T, B, 3H)
+    h0_ptr,  # (B, H)
+    w_ptr,  # (3H, H)
+    b_ptr,  # (3H,)
+    y_ptr,  # (T, B, H)   out
+    ws_ptr,  # (T, B, 4H) out, or (1, B, 4H) scratch when ws_keep == 0
+    hs_ptr,  # (2, B, H) fp32  state ping-pong (STATE_BUF)
+    bar_ptr,  # (1,) int32  barrier counter, zero at launch (PERSIST)
+    t_begin,  # PERSIST: steps [t_begin, t_end), t_begin >= 1; else the one step t_begin
+    t_end,
+    ws_keep,  # 1: ws keeps every step; 0: one step's scratch
+    B,
+    H,
+    RESET_AFTER: tl.constexpr,
+    PHASE: tl.constexpr,  # not PERSIST: the unit (see _fwd_unit); PERSIST: unused
+    PREV: tl.constexpr,  # not PERSIST: where h_{t-1} comes from; PERSIST: always 2
+    STATE_BUF: tl.constexpr,
+    PERSIST: tl.constexpr,
+    LIBDEVICE_TANH: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    if PERSIST:
+        nprog = tl.num_programs(0) * tl.num_programs(1)
+        for t in range(t_begin, t_end):
+            k = t - t_begin  # steps done in this launch
+            if RESET_AFTER:
+                _fwd_unit(gi_ptr, h0_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, hs_ptr, t, t * ws_keep,
+                          B, H, 0, 2, STATE_BUF, LIBDEVICE_TANH, DOT_PREC, BLOCK_B, BLOCK_N,
+                          BLOCK_K)
+                _grid_barrier(bar_ptr, (k + 1) * nprog)
+            else:
+                _fwd_unit(gi_ptr, h0_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, hs_ptr, t, t * ws_keep,
+                          B, H, 1, 2, STATE_BUF, LIBDEVICE_TANH, DOT_PREC, BLOCK_B, BLOCK_N,
+                          BLOCK_K)
+                _grid_barrier(bar_ptr, (2 * k + 1) * nprog)
+                _fwd_unit(gi_ptr, h0_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, hs_ptr, t, t * ws_keep,
+                          B, H, 2, 2, STATE_BUF, LIBDEVICE_TANH, DOT_PREC, BLOCK_B, BLOCK_N,
+                          BLOCK_K)
+                _grid_barrier(bar_ptr, (2 * k + 2) * nprog)
+    else:
+        _fwd_unit(gi_ptr, h0_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, hs_ptr, t_begin,
+                  t_begin * ws_keep, B, H, PHASE, PREV, STATE_BUF, LIBDEVICE_TANH, DOT_PREC,
+                  BLOCK_B, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -445,8 +534,8 @@ def _dgh_times_w(
     return acc
 
 
-@triton.jit(do_not_specialize=["t"])
-def _bwd_step_kernel(
+@triton.jit
+def _bwd_unit(
     gy_ptr,  # (T, B, H)
     h0_ptr,  # (B, H)      read when HAS_H0
     w_ptr,  # (3H, H)
@@ -454,11 +543,11 @@ def _bwd_step_kernel(
     ws_ptr,  # (T, B, 4H)
     dgi_ptr,  # (T, B, 3H)  out (its [t] slice)
     dgh_ptr,  # (T, B, 3H)  out (its [t] slice); [t+1] read by STAGE 0
-    g_in_ptr,  # (B, H) fp32  g of the step after (STAGE 0) or of this step (STAGE 1)
-    g_out_ptr,  # (B, H) fp32  out (STAGE 0): g = dL/dh_t of this step
+    g_ptr,  # (2, B, H) fp32  g = dL/dh_t of step t in [t % 2] (STAGE 0 writes it and
+    #                          reads the step after's from [(t + 1) % 2]; STAGE 1 reads it)
     p_ptr,  # (B, H) fp32  reset_after=False: g z + d_rh r of a step (out in STAGE 1)
     dh0_ptr,  # (B, H)      out when not HAS_CUR
-    t,  # the step (-1 for the last launch, which only writes dh0)
+    t,  # the step (-1 for the unit that only writes dh0)
     B,
     H,
     STAGE: tl.constexpr,  # 0: dh_t from step t+1 (if HAS_NEXT), then step t's pointwise
@@ -480,9 +569,11 @@ def _bwd_step_kernel(
     m_b = o_b < B
     m_n = o_n < H
     m_bn = m_b[:, None] & m_n[None, :]
-    row = (o_b + t * B)[:, None]  # (BB, 1) int64 rows of step t
+    row = (o_b + tl.cast(t, tl.int64) * B)[:, None]  # (BB, 1) int64 rows of step t
     o_bn = o_b[:, None] * H + o_n[None, :]  # (BB, BN) offsets into (B, H) buffers
-    wdt = w_ptr.dtype.element_ty
+    # g of step t and of the step after: offsets into the (2, B, H) ping-pong
+    o_g_cur = (o_b + ((t + 2) % 2) * B)[:, None] * H + o_n[None, :]
+    o_g_next = (o_b + ((t + 1) % 2) * B)[:, None] * H + o_n[None, :]
     gdt = dgi_ptr.dtype.element_ty
 
     # The product with W_hh^T over gates [G0, G1): of dgh[t+1] in STAGE 0, of dgh[t] in 1.
@@ -504,7 +595,7 @@ def _bwd_step_kernel(
         if HAS_NEXT:
             if RESET_AFTER:  # + g_{t+1} z_{t+1}
                 z1 = tl.load(ws_ptr + (row + B) * (4 * H) + H + o_n[None, :], mask=m_bn, other=0.0)
-                dh += tl.load(g_in_ptr + o_bn, mask=m_bn, other=0.0) * z1.to(tl.float32)
+                dh += tl.load(g_ptr + o_g_next, mask=m_bn, other=0.0) * z1.to(tl.float32)
             else:  # + g_{t+1} z_{t+1} + d_rh r_{t+1}, made by STAGE 1 of step t+1
                 dh += tl.load(p_ptr + o_bn, mask=m_bn, other=0.0)
         if HAS_CUR:
@@ -533,7 +624,7 @@ def _bwd_step_kernel(
             tl.store(p_dgi + H, da_z.to(gdt), mask=m_bn)
             tl.store(p_dgi + 2 * H, da_n.to(gdt), mask=m_bn)
             tl.store(p_dgh + H, da_z.to(gdt), mask=m_bn)
-            tl.store(g_out_ptr + o_bn, g, mask=m_bn)
+            tl.store(g_ptr + o_g_cur, g, mask=m_bn)
         else:
             tl.store(dh0_ptr + o_bn, dh.to(dh0_ptr.dtype.element_ty), mask=m_bn)
     else:
@@ -548,8 +639,65 @@ def _bwd_step_kernel(
         da_r = d_rh * h * r * (1.0 - r)
         tl.store(dgi_ptr + row * (3 * H) + o_n[None, :], da_r.to(gdt), mask=m_bn)
         tl.store(dgh_ptr + row * (3 * H) + o_n[None, :], da_r.to(gdt), mask=m_bn)
-        g = tl.load(g_in_ptr + o_bn, mask=m_bn, other=0.0)
+        g = tl.load(g_ptr + o_g_cur, mask=m_bn, other=0.0)
         tl.store(p_ptr + o_bn, g * z + d_rh * r, mask=m_bn)
+
+
+# t_hi and n_steps change between launches: do not specialise on them.
+@triton.jit(do_not_specialize=["t_hi", "n_steps"])
+def _bwd_split_kernel(
+    gy_ptr,  # (T, B, H)
+    h0_ptr,  # (B, H)
+    w_ptr,  # (3H, H)
+    y_ptr,  # (T, B, H)
+    ws_ptr,  # (T, B, 4H)
+    dgi_ptr,  # (T, B, 3H)  out
+    dgh_ptr,  # (T, B, 3H)  out
+    g_ptr,  # (2, B, H) fp32  scratch (see _bwd_unit)
+    p_ptr,  # (B, H) fp32     scratch (reset_after=False)
+    dh0_ptr,  # (B, H)      out
+    bar_ptr,  # (1,) int32  barrier counter, zero at launch (PERSIST)
+    t_hi,  # not PERSIST: the unit's step; PERSIST: the first (highest) step of the launch
+    n_steps,  # PERSIST: steps t_hi, t_hi - 1, ..., t_hi - n_steps + 1 = 0, then dh0
+    B,
+    H,
+    STAGE: tl.constexpr,  # not PERSIST: the unit (see _bwd_unit)
+    RESET_AFTER: tl.constexpr,
+    HAS_NEXT: tl.constexpr,  # not PERSIST (PERSIST: every step has one)
+    HAS_CUR: tl.constexpr,  # not PERSIST
+    HAS_H0: tl.constexpr,
+    PERSIST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    if PERSIST:
+        nprog = tl.num_programs(0) * tl.num_programs(1)
+        for i in range(n_steps):
+            t = t_hi - i
+            if RESET_AFTER:
+                _bwd_unit(gy_ptr, h0_ptr, w_ptr, y_ptr, ws_ptr, dgi_ptr, dgh_ptr, g_ptr, p_ptr,
+                          dh0_ptr, t, B, H, 0, RESET_AFTER, True, True, HAS_H0, DOT_PREC,
+                          BLOCK_B, BLOCK_N, BLOCK_K)
+                _grid_barrier(bar_ptr, (i + 1) * nprog)
+            else:
+                _bwd_unit(gy_ptr, h0_ptr, w_ptr, y_ptr, ws_ptr, dgi_ptr, dgh_ptr, g_ptr, p_ptr,
+                          dh0_ptr, t, B, H, 0, RESET_AFTER, True, True, HAS_H0, DOT_PREC,
+                          BLOCK_B, BLOCK_N, BLOCK_K)
+                _grid_barrier(bar_ptr, (2 * i + 1) * nprog)
+                _bwd_unit(gy_ptr, h0_ptr, w_ptr, y_ptr, ws_ptr, dgi_ptr, dgh_ptr, g_ptr, p_ptr,
+                          dh0_ptr, t, B, H, 1, RESET_AFTER, True, True, HAS_H0, DOT_PREC,
+                          BLOCK_B, BLOCK_N, BLOCK_K)
+                _grid_barrier(bar_ptr, (2 * i + 2) * nprog)
+        # dh0 = what step 0 sends back (t = -1: only its HAS_NEXT part runs)
+        _bwd_unit(gy_ptr, h0_ptr, w_ptr, y_ptr, ws_ptr, dgi_ptr, dgh_ptr, g_ptr, p_ptr,
+                  dh0_ptr, t_hi - n_steps, B, H, 0, RESET_AFTER, True, False, HAS_H0, DOT_PREC,
+                  BLOCK_B, BLOCK_N, BLOCK_K)
+    else:
+        _bwd_unit(gy_ptr, h0_ptr, w_ptr, y_ptr, ws_ptr, dgi_ptr, dgh_ptr, g_ptr, p_ptr,
+                  dh0_ptr, t_hi, B, H, STAGE, RESET_AFTER, HAS_NEXT, HAS_CUR, HAS_H0, DOT_PREC,
+                  BLOCK_B, BLOCK_N, BLOCK_K)
 
 
 # ----------------------------------------------------------------------------------------
@@ -561,17 +709,33 @@ def _bwd_step_kernel(
 # benchmarks/NOTES-triton.md): Triton stages the loop-invariant W_hh tiles in shared memory.
 # HP = 128 takes 100 KB (16-bit, fwd and bwd, 215 registers, no spill) but 200 KB (fwd)
 # and 328 KB (bwd, over the 227 KB limit) in fp32, so fp32 stops at 64 (52 / 116 KB).
-# Whether resident beats the step kernels at the boundary is still to be timed on a GPU.
+# Whether resident beats the split kernels at the boundary is still to be timed on a GPU.
 RESIDENT_MAX = {torch.float32: 64, torch.float16: 128, torch.bfloat16: 128}
+
+# Above RESIDENT_MAX: "step" (a launch per unit) or "persistent" (one launch, a grid
+# barrier in the kernel) where the grid fits one program per SM.  The choice is to be made
+# by measurement on a GPU (benchmarks/large_h.py); until then the launch-per-unit path,
+# which needs no co-residency, is the default.  FUSEDGRU_TRITON_LARGE_H overrides it.
+LARGE_H_STRATEGIES = ("step", "persistent")
+LARGE_H_STRATEGY = os.environ.get("FUSEDGRU_TRITON_LARGE_H", "step")
+if LARGE_H_STRATEGY not in LARGE_H_STRATEGIES:
+    raise ValueError(f"FUSEDGRU_TRITON_LARGE_H must be one of {LARGE_H_STRATEGIES}, "
+                     f"got {LARGE_H_STRATEGY!r}")
+
+# The barrier counter is an int32 that counts every program's arrival at every barrier.
+_BARRIER_COUNT_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
 class Config:
     """How one layer-direction is launched.
 
-    strategy "resident": one launch per pass, block_h = HP >= H (BLOCK_H).
-    strategy "step":     one launch per step (two for reset_after=False), block_h = BN
-                         columns per program, block_k = BK reduction chunk.
+    strategy "resident":   one launch per pass, block_h = HP >= H (BLOCK_H).
+    strategy "step":       split kernels, one launch per unit (per step, two per step for
+                           reset_after=False); block_h = BN columns per program, block_k =
+                           BK reduction chunk.
+    strategy "persistent": split kernels, the first step as "step", all later steps in one
+                           launch with a grid barrier between units; same blocks.
     """
 
     strategy: str
@@ -579,6 +743,15 @@ class Config:
     block_h: int
     block_k: int = 0
     num_warps: int = 4
+
+    def __post_init__(self):
+        if self.strategy not in ("resident", "step", "persistent"):
+            raise ValueError(f"Config.strategy must be 'resident', 'step' or 'persistent', "
+                             f"got {self.strategy!r}")
+
+    def programs(self, B: int, H: int) -> int:
+        """Programs per launch of the split kernels for a batch of B rows."""
+        return triton.cdiv(B, self.block_b) * triton.cdiv(H, self.block_h)
 
 
 def resident_max(dtype: torch.dtype) -> int:
@@ -590,7 +763,7 @@ _forced: Optional[Config] = None
 
 @contextlib.contextmanager
 def force_config(config: Optional[Config]):
-    """Within the block, every launch uses ``config`` (tests drive the step kernels with
+    """Within the block, every launch uses ``config`` (tests drive the split kernels with
     small blocks through the registered ops this way)."""
     global _forced
     saved, _forced = _forced, config
@@ -600,19 +773,55 @@ def force_config(config: Optional[Config]):
         _forced = saved
 
 
-def choose_config(B: int, H: int, dtype: torch.dtype) -> Config:
+def _split_blocks(B: int) -> dict:
+    # Many programs per step matter more than tile efficiency at small B (latency bound):
+    # BN = 32 gives H / 32 programs per 16 rows.
+    return dict(block_b=16 if B <= 16 else 32, block_h=32, block_k=64, num_warps=4)
+
+
+def choose_config(B: int, H: int, dtype: torch.dtype, max_programs: int = 0,
+                  large_h: Optional[str] = None) -> Config:
     """The configuration the backend launches for a batch of B rows and H hidden units.
 
-    Every value this returns is compiled ahead of time by tests/test_triton_aot.py.
+    max_programs: how many programs can be co-resident (one per SM; 0: unknown), which
+    "persistent" needs.  large_h: the strategy above RESIDENT_MAX (default
+    LARGE_H_STRATEGY).  Every value this returns is compiled ahead of time by
+    tests/test_triton_aot.py.
     """
     if _forced is not None:
         return _forced
     hp = max(16, triton.next_power_of_2(H))
     if hp <= resident_max(dtype):
         return Config("resident", block_b=16, block_h=hp, num_warps=4 if hp <= 32 else 8)
-    # Many programs per step matter more than tile efficiency at small B (latency bound):
-    # BN = 32 gives H / 32 programs per 16 rows.
-    return Config("step", block_b=16 if B <= 16 else 32, block_h=32, block_k=64, num_warps=4)
+    blocks = _split_blocks(B)
+    if (large_h or LARGE_H_STRATEGY) == "persistent":
+        cfg = Config("persistent", **blocks)
+        if 0 < cfg.programs(B, H) <= max_programs:
+            return cfg
+    return Config("step", **blocks)
+
+
+def max_coresident_programs(device: torch.device) -> int:
+    """Programs of a persistent launch that are sure to run at the same time on ``device``:
+    one per SM (every configuration fits one SM, checked by the AOT compile), 1 under the
+    interpreter (it runs programs one after another)."""
+    if INTERPRET or device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check_persistent(cfg: Config, B: int, H: int, units: int, device: torch.device) -> None:
+    """A persistent launch whose programs cannot all be resident would never return."""
+    n = cfg.programs(B, H)
+    cap = max_coresident_programs(device)
+    if n > cap:
+        raise RuntimeError(
+            f"persistent Triton launch of {n} programs (B={B}, H={H}, block_b={cfg.block_b}, "
+            f"block_h={cfg.block_h}) but at most {cap} can be co-resident on {device}"
+            + (" (the interpreter runs one program at a time)" if INTERPRET else ""))
+    if units * n > _BARRIER_COUNT_MAX:
+        raise RuntimeError(f"persistent Triton launch of {units} barrier phases x {n} programs "
+                           f"overflows the int32 barrier counter; use strategy 'step'")
 
 
 def dot_precision(dtype: torch.dtype, device_type: str) -> str:
@@ -628,6 +837,10 @@ def _libdevice_tanh() -> bool:
 
 def _dummy(t: Optional[Tensor], like: Tensor) -> Tensor:
     return t if t is not None else like
+
+
+def _config_for(B: int, H: int, dtype: torch.dtype, device: torch.device) -> Config:
+    return choose_config(B, H, dtype, max_coresident_programs(device))
 
 
 # ----------------------------------------------------------------------------------------
@@ -646,13 +859,13 @@ def launch_forward(
     config: Optional[Config] = None,
 ) -> None:
     """Runs the forward recurrence into y and ws (every element is written).  With ws None
-    nothing of r, z, n, hn reaches memory beyond one step's scratch (the step kernels pass
-    r and z between their two launches through it)."""
+    nothing of r, z, n, hn reaches memory beyond one step's scratch (the split kernels pass
+    r and z between a step's two units through it)."""
     T, B, _ = gi.shape
     H = w_hh.shape[1]
     if T == 0 or B == 0:
         return
-    cfg = config or choose_config(B, H, w_hh.dtype)
+    cfg = config or _config_for(B, H, w_hh.dtype, gi.device)
     prec = dot_precision(w_hh.dtype, gi.device.type)
     h0_arg = _dummy(h0, y)
     nb = triton.cdiv(B, cfg.block_b)
@@ -664,21 +877,40 @@ def launch_forward(
             DOT_PREC=prec, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
         )
         return
-    # Per-step launches on the current stream: stream order is the barrier between steps.
     grid = (nb, triton.cdiv(H, cfg.block_h))
     keep = ws is not None
     if not keep:
         ws = y.new_empty(1, B, 4 * H)  # one step's r, z, n, hn, reused by every step
+    # 16-bit y: carry the state in fp32 (two (B, H) buffers, step t writes [t % 2]).
+    state_buf = y.dtype != torch.float32
+    hs = torch.empty(2, B, H, device=y.device, dtype=torch.float32) if state_buf else y
+    persist = cfg.strategy == "persistent" and T > 1
+    units = 1 if reset_after else 2
+    if persist:
+        _check_persistent(cfg, B, H, units * (T - 1), y.device)
+        bar = torch.zeros(1, device=y.device, dtype=torch.int32)
+    else:
+        bar = y
+
+    def launch(t_begin, t_end, phase, prev, persistent):
+        _fwd_split_kernel[grid](
+            gi, h0_arg, w_hh, b_hh, y, ws, hs, bar, t_begin, t_end, int(keep), B, H,
+            RESET_AFTER=reset_after, PHASE=phase, PREV=prev, STATE_BUF=state_buf,
+            PERSIST=persistent, LIBDEVICE_TANH=_libdevice_tanh(), DOT_PREC=prec,
+            BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_h, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps,
+        )
+
+    # Step 0 takes h_{t-1} from h0 or zeros: launches of its own (PREV is a constexpr).
     phases = (0,) if reset_after else (1, 2)
-    for t in range(T):
-        prev = 2 if t > 0 else (1 if h0 is not None else 0)
+    for phase in phases:
+        launch(0, 1, phase, 1 if h0 is not None else 0, False)
+    if persist:
+        launch(1, T, 0, 2, True)
+        return
+    for t in range(1, T):
         for phase in phases:
-            _fwd_step_kernel[grid](
-                gi, h0_arg, w_hh, b_hh, y, ws, t, t if keep else 0, B, H,
-                PHASE=phase, PREV=prev, LIBDEVICE_TANH=_libdevice_tanh(), DOT_PREC=prec,
-                BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_h, BLOCK_K=cfg.block_k,
-                num_warps=cfg.num_warps,
-            )
+            launch(t, t + 1, phase, 2, False)
 
 
 def launch_backward(
@@ -700,7 +932,7 @@ def launch_backward(
     if T == 0:
         dh0.zero_()
         return
-    cfg = config or choose_config(B, H, w_hh.dtype)
+    cfg = config or _config_for(B, H, w_hh.dtype, grad_y.device)
     prec = dot_precision(w_hh.dtype, grad_y.device.type)
     h0_arg = _dummy(h0, dh0)
     nb = triton.cdiv(B, cfg.block_b)
@@ -712,23 +944,35 @@ def launch_backward(
         )
         return
     grid = (nb, triton.cdiv(H, cfg.block_h))
-    # g of consecutive steps ping-pongs between two fp32 buffers (a launch reads one and
-    # writes the other); p carries g z + d_rh r (reset_after=False) to the step before.
+    # g of consecutive steps ping-pongs between two fp32 (B, H) buffers (a unit reads one
+    # and writes the other); p carries g z + d_rh r (reset_after=False) to the step before.
     gbuf = torch.empty(2, B, H, device=grad_y.device, dtype=torch.float32)
     pbuf = torch.empty(B, H, device=grad_y.device, dtype=torch.float32) if not reset_after \
-        else gbuf[0]
+        else gbuf
+    persist = cfg.strategy == "persistent"
+    units = 1 if reset_after else 2
+    if persist:
+        _check_persistent(cfg, B, H, units * (T - 1), grad_y.device)
+        bar = torch.zeros(1, device=grad_y.device, dtype=torch.int32)
+    else:
+        bar = gbuf
 
-    def stage(t, stage_id, g_in, g_out, has_next, has_cur):
-        _bwd_step_kernel[grid](
-            grad_y, h0_arg, w_hh, y, ws, dgi, dgh, g_in, g_out, pbuf, dh0, t, B, H,
-            STAGE=stage_id, RESET_AFTER=reset_after, HAS_NEXT=has_next, HAS_CUR=has_cur,
-            HAS_H0=h0 is not None, DOT_PREC=prec, BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_h,
-            BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+    def launch(t, n_steps, stage, has_next, has_cur, persistent):
+        _bwd_split_kernel[grid](
+            grad_y, h0_arg, w_hh, y, ws, dgi, dgh, gbuf, pbuf, dh0, bar, t, n_steps, B, H,
+            STAGE=stage, RESET_AFTER=reset_after, HAS_NEXT=has_next, HAS_CUR=has_cur,
+            HAS_H0=h0 is not None, PERSIST=persistent, DOT_PREC=prec, BLOCK_B=cfg.block_b,
+            BLOCK_N=cfg.block_h, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
         )
 
-    for t in range(T - 1, -1, -1):
-        g_in, g_out = gbuf[(t + 1) % 2], gbuf[t % 2]
-        stage(t, 0, g_in, g_out, t < T - 1, True)
-        if not reset_after:
-            stage(t, 1, g_out, g_out, False, True)
-    stage(-1, 0, gbuf[0], gbuf[1], True, False)
+    stages = (0,) if reset_after else (0, 1)
+    # The last step has no step after it: launches of its own (HAS_NEXT is a constexpr).
+    for stage in stages:
+        launch(T - 1, 1, stage, False, True, False)
+    if persist:
+        launch(T - 2, T - 1, 0, True, True, True)  # steps T-2 .. 0, then dh0
+        return
+    for t in range(T - 2, -1, -1):
+        for stage in stages:
+            launch(t, 1, stage, True, True, False)
+    launch(-1, 1, 0, True, False, False)  # dh0

@@ -29,6 +29,13 @@ SIZES = [(1, 1, 2, 1), (7, 5, 4, 1), (2, 3, 5, 3), (7, 1, 3, 17), (2, 5, 9, 17),
 # Small blocks so the step kernels use several column programs and reduction chunks
 # (H = 17 -> 2 column blocks, 2 K chunks) and B = 17 -> 2 row blocks.
 SMALL_STEP = gru.Config("step", block_b=16, block_h=16, block_k=16, num_warps=4)
+# The persistent strategy under the interpreter: programs run one after another there, so a
+# grid barrier can only be met by a grid of ONE program (B <= 32, H <= 32); it still runs
+# every later step in one launch through the barrier, and H > 16 takes 2 K chunks.
+ONE_PROGRAM_PERSISTENT = gru.Config("persistent", block_b=32, block_h=32, block_k=16,
+                                    num_warps=4)
+CONFIGS = {"resident": gru.Config("resident", 16, 32), "step": SMALL_STEP,
+           "persistent": ONE_PROGRAM_PERSISTENT}
 
 
 def _assert_ok(report):
@@ -60,6 +67,37 @@ def test_step_vs_reference(T, B, I, H, with_h0, bias, reset_after, gen):
         _assert_ok(testing.check_layer("triton", case, device=DEVICE, dtype=torch.float32))
 
 
+@pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
+@pytest.mark.parametrize("T,B,I,H,with_h0,bias", [
+    (7, 3, 5, 17, True, True),
+    (3, 32, 4, 32, False, True),
+    (1, 1, 3, 19, True, False),
+    (5, 5, 9, 3, False, False),
+])
+def test_persistent_vs_reference(T, B, I, H, with_h0, bias, reset_after, gen):
+    case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, with_h0=with_h0,
+                                   bias=bias, generator=gen)
+    with gru.force_config(ONE_PROGRAM_PERSISTENT):
+        _assert_ok(testing.check_layer("triton", case, device=DEVICE, dtype=torch.float32))
+
+
+def test_persistent_refuses_a_grid_that_cannot_be_coresident(monkeypatch, gen):
+    """More programs than can run at once would wait at the first barrier forever: the
+    launcher raises instead (the interpreter, and a GPU with fewer SMs than programs)."""
+    monkeypatch.setattr(gru, "max_coresident_programs", lambda device: 1)
+    case = testing.make_layer_case(3, 33, 4, 5, generator=gen)  # 2 row blocks
+    x, h0, w_ih, w_hh, b_ih, b_hh = case.args(DEVICE, torch.float32)
+    gi = reference._input_projection(x, w_ih, b_ih).contiguous()
+    y = torch.empty(3, 33, 5, device=DEVICE)
+    ws = torch.empty(3, 33, 20, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"persistent Triton launch of 2 programs.*"
+                                           r"at most 1 can be co-resident"):
+        gru.launch_forward(gi, h0, w_hh, b_hh, y, ws, True, ONE_PROGRAM_PERSISTENT)
+    with pytest.raises(RuntimeError, match="co-resident"):
+        gru.launch_backward(y, h0, w_hh, y, ws, ws[..., :15], ws[..., :15].clone(),
+                            y[0].clone(), True, ONE_PROGRAM_PERSISTENT)
+
+
 def _poisoned_run(case, config, device):
     """Runs the launchers on NaN-filled output buffers; returns every output."""
     x, h0, w_ih, w_hh, b_ih, b_hh = case.args(device, torch.float32)
@@ -80,11 +118,11 @@ def _poisoned_run(case, config, device):
 
 
 @pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
-@pytest.mark.parametrize("strategy", ["resident", "step"])
+@pytest.mark.parametrize("strategy", ["resident", "step", "persistent"])
 def test_every_output_element_written(strategy, reset_after, gen):
-    T, B, I, H = 3, 17, 4, 19  # two row blocks, a partial column block
+    T, B, I, H = 3, 17, 4, 19  # two row blocks of 16, a partial column block
     case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, generator=gen)
-    config = SMALL_STEP if strategy == "step" else gru.Config("resident", 16, 32)
+    config = CONFIGS[strategy]
     outs = _poisoned_run(case, config, DEVICE)
     for name, t in zip(("y", "ws", "dgi", "dgh", "dh0"), outs):
         assert torch.isfinite(t).all(), f"{name}: {int((~torch.isfinite(t)).sum())} unwritten"
@@ -96,25 +134,27 @@ def test_every_output_element_written(strategy, reset_after, gen):
     assert testing.rel_err(ws, ws64) < 1e-5
 
 
-def test_both_strategies_agree(gen):
-    case = testing.make_layer_case(5, 3, 6, 17, reset_after=True, generator=gen)
-    res = _poisoned_run(case, gru.Config("resident", 16, 32), DEVICE)
-    step = _poisoned_run(case, SMALL_STEP, DEVICE)
-    for a, b in zip(res, step):
-        assert testing.rel_err(a, b) < 1e-5
+@pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
+def test_every_strategy_agrees(reset_after, gen):
+    case = testing.make_layer_case(5, 3, 6, 17, reset_after=reset_after, generator=gen)
+    res = _poisoned_run(case, CONFIGS["resident"], DEVICE)
+    for strategy in ("step", "persistent"):
+        other = _poisoned_run(case, CONFIGS[strategy], DEVICE)
+        for a, b in zip(res, other):
+            assert testing.rel_err(a, b) < 1e-5, strategy
 
 
 @pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
-@pytest.mark.parametrize("strategy", ["resident", "step"])
+@pytest.mark.parametrize("strategy", ["resident", "step", "persistent"])
 @pytest.mark.parametrize("with_h0", [True, False], ids=["h0", "noh0"])
 def test_inference_writes_y_only_and_equals_the_forward(strategy, reset_after, with_h0, gen):
     """launch_forward with ws=None (the inference op): every element of y written, equal to
     the y of the forward that keeps ws; the step kernels pass r, z through one step's
     scratch instead (T = 4 steps reuse it)."""
-    T, B, I, H = 4, 17, 4, 19  # two row blocks, a partial column block
+    T, B, I, H = 4, 17, 4, 19  # two row blocks of 16, a partial column block
     case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, with_h0=with_h0,
                                    generator=gen)
-    config = SMALL_STEP if strategy == "step" else gru.Config("resident", 16, 32)
+    config = CONFIGS[strategy]
     x, h0, w_ih, w_hh, b_ih, b_hh = case.args(DEVICE, torch.float32)
     gi = reference._input_projection(x, w_ih, b_ih).contiguous()
     b = b_hh if b_hh is not None else w_hh.new_zeros(3 * H)
@@ -147,6 +187,22 @@ def test_dispatcher_configs():
     with gru.force_config(SMALL_STEP):
         assert gru.choose_config(1, 1, torch.float32) is SMALL_STEP
     assert gru.choose_config(1, 1, torch.float32).strategy == "resident"
+
+
+def test_dispatcher_persistent_only_where_the_grid_is_coresident():
+    # The default above RESIDENT_MAX stays "step" until a GPU measurement picks one.
+    assert gru.LARGE_H_STRATEGY in gru.LARGE_H_STRATEGIES
+    pick = lambda B, H, cap: gru.choose_config(B, H, torch.bfloat16, cap, "persistent")
+    cfg = pick(16, 1024, 132)  # 1 row block x 32 column blocks
+    assert cfg.strategy == "persistent" and cfg.programs(16, 1024) == 32
+    assert pick(16, 1024, 31).strategy == "step"  # would not all be resident
+    assert pick(256, 1024, 132).strategy == "step"  # 8 x 32 programs
+    assert pick(16, 1024, 0).strategy == "step"  # unknown capacity
+    assert pick(16, 64, 132).strategy == "resident"
+    assert gru.choose_config(16, 1024, torch.bfloat16, 132, "step").strategy == "step"
+    assert gru.max_coresident_programs(torch.device("cpu")) == 1
+    with pytest.raises(ValueError, match="strategy"):
+        gru.Config("barrier", 16, 32)
 
 
 @pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])

@@ -54,11 +54,31 @@ def test_every_configuration_compiles_within_shared_memory(aot_results, arch):
         f"{r['label']}: {r['shared']} > {data['shared_limit']}" for r in over)
     assert rc == 0, text[-4000:]
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {"_fwd_resident_kernel", "_bwd_resident_kernel", "_fwd_step_kernel",
-                       "_bwd_step_kernel"}
+    assert kernels == {"_fwd_resident_kernel", "_bwd_resident_kernel", "_fwd_split_kernel",
+                       "_bwd_split_kernel"}
+    assert {r["constexprs"]["PERSIST"] for r in rows if "PERSIST" in r["constexprs"]} == \
+        {True, False}
     assert {r["constexprs"]["DOT_PREC"] for r in rows if r["dtype"] == "fp32"} == \
         {"ieee", "tf32"}
     assert all(r["shared"] >= 0 for r in rows)
+
+
+@pytest.mark.parametrize("arch", [a for a, _ in RUNS])
+def test_persistent_grid_barrier_compiles_to_fenced_single_thread_atomics(aot_results, arch):
+    """The persistent split kernels meet at a grid barrier (kernels/gru.py, _grid_barrier):
+    its atomics must come from one thread per program (Triton predicates scalar atomics),
+    each release add must be preceded by a GPU-scope fence and each acquire load followed
+    by an L1 invalidation, or a program could read another SM's h_{t-1} or dgh stale."""
+    rows = [r for r in aot_results[arch][1]["rows"] if r.get("constexprs", {}).get("PERSIST")]
+    assert rows, "no persistent configuration compiled"
+    for r in rows:
+        b = r["barrier"]
+        units = 1 if r["constexprs"]["RESET_AFTER"] else 2
+        assert b["release_adds"] == units, (r["label"], b)
+        assert b["acquire_loads"] >= units and b["unpredicated"] == 0, (r["label"], b)
+        if b["cctl_ivall"] is not None:  # the SASS could be read
+            assert b["membar_gpu"] >= b["release_adds"], (r["label"], b)
+            assert b["cctl_ivall"] >= b["acquire_loads"], (r["label"], b)
 
 
 def test_ci_set_covers_every_dispatcher_choice():
@@ -67,7 +87,8 @@ def test_ci_set_covers_every_dispatcher_choice():
     code = (
         "from fusedgru.kernels import aot\n"
         "key=lambda s:(s.kernel,s.dtype,s.constexprs.get('DOT_PREC'),"
-        "s.constexprs.get('RESET_AFTER'),s.constexprs.get('PHASE'),s.constexprs.get('STAGE'))\n"
+        "s.constexprs.get('RESET_AFTER'),s.constexprs.get('PHASE'),s.constexprs.get('STAGE'),"
+        "s.constexprs.get('PERSIST'))\n"
         "ci={key(s) for s in aot.dispatch_specs('ci')}\n"
         "al={key(s) for s in aot.dispatch_specs('all')}\n"
         "assert ci==al,(al-ci)\n"
