@@ -16,6 +16,8 @@
 #   sanitizer.log         compute-sanitizer memcheck and racecheck reports
 #   results.json          `fusedgru bench` rows: stream, batch, deep, d2l grids
 #   speedup.png           speed-up vs nn.GRU against batch size
+#   large_h.json          the Triton large-H strategies (a launch per unit, the same in a
+#                         CUDA graph, persistent with a grid barrier) against nn.GRU
 #   compile/results.json  the reference under torch.compile on d2l and quick stream (if time)
 #   compile/speedup.png
 set -u -o pipefail
@@ -99,7 +101,7 @@ run_step info 60 220 "$LOG" "$PY" -m fusedgru info
 run_step check 90 210 "$LOG" "$PY" -m fusedgru check
 
 # --- 4. the GPU tests ------------------------------------------------------------------
-run_step pytest-gpu 150 200 "$LOG" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests
+run_step pytest-gpu 210 200 "$LOG" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests
 
 # --- 5. compute-sanitizer on small cases of every GPU backend --------------------------
 SANITIZER="$(command -v compute-sanitizer || true)"
@@ -122,7 +124,15 @@ else
   skip_step racecheck "compute-sanitizer not found"
 fi
 
-# --- 6. the benchmark grids ------------------------------------------------------------
+# --- 6. the Triton large-H strategies, measured (issue 3's choice) ---------------------
+if [ "$DRY" = 1 ]; then
+  skip_step large-h "needs a GPU (benchmarks/large_h.py times CUDA launches)"
+else
+  run_step large-h 90 130 "$LOG" "$PY" benchmarks/large_h.py --out "$OUT/large_h.json" \
+    --time-budget 60
+fi
+
+# --- 7. the benchmark grids ------------------------------------------------------------
 # Providers: every fusedgru backend of the table that runs CUDA float32 (not the reference,
 # a correctness tool on a GPU), flashrnn where installed; ref+compile runs separately
 # below so that its compile time cannot crowd out the cells.
@@ -157,10 +167,6 @@ else
   run_step bench 500 100 "$LOG" "$PY" -m fusedgru.bench --grid stream,batch,deep,d2l \
     --backends "${BACKS:-nn.GRU}" --out "$OUT" --no-progress --time-budget "$TB"
 fi
-
-# --- 7. the CPU test suite, quickly ----------------------------------------------------
-run_step pytest-cpu 60 40 "$LOG" "$PY" -m pytest -q -p no:cacheprovider -m "not gpu and not slow" \
-  tests benchmarks --benchmark-disable
 
 # --- 8. the reference under torch.compile (what is left of the budget) -----------------
 if [ "$DRY" = 1 ]; then

@@ -83,6 +83,32 @@ def _bench_summary(path: Path) -> dict:
                 for r in rows if r.get("status") in ("WRONG", "error")][:40]}
 
 
+def _large_h_summary(path: Path) -> dict:
+    """benchmarks/large_h.py's verdict: per cell, the fastest Triton large-H strategy."""
+    if not path.exists():
+        return {"file": path.name, "missing": True}
+    try:
+        res = json.loads(path.read_text())
+    except Exception as exc:  # noqa: BLE001
+        return {"file": path.name, "unreadable": f"{type(exc).__name__}: {exc}"}
+    cells, errors = {}, []
+    for r in res.get("rows", []):
+        key = f"{r['dtype']} {r['mode']} B={r['B']} H={r['H']}"
+        if r.get("ms") is not None:
+            cells.setdefault(key, {})[r["provider"]] = round(r["speedup_vs_nn_gru"] or 0, 3)
+        elif str(r.get("status", "")).startswith("error"):
+            errors.append(f"{key} {r['provider']}: {r['status'][:200]}")
+    wins = {}
+    for key, by in cells.items():
+        tri = {p: v for p, v in by.items() if p.startswith("triton")}
+        if tri:
+            best = max(tri, key=tri.get)
+            by["fastest_triton"] = best
+            wins[best] = wins.get(best, 0) + 1
+    return {"file": path.name, "device_name": res.get("meta", {}).get("device_name"),
+            "speedup_vs_nn_gru": cells, "fastest_triton_count": wins, "errors": errors[:20]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", required=True)
@@ -115,6 +141,7 @@ def main(argv=None) -> int:
         "steps": steps,
         "bench": _bench_summary(out / "results.json"),
         "bench_compile": _bench_summary(out / "compile" / "results.json"),
+        "large_h": _large_h_summary(out / "large_h.json"),
         "files": sorted({str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()}
                         | {"summary.json"}),
     }
@@ -143,6 +170,13 @@ def main(argv=None) -> int:
                   f"{f(pr['speedup_max']):>6}")
         for w in b["wrong_or_failed"][:10]:
             print(f"  ! {w}")
+    lh = summary["large_h"]
+    if lh.get("speedup_vs_nn_gru"):
+        print(f"\nlarge_h: fastest Triton strategy per cell {lh['fastest_triton_count']}")
+        for key, by in lh["speedup_vs_nn_gru"].items():
+            print(f"  {key:28} " + " ".join(f"{p}={v}" for p, v in by.items()))
+    for e in lh.get("errors", [])[:10]:
+        print(f"  ! large_h {e}")
     print(f"\nfiles in {out}: {', '.join(summary['files'])}")
     return 0
 

@@ -33,6 +33,9 @@ from fusedgru.modules import FusedGRU  # noqa: E402
 
 # (T, B, I, H): H not a multiple of any block size, I != H, B = 1 and odd
 LAYER_SHAPES = [(3, 2, 5, 17), (2, 1, 3, 33), (4, 5, 7, 63)]
+# Triton above its resident limit (H split across programs), once per large-H strategy:
+# a launch per unit ("step") and the persistent launch with its grid barrier.
+SPLIT_SHAPE = (3, 2, 5, 130)
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -62,13 +65,42 @@ def cases(device_type: str, requested=None):
             for reset_after in (True, False):
                 for shape in LAYER_SHAPES:
                     yield ("layer", name, dtype, reset_after, shape)
+                if name == "triton":
+                    for strategy in _split_strategies(device_type, dtype):
+                        yield (f"layer-{strategy}", name, dtype, reset_after, SPLIT_SHAPE)
                 yield ("module", name, dtype, reset_after, (4, 3, 6, 17))
+
+
+def _split_config(strategy: str, dtype, shape):
+    from fusedgru.kernels import gru
+
+    T, B, I, H = shape
+    return gru.choose_config(B, H, dtype, 1 << 30, strategy)
+
+
+def _split_strategies(device_type: str, dtype):
+    """The large-H strategies SPLIT_SHAPE can run with here (the interpreter of the dry run
+    runs one program at a time, so no persistent grid of several programs there)."""
+    from fusedgru.kernels import gru
+
+    T, B, I, H = SPLIT_SHAPE
+    cap = gru.max_coresident_programs(torch.device(device_type))
+    for strategy in gru.LARGE_H_STRATEGIES:
+        cfg = _split_config(strategy, dtype, SPLIT_SHAPE)
+        assert cfg.strategy == strategy, cfg
+        if cfg.programs(B, H) <= cap or strategy == "step":
+            yield strategy
 
 
 def run_case(kind, name, dtype, reset_after, shape, device) -> str:
     """'' when it passed, else what failed."""
     T, B, I, H = shape
     g = torch.Generator().manual_seed(zlib.crc32(repr((kind, name, dtype, reset_after, shape)).encode()))
+    if kind.startswith("layer-"):  # a Triton large-H strategy, forced
+        from fusedgru.kernels import gru
+
+        with gru.force_config(_split_config(kind[len("layer-"):], dtype, shape)):
+            return run_case("layer", name, dtype, reset_after, shape, device)
     if kind == "layer":
         case = testing.make_layer_case(T, B, I, H, reset_after=reset_after,
                                        with_h0=shape[1] != 1, generator=g)
@@ -131,7 +163,7 @@ def main(argv=None) -> int:
         return 1
     failed = 0
     for kind, name, dtype, reset_after, shape in todo:
-        label = (f"{kind:6} {name:8} {str(dtype).replace('torch.', ''):8} "
+        label = (f"{kind:16} {name:8} {str(dtype).replace('torch.', ''):8} "
                  f"reset_after={reset_after!s:5} T,B,I,H={shape}")
         if args.list:
             print(label)

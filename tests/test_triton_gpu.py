@@ -56,7 +56,44 @@ def test_layer_vs_reference(prec, T, B, I, H, reset_after, gen):
     assert report.ok, report.failures
 
 
-@pytest.mark.parametrize("strategy", ["resident", "step"])
+def _large_h_config(strategy, B, H, dtype):
+    """The dispatcher's split configuration for ``strategy`` at (B, H), whatever the
+    default large-H strategy is."""
+    cap = gru.max_coresident_programs(torch.device("cuda"))
+    cfg = gru.choose_config(B, H, dtype, cap, strategy)
+    assert cfg.strategy == strategy, (cfg, cap)
+    return cfg
+
+
+@pytest.mark.parametrize("strategy", ["step", "persistent"])  # gru.LARGE_H_STRATEGIES
+@pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
+@pytest.mark.parametrize("T,B,I,H", [(33, 5, 50, 200), (9, 33, 64, 300), (4, 2, 16, 1024)])
+@pytest.mark.parametrize("prec", PRECISIONS, ids=[p[0] for p in PRECISIONS])
+def test_large_h_strategies_vs_reference(prec, T, B, I, H, reset_after, strategy, gen):
+    """Both large-H strategies (a launch per unit; one persistent launch with a grid
+    barrier), whichever is the default, in every precision."""
+    _, dtype, allow = prec
+    case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, with_h0=(B % 2 == 1),
+                                   generator=gen)
+    with tf32(allow), gru.force_config(_large_h_config(strategy, B, H, dtype)):
+        report = testing.check_layer("triton", case, device="cuda", dtype=dtype)
+    assert report.ok, report.failures
+
+
+@pytest.mark.parametrize("strategy", ["step", "persistent"])  # gru.LARGE_H_STRATEGIES
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_large_h_long_sequence_keeps_an_fp32_state(dtype, strategy, gen):
+    """T = 1024 in 16 bits: the split kernels carry h in fp32 between steps (not re-read
+    from the 16-bit y), so the error stays within the budget set by a reference that
+    rounds like nn.GRU; the backward too."""
+    T, B, I, H = 1024, 4, 32, 256
+    case = testing.make_layer_case(T, B, I, H, reset_after=True, with_h0=True, generator=gen)
+    with gru.force_config(_large_h_config(strategy, B, H, dtype)):
+        report = testing.check_layer("triton", case, device="cuda", dtype=dtype)
+    assert report.ok, report.failures
+
+
+@pytest.mark.parametrize("strategy", ["resident", "step", "persistent"])
 @pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_every_output_element_written(strategy, reset_after, dtype, gen):
@@ -64,7 +101,7 @@ def test_every_output_element_written(strategy, reset_after, dtype, gen):
     case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, generator=gen)
     x, h0, w_ih, w_hh, b_ih, b_hh = case.args("cuda", dtype)
     config = gru.Config("resident", 16, 64, 0, 8) if strategy == "resident" else \
-        gru.Config("step", 16, 32, 64, 4)
+        gru.Config(strategy, 16, 32, 64, 4)
     gi = reference._input_projection(x, w_ih, b_ih).contiguous()
     nan = float("nan")
     y = torch.full((T, B, H), nan, device="cuda", dtype=dtype)
