@@ -71,21 +71,28 @@ def _module(name: str, gru: nn.GRU) -> nn.Module:
     return FusedGRU.from_torch(gru, backend="triton")
 
 
-def _plain_call(module: nn.Module, x, h0, gy, train: bool) -> Callable[[], torch.Tensor]:
-    if not train:
-        def infer():
-            with torch.no_grad():
-                return module(x, h0)[0]
-        return infer
+def _train_step(call: Callable, module: nn.Module, x, h0, gy) -> Callable[[], torch.Tensor]:
+    """forward through ``call`` (the module or its graphed twin) + backward, gradients
+    reset to None each time."""
     leaves = [x, *module.parameters()]
 
     def step():
         for t in leaves:
             t.grad = None
-        y, _ = module(x, h0)
+        y, _ = call(x, h0)
         y.backward(gy)
         return y
     return step
+
+
+def _plain_call(module: nn.Module, x, h0, gy, train: bool) -> Callable[[], torch.Tensor]:
+    if train:
+        return _train_step(module, module, x, h0, gy)
+
+    def infer():
+        with torch.no_grad():
+            return module(x, h0)[0]
+    return infer
 
 
 def _graphed_call(module: nn.Module, x, h0, gy, train: bool) -> Callable[[], torch.Tensor]:
@@ -105,16 +112,7 @@ def _graphed_call(module: nn.Module, x, h0, gy, train: bool) -> Callable[[], tor
             graph.replay()
             return out
         return replay
-    graphed = torch.cuda.make_graphed_callables(module, (x, h0))
-    leaves = [x, *module.parameters()]
-
-    def step():
-        for t in leaves:
-            t.grad = None
-        y, _ = graphed(x, h0)
-        y.backward(gy)
-        return y
-    return step
+    return _train_step(torch.cuda.make_graphed_callables(module, (x, h0)), module, x, h0, gy)
 
 
 def run_cell(cell: dict, opts: bench.TimingOptions) -> List[dict]:
