@@ -237,12 +237,17 @@ def compile_spec(spec: KernelSpec, arch: int = 90) -> KernelSpec:
         kwargs["attrs"] = attrs
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=dict(spec.constexprs),
                                     **kwargs)
-    compiled = triton.compile(src, target=target, options={"num_warps": spec.num_warps})
+    options = {"num_warps": spec.num_warps}
+    if spec.constexprs.get("PERSIST"):
+        # As the launcher passes it (a launch attribute; a misspelt option fails here).
+        options[_gru_loaded.COOPERATIVE_LAUNCH] = True
+    compiled = triton.compile(src, target=target, options=options)
     md = compiled.metadata
     spec.shared = int(md.shared if hasattr(md, "shared") else md["shared"])
     spec.registers, spec.spill_bytes = _cuobjdump_usage(compiled.asm["cubin"])
     if spec.constexprs.get("PERSIST"):
         spec.extra["barrier"] = barrier_facts(compiled.asm["ptx"], _sass(compiled.asm["cubin"]))
+        spec.extra["cooperative"] = bool(getattr(md, _gru_loaded.COOPERATIVE_LAUNCH))
     return spec
 
 

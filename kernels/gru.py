@@ -321,7 +321,10 @@ def _bwd_resident_kernel(
 #     "step"        one launch per unit (PERSIST=False): stream order is the barrier
 #     "persistent"  one launch for the remaining units (PERSIST=True): a grid-wide barrier
 #                   in the kernel (an atomic counter); every program must be co-resident,
-#                   so the launcher allows at most one program per SM
+#                   so the launcher allows at most one program per SM and launches the
+#                   grid as a cooperative one (COOPERATIVE_LAUNCH): the driver then either
+#                   runs all programs at once, whatever else is running on other streams,
+#                   or refuses the launch with an error, never a hang
 # The per-unit code is shared (_fwd_unit, _bwd_unit).  What other programs wrote in the
 # launch (h_{t-1}, r, dgh) is read with plain loads after the barrier: its acquire (by one
 # thread, then __syncthreads) orders them, and on sm_90 it invalidates L1 (CCTL.IVALL in
@@ -810,6 +813,12 @@ def max_coresident_programs(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# Launch option of the persistent split launches (a field of triton's CUDAOptions since
+# triton 3.3, present in 3.6 and 3.8; the interpreter ignores it): cuLaunchKernelEx with
+# CU_LAUNCH_ATTRIBUTE_COOPERATIVE, which guarantees the co-residency the grid barrier needs.
+COOPERATIVE_LAUNCH = "launch_cooperative_grid"
+
+
 def _check_persistent(cfg: Config, B: int, H: int, units: int, device: torch.device) -> None:
     """A persistent launch whose programs cannot all be resident would never return."""
     n = cfg.programs(B, H)
@@ -898,7 +907,7 @@ def launch_forward(
             RESET_AFTER=reset_after, PHASE=phase, PREV=prev, STATE_BUF=state_buf,
             PERSIST=persistent, LIBDEVICE_TANH=_libdevice_tanh(), DOT_PREC=prec,
             BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_h, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps,
+            num_warps=cfg.num_warps, **{COOPERATIVE_LAUNCH: persistent},
         )
 
     # Step 0 takes h_{t-1} from h0 or zeros: launches of its own (PREV is a constexpr).
@@ -963,6 +972,7 @@ def launch_backward(
             STAGE=stage, RESET_AFTER=reset_after, HAS_NEXT=has_next, HAS_CUR=has_cur,
             HAS_H0=h0 is not None, PERSIST=persistent, DOT_PREC=prec, BLOCK_B=cfg.block_b,
             BLOCK_N=cfg.block_h, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+            **{COOPERATIVE_LAUNCH: persistent},
         )
 
     stages = (0,) if reset_after else (0, 1)

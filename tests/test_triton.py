@@ -81,6 +81,38 @@ def test_persistent_vs_reference(T, B, I, H, with_h0, bias, reset_after, gen):
         _assert_ok(testing.check_layer("triton", case, device=DEVICE, dtype=torch.float32))
 
 
+class _LaunchRecorder:
+    """Stands in for a jitted kernel: records each launch's PERSIST flag and launch options,
+    then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((kwargs["PERSIST"], kwargs.get(gru.COOPERATIVE_LAUNCH)))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("strategy", ["step", "persistent"])
+def test_only_persistent_launches_are_cooperative(strategy, monkeypatch, gen):
+    """The grid barrier relies on every program running at once: persistent launches ask
+    the driver for a cooperative launch (all programs co-resident, whatever runs on other
+    streams, or an error); the per-unit launches do not need it."""
+    fwd = _LaunchRecorder(gru._fwd_split_kernel)
+    bwd = _LaunchRecorder(gru._bwd_split_kernel)
+    monkeypatch.setattr(gru, "_fwd_split_kernel", fwd)
+    monkeypatch.setattr(gru, "_bwd_split_kernel", bwd)
+    case = testing.make_layer_case(4, 3, 5, 7, reset_after=False, generator=gen)
+    with gru.force_config(CONFIGS[strategy]):
+        _assert_ok(testing.check_layer("triton", case, device=DEVICE, dtype=torch.float32))
+    for rec in (fwd, bwd):
+        assert rec.launches, "no split launch"
+        assert all(coop is persist for persist, coop in rec.launches), rec.launches
+        assert any(p for p, _ in rec.launches) == (strategy == "persistent"), rec.launches
+
+
 def test_persistent_refuses_a_grid_that_cannot_be_coresident(monkeypatch, gen):
     """More programs than can run at once would wait at the first barrier forever: the
     launcher raises instead (the interpreter, and a GPU with fewer SMs than programs)."""

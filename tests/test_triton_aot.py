@@ -72,6 +72,8 @@ def test_persistent_grid_barrier_compiles_to_fenced_single_thread_atomics(aot_re
     rows = [r for r in aot_results[arch][1]["rows"] if r.get("constexprs", {}).get("PERSIST")]
     assert rows, "no persistent configuration compiled"
     for r in rows:
+        # Launched cooperatively (the option name is one this triton knows).
+        assert r["cooperative"] is True, r["label"]
         b = r["barrier"]
         units = 1 if r["constexprs"]["RESET_AFTER"] else 2
         assert b["release_adds"] == units, (r["label"], b)
