@@ -121,9 +121,25 @@ def _interpreter_index_fix() -> bool:
     except Exception:  # noqa: BLE001 - not the failure this fixes: leave triton alone
         return False
 
+    def index(self):
+        return int(self.handle.data.squeeze())
+
+    class _FixingScope:
+        """Passes triton's patches through, with the squeezing __index__ in place of its
+        own: the broken one is never installed, not even for a moment (3.6 re-patches on
+        every nested jit call, and tests/test_triton_concurrent.py runs programs in
+        threads that could see it)."""
+
+        def __init__(self, scope):
+            self.scope = scope
+
+        def set_attr(self, obj, name, value):
+            self.scope.set_attr(obj, name, index if name == "__index__" else value)
+
     def _patch_lang_tensor(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+        patch(tensor, _FixingScope(scope))
+        if getattr(tensor, "__index__", None) is not index:
+            scope.set_attr(tensor, "__index__", index)
 
     interp._patch_lang_tensor = _patch_lang_tensor
     return True
@@ -490,7 +506,8 @@ def _fwd_split_kernel(
                 _fwd_unit(gi_ptr, h0_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, hs_ptr, t, t * ws_keep,
                           B, H, 0, 2, STATE_BUF, LIBDEVICE_TANH, DOT_PREC, BLOCK_B, BLOCK_N,
                           BLOCK_K)
-                _grid_barrier(bar_ptr, (k + 1) * nprog)
+                if t + 1 < t_end:  # nothing in this launch reads the last step's h_t
+                    _grid_barrier(bar_ptr, (k + 1) * nprog)
             else:
                 _fwd_unit(gi_ptr, h0_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, hs_ptr, t, t * ws_keep,
                           B, H, 1, 2, STATE_BUF, LIBDEVICE_TANH, DOT_PREC, BLOCK_B, BLOCK_N,
@@ -499,7 +516,8 @@ def _fwd_split_kernel(
                 _fwd_unit(gi_ptr, h0_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, hs_ptr, t, t * ws_keep,
                           B, H, 2, 2, STATE_BUF, LIBDEVICE_TANH, DOT_PREC, BLOCK_B, BLOCK_N,
                           BLOCK_K)
-                _grid_barrier(bar_ptr, (2 * k + 2) * nprog)
+                if t + 1 < t_end:
+                    _grid_barrier(bar_ptr, (2 * k + 2) * nprog)
     else:
         _fwd_unit(gi_ptr, h0_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, hs_ptr, t_begin,
                   t_begin * ws_keep, B, H, PHASE, PREV, STATE_BUF, LIBDEVICE_TANH, DOT_PREC,
@@ -844,6 +862,11 @@ def _libdevice_tanh() -> bool:
     return not INTERPRET
 
 
+# Tests set this to run the fp32 state ping-pong (STATE_BUF) with float32 y too: the
+# interpreter computes in fp32 only, so 16-bit y (where it is on) cannot run there.
+_FORCE_STATE_BUF = False
+
+
 def _dummy(t: Optional[Tensor], like: Tensor) -> Tensor:
     return t if t is not None else like
 
@@ -891,7 +914,7 @@ def launch_forward(
     if not keep:
         ws = y.new_empty(1, B, 4 * H)  # one step's r, z, n, hn, reused by every step
     # 16-bit y: carry the state in fp32 (two (B, H) buffers, step t writes [t % 2]).
-    state_buf = y.dtype != torch.float32
+    state_buf = y.dtype != torch.float32 or _FORCE_STATE_BUF
     hs = torch.empty(2, B, H, device=y.device, dtype=torch.float32) if state_buf else y
     persist = cfg.strategy == "persistent" and T > 1
     units = 1 if reset_after else 2
@@ -899,7 +922,7 @@ def launch_forward(
         _check_persistent(cfg, B, H, units * (T - 1), y.device)
         bar = torch.zeros(1, device=y.device, dtype=torch.int32)
     else:
-        bar = y
+        bar = torch.empty(1, device=y.device, dtype=torch.int32)  # unused; int32 as AOT-checked
 
     def launch(t_begin, t_end, phase, prev, persistent):
         _fwd_split_kernel[grid](
@@ -964,7 +987,7 @@ def launch_backward(
         _check_persistent(cfg, B, H, units * (T - 1), grad_y.device)
         bar = torch.zeros(1, device=grad_y.device, dtype=torch.int32)
     else:
-        bar = gbuf
+        bar = torch.empty(1, device=grad_y.device, dtype=torch.int32)  # unused
 
     def launch(t, n_steps, stage, has_next, has_cur, persistent):
         _bwd_split_kernel[grid](
