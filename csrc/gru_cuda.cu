@@ -49,7 +49,9 @@
 #include <mma.h>
 #include <torch/library.h>
 
+#include <map>
 #include <mutex>
+#include <utility>
 #include <sstream>
 #include <type_traits>
 
@@ -505,6 +507,23 @@ DeviceInfo device_info(int dev) {
   return cache[dev];
 }
 
+// Lets `kern` be launched with up to `bytes` of dynamic shared memory on device `dev`.
+// The attribute belongs to the kernel and device, not to a launch: setting it to each
+// call's own size would let a host thread with a smaller H lower it between another
+// thread's set and launch, and that launch would fail.  So it only ever grows (under a
+// lock); a launch asks for its own size, and the occupancy query is made with it.
+void allow_dynamic_smem(const void* kern, int dev, int64_t bytes) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, int64_t> allowed;
+  std::lock_guard<std::mutex> lock(mu);
+  int64_t& cur = allowed[{kern, dev}];
+  if (bytes > cur) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+    cur = bytes;
+  }
+}
+
 struct Plan {
   Geom g;
   int NB = 0;
@@ -541,8 +560,7 @@ Plan make_plan(int64_t T, int64_t B, int64_t H, int64_t op_size, int64_t acc_siz
               " bytes) exceed shared memory");
   int occ = 0;
   if (pl.w_bytes + pl.acc_bytes <= d.smem_optin) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(pl.w_bytes + pl.acc_bytes)));
+    allow_dynamic_smem(kern, dev, pl.w_bytes + pl.acc_bytes);
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
         &occ, kern, kThreads, static_cast<size_t>(pl.w_bytes + pl.acc_bytes)));
   }
@@ -676,8 +694,7 @@ void launch_forward(const Dims& d, const Tensor& x, const std::optional<Tensor>&
                                                stream));
   } else {
     auto step = gru_fwd_step<sc, opt, acc_t, TC>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(step, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(pl.acc_bytes)));
+    allow_dynamic_smem(reinterpret_cast<const void*>(step), dev, pl.acc_bytes);
     for (int64_t t = 0; t < d.T; ++t) {
       for (int phase = 0; phase < (reset_after ? 1 : 2); ++phase) {
         step<<<pl.NB, kThreads, pl.acc_bytes, stream>>>(p, t, phase);
@@ -766,8 +783,7 @@ void launch_backward(const Dims& d, const Tensor& grad_y, const Tensor& x,
                                                stream));
   } else {
     auto step = gru_bwd_step<sc, opt, acc_t, TC>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(step, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(pl.acc_bytes)));
+    allow_dynamic_smem(reinterpret_cast<const void*>(step), dev, pl.acc_bytes);
     for (int64_t t = d.T - 1; t >= 0; --t) {
       for (int phase = 0; phase < (reset_after ? 1 : 2); ++phase) {
         step<<<pl.NB, kThreads, pl.acc_bytes, stream>>>(p, t, phase);
