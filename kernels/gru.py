@@ -500,24 +500,17 @@ def _fwd_split_kernel(
 ):
     if PERSIST:
         nprog = tl.num_programs(0) * tl.num_programs(1)
+        UNITS: tl.constexpr = 1 if RESET_AFTER else 2
         for t in range(t_begin, t_end):
             k = t - t_begin  # steps done in this launch
-            if RESET_AFTER:
+            for u in tl.static_range(UNITS):
+                # PHASE 0 is the whole step (reset_after=True), else phases 1 and 2.
                 _fwd_unit(gi_ptr, h0_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, hs_ptr, t, t * ws_keep,
-                          B, H, 0, 2, STATE_BUF, LIBDEVICE_TANH, DOT_PREC, BLOCK_B, BLOCK_N,
-                          BLOCK_K)
-                if t + 1 < t_end:  # nothing in this launch reads the last step's h_t
-                    _grid_barrier(bar_ptr, (k + 1) * nprog)
-            else:
-                _fwd_unit(gi_ptr, h0_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, hs_ptr, t, t * ws_keep,
-                          B, H, 1, 2, STATE_BUF, LIBDEVICE_TANH, DOT_PREC, BLOCK_B, BLOCK_N,
-                          BLOCK_K)
-                _grid_barrier(bar_ptr, (2 * k + 1) * nprog)
-                _fwd_unit(gi_ptr, h0_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, hs_ptr, t, t * ws_keep,
-                          B, H, 2, 2, STATE_BUF, LIBDEVICE_TANH, DOT_PREC, BLOCK_B, BLOCK_N,
-                          BLOCK_K)
-                if t + 1 < t_end:
-                    _grid_barrier(bar_ptr, (2 * k + 2) * nprog)
+                          B, H, u + UNITS - 1, 2, STATE_BUF, LIBDEVICE_TANH, DOT_PREC,
+                          BLOCK_B, BLOCK_N, BLOCK_K)
+                # Nothing in this launch reads what the last unit of the last step wrote.
+                if (t + 1 < t_end) or (u + 1 < UNITS):
+                    _grid_barrier(bar_ptr, (UNITS * k + u + 1) * nprog)
     else:
         _fwd_unit(gi_ptr, h0_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, hs_ptr, t_begin,
                   t_begin * ws_keep, B, H, PHASE, PREV, STATE_BUF, LIBDEVICE_TANH, DOT_PREC,
@@ -695,22 +688,14 @@ def _bwd_split_kernel(
 ):
     if PERSIST:
         nprog = tl.num_programs(0) * tl.num_programs(1)
+        UNITS: tl.constexpr = 1 if RESET_AFTER else 2
         for i in range(n_steps):
             t = t_hi - i
-            if RESET_AFTER:
+            for u in tl.static_range(UNITS):
                 _bwd_unit(gy_ptr, h0_ptr, w_ptr, y_ptr, ws_ptr, dgi_ptr, dgh_ptr, g_ptr, p_ptr,
-                          dh0_ptr, t, B, H, 0, RESET_AFTER, True, True, HAS_H0, DOT_PREC,
+                          dh0_ptr, t, B, H, u, RESET_AFTER, True, True, HAS_H0, DOT_PREC,
                           BLOCK_B, BLOCK_N, BLOCK_K)
-                _grid_barrier(bar_ptr, (i + 1) * nprog)
-            else:
-                _bwd_unit(gy_ptr, h0_ptr, w_ptr, y_ptr, ws_ptr, dgi_ptr, dgh_ptr, g_ptr, p_ptr,
-                          dh0_ptr, t, B, H, 0, RESET_AFTER, True, True, HAS_H0, DOT_PREC,
-                          BLOCK_B, BLOCK_N, BLOCK_K)
-                _grid_barrier(bar_ptr, (2 * i + 1) * nprog)
-                _bwd_unit(gy_ptr, h0_ptr, w_ptr, y_ptr, ws_ptr, dgi_ptr, dgh_ptr, g_ptr, p_ptr,
-                          dh0_ptr, t, B, H, 1, RESET_AFTER, True, True, HAS_H0, DOT_PREC,
-                          BLOCK_B, BLOCK_N, BLOCK_K)
-                _grid_barrier(bar_ptr, (2 * i + 2) * nprog)
+                _grid_barrier(bar_ptr, (UNITS * i + u + 1) * nprog)
         # dh0 = what step 0 sends back (t = -1: only its HAS_NEXT part runs)
         _bwd_unit(gy_ptr, h0_ptr, w_ptr, y_ptr, ws_ptr, dgi_ptr, dgh_ptr, g_ptr, p_ptr,
                   dh0_ptr, t_hi - n_steps, B, H, 0, RESET_AFTER, True, False, HAS_H0, DOT_PREC,
