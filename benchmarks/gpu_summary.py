@@ -48,13 +48,20 @@ def _last(regex, text: str):
     return (h[0] if isinstance(h, tuple) else h).strip()
 
 
-def _bench_summary(path: Path) -> dict:
+def _read_json(path: Path):
+    """(the file's JSON, None), or (None, why not as a summary entry)."""
     if not path.exists():
-        return {"file": str(path.name), "missing": True}
+        return None, {"file": path.name, "missing": True}
     try:
-        res = json.loads(path.read_text())
+        return json.loads(path.read_text()), None
     except Exception as exc:  # noqa: BLE001
-        return {"file": str(path.name), "unreadable": f"{type(exc).__name__}: {exc}"}
+        return None, {"file": path.name, "unreadable": f"{type(exc).__name__}: {exc}"}
+
+
+def _bench_summary(path: Path) -> dict:
+    res, absent = _read_json(path)
+    if absent:
+        return absent
     rows = res.get("rows", [])
     meta = res.get("meta", {})
     by_status = {}
@@ -85,12 +92,9 @@ def _bench_summary(path: Path) -> dict:
 
 def _large_h_summary(path: Path) -> dict:
     """benchmarks/large_h.py's verdict: per cell, the fastest Triton large-H strategy."""
-    if not path.exists():
-        return {"file": path.name, "missing": True}
-    try:
-        res = json.loads(path.read_text())
-    except Exception as exc:  # noqa: BLE001
-        return {"file": path.name, "unreadable": f"{type(exc).__name__}: {exc}"}
+    res, absent = _read_json(path)
+    if absent:
+        return absent
     cells, errors = {}, []
     for r in res.get("rows", []):
         key = f"{r['dtype']} {r['mode']} B={r['B']} H={r['H']}"

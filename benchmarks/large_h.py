@@ -51,20 +51,6 @@ def _grid(quick: bool):
         yield dict(dtype=dtype, B=B, H=H, T=256, I=256, mode=mode)
 
 
-def _strategy_config(name: str, B: int, H: int, dtype: torch.dtype):
-    """The forced Triton configuration of a provider, or (None, why not)."""
-    from fusedgru.kernels import gru
-
-    strategy = "persistent" if name.startswith("triton-persistent") else "step"
-    cap = gru.max_coresident_programs(torch.device("cuda"))
-    cfg = gru.choose_config(B, H, dtype, cap, strategy)
-    if cfg.strategy != strategy:
-        if cfg.strategy == "resident":
-            return None, f"H={H} is resident for {dtype}"
-        return None, f"{cfg.programs(B, H)} programs > {cap} SMs: not co-resident"
-    return cfg, None
-
-
 def _module(name: str, gru: nn.GRU) -> nn.Module:
     if name.startswith("nn.GRU"):
         return gru
@@ -131,9 +117,11 @@ def run_cell(cell: dict, opts: bench.TimingOptions) -> List[dict]:
         row = dict(cell, provider=name, ms=None, status="ok")
         cfg = None
         if name.startswith("triton"):
-            cfg, why = _strategy_config(name, B, H, dtype)
-            if cfg is None:
-                rows.append(dict(row, status=f"n/a: {why}"))
+            strategy = "persistent" if name.startswith("triton-persistent") else "step"
+            try:
+                cfg = kgru.strategy_config(strategy, B, H, dtype, torch.device("cuda"))
+            except ValueError as exc:  # resident H, or a grid that is not co-resident
+                rows.append(dict(row, status=f"n/a: {exc}"))
                 continue
             row["config"] = dict(strategy=cfg.strategy, block_b=cfg.block_b,
                                  block_h=cfg.block_h, programs=cfg.programs(B, H))

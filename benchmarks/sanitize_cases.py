@@ -71,25 +71,20 @@ def cases(device_type: str, requested=None):
                 yield ("module", name, dtype, reset_after, (4, 3, 6, 17))
 
 
-def _split_config(strategy: str, dtype, shape):
-    from fusedgru.kernels import gru
-
-    T, B, I, H = shape
-    return gru.choose_config(B, H, dtype, 1 << 30, strategy)
-
-
 def _split_strategies(device_type: str, dtype):
     """The large-H strategies SPLIT_SHAPE can run with here (the interpreter of the dry run
     runs one program at a time, so no persistent grid of several programs there)."""
     from fusedgru.kernels import gru
 
     T, B, I, H = SPLIT_SHAPE
-    cap = gru.max_coresident_programs(torch.device(device_type))
     for strategy in gru.LARGE_H_STRATEGIES:
-        cfg = _split_config(strategy, dtype, SPLIT_SHAPE)
-        assert cfg.strategy == strategy, cfg
-        if cfg.programs(B, H) <= cap or strategy == "step":
-            yield strategy
+        try:
+            gru.strategy_config(strategy, B, H, dtype, torch.device(device_type))
+        except ValueError:
+            if strategy == "step":  # always applies above the resident limit
+                raise
+            continue
+        yield strategy
 
 
 def run_case(kind, name, dtype, reset_after, shape, device) -> str:
@@ -99,7 +94,8 @@ def run_case(kind, name, dtype, reset_after, shape, device) -> str:
     if kind.startswith("layer-"):  # a Triton large-H strategy, forced
         from fusedgru.kernels import gru
 
-        with gru.force_config(_split_config(kind[len("layer-"):], dtype, shape)):
+        cfg = gru.strategy_config(kind[len("layer-"):], B, H, dtype, torch.device(device))
+        with gru.force_config(cfg):
             return run_case("layer", name, dtype, reset_after, shape, device)
     if kind == "layer":
         case = testing.make_layer_case(T, B, I, H, reset_after=reset_after,

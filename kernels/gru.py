@@ -816,6 +816,25 @@ def max_coresident_programs(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def strategy_config(strategy: str, B: int, H: int, dtype: torch.dtype,
+                    device: torch.device) -> Config:
+    """The split configuration of large-H ``strategy`` at (B, H) on ``device``, whatever
+    LARGE_H_STRATEGY is: what tests and benchmarks force to run one strategy.  ValueError,
+    saying why, where the strategy does not apply: H fits the resident kernels, or a
+    persistent grid has more programs than can be co-resident."""
+    if strategy not in LARGE_H_STRATEGIES:
+        raise ValueError(f"strategy must be one of {LARGE_H_STRATEGIES}, got {strategy!r}")
+    cap = max_coresident_programs(device)
+    cfg = choose_config(B, H, dtype, cap, strategy)
+    if cfg.strategy == strategy:
+        return cfg
+    if cfg.strategy == "resident":
+        why = f"H={H} is resident for {dtype}"
+    else:
+        why = f"{Config(strategy, **_split_blocks(B)).programs(B, H)} programs > {cap} co-resident"
+    raise ValueError(f"no {strategy!r} configuration at B={B}, H={H} on {device}: {why}")
+
+
 # Launch option of the persistent split launches (a field of triton's CUDAOptions since
 # triton 3.3, present in 3.6 and 3.8; the interpreter ignores it): cuLaunchKernelEx with
 # CU_LAUNCH_ATTRIBUTE_COOPERATIVE, which guarantees the co-residency the grid barrier needs.

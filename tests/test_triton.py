@@ -237,6 +237,23 @@ def test_dispatcher_persistent_only_where_the_grid_is_coresident():
         gru.Config("barrier", 16, 32)
 
 
+def test_strategy_config_forces_a_large_h_strategy_or_says_why_not(monkeypatch):
+    cpu = torch.device("cpu")  # one co-resident program (the interpreter)
+    assert gru.strategy_config("step", 16, 1024, torch.bfloat16, cpu) == \
+        gru.choose_config(16, 1024, torch.bfloat16, 1, "step")
+    with pytest.raises(ValueError, match=r"32 programs > 1 co-resident"):
+        gru.strategy_config("persistent", 16, 1024, torch.bfloat16, cpu)
+    with pytest.raises(ValueError, match="H=64 is resident"):
+        gru.strategy_config("step", 16, 64, torch.float32, cpu)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        gru.strategy_config("resident", 16, 1024, torch.float32, cpu)
+    monkeypatch.setattr(gru, "max_coresident_programs", lambda device: 132)
+    cfg = gru.strategy_config("persistent", 16, 1024, torch.bfloat16, cpu)
+    assert cfg.strategy == "persistent" and cfg.programs(16, 1024) == 32
+    monkeypatch.setattr(gru, "LARGE_H_STRATEGY", "persistent")  # whatever the default is
+    assert gru.strategy_config("step", 16, 1024, torch.bfloat16, cpu).strategy == "step"
+
+
 @pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
 def test_module_bidirectional_multilayer(reset_after, gen):
     """FusedGRU(backend="triton") vs the float64 oracle, within SPEC's budget set by

@@ -56,15 +56,6 @@ def test_layer_vs_reference(prec, T, B, I, H, reset_after, gen):
     assert report.ok, report.failures
 
 
-def _large_h_config(strategy, B, H, dtype):
-    """The dispatcher's split configuration for ``strategy`` at (B, H), whatever the
-    default large-H strategy is."""
-    cap = gru.max_coresident_programs(torch.device("cuda"))
-    cfg = gru.choose_config(B, H, dtype, cap, strategy)
-    assert cfg.strategy == strategy, (cfg, cap)
-    return cfg
-
-
 @pytest.mark.parametrize("strategy", ["step", "persistent"])  # gru.LARGE_H_STRATEGIES
 @pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
 @pytest.mark.parametrize("T,B,I,H", [(33, 5, 50, 200), (9, 33, 64, 300), (4, 2, 16, 1024)])
@@ -75,7 +66,8 @@ def test_large_h_strategies_vs_reference(prec, T, B, I, H, reset_after, strategy
     _, dtype, allow = prec
     case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, with_h0=(B % 2 == 1),
                                    generator=gen)
-    with tf32(allow), gru.force_config(_large_h_config(strategy, B, H, dtype)):
+    cfg = gru.strategy_config(strategy, B, H, dtype, torch.device("cuda"))
+    with tf32(allow), gru.force_config(cfg):
         report = testing.check_layer("triton", case, device="cuda", dtype=dtype)
     assert report.ok, report.failures
 
@@ -88,7 +80,8 @@ def test_large_h_long_sequence_keeps_an_fp32_state(dtype, strategy, gen):
     rounds like nn.GRU; the backward too."""
     T, B, I, H = 1024, 4, 32, 256
     case = testing.make_layer_case(T, B, I, H, reset_after=True, with_h0=True, generator=gen)
-    with gru.force_config(_large_h_config(strategy, B, H, dtype)):
+    cfg = gru.strategy_config(strategy, B, H, dtype, torch.device("cuda"))
+    with gru.force_config(cfg):
         report = testing.check_layer("triton", case, device="cuda", dtype=dtype)
     assert report.ok, report.failures
 
