@@ -25,3 +25,36 @@ def gen():
     g = torch.Generator()
     g.manual_seed(zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").encode()))
     return g
+
+
+def _poisoned_run(case, config, device, dtype=torch.float32, keep_ws=True):
+    """Runs the Triton launchers (kernels/gru.py) of ``case`` with ``config`` on NaN-filled
+    output buffers: (y, ws, dgi, dgh, dh0).  keep_ws=False: the inference forward only
+    (ws=None, no backward), the other four None."""
+    from fusedgru import reference
+    from fusedgru.kernels import gru
+
+    x, h0, w_ih, w_hh, b_ih, b_hh = case.args(device, dtype)
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+    gi = reference._input_projection(x, w_ih, b_ih).contiguous()
+    b = b_hh if b_hh is not None else w_hh.new_zeros(3 * H)
+
+    def poisoned(*shape):
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+
+    y = poisoned(T, B, H)
+    ws = poisoned(T, B, 4 * H) if keep_ws else None
+    gru.launch_forward(gi, h0, w_hh, b, y, ws, case.reset_after, config)
+    if not keep_ws:
+        return y, None, None, None, None
+    dgi, dgh, dh0 = poisoned(T, B, 3 * H), poisoned(T, B, 3 * H), poisoned(B, H)
+    gy = case.grad_y.to(device, dtype)
+    gru.launch_backward(gy, h0, w_hh, y, ws, dgi, dgh, dh0, case.reset_after, config)
+    return y, ws, dgi, dgh, dh0
+
+
+@pytest.fixture
+def poisoned_run():
+    """The Triton launchers on NaN-poisoned outputs (see _poisoned_run)."""
+    return _poisoned_run

@@ -130,32 +130,13 @@ def test_persistent_refuses_a_grid_that_cannot_be_coresident(monkeypatch, gen):
                             y[0].clone(), True, ONE_PROGRAM_PERSISTENT)
 
 
-def _poisoned_run(case, config, device):
-    """Runs the launchers on NaN-filled output buffers; returns every output."""
-    x, h0, w_ih, w_hh, b_ih, b_hh = case.args(device, torch.float32)
-    T, B, _ = x.shape
-    H = w_hh.shape[1]
-    gi = reference._input_projection(x, w_ih, b_ih).contiguous()
-    nan = float("nan")
-    y = torch.full((T, B, H), nan, device=device)
-    ws = torch.full((T, B, 4 * H), nan, device=device)
-    b = b_hh if b_hh is not None else w_hh.new_zeros(3 * H)
-    gru.launch_forward(gi, h0, w_hh, b, y, ws, case.reset_after, config)
-    dgi = torch.full((T, B, 3 * H), nan, device=device)
-    dgh = torch.full((T, B, 3 * H), nan, device=device)
-    dh0 = torch.full((B, H), nan, device=device)
-    gy = case.grad_y.to(device, torch.float32)
-    gru.launch_backward(gy, h0, w_hh, y, ws, dgi, dgh, dh0, case.reset_after, config)
-    return y, ws, dgi, dgh, dh0
-
-
 @pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
 @pytest.mark.parametrize("strategy", ["resident", "step", "persistent"])
-def test_every_output_element_written(strategy, reset_after, gen):
+def test_every_output_element_written(strategy, reset_after, gen, poisoned_run):
     T, B, I, H = 3, 17, 4, 19  # two row blocks of 16, a partial column block
     case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, generator=gen)
     config = CONFIGS[strategy]
-    outs = _poisoned_run(case, config, DEVICE)
+    outs = poisoned_run(case, config, DEVICE)
     for name, t in zip(("y", "ws", "dgi", "dgh", "dh0"), outs):
         assert torch.isfinite(t).all(), f"{name}: {int((~torch.isfinite(t)).sum())} unwritten"
     # The saved values and the pre-activation gradients match the reference's.
@@ -167,11 +148,11 @@ def test_every_output_element_written(strategy, reset_after, gen):
 
 
 @pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
-def test_every_strategy_agrees(reset_after, gen):
+def test_every_strategy_agrees(reset_after, gen, poisoned_run):
     case = testing.make_layer_case(5, 3, 6, 17, reset_after=reset_after, generator=gen)
-    res = _poisoned_run(case, CONFIGS["resident"], DEVICE)
+    res = poisoned_run(case, CONFIGS["resident"], DEVICE)
     for strategy in ("step", "persistent"):
-        other = _poisoned_run(case, CONFIGS[strategy], DEVICE)
+        other = poisoned_run(case, CONFIGS[strategy], DEVICE)
         for a, b in zip(res, other):
             assert testing.rel_err(a, b) < 1e-5, strategy
 

@@ -162,18 +162,11 @@ def concurrent_programs(monkeypatch):
         sys.setswitchinterval(saved)
 
 
-def _launch_and_check(T, B, I, H, reset_after, with_h0, keep_ws, cfg, seed):
+def _launch_and_check(poisoned_run, T, B, I, H, reset_after, with_h0, keep_ws, cfg, seed):
     gen = torch.Generator().manual_seed(seed)
     case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, with_h0=with_h0,
                                    generator=gen)
-    x, h0, w_ih, w_hh, b_ih, b_hh = case.args("cpu", torch.float32)
-    gi = reference._input_projection(x, w_ih, b_ih).contiguous()
-    b = b_hh if b_hh is not None else w_hh.new_zeros(3 * H)
-    nan = float("nan")
-    y = torch.full((T, B, H), nan)
-    ws = torch.full((T, B, 4 * H), nan) if keep_ws else None
-    gru.launch_forward(gi, h0, w_hh, b, y, ws, reset_after, cfg)
-
+    y, ws, dgi, dgh, dh0 = poisoned_run(case, cfg, "cpu", keep_ws=keep_ws)
     x64, h064, w_ih64, w_hh64, b_ih64, b_hh64 = case.args("cpu", torch.float64)
     y64, ws64 = reference.gru_layer_forward(x64, h064, w_ih64, w_hh64, b_ih64, b_hh64,
                                             reset_after)
@@ -181,11 +174,6 @@ def _launch_and_check(T, B, I, H, reset_after, with_h0, keep_ws, cfg, seed):
     if not keep_ws:
         return
     _check("ws", testing.rel_err(ws, ws64))
-    dgi = torch.full((T, B, 3 * H), nan)
-    dgh = torch.full((T, B, 3 * H), nan)
-    dh0 = torch.full((B, H), nan)
-    gy = case.grad_y.to("cpu", torch.float32)
-    gru.launch_backward(gy, h0, w_hh, y, ws, dgi, dgh, dh0, reset_after, cfg)
     _, dh0_64, _, _, db_ih64, db_hh64 = reference.gru_layer_backward(
         case.grad_y.double(), x64, h064, w_ih64, w_hh64, y64, ws64, reset_after)
     # dgi summed over (T, B) is the input-bias gradient, dgh's the recurrent one.
@@ -207,11 +195,12 @@ CASES = [
 @pytest.mark.parametrize("strategy", ["persistent", "step"])
 @pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
 @pytest.mark.parametrize("T,B,I,H,keep_ws,with_h0", CASES)
-def test_split_kernels_with_concurrent_programs(concurrent_programs, strategy, reset_after,
-                                                T, B, I, H, keep_ws, with_h0):
+def test_split_kernels_with_concurrent_programs(concurrent_programs, poisoned_run, strategy,
+                                                reset_after, T, B, I, H, keep_ws, with_h0):
     cfg = gru.Config(strategy, **SMALL)
     assert cfg.programs(B, H) > 1 or T == 1
-    _launch_and_check(T, B, I, H, reset_after, with_h0, keep_ws, cfg, seed=T * 31 + H)
+    _launch_and_check(poisoned_run, T, B, I, H, reset_after, with_h0, keep_ws, cfg,
+                      seed=T * 31 + H)
 
 
 @triton.jit
@@ -220,7 +209,8 @@ def _block_barrier_only(bar_ptr, target):
     tl.debug_barrier()
 
 
-def test_harness_catches_a_missing_grid_barrier(concurrent_programs, monkeypatch):
+def test_harness_catches_a_missing_grid_barrier(concurrent_programs, poisoned_run,
+                                                 monkeypatch):
     """The harness can fail: with the grid barrier reduced to a block-level one, the
     persistent forward reads h_{t-1} columns that other programs have not written yet
     (poisoned NaN) or that belong to another step, and the result is wrong."""
@@ -230,7 +220,7 @@ def test_harness_catches_a_missing_grid_barrier(concurrent_programs, monkeypatch
     wrong = 0
     for seed in range(3):
         try:
-            _launch_and_check(6, 17, 3, 37, True, True, False, cfg, seed=seed)
+            _launch_and_check(poisoned_run, 6, 17, 3, 37, True, True, False, cfg, seed=seed)
         except WrongResult:
             wrong += 1
     assert wrong > 0, "three runs without the grid barrier all gave the right result"

@@ -89,23 +89,13 @@ def test_large_h_long_sequence_keeps_an_fp32_state(dtype, strategy, gen):
 @pytest.mark.parametrize("strategy", ["resident", "step", "persistent"])
 @pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_every_output_element_written(strategy, reset_after, dtype, gen):
+def test_every_output_element_written(strategy, reset_after, dtype, gen, poisoned_run):
     T, B, I, H = 5, 37, 6, 45
     case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, generator=gen)
-    x, h0, w_ih, w_hh, b_ih, b_hh = case.args("cuda", dtype)
     config = gru.Config("resident", 16, 64, 0, 8) if strategy == "resident" else \
         gru.Config(strategy, 16, 32, 64, 4)
-    gi = reference._input_projection(x, w_ih, b_ih).contiguous()
-    nan = float("nan")
-    y = torch.full((T, B, H), nan, device="cuda", dtype=dtype)
-    ws = torch.full((T, B, 4 * H), nan, device="cuda", dtype=dtype)
-    gru.launch_forward(gi, h0, w_hh, b_hh, y, ws, reset_after, config)
-    dgi = torch.full((T, B, 3 * H), nan, device="cuda", dtype=dtype)
-    dgh = torch.full_like(dgi, nan)
-    dh0 = torch.full((B, H), nan, device="cuda", dtype=dtype)
-    gy = case.grad_y.to("cuda", dtype)
-    gru.launch_backward(gy, h0, w_hh, y, ws, dgi, dgh, dh0, reset_after, config)
-    for name, t in dict(y=y, ws=ws, dgi=dgi, dgh=dgh, dh0=dh0).items():
+    outs = poisoned_run(case, config, "cuda", dtype)
+    for name, t in zip(("y", "ws", "dgi", "dgh", "dh0"), outs):
         assert torch.isfinite(t).all(), f"{name}: unwritten elements"
 
 
