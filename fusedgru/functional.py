@@ -23,6 +23,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import backends
 from . import ops
+from .errors import ArgumentTypeError, DTypeError, NotATensorError, ShapeError
 from .function import gru_layer
 
 __all__ = ["gru", "gru_cell", "check_module_args"]
@@ -34,10 +35,21 @@ __all__ = ["gru", "gru_cell", "check_module_args"]
 
 
 def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    # bool is an int to nn.GRU too (GRU(4, True) has hidden_size 1): accepted alike.
+    if not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
     if value <= 0:
         raise ValueError(f"{name}: expected a positive int, got {value}")
+    return int(value)
+
+
+def _check_size(name: str, value) -> int:
+    """A GRUCell size: nn.GRUCell accepts 0 (an empty dimension) and fails on a negative one
+    with RuntimeError while allocating."""
+    if not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a non-negative int, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ShapeError(f"{name}: expected a non-negative int, got {value}")
     return int(value)
 
 
@@ -48,8 +60,9 @@ def _check_bool(name: str, value) -> bool:
 
 
 def _check_dropout(value) -> float:
+    # nn.GRU raises ValueError for anything that is not a number in [0, 1], bools included.
     if isinstance(value, bool) or not isinstance(value, numbers.Number):
-        raise TypeError(f"dropout: expected a float in [0, 1], got {type(value).__name__}")
+        raise ArgumentTypeError(f"dropout: expected a float in [0, 1], got {type(value).__name__}")
     # NaN fails both comparisons; no math.isnan, which torch.compile cannot trace when it
     # makes the module's float attributes symbolic (dynamic=True).
     if not (0 <= value <= 1):
@@ -58,16 +71,20 @@ def _check_dropout(value) -> float:
 
 
 def check_module_args(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                      bidirectional, reset_after, backend):
-    """Validates FusedGRU / FusedGRUCell constructor arguments; returns them normalised."""
+                      bidirectional, reset_after, backend, *, cell: bool = False):
+    """Validates FusedGRU / FusedGRUCell constructor arguments; returns them normalised.
+
+    As nn.GRU: bias and batch_first must be bools, bidirectional is read for its truth
+    value; as nn.GRUCell (``cell``): sizes may be 0."""
+    size = _check_size if cell else _check_positive_int
     return (
-        _check_positive_int("input_size", input_size),
-        _check_positive_int("hidden_size", hidden_size),
+        size("input_size", input_size),
+        size("hidden_size", hidden_size),
         _check_positive_int("num_layers", num_layers),
         _check_bool("bias", bias),
         _check_bool("batch_first", batch_first),
         _check_dropout(dropout),
-        _check_bool("bidirectional", bidirectional),
+        bool(bidirectional),
         _check_bool("reset_after", reset_after),
         backends.check_backend_name(backend),
     )
@@ -75,9 +92,9 @@ def check_module_args(input_size, hidden_size, num_layers, bias, batch_first, dr
 
 def _check_tensor_like(name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a Tensor, got {type(t).__name__}")
+        raise NotATensorError(f"{name}: expected a Tensor, got {type(t).__name__}")
     if t.dtype != ref.dtype:
-        raise TypeError(
+        raise DTypeError(
             f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {t.dtype}"
         )
     if t.device != ref.device:
@@ -145,7 +162,7 @@ def _layer_weights(weights: Sequence[Tensor], num_layers: int, num_directions: i
 def _check_weights(layers, input_size_seen: int, num_directions: int, x: Tensor) -> int:
     w_ih0, w_hh0 = layers[0][0], layers[0][1]
     if w_hh0.dim() != 2 or w_hh0.shape[0] != 3 * w_hh0.shape[1]:
-        raise ValueError(f"weight_hh_l0: expected shape (3*H, H), got {tuple(w_hh0.shape)}")
+        raise ShapeError(f"weight_hh_l0: expected shape (3*H, H), got {tuple(w_hh0.shape)}")
     H = w_hh0.shape[1]
     for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
         layer, direction = divmod(k, num_directions)
@@ -160,17 +177,17 @@ def _check_weights(layers, input_size_seen: int, num_directions: int, x: Tensor)
             if t is None:
                 continue
             if tuple(t.shape) != shape:
-                raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+                raise ShapeError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
             if not t.dtype.is_floating_point:
-                raise TypeError(f"{name}: expected a floating-point dtype, got {t.dtype}")
+                raise DTypeError(f"{name}: expected a floating-point dtype, got {t.dtype}")
             _check_tensor_like(name, t, w_ih0, "weight_ih_l0")
     if input_size_seen != w_ih0.shape[1]:
-        raise ValueError(
+        raise ShapeError(
             f"input: expected input.size(-1) == input_size = {w_ih0.shape[1]}, "
             f"got {input_size_seen}"
         )
     if not x.dtype.is_floating_point:
-        raise TypeError(f"input: expected a floating-point dtype, got {x.dtype}")
+        raise DTypeError(f"input: expected a floating-point dtype, got {x.dtype}")
     _check_tensor_like("input", x, w_ih0, "the weights")
     return H
 
@@ -237,9 +254,9 @@ def gru(
         unbatched = False
     else:
         if not isinstance(input, Tensor):
-            raise TypeError(f"input: expected a Tensor or PackedSequence, got {type(input).__name__}")
+            raise NotATensorError(f"input: expected a Tensor or PackedSequence, got {type(input).__name__}")
         if input.dim() not in (2, 3):
-            raise ValueError(
+            raise ShapeError(
                 f"input: expected a 2-D (unbatched) or 3-D (batched) tensor, got {input.dim()}-D"
             )
         unbatched = input.dim() == 2
@@ -250,10 +267,16 @@ def gru(
 
     if hx is not None:
         if not isinstance(hx, Tensor):
-            raise TypeError(f"hx: expected a Tensor, got {type(hx).__name__}")
+            raise NotATensorError(f"hx: expected a Tensor, got {type(hx).__name__}")
         expected = (num_layers * D, H) if unbatched else (num_layers * D, B, H)
+        if hx.dim() != len(expected):
+            raise ShapeError(
+                f"hx: expected a {len(expected)}-D tensor of shape {expected} for the "
+                f"{'unbatched 2-D' if unbatched else 'batched 3-D'} input, got a {hx.dim()}-D "
+                f"one of shape {tuple(hx.shape)}"
+            )
         if tuple(hx.shape) != expected:
-            raise ValueError(
+            raise ShapeError(
                 f"hx: expected shape {expected} (num_layers * num_directions, "
                 f"{'' if unbatched else 'batch, '}hidden_size), got {tuple(hx.shape)}"
             )
@@ -261,12 +284,13 @@ def gru(
         if unbatched:
             hx = hx.unsqueeze(1)
     if T == 0:
-        raise ValueError("input: expected a sequence of at least one step, got length 0")
+        raise ShapeError("input: expected a sequence of at least one step, got length 0")
 
     name = _resolve(backend, x.device, x.dtype)
-    # An empty batch has nothing for a kernel to do: the reference handles it exactly.
-    if B == 0:
-        name = "reference"
+    # An empty batch, state or input (nn.GRUCell accepts sizes of 0) has nothing for a
+    # kernel to do: the reference handles it exactly.
+    if B == 0 or H == 0 or I == 0:
+        name = _resolve("reference", x.device, x.dtype)
     rev_index = _reverse_index(lengths, T, B, x.device) if D == 2 else None
     last = (lengths.to(x.device) - 1) if lengths is not None else None
 
@@ -319,17 +343,17 @@ def gru_cell(
     input: (B, I) or (I,) unbatched;  hx: (B, H) or (H,), zeros if None.  Returns h' like hx.
     """
     if not isinstance(input, Tensor):
-        raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
+        raise NotATensorError(f"input: expected a Tensor, got {type(input).__name__}")
     if input.dim() not in (1, 2):
-        raise ValueError(
+        raise ShapeError(
             f"input: expected a 1-D (unbatched) or 2-D (batched) tensor, got {input.dim()}-D"
         )
     unbatched = input.dim() == 1
     if hx is not None:
         if not isinstance(hx, Tensor):
-            raise TypeError(f"hx: expected a Tensor, got {type(hx).__name__}")
+            raise NotATensorError(f"hx: expected a Tensor, got {type(hx).__name__}")
         if hx.dim() != input.dim():
-            raise ValueError(
+            raise ShapeError(
                 f"hx: expected a {input.dim()}-D tensor to match the {input.dim()}-D input, "
                 f"got {hx.dim()}-D"
             )
@@ -337,7 +361,7 @@ def gru_cell(
         expected = input.shape[:-1] + ((hidden,) if hidden is not None else hx.shape[-1:])
         if tuple(hx.shape) != tuple(expected):
             what = "(H,) for the unbatched input" if unbatched else "(B, H)"
-            raise ValueError(f"hx: expected shape {tuple(expected)} {what}, "
+            raise ShapeError(f"hx: expected shape {tuple(expected)} {what}, "
                              f"got {tuple(hx.shape)}")
         hx = hx.unsqueeze(0) if unbatched else hx
         hx = hx.unsqueeze(0)  # (1, B, H): one layer, one direction

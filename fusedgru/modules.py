@@ -46,6 +46,7 @@ class FusedGRU(nn.Module):
         batch_first: bool = False,
         dropout: float = 0.0,
         bidirectional: bool = False,
+        proj_size: int = 0,
         device=None,
         dtype=None,
         *,
@@ -53,6 +54,11 @@ class FusedGRU(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        # nn.GRU's positional order (proj_size before device), and its rejection: a
+        # projection exists only for LSTM.  0 (no projection) is what a GRU computes.
+        if proj_size != 0:
+            raise ValueError("proj_size: the proj_size argument is only supported for LSTM, "
+                             f"not RNN or GRU (got proj_size={proj_size!r}; leave it at 0)")
         (input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
          reset_after, backend) = F_gru.check_module_args(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
@@ -72,10 +78,14 @@ class FusedGRU(nn.Module):
         self.bidirectional = bidirectional
         self.reset_after = reset_after
         self.backend = backend
+        # What code written for nn.GRU reads off it.
+        self.mode = "GRU"
+        self.proj_size = 0
         factory = {"device": device, "dtype": dtype}
         D = 2 if bidirectional else 1
         G = 3 * hidden_size
         self._flat_weights_names: List[str] = []
+        self._all_weights: List[List[str]] = []  # names, per layer and direction
         for layer in range(num_layers):
             in_size = input_size if layer == 0 else D * hidden_size
             for direction in range(D):
@@ -86,11 +96,12 @@ class FusedGRU(nn.Module):
                 for prefix, shape in shapes:
                     setattr(self, prefix + sfx, nn.Parameter(torch.empty(shape, **factory)))
                     self._flat_weights_names.append(prefix + sfx)
+                self._all_weights.append([prefix + sfx for prefix, _ in shapes])
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """As torch.nn.GRU: every parameter uniform(-1/sqrt(H), 1/sqrt(H))."""
-        bound = 1.0 / math.sqrt(self.hidden_size)
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
         for w in self.parameters():
             nn.init.uniform_(w, -bound, bound)
 
@@ -155,11 +166,7 @@ class FusedGRU(nn.Module):
 
     def to_torch(self) -> nn.GRU:
         """A torch.nn.GRU with a copy of this module's weights (reset_after=True only)."""
-        if not self.reset_after:
-            raise ValueError(
-                "reset_after: torch.nn.GRU computes only the reset_after=True formulation; "
-                "this module has reset_after=False"
-            )
+        _check_torch_formulation(self)
         w = self.weight_hh_l0
         gru = nn.GRU(self.input_size, self.hidden_size, self.num_layers, self.bias,
                      self.batch_first, self.dropout, self.bidirectional,
@@ -178,7 +185,7 @@ class FusedGRUCell(nn.Module):
                  dtype=None, *, reset_after: bool = True, backend: str = "auto") -> None:
         super().__init__()
         (input_size, hidden_size, _, bias, _, _, _, reset_after, backend) = F_gru.check_module_args(
-            input_size, hidden_size, 1, bias, False, 0.0, False, reset_after, backend)
+            input_size, hidden_size, 1, bias, False, 0.0, False, reset_after, backend, cell=True)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
@@ -211,3 +218,33 @@ class FusedGRUCell(nn.Module):
         if not self.bias:
             s += ", bias=False"
         return s + f", reset_after={self.reset_after}, backend={self.backend_in_use}"
+
+    @classmethod
+    def from_torch(cls, cell: nn.GRUCell, *, backend: str = "auto") -> "FusedGRUCell":
+        """A FusedGRUCell computing exactly what ``cell`` computes, with a copy of its weights."""
+        if not isinstance(cell, nn.GRUCell):
+            raise TypeError(f"cell: expected a torch.nn.GRUCell, got {type(cell).__name__}")
+        w = cell.weight_hh
+        new = cls(cell.input_size, cell.hidden_size, cell.bias, device=w.device, dtype=w.dtype,
+                  reset_after=True, backend=backend)
+        new.load_state_dict(cell.state_dict())
+        new.train(cell.training)
+        return new
+
+    def to_torch(self) -> nn.GRUCell:
+        """A torch.nn.GRUCell with a copy of this module's weights (reset_after=True only)."""
+        _check_torch_formulation(self)
+        w = self.weight_hh
+        cell = nn.GRUCell(self.input_size, self.hidden_size, self.bias, device=w.device,
+                          dtype=w.dtype)
+        cell.load_state_dict(self.state_dict())
+        cell.train(self.training)
+        return cell
+
+
+def _check_torch_formulation(module) -> None:
+    if not module.reset_after:
+        raise ValueError(
+            "reset_after: torch.nn.GRU and nn.GRUCell compute only the reset_after=True "
+            f"formulation; this {type(module).__name__} has reset_after=False"
+        )

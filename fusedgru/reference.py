@@ -136,16 +136,16 @@ def gru_layer_forward(
         b_hrz = b_hh[: 2 * H] if b_hh is not None else None
         b_hn = b_hh[2 * H :] if b_hh is not None else None
     for t in range(T):
-        i_r, i_z, i_n = gi[t].split(H, dim=1)
+        i_r, i_z, i_n = gi[t].split([H, H, H], dim=1)
         if reset_after:
             gh = torch.addmm(b_hh, h, w_hh.T) if b_hh is not None else h @ w_hh.T
-            h_r, h_z, hn = gh.split(H, dim=1)
+            h_r, h_z, hn = gh.split([H, H, H], dim=1)
             r = torch.sigmoid(i_r + h_r)
             z = torch.sigmoid(i_z + h_z)
             n = torch.tanh(i_n + r * hn)
         else:
             grz = torch.addmm(b_hrz, h, w_hrz.T) if b_hrz is not None else h @ w_hrz.T
-            h_r, h_z = grz.split(H, dim=1)
+            h_r, h_z = grz.split([H, H], dim=1)
             r = torch.sigmoid(i_r + h_r)
             z = torch.sigmoid(i_z + h_z)
             hn = torch.addmm(b_hn, r * h, w_hn.T) if b_hn is not None else (r * h) @ w_hn.T
@@ -188,7 +188,7 @@ def gru_layer_backward(
     w_hrz, w_hn = w_hh[: 2 * H], w_hh[2 * H :]
     for t in range(T - 1, -1, -1):
         g = grad_y[t] + dh
-        r, z, n, hn = ws[t].split(H, dim=1)
+        r, z, n, hn = ws[t].split([H, H, H, H], dim=1)
         h = h_prev[t]
         da_n = g * (1 - z) * (1 - n * n)
         da_z = g * (h - n) * z * (1 - z)
