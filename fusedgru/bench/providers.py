@@ -1,0 +1,212 @@
+"""Providers: everything that is timed, each built from the same nn.GRU.
+
+    nn.GRU       torch.nn.GRU (cuDNN on a GPU, oneDNN/ATen on the CPU): the baseline
+    <backend>    each fusedgru backend of the table usable on the device
+                 (FusedGRU.from_torch(gru, backend=...))
+    ref+compile  the reference's maths with its per-step cell under torch.compile
+    flashrnn     the flashrnn package's GRU, where it is installed (GPU)
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .grids import DTYPES, Case
+
+BASELINE = "nn.GRU"
+COMPILE = "ref+compile"
+FLASHRNN = "flashrnn"
+
+
+def _gru_step(gi: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
+    """One reset_after=True step (SPEC section 1): gi (B, 3H), h (B, H) -> h' (B, H)."""
+    gh = torch.addmm(b_hh, h, w_hh.t())
+    i_r, i_z, i_n = gi.chunk(3, 1)
+    h_r, h_z, h_n = gh.chunk(3, 1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return n + z * (h - n)
+
+
+_COMPILED_STEP: Optional[Callable] = None
+
+
+class CompiledReferenceGRU(nn.Module):
+    """The reference's maths (fusedgru/reference.py: one input-projection GEMM over all
+    steps, then a per-step cell) with the cell under torch.compile.
+
+    The cell, not the whole time loop, is compiled: an unrolled T = 1024 loop takes minutes
+    to compile, the cell seconds, and dynamic=True keeps one compiled graph across batch and
+    hidden sizes.  Parameters carry nn.GRU's names, so gradients compare name by name.
+    """
+
+    def __init__(self, gru: nn.GRU):
+        super().__init__()
+        if not gru.bias:
+            raise ValueError("ref+compile: bias=False is not benchmarked")
+        self.num_layers, self.D = gru.num_layers, 2 if gru.bidirectional else 1
+        for name, p in gru.named_parameters():
+            self.register_parameter(name, nn.Parameter(p.detach().clone()))
+
+    def forward(self, x: Tensor, h0: Tensor) -> Tuple[Tensor, Tensor]:
+        global _COMPILED_STEP
+        if _COMPILED_STEP is None:
+            _COMPILED_STEP = torch.compile(_gru_step, dynamic=True)
+        inp, h_n = x, []
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(self.D):
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                gi = nn.functional.linear(inp, getattr(self, "weight_ih" + sfx),
+                                          getattr(self, "bias_ih" + sfx))  # (T, B, 3H)
+                if d:
+                    gi = gi.flip(0)
+                h = h0[layer * self.D + d]
+                w_hh, b_hh = getattr(self, "weight_hh" + sfx), getattr(self, "bias_hh" + sfx)
+                ys = []
+                # Each (grad mode, dtype, stride pattern) of the grid is one more graph of
+                # the same cell; torch's default limit of 8 would leave later cells eager.
+                with torch._dynamo.config.patch(recompile_limit=64):
+                    for t in range(gi.shape[0]):
+                        h = _COMPILED_STEP(gi[t], h, w_hh, b_hh)
+                        ys.append(h)
+                y = torch.stack(ys)
+                h_n.append(h)
+                outs.append(y.flip(0) if d else y)
+            inp = outs[0] if self.D == 1 else torch.cat(outs, 2)
+        return inp, torch.stack(h_n)
+
+
+class FlashRNNGRU(nn.Module):
+    """The flashrnn package's fused CUDA GRU behind nn.GRU's parameters (1 layer, one
+    direction).  NEVER RUN: written against flashrnn 1.0's documented call
+    flashrnn(Wx (B,T,G,NH,D), R (G,NH,D,D), b (G+1,NH,D), states, function="gru"); the gate
+    order and transposes are assumptions that the correctness check confirms or refutes
+    (a mismatch is reported as WRONG, never timed)."""
+
+    def __init__(self, gru: nn.GRU):
+        super().__init__()
+        if gru.num_layers != 1 or gru.bidirectional or not gru.bias:
+            raise ValueError("flashrnn adapter: 1 layer, one direction, with bias only")
+        from flashrnn.flashrnn import flashrnn  # noqa: F401  (import check)
+
+        for name, p in gru.named_parameters():
+            self.register_parameter(name, nn.Parameter(p.detach().clone()))
+
+    def forward(self, x: Tensor, h0: Tensor) -> Tuple[Tensor, Tensor]:
+        from flashrnn.flashrnn import flashrnn
+
+        T, B, _ = x.shape
+        H = self.weight_hh_l0.shape[1]
+        wx = nn.functional.linear(x, self.weight_ih_l0)  # (T, B, 3H)
+        wx = wx.view(T, B, 3, 1, H).transpose(0, 1)  # (B, T, G, NH, D)
+        R = self.weight_hh_l0.view(3, H, H).transpose(1, 2).unsqueeze(1)  # (G, NH, D, D)
+        bi, bh = self.bias_ih_l0.view(3, H), self.bias_hh_l0.view(3, H)
+        b = torch.stack([bi[0] + bh[0], bi[1] + bh[1], bi[2], bh[2]]).unsqueeze(1)
+        states = h0.view(1, 1, B, 1, H)
+        dt = {torch.float32: "float32", torch.bfloat16: "bfloat16",
+              torch.float16: "float16"}[x.dtype]
+        y, last = flashrnn(wx, R, b, states=states, function="gru", backend="cuda_fused",
+                           dtype=dt)
+        y = y.reshape(B, T, H).transpose(0, 1)
+        return y, last.reshape(1, B, H)
+
+
+@dataclass
+class Provider:
+    name: str
+    kind: str  # "baseline", "fusedgru", "compile", "flashrnn"
+    build: Callable[[nn.GRU], nn.Module]
+    note: str = ""
+    # why it cannot run a case (None: it can)
+    unsupported: Callable[[Case, torch.device], Optional[str]] = lambda case, dev: None
+
+
+def _build_baseline(gru: nn.GRU) -> nn.Module:
+    m = copy.deepcopy(gru)
+    m.flatten_parameters()
+    return m
+
+
+def _fusedgru_provider(name: str) -> Provider:
+    from .. import backends
+    from ..modules import FusedGRU
+
+    impl = backends.get_backend(name)
+
+    def unsupported(case: Case, device: torch.device) -> Optional[str]:
+        return impl.unsupported_reason(device.type, DTYPES[case.dtype])
+
+    return Provider(name, "fusedgru", lambda gru: FusedGRU.from_torch(gru, backend=name),
+                    note=backends.BACKENDS[name].summary, unsupported=unsupported)
+
+
+def _flashrnn_reason(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return "flashrnn runs on CUDA devices only"
+    try:
+        import flashrnn  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return f"flashrnn is not installed ({type(exc).__name__})"
+    return None
+
+
+def discover_providers(device: torch.device, requested: Optional[Sequence[str]] = None,
+                       quick: bool = False) -> Tuple[List[Provider], Dict[str, str]]:
+    """(providers to time, {name: why it is left out}).  nn.GRU always comes first: every
+    speed-up is against it.  Without ``requested``: every fusedgru backend that is a fast
+    path on the device (not the Triton interpreter on the CPU, not the reference on a GPU),
+    ref+compile (not with --quick: compiling takes longer than the quick grid) and flashrnn
+    where installed."""
+    from .. import backends
+
+    status = backends.backend_status()
+    explicit = requested is not None
+    wanted = list(requested) if explicit else None
+    known = set(backends.BACKENDS) | {BASELINE, COMPILE, FLASHRNN}
+    if explicit:
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            raise ValueError(f"--backends: unknown {unknown}; expected names from "
+                             f"{sorted(known)}")
+    providers = [Provider(BASELINE, "baseline", _build_baseline,
+                          note="torch.nn.GRU" + (" (cuDNN)" if device.type == "cuda" else ""))]
+    left_out: Dict[str, str] = {}
+    for name in backends.BACKENDS:  # the table's order, never a hard-coded list
+        if explicit and name not in wanted:
+            continue
+        why = status[name]
+        if why is None and not explicit:
+            if name == "triton" and device.type == "cpu":
+                why = ("runs under the Triton interpreter on the CPU: a correctness tool, "
+                       "not timed unless asked for (--backends triton)")
+            elif name == "reference" and device.type == "cuda":
+                why = "the reference is a correctness tool on a GPU (--backends reference)"
+        if why is not None:
+            left_out[name] = why
+            continue
+        providers.append(_fusedgru_provider(name))
+    if (explicit and COMPILE in wanted) or (not explicit and not quick):
+        providers.append(Provider(
+            COMPILE, "compile", CompiledReferenceGRU,
+            note="reference cell under torch.compile(dynamic=True)",
+            unsupported=lambda case, dev: None))
+    elif not explicit:
+        left_out[COMPILE] = "left out of --quick (compiling takes ~30 s; --backends ref+compile)"
+    if not explicit or FLASHRNN in wanted:
+        why = _flashrnn_reason(device)
+        if why is None:
+            providers.append(Provider(
+                FLASHRNN, "flashrnn", FlashRNNGRU, note="flashrnn cuda_fused GRU",
+                unsupported=lambda case, dev: (
+                    "1 layer, one direction only" if case.layers != 1 or case.bidirectional
+                    else None)))
+        else:
+            left_out[FLASHRNN] = why
+    return providers, left_out

@@ -1,0 +1,115 @@
+"""What a run prints and draws: the speed-up table, the training-memory table and
+speedup.png (speed-up vs batch size, one line per hidden size and backend)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+from .providers import BASELINE
+from .results import _KEY, _mem
+
+
+def _fmt(v, spec: str, none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def _mib(b) -> Optional[float]:
+    return None if b is None else b / 2 ** 20
+
+
+def format_table(rows: Sequence[dict], device_type: str = "cuda") -> str:
+    mem_head = "peak MiB" if device_type == "cuda" else "saved MiB"
+    head = (f"{'grid':6} {'mode':9} {'dtype':8} {'B':>4} {'H':>5} {'T':>5} {'LxD':>4} "
+            f"{'provider':11} {'median ms':>10} {'us/step':>9} {'vs nn.GRU':>9} "
+            f"{mem_head:>9} {'mem/nn':>6}  check")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["status"] == "skipped":
+            continue
+        if r["status"] == "ok":
+            chk = f"ok {r['check']['worst_ratio']:.2f}" if r.get("check") else "ok"
+        else:
+            chk = f"{r['status']}: {r['reason']}"[:70]
+        speed = _fmt(r["speedup_vs_nn_gru"], ".2f")
+        lines.append(
+            f"{r['grid']:6} {r['mode']:9} {r['dtype']:8} {r['B']:>4} {r['H']:>5} {r['T']:>5} "
+            f"{str(r['layers']) + 'x' + ('2' if r['bidirectional'] else '1'):>4} "
+            f"{r['provider']:11} {_fmt(r['median_ms'], '.3f'):>10} "
+            f"{_fmt(r['us_per_step'], '.1f'):>9} {speed + ('x' if speed != '-' else ''):>9} "
+            f"{_fmt(_mib(_mem(r)), '.1f'):>9} {_fmt(r['mem_vs_nn_gru'], '.2f'):>6}  {chk}")
+    return "\n".join(lines)
+
+
+def format_memory_table(rows: Sequence[dict]) -> str:
+    """Training memory of each provider beside nn.GRU on the same cell."""
+    train = [r for r in rows if r["mode"] == "train" and r["status"] == "ok"]
+    if not train:
+        return ""
+    base = {tuple(r[k] for k in _KEY): r for r in train if r["provider"] == BASELINE}
+    head = (f"{'grid':6} {'dtype':8} {'B':>4} {'H':>5} {'T':>5} {'provider':11} "
+            f"{'peak MiB':>9} {'nn.GRU':>9} {'saved MiB':>9} {'nn.GRU':>9}")
+    lines = ["training memory vs nn.GRU (peak: GPU allocator during one forward+backward; "
+             "saved: activations kept for the backward)", head, "-" * len(head)]
+    for r in train:
+        if r["provider"] == BASELINE:
+            continue
+        b = base.get(tuple(r[k] for k in _KEY))
+        lines.append(
+            f"{r['grid']:6} {r['dtype']:8} {r['B']:>4} {r['H']:>5} {r['T']:>5} "
+            f"{r['provider']:11} {_fmt(_mib(r['peak_mem_bytes']), '.1f'):>9} "
+            f"{_fmt(_mib(b and b['peak_mem_bytes']), '.1f'):>9} "
+            f"{_fmt(_mib(r['saved_bytes']), '.2f'):>9} "
+            f"{_fmt(_mib(b and b['saved_bytes']), '.2f'):>9}")
+    return "\n".join(lines)
+
+
+def write_plot(rows: Sequence[dict], meta: dict, path: Path) -> Optional[str]:
+    """speed-up vs batch size, one line per (backend, hidden size), one panel per
+    (grid, mode, dtype).  Returns why no plot was written, or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:  # noqa: BLE001
+        return f"matplotlib is not installed ({type(exc).__name__}): no PNG"
+    ok = [r for r in rows if r["status"] == "ok" and r["provider"] != BASELINE
+          and r["speedup_vs_nn_gru"] is not None]
+    if not ok:
+        return "nothing to plot (no provider besides nn.GRU was timed)"
+    panels = sorted({(r["grid"], r["mode"], r["dtype"]) for r in ok})
+    ncol = min(3, len(panels))
+    nrow = math.ceil(len(panels) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.8 * nrow), squeeze=False)
+    for ax, (grid, mode, dtype) in zip(axes.flat, panels):
+        sel = [r for r in ok if (r["grid"], r["mode"], r["dtype"]) == (grid, mode, dtype)]
+        for prov, H in sorted({(r["provider"], r["H"]) for r in sel}):
+            # several T in one grid (cpu): the largest T is plotted, the table has the rest
+            by_b: Dict[int, float] = {}
+            for r in sorted(sel, key=lambda r: r["T"]):
+                if (r["provider"], r["H"]) == (prov, H):
+                    by_b[r["B"]] = r["speedup_vs_nn_gru"]
+            pts = sorted(by_b.items())
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    label=f"{prov} H={H}")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ys = [r["speedup_vs_nn_gru"] for r in sel]
+        if max(ys) / min(ys) > 20:  # speed-ups over orders of magnitude
+            ax.set_yscale("log")
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel("speed-up vs nn.GRU")
+        Ts = sorted({r["T"] for r in sel})
+        ax.set_title(f"{grid} {mode} {dtype} T={Ts[-1]}", fontsize=9)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"fusedgru vs nn.GRU on {meta.get('device_name')} "
+                 f"(torch {meta.get('torch')}, {str(meta.get('commit'))[:7]}, "
+                 f"{str(meta.get('date'))[:10]})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

@@ -1,0 +1,54 @@
+"""results.json: one row per (cell, provider), beside the run's "meta" (the machine,
+versions, commit and TF32 setting: env.py); what identifies a row across runs; writing it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import List, Optional
+
+from .grids import Case
+from .providers import BASELINE, Provider
+
+SCHEMA = 1
+_KEY = ("B", "H", "T", "I", "layers", "bidirectional", "dtype", "mode")
+
+
+def _row_key(r: dict) -> tuple:
+    return tuple(r[k] for k in _KEY) + (r["provider"],)
+
+
+def _case_fields(case: Case) -> dict:
+    return {k: v for k, v in asdict(case).items()}
+
+
+def _blank_row(case: Case, p: Provider, tf32: Optional[bool], status: str = "ok",
+               reason: Optional[str] = None) -> dict:
+    return {**_case_fields(case), "provider": p.name, "kind": p.kind, "status": status,
+            "reason": reason, "median_ms": None, "us_per_step": None,
+            "speedup_vs_nn_gru": None, "peak_mem_bytes": None, "saved_bytes": None,
+            "mem_vs_nn_gru": None, "check": None, "timing": None, "tf32": tf32}
+
+
+def _mem(row: dict) -> Optional[int]:
+    return row["peak_mem_bytes"] if row["peak_mem_bytes"] is not None else row["saved_bytes"]
+
+
+def _relative_to_baseline(rows: List[dict]) -> None:
+    base = next((r for r in rows if r["provider"] == BASELINE and r["status"] == "ok"), None)
+    if base is None:
+        return
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        if r["median_ms"]:
+            r["speedup_vs_nn_gru"] = base["median_ms"] / r["median_ms"]
+        if _mem(r) is not None and _mem(base):
+            r["mem_vs_nn_gru"] = _mem(r) / _mem(base)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str, allow_nan=True))
+    tmp.replace(path)

@@ -1,0 +1,106 @@
+"""Timing and memory of one call.
+
+Timing: triton.testing.do_bench (median, after warm-up, L2 flushed) on a GPU, with
+torch.utils.benchmark as the fallback; torch.utils.benchmark.Timer.blocked_autorange
+(median) on the CPU.  Memory: on a GPU the peak allocated during one call beyond what was
+allocated before it; in training on any device also the bytes the autograd graph saves for
+the backward (parameters and inputs not counted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .grids import DTYPES, Case
+
+if TYPE_CHECKING:
+    from .cells import CellData
+
+
+@dataclass
+class TimingOptions:
+    quick: bool = False
+
+    @property
+    def cpu_min_run_time(self) -> float:
+        return 0.1 if self.quick else 0.5
+
+    @property
+    def gpu_warmup_ms(self) -> int:
+        return 10 if self.quick else 25
+
+    @property
+    def gpu_rep_ms(self) -> int:
+        return 40 if self.quick else 100
+
+
+def time_call(fn: Callable[[], None], device: torch.device, opts: TimingOptions):
+    """(median ms, details).  No hand-written timing loop: do_bench on a GPU (median, its
+    own warm-up and L2 flush), torch.utils.benchmark on the CPU (and as the GPU fallback,
+    which synchronises the device around each block)."""
+    import torch.utils.benchmark as tbench
+
+    fn()  # first call: lazy initialisation, autotuning, compilation
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        try:
+            from triton.testing import do_bench
+        except Exception:  # noqa: BLE001 - triton missing: torch.utils.benchmark instead
+            do_bench = None
+        if do_bench is not None:
+            ms = do_bench(fn, warmup=opts.gpu_warmup_ms, rep=opts.gpu_rep_ms,
+                          return_mode="median")
+            return float(ms), {"method": "triton.testing.do_bench(median)",
+                               "warmup_ms": opts.gpu_warmup_ms, "rep_ms": opts.gpu_rep_ms}
+    else:
+        fn()
+    m = tbench.Timer(stmt="fn()", globals={"fn": fn},
+                     num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=opts.cpu_min_run_time if device.type == "cpu" else opts.gpu_rep_ms / 1e3)
+    return m.median * 1e3, {"method": "torch.utils.benchmark.blocked_autorange(median)",
+                            "runs": len(m.times), "iqr_ms": m.iqr * 1e3,
+                            "threads": torch.get_num_threads()}
+
+
+def peak_memory(fn: Callable[[], None], device: torch.device) -> Optional[int]:
+    """Peak bytes allocated on the GPU during one call, beyond what was allocated before."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated(device) - before)
+
+
+def saved_activation_bytes(module: nn.Module, case: Case, data: CellData) -> int:
+    """Bytes the autograd graph of one training forward keeps for the backward (storages
+    counted once; parameters and the inputs x, h0 not counted).  Device-independent: on the
+    CPU, where no allocator statistics exist, this is the training-memory comparison."""
+    dtype = DTYPES[case.dtype]
+    x = data.x.to(dtype).requires_grad_(True)
+    h0 = data.h0.to(dtype).requires_grad_(True)
+    module.train()
+    skip = {t.untyped_storage().data_ptr() for t in [x, h0, *module.parameters()]}
+    seen: Dict[int, int] = {}
+
+    def pack(t: Tensor):
+        try:
+            s = t.untyped_storage()
+        except Exception:  # noqa: BLE001 - e.g. a tensor subclass without storage
+            return t
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, hn = module(x, h0)
+    torch.autograd.backward((y, hn), (data.gy.to(dtype), data.ghn.to(dtype)))
+    for p in module.parameters():
+        p.grad = None
+    return int(sum(seen.values()))
