@@ -56,12 +56,26 @@ def gru_layer(
     check_determinism(backend, impl)
     # With nothing to differentiate, a backend's optional inference entry skips ws.
     inference = getattr(impl, "inference", None)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, h0, w_ih, w_hh, b_ih, b_hh))
+    # Under a torch.func transform, a wrapped tensor's requires_grad does not say whether
+    # the tensor inside it does: with grad mode on, take the differentiable path.
+    under_func = _under_torch_func()
+    needs_grad = torch.is_grad_enabled() and (under_func or any(
+        t is not None and t.requires_grad for t in (x, h0, w_ih, w_hh, b_ih, b_hh)))
     # The inputs are already in the computation dtype (functional._autocast); the kernels own
     # their accumulation precision, so autocast must not recast anything inside them.
     with ops.autocast_off(x.device.type):
         if inference is not None and not needs_grad:
             return inference(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)  # no ws stored
+        if under_func:
+            # The same ops and formulas, through an autograd.Function functorch accepts.
+            y, _ = ops.functorch_forward(impl)(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
+            return y
         y, _ = impl.forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
     return y
+
+
+def _under_torch_func() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is active."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None

@@ -38,7 +38,8 @@ from . import reference
 
 __all__ = ["fake_forward", "fake_backward", "register_backend_ops", "register_autograd",
            "register_extension_autograd", "fake_inference", "register_inference_op",
-           "tf32_matmul_allowed", "autocast_enabled", "autocast_off"]
+           "tf32_matmul_allowed", "autocast_enabled", "autocast_off", "register_vmap_rules",
+           "functorch_forward"]
 
 
 @torch.compiler.assume_constant_result
@@ -161,6 +162,112 @@ def _backward_formula(ctx, *grads):
     return d_grad_y, dx, dh0 if h0 is not None else None, dw_ih, dw_hh, dy, dws, None
 
 
+# ----------------------------------------------------------------------------------------
+# torch.func: batching rules, and the same formulas as an autograd.Function
+# ----------------------------------------------------------------------------------------
+#
+# vmap: a batching rule per op.  When the weights are shared by the vmapped instances (the
+# usual case: vmap over inputs or states), the vmapped dimension folds into the GRU's own
+# batch, which the kernels handle in one call.  When the weights are vmapped too (model
+# ensembles), and always for the backward op (whose weight gradients are per instance),
+# the rule calls the op once per instance.
+#
+# grad / vjp / jacrev: the autograd that torch.library registers on an op is an
+# autograd.Function without setup_context, which functorch refuses.  Under a torch.func
+# transform, function.gru_layer therefore calls the backend's ops through the
+# autograd.Functions below instead: the same setup and formulas as the registered autograd,
+# with generate_vmap_rule so that vmap composes with them through the ops' batching rules.
+
+
+def _batch_first(t: Optional[Tensor], dim: Optional[int], n: int) -> Optional[Tensor]:
+    if t is None:
+        return None
+    return t.expand(n, *t.shape) if dim is None else t.movedim(dim, 0)
+
+
+def _instance(t, dim: Optional[int], k: int):
+    return t.select(dim, k).contiguous() if isinstance(t, Tensor) and dim is not None else t
+
+
+def _per_instance(op, info, in_dims, args):
+    """The op once per vmapped instance; outputs stacked along dim 0."""
+    outs = [op(*(_instance(a, d, k) for a, d in zip(args, in_dims)))
+            for k in range(info.batch_size)]
+    if isinstance(outs[0], Tensor):
+        return torch.stack(outs), 0
+    stacked = tuple(torch.stack(parts) for parts in zip(*outs))
+    return stacked, (0,) * len(stacked)
+
+
+def _vmap_forward_rule(op):
+    def rule(info, in_dims, x, h0, w_ih, w_hh, b_ih, b_hh, reset_after):
+        args = (x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
+        if any(d is not None for d in in_dims[2:6]):
+            return _per_instance(op, info, in_dims, args)
+        n = info.batch_size
+        xb = _batch_first(x, in_dims[0], n)  # (N, T, B, I) -> (T, N*B, I)
+        N, T, B = xb.shape[:3]
+        xf = xb.transpose(0, 1).reshape(T, N * B, xb.shape[3]).contiguous()
+        hb = _batch_first(h0, in_dims[1], n)
+        hf = None if hb is None else hb.reshape(N * B, hb.shape[2]).contiguous()
+        out = op(xf, hf, w_ih, w_hh, b_ih, b_hh, reset_after)
+        if isinstance(out, Tensor):  # the inference op: y
+            return out.view(T, N, B, out.shape[2]), 1
+        return tuple(o.view(T, N, B, o.shape[2]) for o in out), (1,) * len(out)
+
+    return rule
+
+
+def _vmap_backward_rule(op):
+    def rule(info, in_dims, *args):
+        return _per_instance(op, info, in_dims, args)
+
+    return rule
+
+
+def register_vmap_rules(prefix: str) -> None:
+    """Batching rules for ``fusedgru::<prefix>_fwd`` / ``_bwd`` / ``_infer`` (those that exist)."""
+    for suffix, make in (("fwd", _vmap_forward_rule), ("infer", _vmap_forward_rule),
+                         ("bwd", _vmap_backward_rule)):
+        if hasattr(torch.ops.fusedgru, f"{prefix}_{suffix}"):
+            op = getattr(torch.ops.fusedgru, f"{prefix}_{suffix}").default
+            torch.library.register_vmap(f"fusedgru::{prefix}_{suffix}", make(op))
+
+
+_functorch_functions = {}
+
+
+def functorch_forward(impl) -> Callable:
+    """``apply`` of an autograd.Function running ``impl``'s forward and backward ops with
+    the registered formulas, for use under torch.func transforms (see above)."""
+    key = impl.forward
+    if key not in _functorch_functions:
+        fwd_op, bwd_op = impl.forward, impl.backward
+
+        class GRULayerBackward(torch.autograd.Function):
+            generate_vmap_rule = True
+
+            @staticmethod
+            def forward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after):
+                return bwd_op(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after)
+
+            setup_context = staticmethod(_setup_backward)
+            backward = staticmethod(_backward_formula)
+
+        class GRULayer(torch.autograd.Function):
+            generate_vmap_rule = True
+
+            @staticmethod
+            def forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after):
+                return fwd_op(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
+
+            setup_context = staticmethod(_setup_forward)
+            backward = staticmethod(_make_forward_formula(GRULayerBackward.apply))
+
+        _functorch_functions[key] = GRULayer.apply
+    return _functorch_functions[key]
+
+
 _with_autograd: Set[str] = set()
 
 
@@ -181,6 +288,7 @@ def register_extension_autograd() -> None:
     fusedgru._C when it loads) get the same formulas; a no-op until they exist."""
     if "gru" not in _with_autograd and torch._C._dispatch_has_kernel("fusedgru::gru_fwd"):
         register_autograd("gru")
+        register_vmap_rules("gru")
 
 
 def register_inference_op(name: str, inference_impl: Callable) -> Callable:
@@ -201,6 +309,8 @@ def register_inference_op(name: str, inference_impl: Callable) -> Callable:
         return inference_impl(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
 
     infer.register_fake(fake_inference)
+    torch.library.register_vmap(f"fusedgru::{name}_infer", _vmap_forward_rule(
+        getattr(torch.ops.fusedgru, f"{name}_infer").default))
     return getattr(torch.ops.fusedgru, f"{name}_infer")
 
 
@@ -239,6 +349,7 @@ def register_backend_ops(
     fwd.register_fake(fake_forward)
     bwd.register_fake(fake_backward)
     register_autograd(name)
+    register_vmap_rules(name)
     return getattr(torch.ops.fusedgru, f"{name}_fwd"), getattr(torch.ops.fusedgru, f"{name}_bwd")
 
 

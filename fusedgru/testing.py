@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import backends, reference
 
-__all__ = ["BAND", "rel_err", "budget", "LayerCase", "make_layer_case", "check_layer", "LayerReport",
+__all__ = ["BAND", "cpu_backend_dtypes", "rel_err", "budget", "LayerCase", "make_layer_case", "check_layer", "LayerReport",
            "OpLog"]
 
 BAND: Dict[torch.dtype, float] = {
@@ -29,6 +29,19 @@ BAND: Dict[torch.dtype, float] = {
 }
 
 GRAD_NAMES = ("dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh")
+
+
+def cpu_backend_dtypes():
+    """[(name, dtype)]: every backend available here that runs CPU tensors, with the most
+    precise dtype it takes (float64 where it can, so comparisons are tight)."""
+    out = []
+    for name in backends.available_backends():
+        impl = backends.get_backend(name)
+        dtype = next((d for d in (torch.float64, torch.float32)
+                      if impl.unsupported_reason("cpu", d) is None), None)
+        if dtype is not None:
+            out.append((name, dtype))
+    return out
 
 
 def rel_err(y: Tensor, y64: Tensor) -> float:

@@ -93,6 +93,9 @@ def triton_backward(
     T, B, I = x.shape
     H = w_hh.shape[1]
     h0 = None if h0 is None else h0.contiguous()
+    # The kernels index y and ws as dense (T, B, .) arrays: a strided view (a vmap slice,
+    # a direct call of the op) must not be read as one.
+    y, ws = y.contiguous(), ws.contiguous()
     dgi = x.new_empty(T, B, 3 * H)
     dgh = x.new_empty(T, B, 3 * H)
     dh0 = x.new_empty(B, H)

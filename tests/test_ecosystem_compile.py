@@ -7,25 +7,13 @@ without a recompile)."""
 import pytest
 import torch
 
-import fusedgru
 from fusedgru import FusedGRU, backends
-from fusedgru.testing import rel_err
+from fusedgru.testing import cpu_backend_dtypes, rel_err
 
 F64 = torch.float64
 
 
-def _cpu_backends():
-    out = []
-    for name in fusedgru.available_backends():
-        impl = backends.get_backend(name)
-        dtype = next((d for d in (F64, torch.float32)
-                      if impl.unsupported_reason("cpu", d) is None), None)
-        if dtype is not None:
-            out.append(pytest.param(name, dtype, id=name))
-    return out
-
-
-CPU_BACKENDS = _cpu_backends()
+CPU_BACKENDS = [pytest.param(name, dtype, id=name) for name, dtype in cpu_backend_dtypes()]
 # Compiled float32 Linear layers round differently from eager ones (fused kernels); the
 # recurrence itself is the same op in both.  float64 models agree to rounding.
 TOL = {F64: 1e-12, torch.float32: 1e-5}

@@ -6,15 +6,10 @@ nondeterministic ops do (or warns in warn_only mode)."""
 import pytest
 import torch
 
-import fusedgru
 from fusedgru import FusedGRU, backends
+from fusedgru.testing import cpu_backend_dtypes
 
-CPU_BACKENDS = []
-for _name in fusedgru.available_backends():
-    _dt = next((d for d in (torch.float64, torch.float32)
-                if backends.get_backend(_name).unsupported_reason("cpu", d) is None), None)
-    if _dt is not None:
-        CPU_BACKENDS.append(pytest.param(_name, _dt, id=_name))
+CPU_BACKENDS = [pytest.param(name, dtype, id=name) for name, dtype in cpu_backend_dtypes()]
 
 
 @pytest.fixture

@@ -8,28 +8,16 @@ gradgradcheck in float64."""
 import pytest
 import torch
 
-import fusedgru
 from fusedgru import FusedGRU, backends, ops, testing
 from fusedgru.function import gru_layer
 
 F64 = torch.float64
 
 
-def _cpu_backends():
-    """(backend, op prefix, dtype) for every backend that runs CPU tensors here.  The
-    extension's "cpu" row serves fusedgru::gru_*, every Python row fusedgru::<name>_*."""
-    out = []
-    for name in fusedgru.available_backends():
-        impl = backends.get_backend(name)
-        for dtype in (F64, torch.float32):
-            if impl.unsupported_reason("cpu", dtype) is None:
-                prefix = "gru" if name in ("cpu", "cuda") else name
-                out.append(pytest.param(name, prefix, dtype, id=name))
-                break
-    return out
-
-
-CPU_BACKENDS = _cpu_backends()
+# (backend, op prefix, dtype) for every backend that runs CPU tensors here.  The
+# extension's "cpu" row serves fusedgru::gru_*, every Python row fusedgru::<name>_*.
+CPU_BACKENDS = [pytest.param(name, "gru" if name in ("cpu", "cuda") else name, dtype, id=name)
+                for name, dtype in testing.cpu_backend_dtypes()]
 FORMS = [pytest.param(True, id="after"), pytest.param(False, id="before")]
 
 
@@ -70,6 +58,33 @@ def test_opcheck_requires_grad(backend, prefix, dtype, which, gen):
     fw, bw = _op_args(prefix, dtype, reset_after, full, True, gen)
     torch.library.opcheck(getattr(torch.ops.fusedgru, f"{prefix}_{which}").default,
                           fw if which == "fwd" else bw)
+
+
+def _strided(t):
+    """The same values in a non-contiguous layout (every other element of a wider buffer)."""
+    if t is None or t.dim() == 0:
+        return t
+    wide = t.new_full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"))
+    out = wide[..., ::2]
+    out.copy_(t)
+    assert not out.is_contiguous()
+    return out
+
+
+@pytest.mark.parametrize("backend,prefix,dtype", CPU_BACKENDS)
+@pytest.mark.parametrize("reset_after", FORMS)
+def test_ops_read_strided_tensors_as_their_values(backend, prefix, dtype, reset_after, gen):
+    """Every op takes any layout (vmap's per-instance slices, direct calls): the same
+    results from strided views as from dense tensors."""
+    fw, bw = _op_args(prefix, dtype, reset_after, True, False, gen)
+    for which, args in (("fwd", fw), ("bwd", bw)):
+        op = getattr(torch.ops.fusedgru, f"{prefix}_{which}")
+        dense = op(*args)
+        strided = op(*[_strided(a) if isinstance(a, torch.Tensor) else a for a in args])
+        # BLAS may take another path for a strided operand: rounding, not more.
+        tol = dict(rtol=1e-12, atol=1e-14) if dtype == F64 else dict(rtol=1e-5, atol=1e-6)
+        for d, s in zip(dense, strided):
+            torch.testing.assert_close(s, d, **tol)
 
 
 @pytest.mark.parametrize("backend,prefix,dtype", [p for p in CPU_BACKENDS if p.values[2] == F64])
