@@ -13,7 +13,7 @@ tests/test_dropin.py runs every case through nn.GRU and FusedGRU side by side.
 
 from __future__ import annotations
 
-__all__ = ["ShapeError", "DTypeError", "NotATensorError", "ArgumentTypeError"]
+__all__ = ["ShapeError", "DTypeError", "NotATensorError", "ArgumentTypeError", "ScriptingUnsupportedError"]
 
 
 class ShapeError(ValueError, RuntimeError):
@@ -32,3 +32,8 @@ class NotATensorError(TypeError, AttributeError):
 
 class ArgumentTypeError(TypeError, ValueError):
     """A constructor argument has the wrong type where nn.GRU raises ValueError (dropout)."""
+
+
+class ScriptingUnsupportedError(RuntimeError):
+    """torch.jit.script of a model holding a fused module (TorchScript's own failures are
+    RuntimeErrors too)."""

@@ -64,7 +64,8 @@ def gru_layer(
     # The inputs are already in the computation dtype (functional._autocast); the kernels own
     # their accumulation precision, so autocast must not recast anything inside them.
     with ops.autocast_off(x.device.type):
-        if inference is not None and not needs_grad:
+        # torch.jit.trace re-traces to check its graph: one op whatever the grad mode.
+        if inference is not None and not needs_grad and not torch.jit.is_tracing():
             return inference(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)  # no ws stored
         if under_func:
             # The same ops and formulas, through an autograd.Function functorch accepts.

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from . import backends
 from . import functional as F_gru
+from .errors import ScriptingUnsupportedError
 
 __all__ = ["FusedGRU", "FusedGRUCell"]
 
@@ -25,6 +26,17 @@ def _backend_in_use(backend: str, weight: Tensor) -> str:
     except backends.BackendUnavailableError as exc:
         return f"unavailable: {exc}"
     return resolved if backend != "auto" else f"auto -> {resolved}"
+
+
+def _refuse_scripting(module) -> None:
+    name = type(module).__name__
+    raise ScriptingUnsupportedError(
+        f"torch.jit.script does not support {name}: its kernels are chosen in Python and "
+        "called as registered dispatcher ops, which TorchScript cannot compile.  Use "
+        "torch.compile or torch.export (both trace it without graph breaks), torch.jit.trace, "
+        f"or script the torch.nn twin: fusedgru.to_torch(model) converts every {name} in a "
+        "model back to torch.nn (or call .to_torch() on the module)."
+    )
 
 
 class FusedGRU(nn.Module):
@@ -118,6 +130,10 @@ class FusedGRU(nn.Module):
     def flatten_parameters(self) -> None:
         """A no-op kept for drop-in compatibility: fusedgru reads parameters in place."""
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling it.
+        _refuse_scripting(self)
+
     def forward(self, input, hx: Optional[Tensor] = None):
         return F_gru.gru(
             input,
@@ -204,6 +220,7 @@ class FusedGRUCell(nn.Module):
         self.reset_parameters()
 
     reset_parameters = FusedGRU.reset_parameters
+    __prepare_scriptable__ = FusedGRU.__prepare_scriptable__
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         return F_gru.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih,
