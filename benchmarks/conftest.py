@@ -6,7 +6,7 @@
                                                              each provider checked, run once
 
 The cells, providers, correctness check, timing and memory measurement are those of
-`fusedgru bench` (fusedgru/bench.py); this file only turns them into pytest parameters.
+`fusedgru bench` (fusedgru/bench/); this file only turns them into pytest parameters.
 Without a CUDA device the Triton kernels can only run under Triton's interpreter, which must
 be switched on before fusedgru's kernels are imported: that is done here, first (as in
 tests/conftest.py).  The interpreter is a correctness tool, so the "triton" provider is not

@@ -1,8 +1,9 @@
-"""`fusedgru bench` (fusedgru/bench.py) at tiny sizes: the table, results.json, --compare,
---from, and that a wrong provider is reported and never timed."""
+"""`fusedgru bench` (fusedgru/bench/) at tiny sizes: the table, results.json, --compare,
+--from, the spread of each timing, and that a wrong provider is reported and never timed."""
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,23 +50,117 @@ def test_tiny_grid_results(tiny_run, capsys):
             assert r["saved_bytes"] == r["T"] * r["B"] * 5 * r["H"] * 4
 
 
-def test_table_and_compare(tiny_run, tmp_path, capsys):
-    _, out, res = tiny_run
-    # an "old" run where every provider took twice as long
+SAVED_RUN = (Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+             / "2026-11-23_cpu-amd-epyc-2-cores_ec8da29.json")
+
+
+def _compare(tmp_path, capsys, new: dict, old: dict) -> str:
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    rc = bench.main(["--from", str(tmp_path / "new.json"), "--compare",
+                     str(tmp_path / "old.json"), "--out", str(tmp_path)])
+    assert rc == 0
+    return capsys.readouterr().out
+
+
+def _slower_old(res: dict, factor: float) -> dict:
+    """A copy of a run where every provider took ``factor`` times as long."""
     old = copy.deepcopy(res)
     for r in old["rows"]:
-        r["median_ms"] *= 2
-    (tmp_path / "old.json").write_text(json.dumps(old))
-    rc = bench.main(["--from", str(out / "results.json"), "--compare", str(tmp_path / "old.json"),
-                     "--out", str(tmp_path)])
-    assert rc == 0
-    text = capsys.readouterr().out
+        r["median_ms"] *= factor
+    return old
+
+
+def test_table_and_compare(tiny_run, tmp_path, capsys):
+    _, out, res = tiny_run
+    text = _compare(tmp_path, capsys, res, _slower_old(res, 2))  # old took twice as long
     assert "vs nn.GRU" in text and "us/step" in text and "median ms" in text
     assert "training memory vs nn.GRU" in text
     assert "compare:" in text
-    changes = [line for line in text.splitlines() if line.rstrip().endswith(
-        tuple("0123456789")) and " 2.00x " in line]
-    assert len(changes) == len(res["rows"]), text  # every cell 2x faster than "old"
+    changes = [line for line in text.splitlines() if "2.00x faster" in line]
+    # every cell, in words, and each provider's summary line
+    assert len(changes) == len(res["rows"]) + 2, text
+    assert "  nn.GRU      2.00x faster than the old run" in text
+    assert "reference   2.00x faster than the old run" in text
+    assert "warning: different" not in text and "unknown" not in text  # like for like
+
+
+def test_compare_says_slower_and_warns_about_other_settings(tiny_run, tmp_path, capsys):
+    """A slower new run is called slower; a run on another device or with other thread
+    counts is flagged; a file without the thread count is flagged as unknown."""
+    _, _, res = tiny_run
+    old = _slower_old(res, 0.5)  # old took half as long: the new run is 2x slower
+    old["meta"].update(threads=res["meta"]["threads"] + 3, device_name="another machine")
+    text = _compare(tmp_path, capsys, res, old)
+    assert sum("2.00x slower" in line for line in text.splitlines()) == len(res["rows"]) + 2
+    assert "2.00x slower than the old run" in text and "x faster" not in text
+    assert "warning: different devices (old another machine" in text
+    assert (f"warning: different CPU thread counts (old {res['meta']['threads'] + 3}, new "
+            f"{res['meta']['threads']})") in text
+
+    del old["meta"]["threads"]  # written before the thread count was recorded
+    text = _compare(tmp_path, capsys, res, old)
+    assert ("warning: CPU thread count of the old run unknown (not recorded in its file; the "
+            f"new run used {res['meta']['threads']})") in text
+
+
+def test_spread_recorded_and_printed(tiny_run, capsys):
+    """Every timing records its spread (IQR / median), shown as a percentage in the table."""
+    _, _, res = tiny_run
+    for r in res["rows"]:
+        iqr = r["timing"]["iqr_ms"]
+        assert iqr >= 0 and r["spread"] == pytest.approx(iqr / r["median_ms"])
+    table = bench.format_table(res["rows"], "cpu")
+    assert "spread" in table.splitlines()[0]
+    for r, line in zip(res["rows"], table.splitlines()[2:]):
+        assert f" {100 * r['spread']:.1f}% " in line
+
+
+def test_noisy_cells_are_named_in_one_warning(tiny_run, tmp_path, capsys):
+    _, _, res = tiny_run
+    quiet = copy.deepcopy(res)
+    for r in quiet["rows"]:
+        r["spread"] = 0.01
+    noisy = copy.deepcopy(quiet)
+    noisy["rows"][1]["spread"] = 0.25
+    noisy["rows"][-1]["spread"] = 0.11
+    (tmp_path / "quiet.json").write_text(json.dumps(quiet))
+    (tmp_path / "noisy.json").write_text(json.dumps(noisy))
+    assert bench.main(["--from", str(tmp_path / "quiet.json"), "--out", str(tmp_path)]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert bench.main(["--from", str(tmp_path / "noisy.json"), "--out", str(tmp_path)]) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: 2 timings too noisy")
+    for r, pct in ((noisy["rows"][1], "25.0%"), (noisy["rows"][-1], "11.0%")):
+        assert (f"tiny {r['mode']} {r['dtype']} B={r['B']} H={r['H']} T={r['T']} I={r['I']} "
+                f"{r['provider']} {pct}") in warnings[0]
+
+
+def test_results_without_spread_still_load(tiny_run, tmp_path, capsys):
+    """Files written before rows had "spread": it is taken from the timing's IQR where that
+    was recorded, "-" where not; the saved run under benchmarks/results/ reprints and
+    compares."""
+    _, _, res = tiny_run
+    old = copy.deepcopy(res)
+    for r in old["rows"]:
+        del r["spread"]
+    del old["rows"][0]["timing"]["iqr_ms"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    loaded = bench.load_results(tmp_path / "old.json")
+    assert loaded["rows"][0]["spread"] is None
+    assert [r["spread"] for r in loaded["rows"][1:]] == pytest.approx(
+        [r["spread"] for r in res["rows"][1:]])
+    assert bench.main(["--from", str(tmp_path / "old.json"), "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    first = lines[next(i for i, line in enumerate(lines) if line.startswith("grid")) + 2]
+    assert f"{res['rows'][0]['median_ms']:.3f}       - " in first
+
+    saved = bench.load_results(SAVED_RUN)
+    assert all(r["spread"] > 0 for r in saved["rows"] if r["status"] == "ok")
+    assert bench.main(["--from", str(SAVED_RUN), "--compare", str(SAVED_RUN),
+                       "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "same speed as the old run" in text and "warning: different" not in text
 
 
 def test_plot_written(tiny_run):

@@ -35,7 +35,7 @@ from .env import environment
 from .grids import ALL, DTYPES, GRIDS, MODES, Case, grid_cases
 from .providers import BASELINE, Provider, discover_providers
 from .report import format_memory_table, format_table, write_plot
-from .results import _KEY, SCHEMA, _blank_row, _case_fields, _relative_to_baseline
+from .results import _KEY, SCHEMA, _blank_row, _case_fields, _relative_to_baseline, load_results
 from .timing import TimingOptions, peak_memory, saved_activation_bytes, time_call
 
 __all__ = ["main", "Case", "GRIDS", "grid_cases", "Provider", "discover_providers",

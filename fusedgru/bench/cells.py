@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .grids import DTYPES, Case
 from .providers import Provider
 from .results import _blank_row, _relative_to_baseline
-from .timing import TimingOptions, peak_memory, saved_activation_bytes, time_call
+from .timing import TimingOptions, peak_memory, saved_activation_bytes, spread, time_call
 
 
 @dataclass
@@ -172,7 +172,8 @@ def run_cell(case: Case, providers: Sequence[Provider], device: torch.device,
             module = (p.build(_cast_gru(data.gru64, DTYPES[case.dtype])))
             fn = _callable(module, case, data)
             ms, timing = time_call(fn, device, opts.timing)
-            row.update(median_ms=ms, us_per_step=ms * 1e3 / case.T, timing=timing)
+            row.update(median_ms=ms, us_per_step=ms * 1e3 / case.T, timing=timing,
+                       spread=spread(ms, timing.get("iqr_ms")))
             row["peak_mem_bytes"] = peak_memory(fn, device)
             if case.mode == "train":
                 row["saved_bytes"] = saved_activation_bytes(module, case, data)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -18,9 +17,9 @@ from .compare import format_comparison
 from .env import environment
 from .grids import ALL, DTYPE_ALIASES, DTYPES, GRIDS, MODES, grid_cases
 from .providers import discover_providers
-from .report import format_memory_table, format_table, write_plot
-from .results import SCHEMA, _blank_row, _write_json
-from .timing import TimingOptions
+from .report import format_memory_table, format_noise_warning, format_table, write_plot
+from .results import SCHEMA, _blank_row, _write_json, load_results
+from .timing import NOISY_SPREAD, TimingOptions
 
 
 def _csv(s: str) -> List[str]:
@@ -100,8 +99,12 @@ def _report(results: dict, out: Optional[Path], compare: Optional[str]) -> None:
                                if meta["device"] == "cuda" else
                                f", {meta['threads']} threads"))
     print("speed-up = nn.GRU median / provider median (above 1: fusedgru is faster); "
-          "check = worst err/budget vs float64 (<= 1 passes)")
+          f"spread = IQR / median of the repetitions (above {NOISY_SPREAD:.0%}: too noisy to "
+          "trust); check = worst err/budget vs float64 (<= 1 passes)")
     print(format_table(rows, meta["device"]))
+    noisy = format_noise_warning(rows)
+    if noisy:
+        print(noisy)
     mem = format_memory_table(rows)
     if mem:
         print("\n" + mem)
@@ -121,7 +124,7 @@ def _report(results: dict, out: Optional[Path], compare: Optional[str]) -> None:
                                                      else f" ({why})"))
         print(f"to keep it: benchmarks/results/{meta['suggested_name']}.json (.png)")
     if compare:
-        print("\n" + format_comparison(json.loads(Path(compare).read_text()), results))
+        print("\n" + format_comparison(load_results(compare), results))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -141,7 +144,7 @@ def _main(argv: Optional[List[str]]) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     if args.from_file:
-        results = json.loads(Path(args.from_file).read_text())
+        results = load_results(args.from_file)
         out.mkdir(parents=True, exist_ok=True)
         _report(results, out, args.compare)
         return 0

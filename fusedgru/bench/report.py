@@ -1,5 +1,6 @@
-"""What a run prints and draws: the speed-up table, the training-memory table and
-speedup.png (speed-up vs batch size, one line per hidden size and backend)."""
+"""What a run prints and draws: the speed-up table, the warning about noisy timings, the
+training-memory table and speedup.png (speed-up vs batch size, one line per hidden size and
+backend)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 from .providers import BASELINE
-from .results import _KEY, _mem
+from .results import _KEY, _mem, _row_label
+from .timing import NOISY_SPREAD
 
 
 def _fmt(v, spec: str, none: str = "-") -> str:
@@ -19,10 +21,14 @@ def _mib(b) -> Optional[float]:
     return None if b is None else b / 2 ** 20
 
 
+def _pct(fraction: Optional[float]) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f}%"
+
+
 def format_table(rows: Sequence[dict], device_type: str = "cuda") -> str:
     mem_head = "peak MiB" if device_type == "cuda" else "saved MiB"
     head = (f"{'grid':6} {'mode':9} {'dtype':8} {'B':>4} {'H':>5} {'T':>5} {'LxD':>4} "
-            f"{'provider':11} {'median ms':>10} {'us/step':>9} {'vs nn.GRU':>9} "
+            f"{'provider':11} {'median ms':>10} {'spread':>7} {'us/step':>9} {'vs nn.GRU':>9} "
             f"{mem_head:>9} {'mem/nn':>6}  check")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -36,10 +42,22 @@ def format_table(rows: Sequence[dict], device_type: str = "cuda") -> str:
         lines.append(
             f"{r['grid']:6} {r['mode']:9} {r['dtype']:8} {r['B']:>4} {r['H']:>5} {r['T']:>5} "
             f"{str(r['layers']) + 'x' + ('2' if r['bidirectional'] else '1'):>4} "
-            f"{r['provider']:11} {_fmt(r['median_ms'], '.3f'):>10} "
+            f"{r['provider']:11} {_fmt(r['median_ms'], '.3f'):>10} {_pct(r.get('spread')):>7} "
             f"{_fmt(r['us_per_step'], '.1f'):>9} {speed + ('x' if speed != '-' else ''):>9} "
             f"{_fmt(_mib(_mem(r)), '.1f'):>9} {_fmt(r['mem_vs_nn_gru'], '.2f'):>6}  {chk}")
     return "\n".join(lines)
+
+
+def format_noise_warning(rows: Sequence[dict]) -> Optional[str]:
+    """One line naming every timing whose spread (IQR / median) is above NOISY_SPREAD, or
+    None when there is none."""
+    noisy = [r for r in rows if r["status"] == "ok" and (r.get("spread") or 0) > NOISY_SPREAD]
+    if not noisy:
+        return None
+    return (f"warning: {len(noisy)} timings too noisy to trust (spread = IQR / median above "
+            f"{NOISY_SPREAD:.0%}; rerun them, e.g. with --threads 1 on a quiet machine): "
+            + "; ".join(f"{r['grid']} {_row_label(r)} {r['provider']} {_pct(r['spread'])}"
+                        for r in noisy))
 
 
 def format_memory_table(rows: Sequence[dict]) -> str:

@@ -1,5 +1,6 @@
 """results.json: one row per (cell, provider), beside the run's "meta" (the machine,
-versions, commit and TF32 setting: env.py); what identifies a row across runs; writing it."""
+versions, commit, threads and TF32 setting: env.py); what identifies a row across runs;
+writing it and reading it back (files written before a field was added read as well)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import List, Optional
 
 from .grids import Case
 from .providers import BASELINE, Provider
+from .timing import spread
 
 SCHEMA = 1
 _KEY = ("B", "H", "T", "I", "layers", "bidirectional", "dtype", "mode")
@@ -17,6 +19,14 @@ _KEY = ("B", "H", "T", "I", "layers", "bidirectional", "dtype", "mode")
 
 def _row_key(r: dict) -> tuple:
     return tuple(r[k] for k in _KEY) + (r["provider"],)
+
+
+def _row_label(r: dict) -> str:
+    """The cell of a row in words (without its grid's name, as _KEY)."""
+    return (f"{r['mode']} {r['dtype']} B={r['B']} H={r['H']} T={r['T']}"
+            + (f" I={r['I']}" if r["I"] != r["H"] else "")
+            + (f" L={r['layers']}" if r["layers"] != 1 else "")
+            + (" bi" if r["bidirectional"] else ""))
 
 
 def _case_fields(case: Case) -> dict:
@@ -28,7 +38,8 @@ def _blank_row(case: Case, p: Provider, tf32: Optional[bool], status: str = "ok"
     return {**_case_fields(case), "provider": p.name, "kind": p.kind, "status": status,
             "reason": reason, "median_ms": None, "us_per_step": None,
             "speedup_vs_nn_gru": None, "peak_mem_bytes": None, "saved_bytes": None,
-            "mem_vs_nn_gru": None, "check": None, "timing": None, "tf32": tf32}
+            "mem_vs_nn_gru": None, "check": None, "timing": None, "spread": None,
+            "tf32": tf32}
 
 
 def _mem(row: dict) -> Optional[int]:
@@ -52,3 +63,13 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=str, allow_nan=True))
     tmp.replace(path)
+
+
+def load_results(path) -> dict:
+    """A results.json as written, with the fields added since filled in: a row without
+    "spread" gets it from its timing's IQR where that was recorded (None otherwise)."""
+    results = json.loads(Path(path).read_text())
+    for r in results.get("rows", []):
+        if "spread" not in r:
+            r["spread"] = spread(r.get("median_ms"), (r.get("timing") or {}).get("iqr_ms"))
+    return results

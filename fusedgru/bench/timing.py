@@ -5,6 +5,9 @@ torch.utils.benchmark as the fallback; torch.utils.benchmark.Timer.blocked_autor
 (median) on the CPU.  Memory: on a GPU the peak allocated during one call beyond what was
 allocated before it; in training on any device also the bytes the autograd graph saves for
 the backward (parameters and inputs not counted).
+
+Spread: the interquartile range of the timed repetitions over their median (IQR / median),
+recorded with every timing; above NOISY_SPREAD a timing is reported as too noisy to trust.
 """
 
 from __future__ import annotations
@@ -19,6 +22,21 @@ from .grids import DTYPES, Case
 
 if TYPE_CHECKING:
     from .cells import CellData
+
+
+# IQR / median above which a timing is reported as too noisy to trust: its repetitions then
+# scatter by more than the differences worth reporting (a 1.1x speed-up is within such a
+# cell's own noise).  The saved CPU grid run (benchmarks/results/, 1 thread on a shared
+# 2-core VM) has a median spread of 4% and 3 of 32 timings above 10%.
+NOISY_SPREAD = 0.10
+
+
+def spread(median_ms: Optional[float], iqr_ms: Optional[float]) -> Optional[float]:
+    """IQR / median (0.05: the middle half of the repetitions lies within 5% of the median's
+    size); None when either is unknown."""
+    if not median_ms or iqr_ms is None:
+        return None
+    return iqr_ms / median_ms
 
 
 @dataclass
@@ -39,9 +57,10 @@ class TimingOptions:
 
 
 def time_call(fn: Callable[[], None], device: torch.device, opts: TimingOptions):
-    """(median ms, details).  No hand-written timing loop: do_bench on a GPU (median, its
-    own warm-up and L2 flush), torch.utils.benchmark on the CPU (and as the GPU fallback,
-    which synchronises the device around each block)."""
+    """(median ms, details, among them the interquartile range "iqr_ms").  No hand-written
+    timing loop: do_bench on a GPU (median and quartiles, its own warm-up and L2 flush),
+    torch.utils.benchmark on the CPU (and as the GPU fallback, which synchronises the device
+    around each block)."""
     import torch.utils.benchmark as tbench
 
     fn()  # first call: lazy initialisation, autotuning, compilation
@@ -52,10 +71,11 @@ def time_call(fn: Callable[[], None], device: torch.device, opts: TimingOptions)
         except Exception:  # noqa: BLE001 - triton missing: torch.utils.benchmark instead
             do_bench = None
         if do_bench is not None:
-            ms = do_bench(fn, warmup=opts.gpu_warmup_ms, rep=opts.gpu_rep_ms,
-                          return_mode="median")
+            ms, q25, q75 = do_bench(fn, warmup=opts.gpu_warmup_ms, rep=opts.gpu_rep_ms,
+                                    quantiles=[0.5, 0.25, 0.75])
             return float(ms), {"method": "triton.testing.do_bench(median)",
-                               "warmup_ms": opts.gpu_warmup_ms, "rep_ms": opts.gpu_rep_ms}
+                               "warmup_ms": opts.gpu_warmup_ms, "rep_ms": opts.gpu_rep_ms,
+                               "iqr_ms": float(q75 - q25)}
     else:
         fn()
     m = tbench.Timer(stmt="fn()", globals={"fn": fn},
