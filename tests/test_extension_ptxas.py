@@ -1,6 +1,7 @@
 """The CUDA kernels' resource report from ptxas for sm_90 (and sm_80): no register spills and
-no local-memory stack in any kernel of csrc/gru_cuda.cu, the persistent ones above all (a
-spill inside the time loop costs a local-memory round trip on every step).
+no local-memory stack in any kernel of csrc/gru_cuda.cu (device code in gru_kernels.cuh),
+the persistent ones above all (a spill inside the time loop costs a local-memory round trip
+on every step).
 
 Compiles the .cu source to a cubin with `nvcc -Xptxas=-v` (device code only, C++20 as torch
 builds extensions; the code itself is C++17).  The report is cached under
@@ -46,9 +47,12 @@ def ptxas_report(arch: str) -> str:
         pytest.skip("nvcc not found (set CUDA_HOME): cannot read the ptxas report")
     if torch.version.cuda is None:
         pytest.skip("torch is a CPU-only build: no CUDA headers to compile against")
-    with open(SRC, "rb") as f:
-        key = hashlib.sha256(f.read() + open(os.path.join(ROOT, "csrc", "gru_common.h"), "rb").read()
-                             + arch.encode() + torch.__version__.encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    # The .cu file and the headers it includes from csrc/ (the kernels live in gru_kernels.cuh).
+    for name in ("gru_cuda.cu", "gru_common.h", "gru_kernels.cuh"):
+        with open(os.path.join(ROOT, "csrc", name), "rb") as f:
+            h.update(f.read())
+    key = hashlib.sha256(h.digest() + arch.encode() + torch.__version__.encode()).hexdigest()[:16]
     cache = os.path.join(ROOT, "build", f"ptxas-{arch}-{key}.txt")
     if os.path.exists(cache):
         with open(cache) as f:
