@@ -74,7 +74,10 @@ setup(
     package_data={"fusedgru": ["data/*.txt"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark"], "bench": ["tqdm", "matplotlib"]},
+    # onnx, onnxruntime and onnxscript: the ONNX export tests (the default exporter needs
+    # onnxscript) and the ONNX Runtime comparison.
+    extras_require={"test": ["pytest", "pytest-benchmark", "onnx", "onnxruntime", "onnxscript"],
+                    "bench": ["tqdm", "matplotlib"]},
     entry_points={"console_scripts": ["fusedgru = fusedgru.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -23,6 +23,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import backends
 from . import ops
+from . import onnx as fused_onnx
 from .errors import ArgumentTypeError, DTypeError, NotATensorError, ShapeError
 from .function import gru_layer
 
@@ -286,6 +287,16 @@ def gru(
     if T == 0:
         raise ShapeError("input: expected a sequence of at least one step, got length 0")
 
+    how = fused_onnx.exporting()
+    if how is not None:  # torch.onnx.export: ONNX GRU nodes instead of the kernels
+        if packed:
+            raise RuntimeError(
+                "input: ONNX export of a PackedSequence input is not supported: export the "
+                "model with the padded (T, B, I) tensor instead")
+        output, h_n_t = fused_onnx.gru_layers(how, x, hx, layers, num_layers, D, H, dropout,
+                                              training, reset_after)
+        return _shape_outputs(output, h_n_t, unbatched, batch_first)
+
     name = _resolve(backend, x.device, x.dtype)
     # An empty batch, state or input (nn.GRUCell accepts sizes of 0) has nothing for a
     # kernel to do: the reference handles it exactly.
@@ -320,11 +331,16 @@ def gru(
             PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices),
             h_n_t,
         )
+    return _shape_outputs(output, h_n_t, unbatched, batch_first)
+
+
+def _shape_outputs(output: Tensor, h_n: Tensor, unbatched: bool, batch_first: bool):
+    """(T, B, D*H), (L*D, B, H) -> laid out like the input was."""
     if unbatched:
-        return output.squeeze(1), h_n_t.squeeze(1)
+        return output.squeeze(1), h_n.squeeze(1)
     if batch_first:
         output = output.transpose(0, 1)
-    return output, h_n_t
+    return output, h_n
 
 
 def gru_cell(
