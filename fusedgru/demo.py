@@ -10,7 +10,7 @@ steps, SGD with learning rate 1, gradient clipping at norm 1, perplexity reporte
 and a continuation of a prefix sampled at the end.
 
 Four models, two pairs, because the two GRU formulations are different functions
-(../shared/SPEC.md section 1):
+(docs/SPEC.md section 1):
 
     fusedgru           FusedGRU(reset_after=True),  backend="auto"   } the same function:
     nn.GRU             torch.nn.GRU (always reset_after=True)        } nn.GRU's GRU
@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .bench.report import import_pyplot
 from .modules import FusedGRU
 from .reference import gru_scratch, scratch_params_from_torch
 
@@ -300,15 +301,14 @@ def format_table(header: List[str], rows: List[List[str]]) -> str:
                      + [line(r) for r in rows])
 
 
-def save_plot(histories: Dict[str, History], path: str, title: str) -> None:
+def save_plot(histories: Dict[str, History], path: str, title: str) -> Optional[str]:
     """Left: perplexity against epoch (the curves of a pair lie on top of each other).
     Right: how far apart they are, per epoch: each pair, and for contrast the two
-    formulations (a different function from the same weights)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    formulations (a different function from the same weights).  Returns why no plot was
+    written (matplotlib missing), or None."""
+    plt, why = import_pyplot()
+    if plt is None:
+        return why
     styles = {"fusedgru": ("C0", "-", "o"), "nn.GRU": ("C1", "--", "x"),
               "fusedgru-textbook": ("C2", "-", "s"), "scratch": ("C3", "--", "+")}
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
@@ -348,6 +348,7 @@ def save_plot(histories: Dict[str, History], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -510,10 +511,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"same function, {k}: perplexity curves agree to {v:.1e} (max relative difference)")
 
     os.makedirs(args.out, exist_ok=True)
-    png = os.path.join(args.out, "demo.png")
-    title = (f"char-level GRU LM, {os.path.basename(path)}, H={args.hidden}, {device.type}, "
-             f"FusedGRU backend {fused_backend}")
-    save_plot(histories, png, title)
     figures = {
         "config": {k: getattr(args, k) for k in ("epochs", "hidden", "batch_size", "num_steps",
                                                  "lr", "clip", "seed", "models", "backend",
@@ -537,7 +534,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     js = os.path.join(args.out, "demo.json")
     with open(js, "w") as f:
         json.dump(figures, f, indent=1)
-    print(f"\nwrote {png} and {js}")
+    png = os.path.join(args.out, "demo.png")
+    title = (f"char-level GRU LM, {os.path.basename(path)}, H={args.hidden}, {device.type}, "
+             f"FusedGRU backend {fused_backend}")
+    why = save_plot(histories, png, title)
+    print(f"\nwrote {js}" + (f" and {png}" if why is None else f" ({why})"))
     return 0
 
 

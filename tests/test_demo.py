@@ -8,6 +8,7 @@ four models.  About 5 s on 2 CPU cores per run; the test makes two runs.
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -86,6 +87,23 @@ def test_demo_tiny_run(tmp_path, text_file, capsys):
     for name, m in models.items():
         assert again["models"][name]["perplexity"] == m["perplexity"], name
         assert again["models"][name]["sample"] == m["sample"], name
+
+
+def test_demo_without_matplotlib_writes_its_json(tmp_path, text_file, monkeypatch, capsys):
+    """matplotlib is optional: without it the demo still finishes, writes demo.json and says
+    why there is no demo.png."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    out = tmp_path / "noplot"
+    argv = ["--text", str(text_file), "--epochs", "1", "--hidden", "8", "--batch-size", "8",
+            "--num-steps", "10", "--models", "fusedgru,nn.GRU", "--sample-len", "5",
+            "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert demo.main(argv) == 0
+    printed = capsys.readouterr().out
+    with open(out / "demo.json") as f:
+        assert set(json.load(f)["models"]) == {"fusedgru", "nn.GRU"}
+    assert not (out / "demo.png").exists()
+    assert f"wrote {out / 'demo.json'} (matplotlib is not installed" in printed, printed
 
 
 def test_batches_cover_the_corpus_without_overlap():

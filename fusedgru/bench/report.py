@@ -83,16 +83,25 @@ def format_memory_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_plot(rows: Sequence[dict], meta: dict, path: Path) -> Optional[str]:
-    """speed-up vs batch size, one line per (backend, hidden size), one panel per
-    (grid, mode, dtype).  Returns why no plot was written, or None."""
+def import_pyplot():
+    """(matplotlib.pyplot on the Agg backend, None), or (None, why there is no plot):
+    matplotlib is optional (the "bench" extra), and a run without it still writes its JSON."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception as exc:  # noqa: BLE001
-        return f"matplotlib is not installed ({type(exc).__name__}): no PNG"
+        return None, f"matplotlib is not installed ({type(exc).__name__}): no PNG"
+    return plt, None
+
+
+def write_plot(rows: Sequence[dict], meta: dict, path: Path) -> Optional[str]:
+    """speed-up vs batch size, one line per (backend, hidden size), one panel per
+    (grid, mode, dtype).  Returns why no plot was written, or None."""
+    plt, why = import_pyplot()
+    if plt is None:
+        return why
     ok = [r for r in rows if r["status"] == "ok" and r["provider"] != BASELINE
           and r["speedup_vs_nn_gru"] is not None]
     if not ok:
