@@ -3,8 +3,10 @@
     fusedgru info     versions, device, which backends are available and why not
     fusedgru check    every available backend against the float64 reference; non-zero exit
                       status on any failure
-    fusedgru bench    the benchmark grids against torch.nn.GRU (fusedgru/bench.py)
-    fusedgru demo     the textbook character-level language model (fusedgru/demo.py)
+    fusedgru bench    every backend timed against torch.nn.GRU on the benchmark grids, and
+                      compared with a saved run (fusedgru bench --help)
+    fusedgru demo     the textbook character-level language model, trained with FusedGRU,
+                      torch.nn.GRU and a from-scratch GRU side by side (fusedgru demo --help)
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def cmd_check(args) -> int:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
     print(f"\n{len(rows) - failed} passed, {failed} failed "
           "(forward and all gradients vs the float64 reference; budget = 2 x the "
-          "reference's own error in that dtype + SPEC's band)")
+          "reference's own error in that dtype + a band per dtype, docs/SPEC.md section 5)")
     return 1 if failed or not rows else 0
 
 
@@ -138,7 +140,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device and backends").set_defaults(func=cmd_info)
     p = sub.add_parser("check", help="every available backend against the float64 reference")
-    p.add_argument("--backends", nargs="+", metavar="NAME", help="only these backends")
+    from . import backends  # already imported with the package
+
+    # choices: an unknown name is a usage error listing the valid ones (exit status 2)
+    p.add_argument("--backends", nargs="+", metavar="NAME", choices=list(backends.BACKENDS),
+                   help=f"only these backends (of {', '.join(backends.BACKENDS)})")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_check)
     for name, (_, text) in _DELEGATED.items():

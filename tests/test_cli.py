@@ -53,6 +53,17 @@ def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
     assert "FAIL broken cpu torch.float64" in out and "dw_hh" in out
 
 
+def test_check_rejects_an_unknown_backend_name():
+    """A misspelt backend is a usage error naming the valid backends, not a silent skip or a
+    traceback, and nothing is checked."""
+    p = _run("check", "--backends", "reference", "refrence")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr and p.stdout == ""
+    assert "invalid choice: 'refrence'" in p.stderr
+    for name in backends.BACKEND_NAMES:
+        assert f"'{name}'" in p.stderr, p.stderr
+
+
 def test_console_script_entry_point():
     from importlib.metadata import entry_points
 

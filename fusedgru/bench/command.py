@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fusedgru bench",
         description="Time every available fusedgru backend against torch.nn.GRU on the "
-                    "grids of SPEC section 6 (each provider is checked against float64 "
+                    "grids of docs/SPEC.md section 6 (each provider is checked against float64 "
                     "first; a wrong one is reported, not timed).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="grids: " + "; ".join(f"{k}: {v.summary}" for k, v in GRIDS.items())
@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-out", help="folder for results.json and "
                    "speedup.png (default: ./bench-out)")
     p.add_argument("--compare", default=None, metavar="OLD.json",
-                   help="print the change against a saved results.json")
+                   help="print how much faster or slower each cell is than in a saved "
+                        "results.json")
     p.add_argument("--from", dest="from_file", default=None, metavar="RESULTS.json",
                    help="time nothing: print, plot and compare a saved run")
     p.add_argument("--check-steps", type=int, default=64,
