@@ -19,10 +19,10 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from . import backends
-from . import ops
+from . import ops, packing
 from . import onnx as fused_onnx
 from .errors import ArgumentTypeError, DTypeError, NotATensorError, ShapeError
 from .function import gru_layer
@@ -251,7 +251,7 @@ def gru(
     packed = isinstance(input, PackedSequence)
     lengths = None
     if packed:
-        x, lengths = pad_packed_sequence(input)  # (T, B, I), original batch order
+        x, lengths = packing.to_padded(input)  # (T, B, I), original batch order
         unbatched = False
     else:
         if not isinstance(input, Tensor):
@@ -323,14 +323,7 @@ def gru(
     output = layer_input
     h_n_t = torch.stack(h_n, 0)
     if packed:
-        order = input.sorted_indices
-        padded = output if order is None else output.index_select(1, order)
-        sorted_lengths = lengths if order is None else lengths[order.cpu()]
-        data = pack_padded_sequence(padded, sorted_lengths, enforce_sorted=True).data
-        return (
-            PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices),
-            h_n_t,
-        )
+        return packing.to_packed(output, like=input), h_n_t
     return _shape_outputs(output, h_n_t, unbatched, batch_first)
 
 

@@ -115,3 +115,33 @@ def test_export_save_load_roundtrip(tmp_path, gen):
     loaded = torch.export.load(path)
     for a, b in zip(loaded.module()(x, h0), model(x, h0)):
         assert rel_err(a, b) < TOL[F64]
+
+
+@pytest.mark.parametrize("enforce_sorted", [False, True], ids=["unsorted", "sorted"])
+def test_compile_fullgraph_with_a_packed_sequence(enforce_sorted, gen):
+    """A PackedSequence in and out of a fullgraph compile: packed unsorted, the padded batch
+    size is the length of sorted_indices; packed sorted, it is a value (batch_sizes[0]), an
+    unbacked size to the compiler.  Outputs, h_n and the input's gradient match nn.GRU's,
+    for two batches of different lengths."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(4, 5, num_layers=2, bidirectional=True, dtype=F64)
+    model = FusedGRU(4, 5, num_layers=2, bidirectional=True, dtype=F64)
+    model.load_state_dict(ref.state_dict())
+    compiled = torch.compile(model, fullgraph=True)
+
+    def run(gru, x, lengths):
+        x = x.detach().clone().requires_grad_()
+        out, h_n = gru(pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted))
+        assert type(out).__name__ == "PackedSequence"
+        (out.data.sin().sum() + h_n.cos().sum()).backward()
+        return out.data.detach(), h_n.detach(), x.grad
+
+    for lengths in ([6, 4, 2], [7, 5, 5, 1]):
+        lengths = torch.tensor(sorted(lengths, reverse=True) if enforce_sorted
+                               else lengths[1:] + lengths[:1])
+        x = torch.randn(int(lengths.max()), len(lengths), 4, dtype=F64, generator=gen)
+        for got, want in zip(run(compiled, x, lengths), run(ref, x, lengths)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -293,3 +293,27 @@ def test_float32_within_spec_budget(backend, reset_after, gen):
     gr = torch.autograd.grad(r32(x.float())[0].sum(), list(r32.parameters()))
     for k, (a, b, c) in enumerate(zip(gf, gr, g64)):
         assert rel_err(a, c) <= 2 * rel_err(b, c) + 1e-6, f"grad {k}"
+
+
+@pytest.mark.parametrize("enforce_sorted", [False, True], ids=["unsorted", "sorted"])
+def test_packing_ops_match_torch_and_are_each_others_gradient(enforce_sorted, gen):
+    """fusedgru.packing (the compile-friendly pad/pack pair) against torch.nn.utils.rnn, and
+    gradcheck of both directions in float64."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from fusedgru import packing
+
+    lengths = torch.tensor([5, 3, 3, 1] if enforce_sorted else [3, 5, 1, 3])
+    x = torch.randn(5, 4, 2, dtype=torch.float64, generator=gen)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
+    padded, got_lengths = packing.to_padded(packed)
+    want, want_lengths = pad_packed_sequence(packed)
+    assert torch.equal(padded, want) and torch.equal(got_lengths, want_lengths)
+    repacked = packing.to_packed(padded, like=packed)
+    assert torch.equal(repacked.data, packed.data)
+    assert repacked.sorted_indices is packed.sorted_indices
+    data = packed.data.detach().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda d: packing.to_padded(packed._replace(data=d))[0], (data,))
+    padded = padded.detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: packing.to_packed(p, like=packed).data, (padded,))
