@@ -9,6 +9,10 @@ dense one.  A forward direction's steps past a sequence's end come after its val
 so they cannot change them, and h_n is read at each sequence's own last step.  The reverse
 direction reverses each sequence within its own length, so it too starts at its own last
 valid step.  Gradients of the padded steps are zero because their outputs are dropped.
+The padding and packing are two registered ops (fusedgru/packing.py), so torch.compile
+traces a PackedSequence input without a graph break.
+
+Under torch.onnx.export the layers become ONNX GRU nodes instead (fusedgru/onnx.py).
 """
 
 from __future__ import annotations
@@ -231,7 +235,7 @@ def gru(
     reset_after: bool = True,
     backend: str = "auto",
 ) -> Tuple[Union[Tensor, PackedSequence], Tensor]:
-    """A multi-layer GRU with torch.nn.GRU's semantics (see ../shared/SPEC.md section 3).
+    """A multi-layer GRU with torch.nn.GRU's semantics (see docs/SPEC.md section 3).
 
     input:   (T, B, I), (B, T, I) if batch_first, (T, I) unbatched, or a PackedSequence
     weights: nn.GRU's flat weights in its order: for each layer, for each direction,

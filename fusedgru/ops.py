@@ -13,7 +13,7 @@ in csrc/ for the extension) with the fake implementations below, so that torch.c
 traces them as opaque nodes without graph breaks and torch.export can serialise them.
 
 Autograd is registered on the ops themselves (``torch.library.register_autograd``), and it
-is the ONE autograd boundary on the hot path (../shared/STYLE.md): the forward op's formula
+is the ONE autograd boundary on the hot path: the forward op's formula
 calls the same backend's backward op.  Registering it on the op rather than wrapping the op
 in a torch.autograd.Function is what lets ``torch.library.opcheck`` pass with
 requires_grad inputs, and lets a traced graph (torch.export) carry the op with its

@@ -7,7 +7,7 @@ Dimension legend (used in every shape comment of this package):
     H  hidden units
     G  = 3 gates, stacked in the order r (reset), z (update), n (new / candidate)
 
-Three things live here (see ../shared/SPEC.md sections 1 and 4):
+Three things live here (see docs/SPEC.md sections 1 and 4):
 
 1. ``gru_scratch``: the textbook from-scratch GRU (Cho et al. 2014, reset applied *before*
    the recurrent matmul), with per-gate matrices of shape (inputs, hiddens) and the classic

@@ -1,4 +1,4 @@
-"""The correctness policy of ../shared/SPEC.md section 5, as code shared by the tests,
+"""The correctness policy of docs/SPEC.md section 5, as code shared by the tests,
 `fusedgru check` and the benchmarks (which check a provider before timing it).
 
     err(y)  = ||y - y64|| / ||y64||           (Frobenius, against the float64 oracle)
