@@ -1,0 +1,469 @@
+// The part of CUDA that csrc/gru_kernels.cuh uses, for the host C++ compiler: the kernels'
+// own source runs on the CPU, one OS thread per CUDA thread (gru_host_main.cpp), under
+// ThreadSanitizer and AddressSanitizer.  Only what those kernels use is here; an unshimmed
+// construct is a compile error, not a silent stand-in.
+//
+//   threadIdx, blockIdx, blockDim, gridDim   thread_local, set by launch()
+//   __syncthreads()                           a barrier per block
+//   cooperative_groups::this_grid().sync()    a barrier over the grid (cooperative
+//                                             launches only; anything else aborts)
+//   FUSEDGRU_DYNAMIC_SMEM(smem)               the block's dynamic shared memory, allocated at
+//                                             its exact size per launch, filled with 0xFF
+//                                             (NaN in every float type) like uninitialised
+//                                             shared memory
+//   nvcuda::wmma                              fragment, fill / load / store / mma_sync, element
+//                                             access, __float_to_tf32 (round to nearest, ties
+//                                             away: cvt.rna.tf32.f32)
+//   __half, __nv_bfloat16                     16-bit storage, conversions round to nearest even
+//   __global__ __device__ __forceinline__ __launch_bounds__ min int4
+//
+// What the model is (and is not): a warp's lanes are independent threads here (no lock-step),
+// so a race between lanes is reported that a GPU might hide; a wmma operation gives every
+// lane the whole tile (loads and the product are per lane, the store is split over the 32
+// lanes so each element is written once); the tensor-core product is exact products summed
+// in float, in k order (the hardware's order and internal precision are not specified).
+// Memory is the CPU's (x86: stronger than the GPU's); the barriers order memory as
+// __syncthreads / grid.sync do (acquire / release), and ThreadSanitizer checks every access
+// against them.
+#pragma once
+
+#include <pthread.h>
+
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <type_traits>
+#include <vector>
+
+#include <math.h>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+
+struct uint3 {
+  unsigned int x = 0, y = 0, z = 0;
+};
+struct dim3 {
+  unsigned int x = 1, y = 1, z = 1;
+};
+struct alignas(16) int4 {
+  int x, y, z, w;
+};
+
+inline thread_local uint3 threadIdx;
+inline thread_local uint3 blockIdx;
+inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
+
+// CUDA's integer min (device function) as the kernels call it.
+inline int min(int a, int b) { return a < b ? a : b; }
+
+namespace fusedgru_host {
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "cuda_host: %s\n", what);
+  std::fflush(stderr);
+  std::abort();
+}
+
+// A barrier of `count` threads, as std::barrier (arrive_and_wait, arrive_and_drop), built on
+// a mutex and a condition variable: waiting threads sleep instead of spinning.  (std::barrier
+// spins on atomics, and under ThreadSanitizer every spin merges a vector clock as wide as
+// the launch: 768 spinning threads made a 3-block case 20x slower.)  Arriving releases and
+// leaving acquires the mutex, so everything before the barrier happens before everything
+// after it, in every thread: what __syncthreads() and grid.sync() promise.
+class Barrier {
+ public:
+  explicit Barrier(unsigned count) : expected_(count) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const uint64_t phase = phase_;
+    if (++arrived_ == expected_) {
+      complete();
+    } else {
+      cv_.wait(lock, [&] { return phase_ != phase; });
+    }
+  }
+  // Leaves the barrier for good (a thread whose kernel returned).
+  void arrive_and_drop() {
+    std::lock_guard<std::mutex> lock(mu_);
+    --expected_;
+    if (arrived_ > 0 && arrived_ == expected_) complete();
+  }
+
+ private:
+  void complete() {
+    arrived_ = 0;
+    ++phase_;
+    cv_.notify_all();
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  unsigned expected_, arrived_ = 0;
+  uint64_t phase_ = 0;
+};
+
+// One kernel launch: its grid, its barriers and its blocks' shared memory.
+struct Launch {
+  unsigned grid = 0, block = 0;
+  bool cooperative = false;
+  std::vector<std::unique_ptr<Barrier>> block_bar;  // one per block
+  std::unique_ptr<Barrier> grid_bar;                 // cooperative launches only
+  std::vector<unsigned char*> smem;                  // one per block, exact size
+  std::vector<unsigned> syncs, grid_syncs;           // per thread: barriers reached
+};
+
+inline thread_local Launch* t_launch = nullptr;
+inline thread_local unsigned t_tid = 0;  // blockIdx.x * blockDim.x + threadIdx.x
+
+inline void syncthreads() {
+  Launch* l = t_launch;
+  ++l->syncs[t_tid];
+  l->block_bar[blockIdx.x]->arrive_and_wait();
+}
+
+inline void grid_sync() {
+  Launch* l = t_launch;
+  if (!l->cooperative)
+    fail("grid.sync() in a kernel not launched cooperatively (cudaLaunchCooperativeKernel)");
+  ++l->grid_syncs[t_tid];
+  l->grid_bar->arrive_and_wait();
+}
+
+// A fixed set of OS threads, one per CUDA thread of the largest launch, reused by every
+// launch (creating 10^4 threads per call costs seconds under ThreadSanitizer).  A launch
+// starts at one barrier and ends at another: everything a launch wrote happens before the
+// next launch reads it, as kernels on one stream.
+class ThreadPool {
+ public:
+  explicit ThreadPool(unsigned n) : n_(n), start_(n + 1), done_(n + 1) {
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 1 << 20);
+    threads_.resize(n);
+    for (unsigned i = 0; i < n; ++i) {
+      args_.push_back(std::make_unique<Arg>(Arg{this, i}));
+      if (pthread_create(&threads_[i], &attr, &ThreadPool::main, args_.back().get()) != 0)
+        fail("pthread_create failed (thread limit?)");
+    }
+    pthread_attr_destroy(&attr);
+  }
+  ~ThreadPool() {
+    stop_ = true;
+    start_.arrive_and_wait();
+    for (pthread_t t : threads_) pthread_join(t, nullptr);
+  }
+  unsigned size() const { return n_; }
+
+  // Runs body(i) on threads 0 .. count-1 and waits for all of them.
+  void run(unsigned count, std::function<void(unsigned)> body) {
+    if (count > n_) fail("launch larger than the thread pool");
+    count_ = count;
+    body_ = std::move(body);
+    start_.arrive_and_wait();
+    done_.arrive_and_wait();
+  }
+
+ private:
+  struct Arg {
+    ThreadPool* pool;
+    unsigned index;
+  };
+  static void* main(void* p) {
+    Arg* a = static_cast<Arg*>(p);
+    ThreadPool* pool = a->pool;
+    for (;;) {
+      pool->start_.arrive_and_wait();
+      if (pool->stop_) return nullptr;
+      if (a->index < pool->count_) pool->body_(a->index);
+      pool->done_.arrive_and_wait();
+    }
+  }
+  unsigned n_;
+  Barrier start_, done_;
+  std::vector<pthread_t> threads_;
+  std::vector<std::unique_ptr<Arg>> args_;
+  unsigned count_ = 0;
+  bool stop_ = false;
+  std::function<void(unsigned)> body_;
+};
+
+// kernel<<<grid, block, smem_bytes>>>(...) (cooperative: cudaLaunchCooperativeKernel) with
+// `kernel()` a callable that calls the kernel with its arguments.  Checks afterwards that
+// every thread of a block reached the same number of __syncthreads() and every thread of
+// the grid the same number of grid.sync() (a divergent barrier hangs or corrupts a GPU;
+// here a thread leaving early drops out of the barriers instead of hanging the run).
+template <typename K>
+void launch(ThreadPool& pool, unsigned grid, unsigned block, int64_t smem_bytes,
+            bool cooperative, K kernel) {
+  if (grid == 0 || block == 0 || block > 1024) fail("invalid launch configuration");
+  if (smem_bytes < 0) fail("negative dynamic shared memory size");
+  Launch l;
+  l.grid = grid;
+  l.block = block;
+  l.cooperative = cooperative;
+  const unsigned n = grid * block;
+  l.syncs.assign(n, 0);
+  l.grid_syncs.assign(n, 0);
+  for (unsigned b = 0; b < grid; ++b) {
+    l.block_bar.push_back(std::make_unique<Barrier>(block));
+    // Exact size (AddressSanitizer catches the first byte past it), 128-byte aligned as the
+    // kernels declare it; poisoned like uninitialised shared memory.
+    auto* p = static_cast<unsigned char*>(
+        ::operator new(static_cast<size_t>(smem_bytes > 0 ? smem_bytes : 1), std::align_val_t(128)));
+    std::memset(p, 0xFF, static_cast<size_t>(smem_bytes));
+    l.smem.push_back(p);
+  }
+  if (cooperative) l.grid_bar = std::make_unique<Barrier>(n);
+  pool.run(n, [&](unsigned i) {
+    t_launch = &l;
+    t_tid = i;
+    blockIdx = uint3{i / block, 0, 0};
+    threadIdx = uint3{i % block, 0, 0};
+    blockDim = dim3{block, 1, 1};
+    gridDim = dim3{grid, 1, 1};
+    kernel();
+    l.block_bar[blockIdx.x]->arrive_and_drop();
+    if (cooperative) l.grid_bar->arrive_and_drop();
+    t_launch = nullptr;
+  });
+  for (unsigned i = 0; i < n; ++i) {
+    const unsigned first = (i / block) * block;
+    if (l.syncs[i] != l.syncs[first]) {
+      std::fprintf(stderr, "cuda_host: divergent __syncthreads(): block %u thread %u reached %u, "
+                   "thread 0 reached %u\n", i / block, i % block, l.syncs[i], l.syncs[first]);
+      std::abort();
+    }
+    if (l.grid_syncs[i] != l.grid_syncs[0]) {
+      std::fprintf(stderr, "cuda_host: divergent grid.sync(): thread %u reached %u, thread 0 "
+                   "reached %u\n", i, l.grid_syncs[i], l.grid_syncs[0]);
+      std::abort();
+    }
+  }
+  for (unsigned char* p : l.smem) ::operator delete(p, std::align_val_t(128));
+}
+
+}  // namespace fusedgru_host
+
+inline void __syncthreads() { fusedgru_host::syncthreads(); }
+
+// The kernels' `extern __shared__ unsigned char smem[]` (see gru_kernels.cuh).
+#define FUSEDGRU_DYNAMIC_SMEM(name) \
+  unsigned char* const name = fusedgru_host::t_launch->smem[blockIdx.x]
+
+namespace cooperative_groups {
+struct grid_group {
+  void sync() const { fusedgru_host::grid_sync(); }
+};
+inline grid_group this_grid() { return grid_group{}; }
+}  // namespace cooperative_groups
+
+// ---------------------------------------------------------------------------------------
+// 16-bit floating point: storage + the conversions the kernels call (round to nearest even)
+// ---------------------------------------------------------------------------------------
+
+struct __half {
+  uint16_t bits;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+
+// Written out rather than through _Float16 (GCC >= 12 / Clang >= 15 on x86 only);
+// tests/test_cuda_host.py checks both conversions against torch's.
+inline float __half2float(__half h) {
+  const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
+  const uint32_t e = (h.bits >> 10) & 0x1Fu, m = h.bits & 0x3FFu;
+  float f;
+  if (e == 0) {  // zero or subnormal: m * 2^-24
+    f = std::ldexp(static_cast<float>(m), -24);
+    return sign ? -f : f;
+  }
+  const uint32_t u = e == 31 ? (sign | 0x7F800000u | (m << 13))             // inf, NaN
+                             : (sign | ((e - 15 + 127) << 23) | (m << 13));  // normal
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __half __float2half_rn(float v) {
+  uint32_t x;
+  std::memcpy(&x, &v, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
+  __half h;
+  if (ax > 0x7F800000u) {  // NaN stays a NaN
+    h.bits = static_cast<uint16_t>(sign | 0x7E00u);
+  } else if (ax >= 0x47800000u) {  // |v| >= 2^16 (or inf): inf
+    h.bits = static_cast<uint16_t>(sign | 0x7C00u);
+  } else if (ax < 0x38800000u) {  // below 2^-14: a multiple of 2^-24, rounded to even
+    float a;
+    std::memcpy(&a, &ax, 4);
+    h.bits = static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(a * 16777216.f)));
+  } else {  // normal: drop 13 mantissa bits, round to nearest even (a carry may reach inf)
+    uint32_t b = ((((ax >> 23) - 127 + 15) << 10) | ((ax & 0x7FFFFFu) >> 13));
+    const uint32_t rem = ax & 0x1FFFu;
+    if (rem > 0x1000u || (rem == 0x1000u && (b & 1u))) ++b;
+    h.bits = static_cast<uint16_t>(sign | b);
+  }
+  return h;
+}
+inline float __bfloat162float(__nv_bfloat16 h) {
+  const uint32_t u = static_cast<uint32_t>(h.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  __nv_bfloat16 h;
+  if (std::isnan(v)) {
+    h.bits = static_cast<uint16_t>((u >> 16) | 0x40);  // stays a NaN
+  } else {
+    u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest, ties to even
+    h.bits = static_cast<uint16_t>(u >> 16);
+  }
+  return h;
+}
+
+// ---------------------------------------------------------------------------------------
+// wmma: each lane holds the whole tile (see the top of this file)
+// ---------------------------------------------------------------------------------------
+
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+enum layout_t { mem_row_major, mem_col_major };
+
+namespace detail {
+template <typename T>
+struct storage { using type = T; };
+template <>
+struct storage<precision::tf32> { using type = float; };
+
+template <typename Use, int M, int N, int K>
+struct shape;
+template <int M, int N, int K>
+struct shape<matrix_a, M, N, K> { static constexpr int rows = M, cols = K; };
+template <int M, int N, int K>
+struct shape<matrix_b, M, N, K> { static constexpr int rows = K, cols = N; };
+template <int M, int N, int K>
+struct shape<accumulator, M, N, K> { static constexpr int rows = M, cols = N; };
+
+inline float to_float(float v) { return v; }
+inline float to_float(__half v) { return __half2float(v); }
+inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// The tensor core reads a tf32 operand's 19 upper bits (a float not rounded by
+// __float_to_tf32 is truncated).
+template <typename T>
+inline float operand(float v) {
+  if constexpr (std::is_same_v<T, precision::tf32>) {
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    u &= 0xFFFFE000u;
+    std::memcpy(&v, &u, 4);
+  }
+  return v;
+}
+template <typename T>
+inline float operand(__half v) { return __half2float(v); }
+template <typename T>
+inline float operand(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// wmma's preconditions: a 256-bit aligned pointer, ldm a multiple of 16 bytes.
+template <typename E>
+inline void check_ptr(const E* p, unsigned ldm, const char* op) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || (ldm * sizeof(E)) % 16 != 0) {
+    std::fprintf(stderr, "cuda_host: wmma::%s with pointer %p (needs 32-byte alignment), "
+                 "ldm %u (needs a multiple of 16 bytes)\n", op, static_cast<const void*>(p), ldm);
+    std::abort();
+  }
+}
+}  // namespace detail
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  using element_type = typename detail::storage<T>::type;
+  static constexpr int rows = detail::shape<Use, M, N, K>::rows;
+  static constexpr int cols = detail::shape<Use, M, N, K>::cols;
+  static constexpr int num_elements = rows * cols;
+  element_type x[num_elements];  // row-major (rows x cols), whatever the memory layout
+};
+
+template <typename Use, int M, int N, int K, typename T, typename L, typename V>
+inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, V v) {
+  for (int i = 0; i < f.num_elements; ++i) f.x[i] = static_cast<typename fragment<Use, M, N, K, T, L>::element_type>(v);
+}
+
+template <typename Use, int M, int N, int K, typename T, typename L, typename E>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const E* p, unsigned ldm) {
+  static_assert(std::is_same_v<L, row_major> || std::is_same_v<L, col_major>);
+  static_assert(std::is_same_v<E, typename fragment<Use, M, N, K, T, L>::element_type>);
+  detail::check_ptr(p, ldm, "load_matrix_sync");
+  using F = fragment<Use, M, N, K, T, L>;
+  for (int r = 0; r < F::rows; ++r)
+    for (int c = 0; c < F::cols; ++c)
+      f.x[r * F::cols + c] =
+          std::is_same_v<L, row_major> ? p[static_cast<int64_t>(r) * ldm + c]
+                                       : p[static_cast<int64_t>(c) * ldm + r];
+}
+
+template <int M, int N, int K, typename E>
+inline void store_matrix_sync(E* p, const fragment<accumulator, M, N, K, E>& f, unsigned ldm,
+                              layout_t layout) {
+  detail::check_ptr(p, ldm, "store_matrix_sync");
+  // A warp-wide store: lane l writes elements l, l + 32, ... (each element once).
+  for (int i = static_cast<int>(threadIdx.x & 31); i < f.num_elements; i += 32) {
+    const int r = i / N, c = i % N;
+    p[layout == mem_row_major ? static_cast<int64_t>(r) * ldm + c
+                              : static_cast<int64_t>(c) * ldm + r] = f.x[i];
+  }
+}
+
+template <int M, int N, int K, typename T, typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, M, N, K, float>& d,
+                     const fragment<matrix_a, M, N, K, T, LA>& a,
+                     const fragment<matrix_b, M, N, K, T, LB>& b,
+                     const fragment<accumulator, M, N, K, float>& c) {
+  float out[M * N];
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) {
+      float s = c.x[m * N + n];
+      for (int k = 0; k < K; ++k)
+        s += detail::operand<T>(a.x[m * K + k]) * detail::operand<T>(b.x[k * N + n]);
+      out[m * N + n] = s;
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+
+// cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero; the result is a float
+// with its 13 low bits zero.
+inline float __float_to_tf32(float v) {
+  if (!std::isfinite(v)) return v;
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = (u + 0x1000u) & 0xFFFFE000u;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

@@ -1,0 +1,306 @@
+// The CUDA backend's kernels (csrc/gru_kernels.cuh, the source nvcc compiles) run on the CPU:
+// one OS thread per CUDA thread (cuda_host_shim.h), the blocks and shared-memory layout of
+// the same plan as the GPU launch (plan_layout), the same launch sequence
+// (for_each_step_launch), every buffer of launch_forward / launch_backward (gru_cuda.cu)
+// allocated at its exact size.  Built and driven by tests/test_cuda_host.py, plain and under
+// -fsanitize=thread and -fsanitize=address,undefined.
+//
+// A standalone program rather than a Python extension: a sanitizer runtime must be loaded
+// first in the process (LD_PRELOAD of libtsan into Python is fragile and reports Python's
+// own threads), and a crash or a deadlock in a kernel takes down only this process.
+//
+// usage: gru_host DTYPE PATH T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT
+//        gru_host convert IN OUT      (the shim's 16-bit and TF32 roundings, see main)
+//   DTYPE  f64 | f32 (strict: CUDA cores) | tf32 | f16 | bf16 (tensor cores, wmma)
+//   PATH   persistent (one cooperative launch) | step (one launch per step and phase)
+//   IN     float64 values, already representable in DTYPE:
+//            gi (T, B, 3H) = x W_ih^T + b_ih, w_hh (3H, H), b_hh (3H) if HAS_BIAS,
+//            h0 (B, H) if HAS_H0, grad_y (T, B, H)
+//   OUT    float64: y (T, B, H) and ws (T, B, 4H) of gru_fwd, y of gru_infer (T, B, H),
+//            then gru_bwd (fed gru_fwd's y and ws): dgi (T, B, 3H), dgh (T, B, 3H), dh0 (B, H)
+// Exit status 0 on success; the shim and the sanitizers abort with a report on stderr.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "../gru_kernels.cuh"
+
+namespace fusedgru {
+namespace cuda_gru {
+namespace host {
+
+// Every buffer at its true size (AddressSanitizer reports the first byte past it), 256-byte
+// aligned as cudaMalloc / the caching allocator return it.
+class Arena {
+ public:
+  ~Arena() {
+    for (void* p : ptrs_) ::operator delete(p, std::align_val_t(256));
+  }
+  template <typename T>
+  T* alloc(int64_t n) {
+    if (n <= 0) return nullptr;
+    void* p = ::operator new(static_cast<size_t>(n) * sizeof(T), std::align_val_t(256));
+    ptrs_.push_back(p);
+    return static_cast<T*>(p);
+  }
+
+ private:
+  std::vector<void*> ptrs_;
+};
+
+inline double to_double(double v) { return v; }
+inline double to_double(float v) { return v; }
+inline double to_double(__half v) { return __half2float(v); }
+inline double to_double(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+T from_double(double v) {
+  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(static_cast<float>(v));
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(static_cast<float>(v));
+  else return static_cast<T>(v);
+}
+
+template <typename T>
+T* filled(Arena& a, int64_t n, double v) {
+  T* p = a.alloc<T>(n);
+  for (int64_t i = 0; i < n; ++i) p[i] = from_double<T>(v);
+  return p;
+}
+
+// at::empty in the GPU code: NaN here, so a read before a write shows.
+template <typename T>
+T* poisoned(Arena& a, int64_t n) {
+  return filled<T>(a, n, std::numeric_limits<double>::quiet_NaN());
+}
+
+struct Case {
+  int64_t T, B, H;
+  bool reset_after, has_h0, has_bias, persistent;
+  std::vector<double> gi, w_hh, b_hh, h0, grad_y;
+};
+
+struct Output {
+  std::vector<double> data;
+  template <typename T>
+  void add(const T* p, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) data.push_back(to_double(p[i]));
+  }
+};
+
+template <typename T>
+T* copy_in(Arena& a, const std::vector<double>& v) {
+  T* p = a.alloc<T>(static_cast<int64_t>(v.size()));
+  for (size_t i = 0; i < v.size(); ++i) p[i] = from_double<T>(v[i]);
+  return p;
+}
+
+// launch_forward (gru_cuda.cu): the same buffers, initial values and launches.
+template <typename sc, typename opt, typename acc_t, bool TC>
+void forward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc* gi,
+             const sc* bhh, const sc* h0, sc* y, sc* ws) {
+  const Plan pl = plan_layout(c.T, c.B, c.H, sizeof(opt), sizeof(acc_t), false);
+  const Geom& g = pl.g;
+  const int64_t H = c.H, B = c.B;
+  // pack_forward: (NB, 3, 16, ldw), block nb / gate k / unit n holds W_hh[k H + 16 nb + n].
+  opt* wpack = filled<opt>(a, static_cast<int64_t>(pl.NB) * 3 * 16 * g.ldw, 0.0);
+  for (int nb = 0; nb < pl.NB; ++nb)
+    for (int gate = 0; gate < 3; ++gate)
+      for (int n = 0; n < 16; ++n) {
+        const int64_t j = 16 * nb + n;
+        if (j >= H) continue;
+        for (int64_t k = 0; k < H; ++k)
+          wpack[((nb * 3 + gate) * 16 + n) * static_cast<int64_t>(g.ldw) + k] =
+              from_double<opt>(c.w_hh[(gate * H + j) * H + k]);
+      }
+  acc_t* hstate = filled<acc_t>(a, B * g.Hp, 0.0);
+  acc_t* zstate = c.reset_after ? nullptr : poisoned<acc_t>(a, B * g.Hp);
+  opt* hbuf = filled<opt>(a, 2 * static_cast<int64_t>(g.Bp) * g.Hp, 0.0);
+  opt* rhbuf = c.reset_after ? nullptr : filled<opt>(a, static_cast<int64_t>(g.Bp) * g.Hp, 0.0);
+  if (h0) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < H; ++j) {
+        hstate[b * g.Hp + j] = static_cast<acc_t>(to_double(h0[b * H + j]));
+        hbuf[b * g.Hp + j] = from_double<opt>(to_double(h0[b * H + j]));
+      }
+  }
+  FwdArgs<sc, opt, acc_t> p;
+  p.g = g;
+  p.gi = gi;
+  p.bhh = bhh;
+  p.wpack = wpack;
+  p.y = y;
+  p.ws = ws;
+  p.hstate = hstate;
+  p.zstate = zstate;
+  p.hbuf = hbuf;
+  p.rhbuf = rhbuf;
+  p.reset_after = c.reset_after;
+  if (c.persistent) {
+    const int64_t w_bytes = pl.w_bytes;
+    fusedgru_host::launch(pool, pl.NB, kThreads, pl.smem_bytes(true), true,
+                          [&] { gru_fwd_persistent<sc, opt, acc_t, TC>(p, w_bytes); });
+  } else {
+    for_each_step_launch(c.T, c.reset_after, false, [&](int64_t t, int phase) {
+      fusedgru_host::launch(pool, pl.NB, kThreads, pl.smem_bytes(false), false,
+                            [&] { gru_fwd_step<sc, opt, acc_t, TC>(p, t, phase); });
+    });
+  }
+}
+
+// launch_backward (gru_cuda.cu).
+template <typename sc, typename opt, typename acc_t, bool TC>
+void backward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc* gy,
+              const sc* ws, const sc* y, const sc* h0, sc* dgi, sc* dgh, sc* dh0) {
+  const Plan pl = plan_layout(c.T, c.B, c.H, sizeof(opt), sizeof(acc_t), true);
+  const Geom& g = pl.g;
+  const int64_t H = c.H;
+  // pack_backward: (NB, 16, ldw) with [nb][n][k Hp + r] = W_hh[k H + r, 16 nb + n].
+  opt* wpack = filled<opt>(a, static_cast<int64_t>(g.Hp) * g.ldw, 0.0);
+  for (int64_t n = 0; n < H; ++n)
+    for (int gate = 0; gate < 3; ++gate)
+      for (int64_t r = 0; r < H; ++r)
+        wpack[n * g.ldw + gate * g.Hp + r] = from_double<opt>(c.w_hh[(gate * H + r) * H + n]);
+  BwdArgs<sc, opt, acc_t> p;
+  p.g = g;
+  p.gy = gy;
+  p.ws = ws;
+  p.y = y;
+  p.h0 = h0;
+  p.wpack = wpack;
+  p.dgi = dgi;
+  p.dgh = dgh;
+  p.dhs = filled<acc_t>(a, c.B * g.Hp, 0.0);
+  p.gbuf = filled<opt>(a, 2 * static_cast<int64_t>(g.Bp) * 3 * g.Hp, 0.0);
+  p.dh0 = dh0;
+  p.reset_after = c.reset_after;
+  if (c.persistent) {
+    const int64_t w_bytes = pl.w_bytes;
+    fusedgru_host::launch(pool, pl.NB, kThreads, pl.smem_bytes(true), true,
+                          [&] { gru_bwd_persistent<sc, opt, acc_t, TC>(p, w_bytes); });
+  } else {
+    for_each_step_launch(c.T, c.reset_after, true, [&](int64_t t, int phase) {
+      fusedgru_host::launch(pool, pl.NB, kThreads, pl.smem_bytes(false), false,
+                            [&] { gru_bwd_step<sc, opt, acc_t, TC>(p, t, phase); });
+    });
+  }
+}
+
+// gru_fwd, gru_infer, then gru_bwd on gru_fwd's y and ws.
+template <typename sc, typename opt, typename acc_t, bool TC>
+Output run(const Case& c) {
+  const int64_t T = c.T, B = c.B, H = c.H;
+  const Plan pl = plan_layout(T, B, H, sizeof(opt), sizeof(acc_t), false);
+  fusedgru_host::ThreadPool pool(static_cast<unsigned>(pl.NB) * kThreads);
+  Arena a;
+  const sc* gi = copy_in<sc>(a, c.gi);
+  const sc* bhh = c.has_bias ? copy_in<sc>(a, c.b_hh) : nullptr;
+  const sc* h0 = c.has_h0 ? copy_in<sc>(a, c.h0) : nullptr;
+  const sc* gy = copy_in<sc>(a, c.grad_y);
+  Output out;
+
+  sc* y = poisoned<sc>(a, T * B * H);
+  sc* ws = poisoned<sc>(a, T * B * 4 * H);
+  forward<sc, opt, acc_t, TC>(c, pool, a, gi, bhh, h0, y, ws);
+  out.add(y, T * B * H);
+  out.add(ws, T * B * 4 * H);
+
+  sc* y_inf = poisoned<sc>(a, T * B * H);
+  forward<sc, opt, acc_t, TC>(c, pool, a, gi, bhh, h0, y_inf, nullptr);
+  out.add(y_inf, T * B * H);
+
+  sc* dgh = poisoned<sc>(a, T * B * 3 * H);
+  sc* dgi = c.reset_after ? poisoned<sc>(a, T * B * 3 * H) : dgh;  // one tensor when False
+  sc* dh0 = poisoned<sc>(a, B * H);
+  backward<sc, opt, acc_t, TC>(c, pool, a, gy, ws, y, h0, dgi, dgh, dh0);
+  out.add(dgi, T * B * 3 * H);
+  out.add(dgh, T * B * 3 * H);
+  out.add(dh0, B * H);
+  return out;
+}
+
+}  // namespace host
+}  // namespace cuda_gru
+}  // namespace fusedgru
+
+namespace {
+
+[[noreturn]] void usage(const char* why) {
+  std::fprintf(stderr, "gru_host: %s\nusage: gru_host f64|f32|tf32|f16|bf16 persistent|step "
+               "T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT\n", why);
+  std::exit(2);
+}
+
+std::vector<double> take(FILE* f, int64_t n) {
+  std::vector<double> v(static_cast<size_t>(n));
+  if (n > 0 && std::fread(v.data(), sizeof(double), v.size(), f) != v.size())
+    usage("input file too short");
+  return v;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace fusedgru::cuda_gru::host;
+  if (argc == 4 && std::string(argv[1]) == "convert") {
+    // The shim's roundings, for the test: each float64 of IN (read as float32) -> its
+    // __half, __nv_bfloat16 and __float_to_tf32 value, three float64 per input in OUT.
+    FILE* in = std::fopen(argv[2], "rb");
+    FILE* o = std::fopen(argv[3], "wb");
+    if (!in || !o) usage("cannot open the files of convert");
+    double v;
+    while (std::fread(&v, sizeof(double), 1, in) == 1) {
+      const float f = static_cast<float>(v);
+      const double r[3] = {to_double(__float2half_rn(f)), to_double(__float2bfloat16_rn(f)),
+                           nvcuda::wmma::__float_to_tf32(f)};
+      std::fwrite(r, sizeof(double), 3, o);
+    }
+    std::fclose(in);
+    std::fclose(o);
+    return 0;
+  }
+  if (argc != 11) usage("expected 10 arguments");
+  const std::string dtype = argv[1], path = argv[2];
+  Case c;
+  c.T = std::atoll(argv[3]);
+  c.B = std::atoll(argv[4]);
+  c.H = std::atoll(argv[5]);
+  c.reset_after = std::atoi(argv[6]) != 0;
+  c.has_h0 = std::atoi(argv[7]) != 0;
+  c.has_bias = std::atoi(argv[8]) != 0;
+  if (path != "persistent" && path != "step") usage("PATH must be persistent or step");
+  c.persistent = path == "persistent";
+  if (c.T < 1 || c.B < 1 || c.H < 1) usage("T, B, H must be >= 1");
+  FILE* in = std::fopen(argv[9], "rb");
+  if (!in) usage("cannot open IN");
+  c.gi = take(in, c.T * c.B * 3 * c.H);
+  c.w_hh = take(in, 3 * c.H * c.H);
+  if (c.has_bias) c.b_hh = take(in, 3 * c.H);
+  if (c.has_h0) c.h0 = take(in, c.B * c.H);
+  c.grad_y = take(in, c.T * c.B * c.H);
+  std::fclose(in);
+
+  Output out;
+  if (dtype == "f64") {
+    out = run<double, double, double, false>(c);
+#ifndef FUSEDGRU_HOST_F64_ONLY  // the mutation tests build float64 only (compile time)
+  } else if (dtype == "f32") {
+    out = run<float, float, float, false>(c);
+  } else if (dtype == "tf32") {
+    out = run<float, float, float, true>(c);
+  } else if (dtype == "f16") {
+    out = run<__half, __half, float, true>(c);
+  } else if (dtype == "bf16") {
+    out = run<__nv_bfloat16, __nv_bfloat16, float, true>(c);
+#endif
+  } else {
+    usage("unknown or not built DTYPE");
+  }
+  FILE* o = std::fopen(argv[10], "wb");
+  if (!o || std::fwrite(out.data.data(), sizeof(double), out.data.size(), o) != out.data.size())
+    usage("cannot write OUT");
+  std::fclose(o);
+  return 0;
+}
