@@ -29,8 +29,8 @@
 
 #include <pthread.h>
 
+#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -77,41 +77,47 @@ namespace fusedgru_host {
   std::abort();
 }
 
-// A barrier of `count` threads, as std::barrier (arrive_and_wait, arrive_and_drop), built on
-// a mutex and a condition variable: waiting threads sleep instead of spinning.  (std::barrier
-// spins on atomics, and under ThreadSanitizer every spin merges a vector clock as wide as
-// the launch: 768 spinning threads made a 3-block case 20x slower.)  Arriving releases and
-// leaving acquires the mutex, so everything before the barrier happens before everything
-// after it, in every thread: what __syncthreads() and grid.sync() promise.
+// A barrier of `count` threads, as std::barrier (arrive_and_wait, arrive_and_drop).  The
+// arrivals are counted under a mutex; the waiters sleep on an atomic phase (futex) and leave
+// without taking the mutex again.  (std::barrier spins on atomics, and under
+// ThreadSanitizer every spin merges a vector clock as wide as the launch: 768 spinning
+// threads made a 3-block case 20x slower; a condition variable made every waiter queue for
+// the mutex on wake-up.)  Each arrival takes the mutex after the previous ones and the last
+// publishes the new phase with a release store that every waiter acquires, so everything
+// before the barrier in any thread happens before everything after it in every thread: what
+// __syncthreads() and grid.sync() promise.
 class Barrier {
  public:
   explicit Barrier(unsigned count) : expected_(count) {}
   void arrive_and_wait() {
-    std::unique_lock<std::mutex> lock(mu_);
-    const uint64_t phase = phase_;
-    if (++arrived_ == expected_) {
-      complete();
-    } else {
-      cv_.wait(lock, [&] { return phase_ != phase; });
+    uint32_t phase;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      phase = phase_.load(std::memory_order_relaxed);
+      if (++arrived_ == expected_) {
+        complete(phase);
+        return;
+      }
     }
+    while (phase_.load(std::memory_order_acquire) == phase)
+      phase_.wait(phase, std::memory_order_acquire);
   }
   // Leaves the barrier for good (a thread whose kernel returned).
   void arrive_and_drop() {
     std::lock_guard<std::mutex> lock(mu_);
     --expected_;
-    if (arrived_ > 0 && arrived_ == expected_) complete();
+    if (arrived_ > 0 && arrived_ == expected_) complete(phase_.load(std::memory_order_relaxed));
   }
 
  private:
-  void complete() {
+  void complete(uint32_t phase) {  // under mu_
     arrived_ = 0;
-    ++phase_;
-    cv_.notify_all();
+    phase_.store(phase + 1, std::memory_order_release);
+    phase_.notify_all();
   }
   std::mutex mu_;
-  std::condition_variable cv_;
   unsigned expected_, arrived_ = 0;
-  uint64_t phase_ = 0;
+  std::atomic<uint32_t> phase_{0};
 };
 
 // One kernel launch: its grid, its barriers and its blocks' shared memory.
