@@ -164,7 +164,9 @@ def _layer_weights(weights: Sequence[Tensor], num_layers: int, num_directions: i
     return [(g[0], g[1], g[2] if per == 4 else None, g[3] if per == 4 else None) for g in groups]
 
 
-def _check_weights(layers, input_size_seen: int, num_directions: int, x: Tensor) -> int:
+def check_weights(layers, num_directions: int) -> int:
+    """Shapes, dtypes and devices of every layer-direction's weights; returns H.  FusedGRU
+    caches the result per set of Parameter objects (FusedGRU._checked_weights)."""
     w_ih0, w_hh0 = layers[0][0], layers[0][1]
     if w_hh0.dim() != 2 or w_hh0.shape[0] != 3 * w_hh0.shape[1]:
         raise ShapeError(f"weight_hh_l0: expected shape (3*H, H), got {tuple(w_hh0.shape)}")
@@ -186,6 +188,10 @@ def _check_weights(layers, input_size_seen: int, num_directions: int, x: Tensor)
             if not t.dtype.is_floating_point:
                 raise DTypeError(f"{name}: expected a floating-point dtype, got {t.dtype}")
             _check_tensor_like(name, t, w_ih0, "weight_ih_l0")
+    return H
+
+
+def _check_input(x: Tensor, input_size_seen: int, w_ih0: Tensor) -> None:
     if input_size_seen != w_ih0.shape[1]:
         raise ShapeError(
             f"input: expected input.size(-1) == input_size = {w_ih0.shape[1]}, "
@@ -194,7 +200,6 @@ def _check_weights(layers, input_size_seen: int, num_directions: int, x: Tensor)
     if not x.dtype.is_floating_point:
         raise DTypeError(f"input: expected a floating-point dtype, got {x.dtype}")
     _check_tensor_like("input", x, w_ih0, "the weights")
-    return H
 
 
 # ----------------------------------------------------------------------------------------
@@ -234,6 +239,7 @@ def gru(
     training: bool = False,
     reset_after: bool = True,
     backend: str = "auto",
+    _checked: Optional[Tuple[list, int]] = None,
 ) -> Tuple[Union[Tensor, PackedSequence], Tensor]:
     """A multi-layer GRU with torch.nn.GRU's semantics (see docs/SPEC.md section 3).
 
@@ -243,6 +249,8 @@ def gru(
     hx:      (L*D, B, H), or (L*D, H) unbatched; zeros if None
     Returns (output (T, B, D*H) laid out like the input, h_n (L*D, B, H)).
     Under torch.autocast, input, hx and weights are cast as nn.GRU's are (see _autocast).
+    _checked: (layers, H) from an earlier check_weights of these same weights (FusedGRU's
+    cache), or None to check them now.
     """
     num_layers = _check_positive_int("num_layers", num_layers)
     _check_bool("bidirectional", bidirectional)
@@ -250,7 +258,11 @@ def gru(
     _check_bool("reset_after", reset_after)
     dropout = _check_dropout(dropout)
     D = 2 if bidirectional else 1
-    layers = _layer_weights(weights, num_layers, D)
+    if _checked is None:
+        layers = _layer_weights(weights, num_layers, D)
+        H = check_weights(layers, D)
+    else:
+        layers, H = _checked
 
     packed = isinstance(input, PackedSequence)
     lengths = None
@@ -266,9 +278,9 @@ def gru(
             )
         unbatched = input.dim() == 2
         x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if batch_first else input)
-    x, hx, layers = _autocast(x, hx, layers)
+    x, hx, layers = _autocast(x, hx, layers)  # casts keep the shapes checked above
     T, B, I = x.shape
-    H = _check_weights(layers, I, D, x)
+    _check_input(x, I, layers[0][0])
 
     if hx is not None:
         if not isinstance(hx, Tensor):
@@ -350,6 +362,7 @@ def gru_cell(
     *,
     reset_after: bool = True,
     backend: str = "auto",
+    _checked: Optional[Tuple[list, int]] = None,
 ) -> Tensor:
     """One GRU step with torch.nn.GRUCell's semantics.
 
@@ -380,6 +393,7 @@ def gru_cell(
         hx = hx.unsqueeze(0)  # (1, B, H): one layer, one direction
     x = input.unsqueeze(0) if unbatched else input
     weights = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else [])
-    _, h_n = gru(x.unsqueeze(0), weights, hx, reset_after=reset_after, backend=backend)
+    _, h_n = gru(x.unsqueeze(0), weights, hx, reset_after=reset_after, backend=backend,
+                 _checked=_checked)
     h = h_n[0]
     return h.squeeze(0) if unbatched else h

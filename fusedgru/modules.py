@@ -28,6 +28,28 @@ def _backend_in_use(backend: str, weight: Tensor) -> str:
     return resolved if backend != "auto" else f"auto -> {resolved}"
 
 
+def _checked_weights(module: nn.Module, weights: List[Tensor], num_layers: int,
+                     bidirectional: bool):
+    """(layers, H) of functional.check_weights for ``module``'s weights, kept while they stay
+    the same objects with the same dtype and device, so that a call checks only its input.
+    A shape cannot change without a new Parameter object except through ``.data``, which the
+    kernels' own shape checks catch.  Not cached while torch.compile traces (the compiled
+    graph checks nothing at run time anyway) or torch.jit.trace records (its check re-traces
+    and compares the graphs)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None
+    w0 = weights[0]
+    key = (len(weights), num_layers, bidirectional, w0.dtype, w0.device)
+    cache = module.__dict__.get("_weights_cache")
+    if cache is not None and cache[0] == key and all(a is b for a, b in zip(cache[1], weights)):
+        return cache[2]
+    D = 2 if bidirectional else 1
+    layers = F_gru._layer_weights(weights, num_layers, D)
+    checked = (layers, F_gru.check_weights(layers, D))
+    module.__dict__["_weights_cache"] = (key, tuple(weights), checked)
+    return checked
+
+
 def _refuse_scripting(module) -> None:
     name = type(module).__name__
     raise ScriptingUnsupportedError(
@@ -119,7 +141,11 @@ class FusedGRU(nn.Module):
 
     @property
     def _flat_weights(self) -> List[Tensor]:
-        return [getattr(self, name) for name in self._flat_weights_names]
+        params = self._parameters  # a dict read: getattr goes through Module.__getattr__
+        try:
+            return [params[name] for name in self._flat_weights_names]
+        except KeyError:  # a weight moved out of _parameters (parametrize, weight_norm)
+            return [getattr(self, name) for name in self._flat_weights_names]
 
     @property
     def all_weights(self) -> List[List[Tensor]]:
@@ -135,9 +161,10 @@ class FusedGRU(nn.Module):
         _refuse_scripting(self)
 
     def forward(self, input, hx: Optional[Tensor] = None):
+        weights = self._flat_weights
         return F_gru.gru(
             input,
-            self._flat_weights,
+            weights,
             hx,
             num_layers=self.num_layers,
             bidirectional=self.bidirectional,
@@ -146,6 +173,7 @@ class FusedGRU(nn.Module):
             training=self.training,
             reset_after=self.reset_after,
             backend=self.backend,
+            _checked=_checked_weights(self, weights, self.num_layers, self.bidirectional),
         )
 
     @property
@@ -223,8 +251,14 @@ class FusedGRUCell(nn.Module):
     __prepare_scriptable__ = FusedGRU.__prepare_scriptable__
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
-        return F_gru.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih,
-                              self.bias_hh, reset_after=self.reset_after, backend=self.backend)
+        p = self._parameters  # a dict read; Module.__getattr__ costs more than the kernel
+        try:
+            w = [p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"]]
+        except KeyError:  # parametrized or otherwise moved weights
+            w = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
+        weights = w if w[2] is not None else w[:2]
+        return F_gru.gru_cell(input, hx, *w, reset_after=self.reset_after, backend=self.backend,
+                              _checked=_checked_weights(self, weights, 1, False))
 
     @property
     def backend_in_use(self) -> str:

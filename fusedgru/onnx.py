@@ -23,17 +23,24 @@ from torch import Tensor
 __all__ = ["exporting", "gru_onnx_reference", "gru_layers"]
 
 
+# The exporters' own flags, read directly: torch.onnx.is_in_onnx_export imports them on
+# every call, a cost every FusedGRU call would pay.  Where they moved (another torch), the
+# public query answers instead.
+try:
+    from torch.onnx._internal.exporter import _flags as _dynamo_flags
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _ts_globals
+    _dynamo_flags._is_onnx_exporting, _ts_globals.in_onnx_export  # noqa: B018
+except (ImportError, AttributeError):
+    _dynamo_flags = _ts_globals = None
+
+
 def exporting() -> Optional[str]:
     """"dynamo" or "torchscript" while torch.onnx.export runs, else None."""
-    if not torch.onnx.is_in_onnx_export():
-        return None
-    try:
-        from torch.onnx._internal.exporter import _flags
-        if getattr(_flags, "_is_onnx_exporting", False):
+    if _dynamo_flags is not None:
+        if _dynamo_flags._is_onnx_exporting:
             return "dynamo"
-    except ImportError:  # a torch without the dynamo exporter
-        pass
-    return "torchscript"
+        return "torchscript" if _ts_globals.in_onnx_export else None
+    return "torchscript" if torch.onnx.is_in_onnx_export() else None
 
 
 def _zrn(t: Tensor, H: int) -> Tensor:

@@ -42,12 +42,19 @@ __all__ = ["fake_forward", "fake_backward", "register_backend_ops", "register_au
            "functorch_forward"]
 
 
+_AUTOCAST_AVAILABLE = {}
+
+
 @torch.compiler.assume_constant_result
 def _autocast_available(device_type: str) -> bool:
     # A constant per device type: torch.compile evaluates it once while tracing.  (Dynamo
     # of torch 2.11 cannot trace torch._C._is_autocast_available, which this calls; without
-    # the decorator a fullgraph compile of FusedGRU fails there.)
-    return torch.amp.is_autocast_available(device_type)
+    # the decorator a fullgraph compile of FusedGRU fails there.)  Kept per device type:
+    # every eager call of FusedGRU asks.
+    known = _AUTOCAST_AVAILABLE.get(device_type)
+    if known is None:
+        known = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
+    return known
 
 
 def tf32_matmul_allowed() -> bool:

@@ -1,0 +1,101 @@
+"""The lean call path: FusedGRU / FusedGRUCell check their weights once and keep the result
+while the parameters stay the same objects (dtype and device included).  Whatever changes
+the weights a call sees must be seen: new Parameter objects, .to(), functional_call,
+torch.nn.utils.parametrize, load_state_dict, in-place optimizer steps."""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.utils import parametrize
+
+from fusedgru import FusedGRU, FusedGRUCell
+
+F64 = torch.float64
+
+
+def _pair(**kwargs):
+    torch.manual_seed(0)
+    t = nn.GRU(3, 4, num_layers=2, dtype=F64, **kwargs)
+    f = FusedGRU(3, 4, num_layers=2, dtype=F64, **kwargs)
+    f.load_state_dict(t.state_dict())
+    return t, f
+
+
+def test_in_place_updates_and_load_state_dict_are_seen(gen):
+    t, f = _pair()
+    x = torch.randn(5, 2, 3, dtype=F64, generator=gen)
+    torch.testing.assert_close(f(x)[0], t(x)[0])
+    with torch.no_grad():  # what an optimizer step does
+        for p, q in zip(t.parameters(), f.parameters()):
+            p.mul_(1.5)
+            q.mul_(1.5)
+    torch.testing.assert_close(f(x)[0], t(x)[0])
+    t2 = nn.GRU(3, 4, num_layers=2, dtype=F64)
+    f.load_state_dict(t2.state_dict())
+    torch.testing.assert_close(f(x)[0], t2(x)[0])
+
+
+def test_new_parameter_objects_and_dtype_changes_are_seen(gen):
+    t, f = _pair()
+    x = torch.randn(5, 2, 3, dtype=F64, generator=gen)
+    f(x)
+    f.weight_hh_l1 = nn.Parameter(torch.randn(12, 4, dtype=F64, generator=gen))
+    t.weight_hh_l1 = nn.Parameter(f.weight_hh_l1.detach().clone())
+    torch.testing.assert_close(f(x)[0], t(x)[0])
+    f.float()
+    with pytest.raises(TypeError, match="input: expected dtype torch.float32"):
+        f(x)
+    torch.testing.assert_close(f(x.float())[0], t.float()(x.float())[0], rtol=1e-5, atol=1e-6)
+    f.weight_ih_l1 = nn.Parameter(torch.randn(12, 5))  # a wrong shape, newly assigned
+    with pytest.raises(ValueError, match=r"weight_ih_l1: expected shape \(12, 4\), got \(12, 5\)"):
+        f(x.float())
+
+
+def test_functional_call_uses_the_tensors_it_is_given(gen):
+    t, f = _pair()
+    x = torch.randn(5, 2, 3, dtype=F64, generator=gen)
+    f(x)  # fills the cache with the module's own parameters
+    other = {n: torch.randn_like(p) * 0.3 for n, p in f.named_parameters()}
+    torch.testing.assert_close(functional_call(f, other, (x,))[0],
+                               functional_call(t, other, (x,))[0])
+    cell, tcell = FusedGRUCell(3, 4, dtype=F64), nn.GRUCell(3, 4, dtype=F64)
+    xc = torch.randn(2, 3, dtype=F64, generator=gen)
+    cell(xc)
+    other = {n: torch.randn_like(p) for n, p in cell.named_parameters()}
+    torch.testing.assert_close(functional_call(cell, other, (xc,)), functional_call(tcell, other, (xc,)))
+
+
+class Scale(nn.Module):
+    def forward(self, w):
+        return 0.5 * w
+
+
+def test_parametrized_weights_are_read_every_call(gen):
+    t, f = _pair()
+    for m in (t, f):
+        parametrize.register_parametrization(m, "weight_hh_l0", Scale())
+    x = torch.randn(5, 2, 3, dtype=F64, generator=gen)
+    torch.testing.assert_close(f(x)[0], t(x)[0])
+    with torch.no_grad():
+        for m in (t, f):
+            m.parametrizations.weight_hh_l0.original.add_(0.25)
+    torch.testing.assert_close(f(x)[0], t(x)[0])
+    cell = FusedGRUCell(3, 4, dtype=F64)
+    tcell = nn.GRUCell(3, 4, dtype=F64)
+    tcell.load_state_dict(cell.state_dict())
+    for m in (cell, tcell):
+        parametrize.register_parametrization(m, "weight_ih", Scale())
+    xc = torch.randn(2, 3, dtype=F64, generator=gen)
+    torch.testing.assert_close(cell(xc), tcell(xc))
+
+
+def test_a_weight_reshaped_through_data_is_refused_by_the_kernel(gen):
+    # .data swaps the storage under the same Parameter object: the cached check cannot see
+    # it, the kernel's own shape check does (a RuntimeError, never a read out of bounds).
+    f = FusedGRU(3, 4, dtype=torch.float32, backend="auto")
+    x = torch.randn(5, 2, 3, generator=gen)
+    f(x)
+    f.weight_hh_l0.data = torch.randn(12, 5)
+    with pytest.raises(RuntimeError, match="weight|w_hh|shape"):
+        f(x)
