@@ -337,7 +337,7 @@ def gru(
             layer_input = F.dropout(layer_input, p=dropout, training=True)
 
     output = layer_input
-    h_n_t = torch.stack(h_n, 0)
+    h_n_t = h_n[0].unsqueeze(0) if len(h_n) == 1 else torch.stack(h_n, 0)
     if packed:
         return packing.to_packed(output, like=input), h_n_t
     return _shape_outputs(output, h_n_t, unbatched, batch_first)
