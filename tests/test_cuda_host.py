@@ -88,17 +88,52 @@ def _compiler_id(cxx: str) -> str:
     return r.stdout
 
 
-def _sanitizer_missing(cxx: str, variant: str) -> Optional[str]:
-    """Why `variant` cannot be built here (its runtime is not installed), or None."""
+_PROBE = """#include <cstdlib>
+#include <thread>
+int main() {
+  int* p = static_cast<int*>(std::malloc(64));
+  std::thread t([p] { p[0] = 1; });
+  t.join();
+  std::free(p);
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def runner(variant: str) -> Tuple[str, ...]:
+    """The command prefix that runs `variant`'s programs here: () or setarch -R (ASLR off),
+    decided once by building and running a two-line probe.  gcc 12's sanitizer runtimes
+    cannot start under some kernels' address-space randomisation (vm.mmap_rnd_bits above
+    28: TSan "unexpected memory mapping", ASan looping on DEADLYSIGNAL).  Skips, saying
+    why, only when the sanitizer is absent or cannot run even with ASLR off."""
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++ / c++ / $CXX) to build the host harness")
     with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "probe.cpp")
+        src, exe = os.path.join(d, "probe.cpp"), os.path.join(d, "probe")
         with open(src, "w") as f:
-            f.write("#include <thread>\nint main() { std::thread t([] {}); t.join(); }\n")
-        r = subprocess.run([cxx, *COMMON_FLAGS, *SANITIZER_FLAGS[variant], src, "-o",
-                            os.path.join(d, "probe")], capture_output=True, text=True)
+            f.write(_PROBE)
+        r = subprocess.run([cxx, *COMMON_FLAGS, *SANITIZER_FLAGS[variant], src, "-o", exe],
+                           capture_output=True, text=True)
         if r.returncode != 0:
-            return f"{cxx} cannot link a {variant} program: {r.stderr.strip()[-300:]}"
-    return None
+            pytest.skip(f"{cxx} cannot build a {variant} program (runtime not installed?): "
+                        f"{r.stderr.strip()[-300:]}")
+        env = {**os.environ, **SANITIZER_ENV}
+        setarch = shutil.which("setarch")
+        prefixes = [()] + ([(setarch, platform.machine(), "-R")] if setarch else [])
+        why = ""
+        for prefix in prefixes:
+            try:
+                r = subprocess.run([*prefix, exe], capture_output=True, text=True, env=env,
+                                   timeout=30)
+            except subprocess.TimeoutExpired:
+                why = "the probe hung"
+                continue
+            if r.returncode == 0 and not r.stderr.strip():
+                return prefix
+            why = r.stderr.strip()[-300:] or f"exit status {r.returncode}"
+    aslr = " even with ASLR off (setarch -R)" if setarch else " (and setarch is missing)"
+    pytest.skip(f"{variant} programs cannot run here{aslr}: {why}")
 
 
 def build(variant: str, sources: Optional[Dict[str, bytes]] = None,
@@ -135,48 +170,46 @@ def build(variant: str, sources: Optional[Dict[str, bytes]] = None,
     tmp = f"{exe}.{os.getpid()}.{threading.get_ident()}.tmp"
     r = subprocess.run([cxx, *flags, main, "-o", tmp], capture_output=True, text=True)
     if r.returncode != 0:
-        why = _sanitizer_missing(cxx, variant)
-        if why is not None:
-            pytest.skip(why)
+        runner(variant)  # skips if the sanitizer itself is missing
         pytest.fail(f"building the {variant} harness failed:\n{r.stderr[-4000:]}")
     os.replace(tmp, exe)  # atomic: a concurrent session sees all or nothing
     return exe
 
 
+class Builds:
+    """Builds running in the background; [key] waits for one and re-raises its skip or
+    failure, so a missing sanitizer skips only the tests that need it."""
+
+    def __init__(self, jobs):
+        pool = concurrent.futures.ThreadPoolExecutor(2)  # one compiler per core
+        self._futures = {k: pool.submit(f) for k, f in jobs.items()}
+        pool.shutdown(wait=False)
+
+    def __getitem__(self, key) -> str:
+        return self._futures[key].result()
+
+
+def _checked_build(variant: str, *args) -> str:
+    runner(variant)  # the sanitizer runs here at all (else: skip)
+    return build(variant, *args)
+
+
 @pytest.fixture(scope="session")
-def harness() -> Dict[str, str]:
-    """Both sanitizer builds of the harness, compiled in parallel (one per core)."""
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        futs = {v: pool.submit(build, v) for v in SANITIZER_FLAGS}
-        return {v: f.result() for v, f in futs.items()}
+def harness() -> Builds:
+    """Both sanitizer builds of the harness, compiled in parallel."""
+    return Builds({v: functools.partial(_checked_build, v) for v in SANITIZER_FLAGS})
 
 
 # ---------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------
 
-_TSAN_STARTUP = ("unexpected memory mapping", "FATAL: ThreadSanitizer")
-
-
-def execute(cmd: List[str], env_extra: Optional[Dict[str, str]] = None,
+def execute(variant: str, cmd: List[str], env_extra: Optional[Dict[str, str]] = None,
             timeout: int = RUN_TIMEOUT) -> subprocess.CompletedProcess:
-    """Runs a harness command with the sanitizers' options.  ThreadSanitizer (gcc 12's
-    runtime) cannot start under some kernels' address-space randomisation (mmap_rnd_bits >
-    28: "unexpected memory mapping"): such a start is retried with ASLR off (setarch -R)."""
+    """Runs a `variant` program with the sanitizers' options (and ASLR off where needed)."""
     env = {**os.environ, **SANITIZER_ENV, **(env_extra or {})}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    if r.returncode != 0 and any(s in r.stderr for s in _TSAN_STARTUP) \
-            and "WARNING: ThreadSanitizer" not in r.stderr:
-        setarch = shutil.which("setarch")
-        if setarch is None:
-            pytest.skip(f"ThreadSanitizer cannot start here and setarch is missing: "
-                        f"{r.stderr.strip()[-300:]}")
-        r = subprocess.run([setarch, platform.machine(), "-R", *cmd], capture_output=True,
-                           text=True, env=env, timeout=timeout)
-        if any(s in r.stderr for s in _TSAN_STARTUP) and "WARNING: ThreadSanitizer" not in r.stderr:
-            pytest.skip(f"ThreadSanitizer cannot start here, even with ASLR off: "
-                        f"{r.stderr.strip()[-300:]}")
-    return r
+    return subprocess.run([*runner(variant), *cmd], capture_output=True, text=True, env=env,
+                          timeout=timeout)
 
 
 class TF32Matmul(TorchFunctionMode):
@@ -281,9 +314,10 @@ class Result:
         return out
 
 
-def run_case(exe: str, spec: Spec, env_extra: Optional[Dict[str, str]] = None,
+def run_case(variant: str, exe: str, spec: Spec, env_extra: Optional[Dict[str, str]] = None,
              timeout: int = RUN_TIMEOUT) -> Result:
-    """Runs `spec` on the harness `exe` and measures it against the float64 reference."""
+    """Runs `spec` on the harness `exe` (built as `variant`) and measures it against the
+    float64 reference."""
     T, B, H, I = spec.T, spec.B, spec.H, 5
     dt = DTYPES[spec.dtype]
     g = torch.Generator().manual_seed(zlib.crc32(spec.id.encode()))
@@ -301,7 +335,7 @@ def run_case(exe: str, spec: Spec, env_extra: Optional[Dict[str, str]] = None,
         cmd = [exe, spec.dtype, spec.path, str(T), str(B), str(H), str(int(spec.reset_after)),
                str(int(spec.h0)), str(int(spec.bias)), fin, fout]
         try:
-            r = execute(cmd, env_extra, timeout)
+            r = execute(variant, cmd, env_extra, timeout)
         except subprocess.TimeoutExpired as e:
             return Result(-1, f"cuda_host: timed out after {timeout} s (a hang?)\n{e.stderr}")
         res = Result(r.returncode, r.stderr)
@@ -392,7 +426,8 @@ def grid_results(harness):
     def get(variant: str) -> Dict[Spec, Result]:
         if variant not in cache:
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
-                futs = {s: pool.submit(run_case, harness[variant], s) for s in GRIDS[variant]}
+                futs = {s: pool.submit(run_case, variant, harness[variant], s)
+                        for s in GRIDS[variant]}
                 cache[variant] = {s: f.result() for s, f in futs.items()}
         return cache[variant]
 
@@ -441,7 +476,7 @@ def test_shim_roundings_match_torch(harness):
     with tempfile.TemporaryDirectory() as d:
         fin, fout = os.path.join(d, "in"), os.path.join(d, "out")
         v.double().numpy().tofile(fin)
-        r = execute([harness["asan"], "convert", fin, fout])
+        r = execute("asan", [harness["asan"], "convert", fin, fout])
         assert r.returncode == 0, r.stderr[-3000:]
         out = torch.from_numpy(np.fromfile(fout)).view(-1, 3)
     assert torch.equal(out[:, 0], v.half().double())
@@ -485,7 +520,8 @@ MUTANTS = {
     "plan-smem-one-element-short": (
         "asan",
         "pl.acc_bytes = static_cast<int64_t>(g.nsplit) * mtp * NC * kTileElems * acc_size;",
-        "pl.acc_bytes = static_cast<int64_t>(g.nsplit) * mtp * NC * kTileElems * acc_size - acc_size;",
+        "pl.acc_bytes = static_cast<int64_t>(g.nsplit) * mtp * NC * kTileElems * acc_size"
+        " - acc_size;",
         "ERROR: AddressSanitizer: heap-buffer-overflow"),
 }
 
@@ -500,13 +536,12 @@ def mutant_source(name: str) -> bytes:
 
 
 @pytest.fixture(scope="session")
-def mutant_builds():
-    """The mutants, float64 only (a third of the compile time), two at a time."""
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        futs = {n: pool.submit(build, MUTANTS[n][0], {"gru_kernels.cuh": mutant_source(n)},
-                               ("FUSEDGRU_HOST_F64_ONLY",))
-                for n in MUTANTS}
-        return {n: f.result() for n, f in futs.items()}
+def mutant_builds() -> Builds:
+    """The mutants, float64 only (a third of the compile time)."""
+    return Builds({n: functools.partial(_checked_build, MUTANTS[n][0],
+                                        {"gru_kernels.cuh": mutant_source(n)},
+                                        ("FUSEDGRU_HOST_F64_ONLY",))
+                   for n in MUTANTS})
 
 
 @pytest.mark.parametrize("name", list(MUTANTS))
@@ -515,8 +550,8 @@ def test_mutant_is_caught(name, mutant_builds, grid_results):
     control = grid_results(variant)[MUTANT_SPEC]
     assert not control.problems(), f"the unmutated kernels fail this case: {control.problems()}"
     # Keep going after the first race, so the result is also measured against the reference.
-    res = run_case(mutant_builds[name], MUTANT_SPEC, {"TSAN_OPTIONS": "halt_on_error=0 exitcode=66"},
-                   timeout=120)
+    res = run_case(variant, mutant_builds[name], MUTANT_SPEC,
+                   {"TSAN_OPTIONS": "halt_on_error=0 exitcode=66"}, timeout=120)
     caught = res.problems()
     assert caught, f"mutant {name} passed: the harness cannot see it"
     assert report in res.stderr, (f"mutant {name} was caught ({caught[:2]}) but not by the "

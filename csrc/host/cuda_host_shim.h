@@ -227,7 +227,8 @@ void launch(ThreadPool& pool, unsigned grid, unsigned block, int64_t smem_bytes,
     // Exact size (AddressSanitizer catches the first byte past it), 128-byte aligned as the
     // kernels declare it; poisoned like uninitialised shared memory.
     auto* p = static_cast<unsigned char*>(
-        ::operator new(static_cast<size_t>(smem_bytes > 0 ? smem_bytes : 1), std::align_val_t(128)));
+        ::operator new(static_cast<size_t>(smem_bytes > 0 ? smem_bytes : 1),
+                       std::align_val_t(128)));
     std::memset(p, 0xFF, static_cast<size_t>(smem_bytes));
     l.smem.push_back(p);
   }
@@ -416,7 +417,8 @@ struct fragment {
 
 template <typename Use, int M, int N, int K, typename T, typename L, typename V>
 inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, V v) {
-  for (int i = 0; i < f.num_elements; ++i) f.x[i] = static_cast<typename fragment<Use, M, N, K, T, L>::element_type>(v);
+  using E = typename fragment<Use, M, N, K, T, L>::element_type;
+  for (int i = 0; i < f.num_elements; ++i) f.x[i] = static_cast<E>(v);
 }
 
 template <typename Use, int M, int N, int K, typename T, typename L, typename E>
