@@ -68,7 +68,7 @@ setup(
     name="fusedgru",
     version=read_version(),
     description="A drop-in torch.nn.GRU whose recurrence runs in fused Triton and CUDA kernels",
-    packages=["fusedgru", "fusedgru.kernels"],
+    packages=["fusedgru", "fusedgru.bench", "fusedgru.kernels"],
     # kernels/ is also a PyPI package's name: install it under fusedgru, never top level.
     package_dir={"fusedgru": "fusedgru", "fusedgru.kernels": "kernels"},
     package_data={"fusedgru": ["data/*.txt"]},
