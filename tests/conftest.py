@@ -18,6 +18,30 @@ import pytest  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (GPU script only)")
 
+# The GPU tests' parametrisation is cut to what a first contact with a GPU needs (every
+# code path and precision once, odd sizes: benchmarks/NOTES-gpu-run.md); the rest of the
+# sweep carries the mark "exhaustive" and runs only with --gpu-exhaustive.
+
+
+def pytest_addoption(parser):
+    parser.addoption("--gpu-exhaustive", action="store_true", default=False,
+                     help="run the GPU tests' whole parametrisation (default: the subset "
+                          "benchmarks/gpu_run.sh runs in its first minutes)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "exhaustive: part of the full GPU sweep, run only "
+                                       "with --gpu-exhaustive")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--gpu-exhaustive", default=False):
+        return
+    skip = pytest.mark.skip(reason="exhaustive GPU sweep: run with --gpu-exhaustive")
+    for item in items:
+        if "exhaustive" in item.keywords:
+            item.add_marker(skip)
+
 
 @pytest.fixture
 def gen():

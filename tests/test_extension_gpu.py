@@ -3,7 +3,9 @@ dtype, on both CUDA paths (persistent cooperative kernels and the per-step fallb
 poisoned outputs; gradcheck in float64; determinism; the dispatcher's capacity plan; the
 inference op gru_infer (y bitwise gru_fwd's, no (T, B, 4H) ws allocated, opcheck).
 
-Run by the repository's GPU script (`pytest -m gpu`); skipped without a CUDA device.
+Run by the repository's GPU script (`pytest -m gpu`); skipped without a CUDA device.  The
+default shapes are the first-contact subset (B = H = 1, odd H below and above 128, two
+128-row passes); the others (mark "exhaustive") run with --gpu-exhaustive.
 """
 
 import pytest
@@ -48,13 +50,20 @@ def tf32(request):
     torch.backends.cuda.matmul.allow_tf32 = prev
 
 
-SHAPES = [(1, 1, 2, 1), (2, 3, 5, 3), (7, 5, 9, 17), (7, 3, 40, 63), (2, 5, 33, 100),
-          (5, 17, 24, 130), (3, 130, 16, 40)]  # B = 130: two 128-row passes per step
+EXH = pytest.mark.exhaustive  # the rest of the sweep (tests/conftest.py: --gpu-exhaustive)
+SHAPES = [(1, 1, 2, 1), pytest.param((2, 3, 5, 3), marks=EXH),
+          pytest.param((7, 5, 9, 17), marks=EXH), (7, 3, 40, 63),
+          pytest.param((2, 5, 33, 100), marks=EXH), (5, 17, 24, 130),
+          (3, 130, 16, 40)]  # B = 130: two 128-row passes per step
+def _shape_id(shape):
+    return "T%dB%dI%dH%d" % shape
+
+
 DTYPES = [torch.float64, torch.float16, torch.bfloat16]
 
 
 @pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%dB%dI%dH%d" % s)
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_matches_reference(shape, dtype, reset_after, gen, poisoned, cuda_path):
     _ext_ready()
@@ -64,7 +73,7 @@ def test_cuda_matches_reference(shape, dtype, reset_after, gen, poisoned, cuda_p
 
 
 @pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%dB%dI%dH%d" % s)
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 def test_cuda_float32(shape, reset_after, gen, poisoned, cuda_path, tf32):
     _ext_ready()
     case = testing.make_layer_case(*shape, reset_after=reset_after, generator=gen)
@@ -157,7 +166,7 @@ INFER_DTYPES = [(torch.float32, False), (torch.float32, True), (torch.float64, F
 
 
 @pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%dB%dI%dH%d" % s)
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("dtype,allow_tf32", INFER_DTYPES,
                          ids=["fp32-strict", "tf32", "fp64", "fp16", "bf16"])
 def test_cuda_infer_matches_forward_and_reference(shape, dtype, allow_tf32, reset_after, gen,

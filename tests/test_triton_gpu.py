@@ -4,6 +4,12 @@ larger sizes (the per-step split-H kernels), module parity with torch.nn.GRU (cu
 
 Every test is marked gpu and skipped without a CUDA device; run by the repository's GPU
 script (pytest -m gpu).  Budgets are SPEC section 5's, via fusedgru.testing.
+
+The default parametrisation is the first-contact subset: every kernel, strategy,
+precision and formulation once, at odd sizes and at sizes whose B and H are divisible by
+16 (Triton compiles those separately), B = 1 included.  Parameters marked EXH (the rest of
+the sweep) run with --gpu-exhaustive.  benchmarks/gpu_specs.py reads these lists to compile
+every Triton specialisation the default set launches ahead of time.
 """
 
 import contextlib
@@ -35,18 +41,38 @@ def tf32(allowed: bool):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+EXH = pytest.mark.exhaustive  # the rest of the sweep (tests/conftest.py: --gpu-exhaustive)
+
 # (name, dtype, tf32 allowed)
 PRECISIONS = [("fp32", torch.float32, False), ("tf32", torch.float32, True),
               ("fp16", torch.float16, False), ("bf16", torch.bfloat16, False)]
 
-# (T, B, I, H): resident sizes (H <= 64) and step sizes (H > 64: H split across programs).
-SIZES = [(7, 1, 3, 1), (7, 5, 17, 17), (33, 3, 20, 63), (9, 17, 40, 64), (17, 5, 50, 100),
-         (9, 64, 256, 256), (5, 3, 512, 1024)]
+# (T, B, I, H): resident sizes (H <= 64, 128 in 16 bits) and split sizes (H split across
+# programs).  First contact: B = 1 with H = 1; odd B > 16 (two row blocks) with odd H; H =
+# 100 (split in fp32, resident HP = 128 in 16 bits); B and H divisible by 16 (split, 32-row
+# blocks).  The others repeat those paths at other sizes.
+SIZES = [(7, 1, 3, 1), pytest.param(7, 5, 17, 17, marks=EXH), (9, 17, 40, 63),
+         pytest.param(9, 17, 40, 64, marks=EXH), (17, 5, 50, 100), (9, 64, 256, 256),
+         pytest.param(5, 3, 512, 1024, marks=EXH)]
+# tf32 and fp16 take the fp32 and bf16 code with another dot precision or element type:
+# one resident and one split size each.
+_NARROW = {"tf32", "fp16"}
+_NARROW_SIZES = {(9, 17, 40, 63), (17, 5, 50, 100)}
+
+
+def _layer_params():
+    out = []
+    for prec in PRECISIONS:
+        for size in SIZES:
+            values = size.values if hasattr(size, "values") else size
+            exh = hasattr(size, "values") or (prec[0] in _NARROW and values not in _NARROW_SIZES)
+            out.append(pytest.param(prec, *values, marks=EXH if exh else (),
+                                    id=f"{prec[0]}-T{values[0]}B{values[1]}I{values[2]}H{values[3]}"))
+    return out
 
 
 @pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
-@pytest.mark.parametrize("T,B,I,H", SIZES)
-@pytest.mark.parametrize("prec", PRECISIONS, ids=[p[0] for p in PRECISIONS])
+@pytest.mark.parametrize("prec,T,B,I,H", _layer_params())
 def test_layer_vs_reference(prec, T, B, I, H, reset_after, gen):
     _, dtype, allow = prec
     case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, with_h0=(H % 2 == 1),
@@ -56,13 +82,20 @@ def test_layer_vs_reference(prec, T, B, I, H, reset_after, gen):
     assert report.ok, report.failures
 
 
+# First contact: fp32 and bf16 at one odd size; the other precisions and sizes with EXH.
+LARGE_H_SIZES = [(33, 5, 50, 200), pytest.param(9, 33, 64, 300, marks=EXH),
+                 pytest.param(4, 2, 16, 1024, marks=EXH)]
+LARGE_H_PRECISIONS = [PRECISIONS[0], pytest.param(PRECISIONS[1], marks=EXH),
+                      pytest.param(PRECISIONS[2], marks=EXH), PRECISIONS[3]]
+
+
 @pytest.mark.parametrize("strategy", ["step", "persistent"])  # gru.LARGE_H_STRATEGIES
 @pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
-@pytest.mark.parametrize("T,B,I,H", [(33, 5, 50, 200), (9, 33, 64, 300), (4, 2, 16, 1024)])
-@pytest.mark.parametrize("prec", PRECISIONS, ids=[p[0] for p in PRECISIONS])
+@pytest.mark.parametrize("T,B,I,H", LARGE_H_SIZES)
+@pytest.mark.parametrize("prec", LARGE_H_PRECISIONS, ids=[p[0] for p in PRECISIONS])
 def test_large_h_strategies_vs_reference(prec, T, B, I, H, reset_after, strategy, gen):
     """Both large-H strategies (a launch per unit; one persistent launch with a grid
-    barrier), whichever is the default, in every precision."""
+    barrier), whichever is the default, in every precision (fp32 and bf16 by default)."""
     _, dtype, allow = prec
     case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, with_h0=(B % 2 == 1),
                                    generator=gen)
@@ -73,7 +106,8 @@ def test_large_h_strategies_vs_reference(prec, T, B, I, H, reset_after, strategy
 
 
 @pytest.mark.parametrize("strategy", ["step", "persistent"])  # gru.LARGE_H_STRATEGIES
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, marks=EXH), torch.bfloat16],
+                         ids=["fp16", "bf16"])
 def test_large_h_long_sequence_keeps_an_fp32_state(dtype, strategy, gen):
     """T = 1024 in 16 bits: the split kernels carry h in fp32 between steps (not re-read
     from the 16-bit y), so the error stays within the budget set by a reference that
@@ -87,8 +121,10 @@ def test_large_h_long_sequence_keeps_an_fp32_state(dtype, strategy, gen):
 
 
 @pytest.mark.parametrize("strategy", ["resident", "step", "persistent"])
-@pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("reset_after,dtype", [
+    (True, torch.float32), (False, torch.float32), (True, torch.bfloat16),
+    pytest.param(False, torch.bfloat16, marks=EXH)],
+    ids=["reset_after-fp32", "reset_before-fp32", "reset_after-bf16", "reset_before-bf16"])
 def test_every_output_element_written(strategy, reset_after, dtype, gen, poisoned_run):
     T, B, I, H = 5, 37, 6, 45
     case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, generator=gen)
@@ -99,8 +135,11 @@ def test_every_output_element_written(strategy, reset_after, dtype, gen, poisone
         assert torch.isfinite(t).all(), f"{name}: unwritten elements"
 
 
-@pytest.mark.parametrize("prec", PRECISIONS[:3], ids=[p[0] for p in PRECISIONS[:3]])
-@pytest.mark.parametrize("H", [17, 100])
+@pytest.mark.parametrize("prec,H", [
+    (PRECISIONS[0], 17), pytest.param(PRECISIONS[0], 100, marks=EXH),
+    pytest.param(PRECISIONS[1], 17, marks=EXH), (PRECISIONS[1], 100),
+    (PRECISIONS[2], 17), pytest.param(PRECISIONS[2], 100, marks=EXH)],
+    ids=["fp32-17", "fp32-100", "tf32-17", "tf32-100", "fp16-17", "fp16-100"])
 def test_module_parity_with_cudnn(prec, H, gen):
     """FusedGRU(backend="triton") and torch.nn.GRU (cuDNN) in the same dtype, both against
     the float64 oracle: err(triton) <= 2 err(nn.GRU) + band on outputs, h_n and grads."""
