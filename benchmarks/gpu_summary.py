@@ -118,6 +118,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--dry-run", default="0")
+    p.add_argument("--predicted", type=int, default=None,
+                   help="gpu_run.sh's predicted seconds of steps env..stream on the GPU")
+    p.add_argument("--budget", type=int, default=None)
     args = p.parse_args(argv)
     out = Path(args.out)
     log = _sections(out / "run.log")
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
         name, rc, secs, note = (line.split("\t") + ["", "", "", ""])[:4]
         text = log.get(name) or san.get(name) or ""
         verdict = None
-        if name.startswith("pytest"):
+        if name.startswith("pytest") or name == "ecosystem":
             verdict = _last(PYTEST_RE, text)
         elif name in ("memcheck", "racecheck", "check"):
             verdict = _last(VERDICT_RE, text)
@@ -146,6 +149,9 @@ def main(argv=None) -> int:
         "bench": _bench_summary(out / "results.json"),
         "bench_compile": _bench_summary(out / "compile" / "results.json"),
         "large_h": _large_h_summary(out / "large_h.json"),
+        "predicted_gpu_seconds": args.predicted,
+        "budget_seconds": args.budget,
+        "measured_seconds": sum(s["seconds"] for s in steps),
         "files": sorted({str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()}
                         | {"summary.json"}),
     }
@@ -182,6 +188,11 @@ def main(argv=None) -> int:
     for e in lh.get("errors", [])[:10]:
         print(f"  ! large_h {e}")
     print(f"\nfiles in {out}: {', '.join(summary['files'])}")
+    if args.predicted is not None:
+        print(f"predicted GPU time (steps env..stream, benchmarks/gpu_run.sh header): "
+              f"{args.predicted} s of a {args.budget} s budget"
+              f"{' (dry run: the steps above ran on the CPU)' if args.dry_run == '1' else ''}; "
+              f"measured here: {summary['measured_seconds']} s")
     return 0
 
 

@@ -15,6 +15,8 @@ Exit status: 0 when every case ran and passed, 1 otherwise.
     python benchmarks/sanitize_cases.py --list          the cases, running nothing
     python benchmarks/sanitize_cases.py --device cpu    the same driver on CPU backends
                                                         (a dry run of the GPU script)
+    python benchmarks/sanitize_cases.py --first-contact two small cases per backend: what
+                                                        gpu_run.sh runs under the sanitizer
 """
 
 from __future__ import annotations
@@ -71,6 +73,24 @@ def cases(device_type: str, requested=None):
                 yield ("module", name, dtype, reset_after, (4, 3, 6, 17))
 
 
+# The first contact (gpu_run.sh): two small cases per GPU backend.  The cuda row: its
+# persistent cooperative kernels (float32, reset_after=True) and its per-step kernels forced
+# (bfloat16, reset_after=False, H = 130: 9 blocks).  The triton row: the resident kernels
+# (float32, reset_after=True) and the persistent split kernels with their grid barrier
+# (bfloat16, reset_after=False: two barrier phases per step).
+FIRST_CONTACT = {
+    "cuda": [("layer", torch.float32, True, LAYER_SHAPES[0]),
+             ("layer-per-step", torch.bfloat16, False, SPLIT_SHAPE)],
+    "triton": [("layer", torch.float32, True, LAYER_SHAPES[0]),
+               ("layer-persistent", torch.bfloat16, False, SPLIT_SHAPE)],
+}
+
+
+def first_contact_cases(name: str):
+    """gpu_run.sh's two cases of backend ``name`` (kind, name, dtype, reset_after, shape)."""
+    return [(kind, name, dtype, ra, shape) for kind, dtype, ra, shape in FIRST_CONTACT.get(name, [])]
+
+
 def _split_strategies(device_type: str, dtype):
     """The large-H strategies SPLIT_SHAPE can run with here (the interpreter of the dry run
     runs one program at a time, so no persistent grid of several programs there)."""
@@ -91,6 +111,12 @@ def run_case(kind, name, dtype, reset_after, shape, device) -> str:
     """'' when it passed, else what failed."""
     T, B, I, H = shape
     g = torch.Generator().manual_seed(zlib.crc32(repr((kind, name, dtype, reset_after, shape)).encode()))
+    if kind == "layer-per-step":  # the cuda row's per-step kernels, forced
+        prev = torch.ops.fusedgru._set_cuda_path(2)
+        try:
+            return run_case("layer", name, dtype, reset_after, shape, device)
+        finally:
+            torch.ops.fusedgru._set_cuda_path(prev)
     if kind.startswith("layer-"):  # a Triton large-H strategy, forced
         from fusedgru.kernels import gru
 
@@ -147,10 +173,17 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backends", default=None, help="comma-separated backend names")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--first-contact", action="store_true",
+                   help="two small cases per backend (FIRST_CONTACT), as gpu_run.sh runs them")
     args = p.parse_args(argv)
     requested = args.backends.split(",") if args.backends else None
     device = torch.device(args.device)
-    todo = list(cases(device.type, requested))
+    if args.first_contact:
+        todo = [c for name in gpu_backends(device.type, requested)
+                for c in first_contact_cases(name)
+                if not (c[0] == "layer-persistent" and device.type != "cuda")]
+    else:
+        todo = list(cases(device.type, requested))
     print(f"sanitize_cases: device {device}, backends "
           f"{gpu_backends(device.type, requested) or 'none'}, {len(todo)} cases")
     if not todo:
