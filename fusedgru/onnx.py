@@ -36,6 +36,10 @@ except (ImportError, AttributeError):
 
 def exporting() -> Optional[str]:
     """"dynamo" or "torchscript" while torch.onnx.export runs, else None."""
+    if torch.compiler.is_compiling():  # Dynamo knows the public query, not the flags
+        if not torch.onnx.is_in_onnx_export():
+            return None
+        return "dynamo" if _dynamo_flags is None or _dynamo_flags._is_onnx_exporting else "torchscript"
     if _dynamo_flags is not None:
         if _dynamo_flags._is_onnx_exporting:
             return "dynamo"
