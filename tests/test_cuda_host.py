@@ -15,8 +15,9 @@ outputs; y, ws and the six gradients (the weight gradients from the kernels' dgi
 gru_common.h's weight_grads computes them) are held to SPEC section 5's budget against the
 float64 reference, gru_infer's y must be bitwise gru_fwd's, and the sanitizer must report
 nothing.  test_mutant_is_caught builds mutated copies of the kernel source (a grid.sync()
-removed, a __syncthreads() removed, a loop bound off by one, the plan's shared memory one
-element short) and requires each to be caught by the sanitizer meant for it.
+removed from the forward, one from the backward, a __syncthreads() removed, a loop bound off
+by one, the plan's shared memory one element short) and requires each to be caught by the
+sanitizer meant for it.
 
 Builds are cached under build/cuda-host/ by the hash of the sources, flags and compiler, so
 each variant compiles once.  What this proves and what only a GPU can prove:
@@ -524,6 +525,13 @@ MUTANTS = {
         "tsan",
         "    fwd_phase<scalar_t, op_t, acc_t, TC>(p, Ws, acc, t, 0);\n    grid.sync();\n",
         "    fwd_phase<scalar_t, op_t, acc_t, TC>(p, Ws, acc, t, 0);\n",
+        "WARNING: ThreadSanitizer: data race"),
+    # The same in the backward: dgh of step t+1 is read while another block writes dgh of
+    # step t-1 into the same ping-pong half.
+    "backward-grid-sync-removed": (
+        "tsan",
+        "    bwd_phase<scalar_t, op_t, acc_t, TC>(p, Ws, acc, t, 0);\n    grid.sync();\n",
+        "    bwd_phase<scalar_t, op_t, acc_t, TC>(p, Ws, acc, t, 0);\n",
         "WARNING: ThreadSanitizer: data race"),
     # The barrier at the end of block_gemm: the elementwise threads read accumulator tiles
     # (shared memory) that other warps are still writing.
