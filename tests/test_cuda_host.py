@@ -321,8 +321,10 @@ class Result:
             out.append(f"exit status {self.returncode}")
         if self.sanitizer_report:
             out.append(self.sanitizer_report)
-        elif self.returncode != 0:
+        elif self.stderr.strip():  # a clean run prints nothing
             out.append(self.stderr[-3000:])
+        if not self.errors:
+            out.append("nothing was measured")
         out += [f"{k}: {v}" for k, v in self.wrong.items()]
         return out
 
