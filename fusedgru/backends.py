@@ -18,23 +18,36 @@ first use.  The object (a module-level instance, see fusedgru/_reference_backend
                           PyTorch's own nondeterministic ops do (checked in one place,
                           fusedgru.function.check_determinism).
 
+    per_step_path(batch: int) -> context manager
+                          (optional) within it, the backend launches only kernels that
+                          need no cooperative launch and no W_hh on chip (its per-step
+                          path) for a batch of that many rows: what "auto" falls back to
+                          first when a fused kernel cannot launch (fusedgru/function.py)
+
 forward and backward are registered dispatcher ops (fusedgru/ops.py: fake implementations
 for torch.compile / torch.export, and autograd formulas registered on the ops).
 
 Choosing a backend is a lookup in this table, never an if/else elsewhere in the package.
 "auto" takes the first row of AUTO_ORDER[device type] that is available and supports the
-dtype.
+dtype; the rows after it that do too are its fallbacks (AutoChoice.fallbacks): if a fused
+GPU kernel cannot be launched for a shape (is_launch_failure), the call runs on the
+chosen row's per-step path, then on those rows, with one BackendFallbackWarning.  An
+explicitly named backend never falls back: it raises BackendLaunchError.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 __all__ = [
+    "AutoChoice",
+    "BackendFallbackWarning",
+    "BackendLaunchError",
+    "is_launch_failure",
     "Backend",
     "BACKENDS",
     "AUTO_ORDER",
@@ -49,6 +62,59 @@ __all__ = [
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for that cannot run here (what is missing is in the message)."""
+
+
+class BackendLaunchError(RuntimeError):
+    """An explicitly chosen backend could not launch its kernel for this shape on this
+    device (the driver's or compiler's reason is in the message and in __cause__)."""
+
+
+class BackendFallbackWarning(RuntimeWarning):
+    """backend="auto" ran a layer on a slower path than its first choice, because the
+    first choice's fused kernel could not be launched for that shape."""
+
+
+class AutoChoice(str):
+    """The name "auto" resolved to (a plain str for every other use: it compares, hashes
+    and prints as the name), carrying ``fallbacks``: the later rows of AUTO_ORDER that run
+    the same device and dtype, in order.  Only a name that is an AutoChoice may fall back
+    (fusedgru/function.py): an explicitly chosen backend raises instead."""
+
+    fallbacks: Tuple[str, ...]
+
+    def __new__(cls, name: str, fallbacks: Tuple[str, ...]):
+        self = super().__new__(cls, name)
+        self.fallbacks = tuple(fallbacks)
+        return self
+
+    def __reduce__(self):  # pickles (and deep-copies) as itself
+        return (AutoChoice, (str(self), self.fallbacks))
+
+
+# What a kernel launch raises when the kernel cannot run at this size on this device, as
+# opposed to a wrong input or a fault inside a kernel (never caught: an illegal address is
+# sticky, and an out-of-memory error would recur on the next row):
+#   "too many blocks in cooperative launch"     cudaErrorCooperativeLaunchTooLarge (CUDA
+#                                               extension and Triton's cooperative launch)
+#   "too many resources requested for launch"   cudaErrorLaunchOutOfResources
+#   "out of resource"                           triton.runtime.errors.OutOfResources (shared
+#                                               memory or registers over the device limit)
+#   "co-resident"                               kernels/gru.py refusing a persistent grid
+#                                               larger than the SMs (_check_persistent)
+#   "exceed shared memory"                      the CUDA plan's accumulator tiles (make_plan)
+_LAUNCH_FAILURES = ("too many blocks in cooperative launch",
+                    "too many resources requested for launch", "out of resource",
+                    "co-resident", "exceed shared memory")
+
+
+def is_launch_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says a kernel could not be launched at this size (see above)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    if type(exc).__name__ == "OutOfResources":  # triton.runtime.errors, without importing it
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(m in text for m in _LAUNCH_FAILURES)
 
 
 @dataclass(frozen=True)
@@ -163,14 +229,17 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     check_backend_name(name)
     device_type = torch.device(device).type
     if name == "auto":
-        reasons = []
+        reasons, usable = [], []
         for candidate in AUTO_ORDER.get(device_type, ["reference"]):
             why = _why_unavailable(candidate)
             if why is None:
                 why = _loaded[candidate].unsupported_reason(device_type, dtype)
             if why is None:
-                return candidate
-            reasons.append(f"{candidate}: {why}")
+                usable.append(candidate)
+            else:
+                reasons.append(f"{candidate}: {why}")
+        if usable:
+            return AutoChoice(usable[0], usable[1:])
         raise BackendUnavailableError(
             f"no backend runs {dtype} on {device_type}: " + "; ".join(reasons)
         )

@@ -16,10 +16,12 @@ backends unavailable, with the reason; ``jit_build()`` compiles the same sources
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 import platform
+import threading
 from typing import Optional
 
 import torch
@@ -147,6 +149,14 @@ class _ExtensionBackend:
     def __repr__(self) -> str:
         return f"<fusedgru extension backend {self.name!r}>"
 
+    @property
+    def per_step_path(self):
+        """cuda only: a context (batch -> context manager) within which the CUDA kernels
+        take their per-step path (fusedgru::_set_cuda_path(2): a launch per step and phase,
+        W_hh read from L2, no cooperative launch); what backend="auto" falls back to first
+        when a persistent launch fails (fusedgru/function.py).  None for the cpu row."""
+        return _cuda_per_step_path if self.device_type == "cuda" else None
+
     def unavailable_reason(self) -> Optional[str]:
         if not _state["loaded"]:
             return _state["error"]
@@ -168,6 +178,22 @@ class _ExtensionBackend:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             return f"supports {names}, got {dtype}"
         return None
+
+
+_cuda_path_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _cuda_per_step_path(batch: int):
+    # The path is a process-wide switch in fusedgru._C: held under a lock for the call, so
+    # two threads falling back at once cannot restore each other's setting early (a thread
+    # running meanwhile on its usual path may take the per-step kernels: same results).
+    with _cuda_path_lock:
+        prev = torch.ops.fusedgru._set_cuda_path(2)
+        try:
+            yield
+        finally:
+            torch.ops.fusedgru._set_cuda_path(prev)
 
 
 _load()

@@ -5,12 +5,21 @@ PyTorch in fusedgru/functional.py; below it is the chosen backend's forward op, 
 autograd formula (registered on the op, fusedgru/ops.py) calls the same backend's backward
 op.  So a GRU layer is exactly one dispatcher call forward and one backward, and
 torch.compile / torch.export see one opaque node for each.
+
+backend="auto" never takes a model down for a kernel that cannot launch at some shape (a
+cooperative grid the driver refuses, more shared memory than a block gets:
+backends.is_launch_failure): the layer runs on the chosen row's per-step path, then on the
+next rows of the table (backends.AutoChoice.fallbacks), with one BackendFallbackWarning,
+and later calls of that shape go straight to the path that worked.  This is eager-mode
+work (a compiled graph or a trace raises as before); an explicitly named backend raises
+BackendLaunchError.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -54,6 +63,99 @@ def gru_layer(
     """
     impl = backends._loaded[backend]
     check_determinism(backend, impl)
+    args = (x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return _run(impl, *args)
+    key = (str(backend), x.device, x.dtype, x.shape[1], w_hh.shape[1], reset_after)
+    route = _routes.get(key)
+    if route is not None:  # this shape fell back before: straight to what worked
+        return _run_route(route, *args)
+    try:
+        return _run(impl, *args)
+    except Exception as exc:  # noqa: BLE001 - only launch failures are handled
+        if not backends.is_launch_failure(exc):
+            raise
+        if not isinstance(backend, backends.AutoChoice):
+            raise backends.BackendLaunchError(
+                f"fusedgru backend {str(backend)!r} could not launch its kernel for B="
+                f"{x.shape[1]}, H={w_hh.shape[1]}, {x.dtype} on {x.device}: {exc}. "
+                f"backend='auto' would fall back to a slower path instead") from exc
+        return _fall_back(key, backend, exc, args)
+
+
+# (backend, device, dtype, B, H, reset_after) -> the route that ran that shape after its
+# first choice could not launch: (row name, on its per-step path?).
+_routes: Dict[tuple, Tuple[str, bool]] = {}
+_routes_lock = threading.Lock()
+
+
+def _fall_back(key, backend: "backends.AutoChoice", first: BaseException, args) -> Tensor:
+    """Runs the layer on the first route after ``backend``'s fused kernels that launches:
+    its per-step path (where it has one), then each later row (as chosen, then per-step)."""
+    B = args[0].shape[1]
+    routes = [(str(backend), True)] + [(n, p) for n in backend.fallbacks for p in (False, True)]
+    failures = [f"{backend}: {first}"]
+    for name, per_step in routes:
+        impl = backends._loaded.get(name) or backends.get_backend(name)
+        if per_step and getattr(impl, "per_step_path", None) is None:
+            continue
+        try:
+            y = _run_route((name, per_step), *args)
+        except Exception as exc:  # noqa: BLE001
+            if not backends.is_launch_failure(exc):
+                raise
+            failures.append(f"{name}{' per-step' if per_step else ''}: {exc}")
+            continue
+        with _routes_lock:
+            _routes[key] = (name, per_step)
+        warnings.warn(
+            f"fusedgru: backend 'auto' chose {str(backend)!r}, whose fused kernel could not "
+            f"be launched for B={B}, H={key[4]}, {key[2]} on {key[1]} ({first}); this layer "
+            f"runs on {name!r}{' (per-step kernels)' if per_step else ''} instead, now and "
+            "for later calls of this shape", backends.BackendFallbackWarning, stacklevel=4)
+        return y
+    raise backends.BackendLaunchError(
+        "fusedgru: no backend of 'auto' could launch this layer: " + "; ".join(failures)) from first
+
+
+class _PerStep:
+    """A backend row seen through its per-step path: forward, backward and inference each
+    run inside impl.per_step_path(B), so a backward taken later runs the same path."""
+
+    def __init__(self, impl):
+        self.impl = impl
+        self.deterministic = getattr(impl, "deterministic", True)
+        # Stable function objects: ops.functorch_forward keys its autograd.Function on them.
+        self.forward = self._wrap(impl.forward, 0)
+        self.backward = self._wrap(impl.backward, 1)
+        if getattr(impl, "inference", None) is not None:
+            self.inference = self._wrap(impl.inference, 0)
+
+    def _wrap(self, fn, x_index):
+        def call(*a):
+            with self.impl.per_step_path(a[x_index].shape[1]):
+                return fn(*a)
+        return call
+
+
+_per_step: Dict[str, _PerStep] = {}
+
+
+def _run_route(route: Tuple[str, bool], x, h0, w_ih, w_hh, b_ih, b_hh, reset_after) -> Tensor:
+    name, per_step = route
+    impl = backends._loaded.get(name) or backends.get_backend(name)
+    check_determinism(name, impl)
+    if per_step:
+        if name not in _per_step:
+            _per_step[name] = _PerStep(impl)
+        impl = _per_step[name]
+    return _run(impl, x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, wrapped=per_step)
+
+
+def _run(impl, x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, wrapped: bool = False) -> Tensor:
+    """The layer on one backend row.  wrapped: impl's forward/backward are not the
+    registered ops themselves (_PerStep), so gradients go through the autograd.Function
+    with the same formulas (ops.functorch_forward), whose backward calls impl.backward."""
     # With nothing to differentiate, a backend's optional inference entry skips ws.
     inference = getattr(impl, "inference", None)
     # Under a torch.func transform, a wrapped tensor's requires_grad does not say whether
@@ -67,7 +169,7 @@ def gru_layer(
         # torch.jit.trace re-traces to check its graph: one op whatever the grad mode.
         if inference is not None and not needs_grad and not torch.jit.is_tracing():
             return inference(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)  # no ws stored
-        if under_func:
+        if under_func or wrapped:
             # The same ops and formulas, through an autograd.Function functorch accepts.
             y, _ = ops.functorch_forward(impl)(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
             return y

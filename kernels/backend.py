@@ -136,6 +136,13 @@ class _TritonBackend:
     inference = staticmethod(_infer_op)
 
     @staticmethod
+    def per_step_path(batch: int):
+        """Within it, every launch uses the split kernels one unit per launch ("step"):
+        no cooperative launch and no W_hh held on chip, whatever H is (what backend="auto"
+        falls back to when a resident or persistent launch fails, fusedgru/function.py)."""
+        return gru.force_config(gru.Config("step", **gru._split_blocks(batch)))
+
+    @staticmethod
     def unavailable_reason() -> Optional[str]:
         if gru.INTERPRET_ERROR is not None:
             return gru.INTERPRET_ERROR
