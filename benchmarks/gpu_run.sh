@@ -159,6 +159,11 @@ fi
 # sm_90 by prepare_gpu_carry.sh) if it loads with CUDA kernels under this python, else a
 # build here.  The package itself is installed editable without building (FUSEDGRU_NO_EXT).
 SO="$(ls "$CARRY"/_C.cpython-*.so 2>/dev/null | head -1)"
+SRC_HASH="$(cat csrc/*.cu csrc/*.cuh csrc/*.cpp csrc/*.h csrc/build_config.py | sha256sum | cut -d' ' -f1)"
+if [ -n "$SO" ] && [ "$(cat "$CARRY/csrc.sha256" 2>/dev/null)" != "$SRC_HASH" ]; then
+  log "install: the carried fusedgru._C was built from other sources than this tree's; building"
+  SO=""
+fi
 if [ "$DRY" = 1 ]; then
   run_step install 30 420 "$LOG" bash -c "\"$PY\" -m pip --version; ls -la \"$CARRY\" 2>/dev/null || echo 'no gpu-carry/ (prepare_gpu_carry.sh makes it)'"
 else

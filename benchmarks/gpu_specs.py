@@ -349,6 +349,11 @@ def run(parts, warm: bool, shard=(0, 1), progress=None) -> List[dict]:
     rows, seen = [], {}
     state = {"part": None, "t0": None, "key": None}
 
+    def close():  # the time since the last new key: its compile (or cache load)
+        if warm and state["t0"] is not None and rows:
+            rows[-1]["seconds"] = round(time.perf_counter() - state["t0"], 2)
+            state["t0"] = None
+
     def on_new_key(key, repr, fn, compile, **_):  # noqa: A002 - triton's keyword names
         k = (fn.name, str(key))
         if k in seen:
@@ -357,6 +362,7 @@ def run(parts, warm: bool, shard=(0, 1), progress=None) -> List[dict]:
         skip = not (warm and mine)
         seen[k] = skip
         if mine:
+            close()
             # _label reads the specialisation the binder made (constexprs, attrs).
             rows.append({"kernel": fn.name, "label": _label(fn.name, compile),
                          "part": state["part"], "repr": repr})
@@ -368,10 +374,8 @@ def run(parts, warm: bool, shard=(0, 1), progress=None) -> List[dict]:
     with jit_on_sm90(on_new_key):
         for part, c in calls(parts):
             state["part"] = part
-            n = len(rows)
             c["fn"](*c["args"], **c["kw"])
-            if warm and len(rows) > n and state["t0"] is not None:
-                rows[-1]["seconds"] = round(time.perf_counter() - state["t0"], 2)
+            close()
     return rows
 
 

@@ -14,6 +14,7 @@
 #                                       launches, compiled by triton 3.6's own JIT path
 #                                       (warmup) for sm_90, keys as the runtime's
 #   triton-specs.json                   what was compiled, with compile times
+#   csrc.sha256                         hash of the sources the .so was built from
 #   coop_check                          benchmarks/coop_check.cu built for sm_90 (the
 #                                       first-minute cooperative-launch check)
 #   MANIFEST.txt                        commit, versions, sizes, sha256 of each file
@@ -62,6 +63,9 @@ print('fusedgru._C (cp312, torch', torch.__version__, ') loads, CUDA kernels reg
   # sm_90 only (cuobjdump as triton ships it: the CUDA image here has none)
   "$VENV/bin/python" -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump'))" \
     | xargs -I{} {} --list-elf "$CARRY/$(basename "$so")" | sed 's/.*\.\(sm_[0-9a-z]*\)\..*/\1/' | sort | uniq -c
+  # what it was built from: gpu_run.sh uses it only where the tree's sources hash the same
+  (cd "$SRC/repo" && cat csrc/*.cu csrc/*.cuh csrc/*.cpp csrc/*.h csrc/build_config.py setup.py \
+     | sha256sum | cut -d' ' -f1) >"$CARRY/csrc.sha256"
   rm -rf "$SRC"
   say "extension done"
   /usr/local/cuda/bin/nvcc -O2 -arch=sm_90 -o "$CARRY/coop_check" benchmarks/coop_check.cu
