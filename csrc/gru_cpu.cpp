@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "gru_common.h"
 
@@ -73,6 +74,80 @@ inline Vec sigmoid(const Vec& x) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Small-batch products, inline
+// ---------------------------------------------------------------------------------------
+//
+// At B = 1..small_b rows (4 unless the switch below says otherwise) a step's product is a
+// matrix-vector product per row: a few thousand multiply-adds, under a microsecond of
+// arithmetic, while an ATen GEMM call costs ~1.5-2 us of dispatch and BLAS set-up (and may
+// fork threads for it).  These loops run on the calling thread over the weights in their
+// own row-major layout (no packing, so nothing to cache or invalidate): small_nt reads each
+// weight row once per 4 outputs with one accumulator per (row, output), small_nn_add adds
+// whole weight rows scaled by one input.
+constexpr int64_t kSmallBDefault = 4;
+std::atomic<int64_t> g_small_b{kSmallBDefault};
+
+// Test / benchmark switch (fusedgru::_set_cpu_small_batch): the largest row count that takes
+// the inline products (0: always ATen's GEMM, the path before them).  Returns the previous.
+int64_t set_small_batch(int64_t rows) {
+  TORCH_CHECK(rows >= 0, "fusedgru::_set_cpu_small_batch: rows must be >= 0, got ", rows);
+  return g_small_b.exchange(rows);
+}
+
+// out[b, o] (+)= sum_k a[b, k] * W[o, k] for b < B, o < O: a (B, K) row stride lda,
+// W (O, K) row-major, out row stride ldo.  add: accumulate into out instead of writing it.
+template <typename scalar_t>
+void small_nt(const scalar_t* a, int64_t lda, int64_t B, int64_t K, const scalar_t* W,
+              int64_t O, scalar_t* out, int64_t ldo, bool add) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const auto sum = [](const Vec& v) {
+    return at::vec::vec_reduce_all<scalar_t>([](Vec& x, Vec& y) { return x + y; }, v);
+  };
+  for (int64_t b = 0; b < B; ++b) {
+    const scalar_t* ab = a + b * lda;
+    scalar_t* ob = out + b * ldo;
+    int64_t o = 0;
+    for (; o + 4 <= O; o += 4) {
+      const scalar_t* w0 = W + o * K;
+      Vec s0(0), s1(0), s2(0), s3(0);
+      for_vectors<Vec>(0, K, [&](int64_t k, int64_t n) {
+        const Vec x = ld<Vec>(ab + k, n);  // lanes past n load as 0
+        s0 = at::vec::fmadd(x, ld<Vec>(w0 + k, n), s0);
+        s1 = at::vec::fmadd(x, ld<Vec>(w0 + K + k, n), s1);
+        s2 = at::vec::fmadd(x, ld<Vec>(w0 + 2 * K + k, n), s2);
+        s3 = at::vec::fmadd(x, ld<Vec>(w0 + 3 * K + k, n), s3);
+      });
+      const scalar_t r[4] = {sum(s0), sum(s1), sum(s2), sum(s3)};
+      for (int i = 0; i < 4; ++i) ob[o + i] = add ? ob[o + i] + r[i] : r[i];
+    }
+    for (; o < O; ++o) {
+      Vec s(0);
+      for_vectors<Vec>(0, K, [&](int64_t k, int64_t n) {
+        s = at::vec::fmadd(ld<Vec>(ab + k, n), ld<Vec>(W + o * K + k, n), s);
+      });
+      ob[o] = add ? ob[o] + sum(s) : sum(s);
+    }
+  }
+}
+
+// out[b, k] += sum_o a[b, o] * W[o, k] for b < B, k < K: a (B, O) row stride lda,
+// W (O, K) row-major, out (B, K) contiguous.
+template <typename scalar_t>
+void small_nn_add(const scalar_t* a, int64_t lda, int64_t B, int64_t O, const scalar_t* W,
+                  int64_t K, scalar_t* out) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  for (int64_t b = 0; b < B; ++b) {
+    const scalar_t* ab = a + b * lda;
+    scalar_t* ob = out + b * K;
+    for_vectors<Vec>(0, K, [&](int64_t k, int64_t n) {
+      Vec acc = ld<Vec>(ob + k, n);
+      for (int64_t o = 0; o < O; ++o) acc = at::vec::fmadd(Vec(ab[o]), ld<Vec>(W + o * K + k, n), acc);
+      st(acc, ob + k, n);
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------
 
@@ -93,14 +168,20 @@ void forward_loop(const Tensor& gi,    // (T, B, 3H) = x W_ih^T + b_ih
   // it is one step's scratch (inference: r, z, n, hn stay in cache, never reach memory).
   const int64_t ws_step = ws.size(0) == T ? B * 4 * H : 0;
 
+  const int64_t small_b = g_small_b.load(std::memory_order_relaxed);
   if (reset_after) {
     const Tensor w_t = w_hh.t();                 // (H, 3H) view, no copy
     Tensor gh = at::empty({B, 3 * H}, gi.options());  // h W_hh^T, reused every step
     scalar_t* gh_p = gh.data_ptr<scalar_t>();
+    const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
     for (int64_t t = 0; t < T; ++t) {
       const Tensor hp = t == 0 ? h0 : y[t - 1];
-      at::mm_out(gh, hp, w_t);
       const scalar_t* hp_p = hp.data_ptr<scalar_t>();
+      if (B <= small_b) {
+        small_nt(hp_p, H, B, H, w_p, 3 * H, gh_p, 3 * H, false);
+      } else {
+        at::mm_out(gh, hp, w_t);
+      }
       for_rows_and_chunks(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
         const int64_t row = t * B + b;
         const scalar_t* gir = gi_p + row * 3 * H;
@@ -135,10 +216,15 @@ void forward_loop(const Tensor& gi,    // (T, B, 3H) = x W_ih^T + b_ih
   scalar_t* grz_p = grz.data_ptr<scalar_t>();
   scalar_t* rh_p = rh.data_ptr<scalar_t>();
   scalar_t* ghn_p = ghn.data_ptr<scalar_t>();
+  const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
   for (int64_t t = 0; t < T; ++t) {
     const Tensor hp = t == 0 ? h0 : y[t - 1];
     const scalar_t* hp_p = hp.data_ptr<scalar_t>();
-    at::mm_out(grz, hp, w_rz_t);
+    if (B <= small_b) {
+      small_nt(hp_p, H, B, H, w_p, 2 * H, grz_p, 2 * H, false);
+    } else {
+      at::mm_out(grz, hp, w_rz_t);
+    }
     for_rows_and_chunks(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
       const int64_t row = t * B + b;
       const scalar_t* gir = gi_p + row * 3 * H;
@@ -153,7 +239,11 @@ void forward_loop(const Tensor& gi,    // (T, B, 3H) = x W_ih^T + b_ih
         st(z, wsr + H + j, n);
       });
     });
-    at::mm_out(ghn, rh, w_n_t);
+    if (B <= small_b) {
+      small_nt(rh_p, H, B, H, w_p + 2 * H * H, H, ghn_p, H, false);
+    } else {
+      at::mm_out(ghn, rh, w_n_t);
+    }
     for_rows_and_chunks(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
       const int64_t row = t * B + b;
       const scalar_t* gir = gi_p + row * 3 * H;
@@ -191,9 +281,23 @@ std::tuple<Tensor, Tensor> forward_cpu(const char* op, bool save_ws, const Tenso
   const Tensor h0 = h0_.has_value() ? h0_->contiguous() : at::zeros({d.B, d.H}, x.options());
   const Tensor bhh = b_hh_.has_value() ? b_hh_->contiguous() : at::zeros({3 * d.H}, x.options());
   const Tensor x2 = x.view({d.T * d.B, d.I});
-  const Tensor gi = (b_ih_.has_value() ? at::addmm(*b_ih_, x2, w_ih.t()) : at::mm(x2, w_ih.t()))
-                        .view({d.T, d.B, 3 * d.H});
+  // gi = x W_ih^T + b_ih: one GEMM over all T*B rows; inline for a few rows (T=1 calls).
+  const bool small_gi = d.T * d.B <= g_small_b.load(std::memory_order_relaxed);
+  Tensor gi = small_gi ? at::empty({d.T, d.B, 3 * d.H}, x.options())
+              : (b_ih_.has_value() ? at::addmm(*b_ih_, x2, w_ih.t()) : at::mm(x2, w_ih.t()))
+                    .view({d.T, d.B, 3 * d.H});
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_fwd_cpu", [&] {
+    if (small_gi) {
+      scalar_t* gi_p = gi.data_ptr<scalar_t>();
+      const int64_t rows = d.T * d.B, G = 3 * d.H;
+      if (b_ih_.has_value()) {
+        const Tensor b = b_ih_->contiguous();
+        for (int64_t r = 0; r < rows; ++r)
+          std::copy_n(b.data_ptr<scalar_t>(), G, gi_p + r * G);
+      }
+      small_nt(x2.data_ptr<scalar_t>(), d.I, rows, d.I, w_ih.data_ptr<scalar_t>(), G, gi_p, G,
+               b_ih_.has_value());
+    }
     forward_loop<scalar_t>(gi, h0, w_hh, bhh, reset_after, y, ws);
   });
   return {y, ws};
@@ -233,6 +337,7 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
   // dh: what step t+1 sends back to step t; overwritten in place by each step.
   Tensor dh = at::zeros({B, H}, grad_y.options());
   scalar_t* dh_p = dh.data_ptr<scalar_t>();
+  const int64_t small_b = g_small_b.load(std::memory_order_relaxed);
   const Vec one(1);
 
   if (reset_after) {
@@ -262,7 +367,12 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
           st(g * z, dhb + j, n);
         });
       });
-      dh.addmm_(dgh[t], w_hh);  // dh = g * z + dgh_t W_hh   (B,3H) x (3H,H), in place
+      // dh = g * z + dgh_t W_hh   (B,3H) x (3H,H), in place
+      if (B <= small_b) {
+        small_nn_add(dgh_p + t * B * 3 * H, 3 * H, B, 3 * H, w_hh.data_ptr<scalar_t>(), H, dh_p);
+      } else {
+        dh.addmm_(dgh[t], w_hh);
+      }
     }
     return dh;
   }
@@ -290,7 +400,13 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
       });
     });
     const Tensor dgt = dgh[t];
-    at::mm_out(drh, dgt.narrow(1, 2 * H, H), w_n);
+    const scalar_t* dgt_p = dgh_p + t * B * 3 * H;
+    if (B <= small_b) {
+      std::fill_n(drh_p, B * H, scalar_t(0));
+      small_nn_add(dgt_p + 2 * H, 3 * H, B, H, w_hh.data_ptr<scalar_t>() + 2 * H * H, H, drh_p);
+    } else {
+      at::mm_out(drh, dgt.narrow(1, 2 * H, H), w_n);
+    }
     for_rows_and_chunks(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
       const int64_t row = t * B + b;
       const scalar_t* wsr = ws_p + row * 4 * H;
@@ -305,7 +421,12 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
         st(ld<Vec>(dhb + j, n) + d * r, dhb + j, n);
       });
     });
-    dh.addmm_(dgt.narrow(1, 0, 2 * H), w_rz);  // dh += [da_r, da_z] W_h[rz]
+    // dh += [da_r, da_z] W_h[rz]
+    if (B <= small_b) {
+      small_nn_add(dgt_p, 3 * H, B, 2 * H, w_hh.data_ptr<scalar_t>(), H, dh_p);
+    } else {
+      dh.addmm_(dgt.narrow(1, 0, 2 * H), w_rz);
+    }
   }
   (void)dgi_p;
   return dh;
@@ -342,6 +463,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cpu(
 
 }  // namespace
 }  // namespace fusedgru
+
+TORCH_LIBRARY_FRAGMENT(fusedgru, m) {
+  m.def("_set_cpu_small_batch(int rows) -> int", &fusedgru::set_small_batch);
+}
 
 TORCH_LIBRARY_IMPL(fusedgru, CPU, m) {
   m.impl("gru_fwd", &fusedgru::gru_fwd_cpu);

@@ -48,6 +48,32 @@ def test_cpu_matches_reference(shape, reset_after, dtype, with_h0, bias, gen, po
     assert report.ok, report.failures
 
 
+@pytest.fixture(params=[0, 1 << 20], ids=["gemm", "inline"])
+def small_batch(request):
+    """Every row count on one path: ATen's GEMM (0) or the inline small-batch products."""
+    prev = torch.ops.fusedgru._set_cpu_small_batch(request.param)
+    yield request.param
+    torch.ops.fusedgru._set_cpu_small_batch(prev)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+@pytest.mark.parametrize("shape", [(1, 1, 2, 1), (7, 5, 9, 17), (2, 8, 33, 100), (1, 6, 40, 63)],
+                         ids=lambda s: "T%dB%dI%dH%d" % s)
+def test_both_product_paths_match_reference(shape, reset_after, dtype, small_batch, gen,
+                                            poisoned):
+    """The inline small-batch products (forward, input projection of a few rows, backward)
+    and ATen's GEMM, each forced for every batch size, both within SPEC's budget."""
+    case = testing.make_layer_case(*shape, reset_after=reset_after, generator=gen)
+    report = testing.check_layer("cpu", case, dtype=dtype)
+    assert report.ok, report.failures
+
+
+def test_small_batch_switch_rejects_negative_counts():
+    with pytest.raises(RuntimeError, match="rows must be >= 0"):
+        torch.ops.fusedgru._set_cpu_small_batch(-1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%dB%dI%dH%d" % s)
