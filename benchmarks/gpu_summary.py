@@ -147,7 +147,7 @@ def main(argv=None) -> int:
         "dry_run": args.dry_run == "1",
         "steps": steps,
         "bench": _bench_summary(out / "results.json"),
-        "bench_compile": _bench_summary(out / "compile" / "results.json"),
+        "bench_rest": _bench_summary(out / "rest" / "results.json"),
         "large_h": _large_h_summary(out / "large_h.json"),
         "predicted_gpu_seconds": args.predicted,
         "budget_seconds": args.budget,
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     for s in steps:
         print(f"{s['step']:14} {s['rc']:>7} {s['seconds']:>5}  "
               f"{s['verdict'] or ''} {s['note'] or ''}".rstrip())
-    for key in ("bench", "bench_compile"):
+    for key in ("bench", "bench_rest"):
         b = summary[key]
         if b.get("missing") or b.get("unreadable"):
             print(f"\n{key}: no results ({b.get('unreadable') or 'missing'})")
