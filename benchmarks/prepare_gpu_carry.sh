@@ -78,6 +78,15 @@ if [ "${SKIP_TRITON:-0}" != 1 ]; then
   env -u TRITON_INTERPRET TRITON_CACHE_DIR="$CACHE" PYTHONPATH="$ROOT" \
     "$VENV/bin/python" benchmarks/gpu_specs.py --warm --jobs "$(nproc)" \
     --json "$CARRY/triton-specs.json"
+  # every compiled kernel within sm_90's shared memory (the load would fail on the GPU)
+  "$VENV/bin/python" - "$CACHE" <<'PYEOF'
+import glob, json, sys
+rows = [json.load(open(f)) for f in glob.glob(sys.argv[1] + "/*/*.json") if "__grp__" not in f]
+rows = [r for r in rows if "shared" in r]
+over = [r["name"] for r in rows if r["shared"] > 232448]
+print(f"{len(rows)} kernels, shared memory at most {max(r['shared'] for r in rows)} of 232448 bytes")
+sys.exit(1 if over else 0)
+PYEOF
   tar -C "$CACHE" -cJf "$CARRY/triton-cache.tar.xz" .
   rm -rf "$CACHE"
   say "triton cache done"
