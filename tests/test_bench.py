@@ -247,3 +247,52 @@ def test_grids_match_spec():
     assert [(c.B, c.H, c.T, c.I, c.dtype) for c in d2l] == [(32, 256, 35, 28, "float32")]
     assert len(bench.grid_cases("cpu")) == 16
     assert len(bench.grid_cases("cpu", quick=True)) < 16
+
+
+@pytest.mark.parametrize("layers,bidirectional,bias", [(1, False, True), (2, True, True),
+                                                       (2, False, False)])
+def test_onnxruntime_provider_computes_nn_gru(layers, bidirectional, bias, gen):
+    """The ONNX Runtime provider's weight mapping (gates z, r, n; B = [Wb, Rb]; one GRU node
+    per layer, h0 sliced per layer) gives nn.GRU's outputs on new batch sizes and lengths."""
+    pytest.importorskip("onnxruntime", reason="the ONNX Runtime provider needs the test extra")
+    from fusedgru.bench.providers import OnnxRuntimeGRU
+
+    gru = torch.nn.GRU(5, 4, layers, bias=bias, bidirectional=bidirectional).eval()
+    ort_gru = OnnxRuntimeGRU(gru)
+    D = 2 if bidirectional else 1
+    for T, B in ((3, 2), (7, 5)):
+        x = torch.randn(T, B, 5, generator=gen)
+        h0 = torch.randn(layers * D, B, 4, generator=gen)
+        with torch.no_grad():
+            want = gru(x, h0)
+        for got, w in zip(ort_gru(x, h0), want):
+            torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,T", [("inference", 1), ("train", 4)])
+def test_cells_called_step_by_step(mode, T):
+    """Case.call == "cell": every provider's GRUCell in a Python loop, checked against the
+    float64 oracle (gradients by nn.GRU's parameter names) and timed; providers without a
+    cell sit it out."""
+    case = bench.Case("cells", 3, 5, T, 4, dtype="float32", mode=mode, call="cell")
+    providers, _ = bench.discover_providers(CPU, ["nn.GRU", "reference", "ref+compile"])
+    rows = bench.run_cell(case, providers, CPU, bench.RunOptions())
+    by = {r["provider"]: r for r in rows}
+    for name in ("nn.GRU", "reference"):
+        assert by[name]["status"] == "ok", by[name]
+        assert by[name]["call"] == "cell" and by[name]["median_ms"] > 0
+        assert by[name]["check"]["ok"]
+        if mode == "train":
+            assert "d.weight_hh_l0" in by[name]["check"]["errors"]
+    assert by["ref+compile"]["status"] == "skipped"
+    assert "no single-step cell" in by["ref+compile"]["reason"]
+
+
+def test_single_step_grids_and_old_rows_without_call():
+    calls = bench.grid_cases("calls")
+    assert {c.T for c in calls} == {1} and {c.call for c in calls} == {"seq"}
+    assert {(c.B, c.H) for c in calls} == {(b, h) for b in (1, 8, 64) for h in (64, 256, 1024)}
+    assert {c.call for c in bench.grid_cases("cells")} == {"cell"}
+    assert {(c.T, c.mode) for c in bench.grid_cases("cell-loop")} == {(32, "train")}
+    res = bench.load_results(SAVED_RUN)  # written before Case.call existed
+    assert {r["call"] for r in res["rows"]} == {"seq"}

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .grids import DTYPES, Case
-from .providers import Provider
+from .providers import CellLoop, Provider
 from .results import _blank_row, _relative_to_baseline
 from .timing import TimingOptions, peak_memory, saved_activation_bytes, spread, time_call
 
@@ -70,7 +70,7 @@ def _run(module: nn.Module, x, h0, gy, ghn, train: bool) -> Dict[str, Tensor]:
     y, hn = module(x, h0)
     torch.autograd.backward((y, hn), (gy, ghn))
     out = {"y": y.detach(), "h_n": hn.detach(), "dx": x.grad, "dh0": h0.grad}
-    out.update({"d." + n: p.grad for n, p in module.named_parameters()})
+    out.update({"d." + CellLoop.GRU_NAMES.get(n, n): p.grad for n, p in module.named_parameters()})
     return out
 
 
@@ -98,8 +98,8 @@ def check_provider(provider: Provider, case: Case, data: CellData, steps: int):
 
         baseline = _run(FusedGRU.from_torch(_cast_gru(data.gru64, dtype), backend="reference"),
                         *lo, train)
-    got = (baseline if provider.kind == "baseline"
-           else _run(provider.build(_cast_gru(data.gru64, dtype)), *lo, train))
+    got = (baseline if provider.kind == "baseline" and case.call == "seq"
+           else _run(provider.module_for(case, _cast_gru(data.gru64, dtype)), *lo, train))
     report = LayerReport()
     for k, ref in oracle.items():
         if k not in got or got[k] is None:
@@ -156,7 +156,7 @@ def run_cell(case: Case, providers: Sequence[Provider], device: torch.device,
         on_provider(p.name)
         row = _blank_row(case, p, opts.tf32 if device.type == "cuda" else None)
         rows.append(row)
-        why = p.unsupported(case, device)
+        why = p.why_not(case, device)
         if why is not None:
             row.update(status="skipped", reason=why)
             continue
@@ -169,7 +169,7 @@ def run_cell(case: Case, providers: Sequence[Provider], device: torch.device,
                 row.update(status="WRONG", reason="; ".join(
                     f"{k}: {v}" for k, v in report.failures.items()))
                 continue
-            module = (p.build(_cast_gru(data.gru64, DTYPES[case.dtype])))
+            module = p.module_for(case, _cast_gru(data.gru64, DTYPES[case.dtype]))
             fn = _callable(module, case, data)
             ms, timing = time_call(fn, device, opts.timing)
             row.update(median_ms=ms, us_per_step=ms * 1e3 / case.T, timing=timing,

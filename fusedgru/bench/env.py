@@ -57,6 +57,12 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except Exception:  # noqa: BLE001
         triton_version = None
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except Exception:  # noqa: BLE001
+        ort_version = None
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         cap = "sm_%d%d" % torch.cuda.get_device_capability(device)
@@ -68,7 +74,8 @@ def environment(device: torch.device) -> dict:
         "device": device.type, "device_name": name, "capability": cap,
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "triton": triton_version, "python": platform.python_version(),
+        "triton": triton_version, "onnxruntime": ort_version,
+        "python": platform.python_version(),
         "fusedgru": __version__, "commit": sha, "dirty": dirty,
         "date": now.isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(),

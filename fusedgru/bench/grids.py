@@ -27,6 +27,9 @@ class Case:
     bidirectional: bool = False
     dtype: str = "float32"
     mode: str = "inference"
+    # How the GRU is called: "seq" one call over T steps (nn.GRU / FusedGRU), "cell" one
+    # GRUCell call per step from Python (T calls; nn.GRUCell / FusedGRUCell).
+    call: str = "seq"
 
     @property
     def D(self) -> int:
@@ -35,14 +38,15 @@ class Case:
     def key(self) -> tuple:
         """What identifies a cell across runs (the grid's name is not part of it)."""
         return (self.B, self.H, self.T, self.I, self.layers, self.bidirectional, self.dtype,
-                self.mode)
+                self.mode, self.call)
 
     @property
     def label(self) -> str:
         return (f"{self.grid} {self.mode} {self.dtype} B={self.B} H={self.H} T={self.T}"
                 + (f" I={self.I}" if self.I != self.H else "")
                 + (f" L={self.layers}" if self.layers != 1 else "")
-                + (" bidir" if self.bidirectional else ""))
+                + (" bidir" if self.bidirectional else "")
+                + (f" {self.call}" if self.call != "seq" else ""))
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class GridSpec:
     layers: int = 1
     bidirectional: bool = False
     summary: str = ""
+    call: str = "seq"
 
 
 _BOTH = ("inference", "train")
@@ -70,6 +75,15 @@ GRIDS: Dict[str, GridSpec] = {
                     summary="the textbook character model (I = 28 one-hot characters)"),
     "cpu": GridSpec((1, 32), (64, 256), (35, 128), ("float32",), _BOTH,
                     summary="what a machine without a GPU measures"),
+    # Single-step calls, where the cost of a call is what counts (streaming inference, an
+    # RL actor): T=1 calls of the sequence module, GRUCell calls, and a 32-step loop of
+    # GRUCell calls with backward (the usual way to run per-step logic in training).
+    "calls": GridSpec((1, 8, 64), (64, 256, 1024), (1,), ("float32",), ("inference",),
+                      summary="single-step calls: T=1 through the sequence module"),
+    "cells": GridSpec((1, 8, 64), (64, 256, 1024), (1,), ("float32",), ("inference",),
+                      call="cell", summary="single-step calls: one GRUCell call"),
+    "cell-loop": GridSpec((1, 8, 64), (64, 256, 1024), (32,), ("float32",), ("train",),
+                          call="cell", summary="32 GRUCell calls in a Python loop + backward"),
     # Not in SPEC: seconds on any machine, for the smoke tests and CI.
     "tiny": GridSpec((1, 3), (8, 17), (5,), ("float32",), _BOTH, I=6,
                      summary="smoke test: tiny odd sizes"),
@@ -81,6 +95,9 @@ QUICK: Dict[str, dict] = {
     "deep": {"T": (128,)},
     "d2l": {},
     "cpu": {"T": (35,)},
+    "calls": {"B": (1, 64), "H": (64, 1024)},
+    "cells": {"B": (1, 64), "H": (64, 1024)},
+    "cell-loop": {"B": (1, 64), "H": (64, 256)},
     "tiny": {},
 }
 ALL = ("stream", "batch", "deep", "d2l", "cpu")  # --grid all: every grid of SPEC section 6
@@ -101,5 +118,5 @@ def grid_cases(name: str, *, quick: bool = False, dtypes: Optional[Sequence[str]
                 for B in sub.get("B", spec.B):
                     for T in sub.get("T", spec.T):
                         cases.append(Case(name, B, H, T, spec.I or H, spec.layers,
-                                          spec.bidirectional, dtype, mode))
+                                          spec.bidirectional, dtype, mode, spec.call))
     return cases

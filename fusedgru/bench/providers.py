@@ -5,6 +5,11 @@
                  (FusedGRU.from_torch(gru, backend=...))
     ref+compile  the reference's maths with its per-step cell under torch.compile
     flashrnn     the flashrnn package's GRU, where it is installed (GPU)
+    onnxruntime  ONNX Runtime's GRU operator, where onnx and onnxruntime are installed
+                 (CPU, inference): the engine a CPU user would pick for serving
+
+Cells called one GRUCell step at a time (Case.call == "cell") use each provider's cell:
+nn.GRUCell, FusedGRUCell, ONNX Runtime's GRU over one step; the others sit them out.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from .grids import DTYPES, Case
 BASELINE = "nn.GRU"
 COMPILE = "ref+compile"
 FLASHRNN = "flashrnn"
+ONNXRUNTIME = "onnxruntime"
 
 
 def _gru_step(gi: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
@@ -118,14 +124,143 @@ class FlashRNNGRU(nn.Module):
         return y, last.reshape(1, B, H)
 
 
+class OnnxRuntimeGRU(nn.Module):
+    """ONNX Runtime's GRU operator (linear_before_reset=1: nn.GRU's formulation) with an
+    nn.GRU's weights: one GRU node per layer, both directions in it, built with onnx.helper
+    (not through an exporter) in ONNX's layout (fusedgru.onnx: gates z, r, n; B = [Wb, Rb]).
+    The session is made once, as a serving user makes it: ONNX Runtime packs the weights
+    then.  float32, inference; its threads are torch's (the run's --threads)."""
+
+    def __init__(self, gru: nn.GRU):
+        super().__init__()
+        import numpy as np
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        from ..onnx import _onnx_weights
+
+        if gru.weight_hh_l0.dtype != torch.float32 or gru.weight_hh_l0.device.type != "cpu":
+            raise ValueError("onnxruntime: float32 on the CPU only")
+        L, D, H = gru.num_layers, 2 if gru.bidirectional else 1, gru.hidden_size
+        weights = [p.detach() for p in gru._flat_weights]
+        per = 4 if gru.bias else 2
+        nodes, inits = [], [numpy_helper.from_array(np.array([0], dtype=np.int64), "axis0")]
+        layer_in = "x"
+        for layer in range(L):
+            group = weights[layer * D * per:(layer + 1) * D * per]
+            W, R, B = _onnx_weights([tuple(group[k * per:(k + 1) * per]) + (None,) * (4 - per)
+                                     for k in range(D)], H)
+            names = [f"W{layer}", f"R{layer}", f"B{layer}" if B is not None else ""]
+            for n, t in zip(names, (W, R, B)):
+                if n:
+                    inits.append(numpy_helper.from_array(t.numpy().astype(np.float32), n))
+            # this layer's initial states: h0[layer*D:(layer+1)*D]
+            for n, v in ((f"start{layer}", layer * D), (f"end{layer}", (layer + 1) * D)):
+                inits.append(numpy_helper.from_array(np.array([v], dtype=np.int64), n))
+            nodes.append(helper.make_node("Slice", ["h0", f"start{layer}", f"end{layer}", "axis0"],
+                                          [f"h0_{layer}"]))
+            nodes.append(helper.make_node(
+                "GRU", [layer_in] + names + ["", f"h0_{layer}"], [f"Y{layer}", f"Yh{layer}"],
+                hidden_size=H, linear_before_reset=1,
+                direction="bidirectional" if D == 2 else "forward"))
+            # (T, D, B, H) -> (T, B, D*H) for the next layer and the output
+            nodes.append(helper.make_node("Transpose", [f"Y{layer}"], [f"Yt{layer}"], perm=[0, 2, 1, 3]))
+            inits.append(numpy_helper.from_array(np.array([0, 0, D * H], dtype=np.int64), f"shape{layer}"))
+            nodes.append(helper.make_node("Reshape", [f"Yt{layer}", f"shape{layer}"], [f"y{layer}"]))
+            layer_in = f"y{layer}"
+        nodes.append(helper.make_node("Identity", [layer_in], ["y"]))
+        nodes.append(helper.make_node("Concat", [f"Yh{k}" for k in range(L)], ["h_n"], axis=0))
+        f32 = TensorProto.FLOAT
+        graph = helper.make_graph(
+            nodes, "gru",
+            [helper.make_tensor_value_info("x", f32, ["T", "B", gru.input_size]),
+             helper.make_tensor_value_info("h0", f32, [L * D, "B", H])],
+            [helper.make_tensor_value_info("y", f32, ["T", "B", D * H]),
+             helper.make_tensor_value_info("h_n", f32, [L * D, "B", H])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        onnx.checker.check_model(model)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(model.SerializeToString(), opts,
+                                            providers=["CPUExecutionProvider"])
+
+    def forward(self, x: Tensor, h0: Tensor) -> Tuple[Tensor, Tensor]:
+        y, h_n = self.session.run(None, {"x": x.detach().numpy(), "h0": h0.detach().numpy()})
+        return torch.from_numpy(y), torch.from_numpy(h_n)
+
+
+def onnxruntime_reason(case: Optional[Case], device: torch.device) -> Optional[str]:
+    """Why ONNX Runtime's GRU does not run (None: it does)."""
+    if device.type != "cpu":
+        return "ONNX Runtime is compared on the CPU"
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return f"onnx / onnxruntime are not installed ({type(exc).__name__})"
+    if case is not None and case.mode != "inference":
+        return "ONNX Runtime serves inference only"
+    if case is not None and case.dtype != "float32":
+        return "ONNX Runtime's CPU GRU is compared in float32"
+    return None
+
+
+class CellLoop(nn.Module):
+    """A GRU called one step at a time through a cell, as Python code does it: forward(x
+    (T, B, I), h0 (1, B, H)) -> (y (T, B, H), h_n (1, B, H)), T cell calls."""
+
+    # its parameters' names -> nn.GRU's, so that gradients compare name by name
+    GRU_NAMES = {f"cell.{w}": f"{w}_l0" for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+
+    def __init__(self, cell: nn.Module):
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x: Tensor, h0: Tensor) -> Tuple[Tensor, Tensor]:
+        h = h0[0]
+        ys = []
+        for t in range(x.shape[0]):
+            h = self.cell(x[t], h)
+            ys.append(h)
+        return torch.stack(ys), h.unsqueeze(0)
+
+
+def gru_to_cell(gru: nn.GRU) -> nn.GRUCell:
+    """The nn.GRUCell of a one-layer, one-direction nn.GRU (a copy of its weights)."""
+    cell = nn.GRUCell(gru.input_size, gru.hidden_size, gru.bias,
+                      device=gru.weight_hh_l0.device, dtype=gru.weight_hh_l0.dtype)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            if getattr(cell, name) is not None:
+                getattr(cell, name).copy_(getattr(gru, name + "_l0"))
+    return cell
+
+
 @dataclass
 class Provider:
     name: str
-    kind: str  # "baseline", "fusedgru", "compile", "flashrnn"
+    kind: str  # "baseline", "fusedgru", "compile", "flashrnn", "onnxruntime"
     build: Callable[[nn.GRU], nn.Module]
     note: str = ""
     # why it cannot run a case (None: it can)
     unsupported: Callable[[Case, torch.device], Optional[str]] = lambda case, dev: None
+    # the module a Case.call == "cell" cell times, from the cell's nn.GRUCell (None: the
+    # provider sits such cells out)
+    build_cell: Optional[Callable[[nn.GRUCell], nn.Module]] = None
+
+    def module_for(self, case: Case, gru: nn.GRU) -> nn.Module:
+        """What a cell times, from the cell's nn.GRU: the sequence module, or for cells
+        called step by step the provider's GRUCell in a Python loop."""
+        if case.call == "seq":
+            return self.build(gru)
+        return CellLoop(self.build_cell(gru_to_cell(gru)))
+
+    def why_not(self, case: Case, device: torch.device) -> Optional[str]:
+        if case.call != "seq" and self.build_cell is None:
+            return f"{self.name} has no single-step cell"
+        return self.unsupported(case, device)
 
 
 def _build_baseline(gru: nn.GRU) -> nn.Module:
@@ -143,8 +278,11 @@ def _fusedgru_provider(name: str) -> Provider:
     def unsupported(case: Case, device: torch.device) -> Optional[str]:
         return impl.unsupported_reason(device.type, DTYPES[case.dtype])
 
+    from ..modules import FusedGRUCell
+
     return Provider(name, "fusedgru", lambda gru: FusedGRU.from_torch(gru, backend=name),
-                    note=backends.BACKENDS[name].summary, unsupported=unsupported)
+                    note=backends.BACKENDS[name].summary, unsupported=unsupported,
+                    build_cell=lambda cell: FusedGRUCell.from_torch(cell, backend=name))
 
 
 def _flashrnn_reason(device: torch.device) -> Optional[str]:
@@ -169,14 +307,15 @@ def discover_providers(device: torch.device, requested: Optional[Sequence[str]] 
     status = backends.backend_status()
     explicit = requested is not None
     wanted = list(requested) if explicit else None
-    known = set(backends.BACKENDS) | {BASELINE, COMPILE, FLASHRNN}
+    known = set(backends.BACKENDS) | {BASELINE, COMPILE, FLASHRNN, ONNXRUNTIME}
     if explicit:
         unknown = [n for n in wanted if n not in known]
         if unknown:
             raise ValueError(f"--backends: unknown {unknown}; expected names from "
                              f"{sorted(known)}")
     providers = [Provider(BASELINE, "baseline", _build_baseline,
-                          note="torch.nn.GRU" + (" (cuDNN)" if device.type == "cuda" else ""))]
+                          note="torch.nn.GRU" + (" (cuDNN)" if device.type == "cuda" else ""),
+                          build_cell=copy.deepcopy)]
     left_out: Dict[str, str] = {}
     for name in backends.BACKENDS:  # the table's order, never a hard-coded list
         if explicit and name not in wanted:
@@ -209,4 +348,31 @@ def discover_providers(device: torch.device, requested: Optional[Sequence[str]] 
                     else None)))
         else:
             left_out[FLASHRNN] = why
+    if not explicit or ONNXRUNTIME in wanted:
+        why = onnxruntime_reason(None, device)
+        if why is None:
+            # Over one step, ONNX Runtime's GRU is its cell: a GRUCell call is a T=1 run.
+            providers.append(Provider(
+                ONNXRUNTIME, "onnxruntime", OnnxRuntimeGRU,
+                note="ONNX Runtime's GRU operator, weights packed at session creation",
+                unsupported=onnxruntime_reason,
+                build_cell=lambda cell: _OnnxCell(cell)))
+        else:
+            left_out[ONNXRUNTIME] = why
     return providers, left_out
+
+
+class _OnnxCell(nn.Module):
+    """ONNX Runtime's GRU over one step, called as a GRUCell: (B, I), (B, H) -> (B, H)."""
+
+    def __init__(self, cell: nn.GRUCell):
+        super().__init__()
+        gru = nn.GRU(cell.input_size, cell.hidden_size, bias=cell.bias)
+        with torch.no_grad():
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                if getattr(cell, name) is not None:
+                    getattr(gru, name + "_l0").copy_(getattr(cell, name))
+        self.seq = OnnxRuntimeGRU(gru)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return self.seq(x.unsqueeze(0), h.unsqueeze(0))[1][0]

@@ -14,7 +14,7 @@ from .providers import BASELINE, Provider
 from .timing import spread
 
 SCHEMA = 1
-_KEY = ("B", "H", "T", "I", "layers", "bidirectional", "dtype", "mode")
+_KEY = ("B", "H", "T", "I", "layers", "bidirectional", "dtype", "mode", "call")
 
 
 def _row_key(r: dict) -> tuple:
@@ -26,7 +26,8 @@ def _row_label(r: dict) -> str:
     return (f"{r['mode']} {r['dtype']} B={r['B']} H={r['H']} T={r['T']}"
             + (f" I={r['I']}" if r["I"] != r["H"] else "")
             + (f" L={r['layers']}" if r["layers"] != 1 else "")
-            + (" bi" if r["bidirectional"] else ""))
+            + (" bi" if r["bidirectional"] else "")
+            + (f" {r['call']}" if r.get("call", "seq") != "seq" else ""))
 
 
 def _case_fields(case: Case) -> dict:
@@ -70,6 +71,7 @@ def load_results(path) -> dict:
     "spread" gets it from its timing's IQR where that was recorded (None otherwise)."""
     results = json.loads(Path(path).read_text())
     for r in results.get("rows", []):
+        r.setdefault("call", "seq")  # before GRUCell cells existed, every cell was "seq"
         if "spread" not in r:
             r["spread"] = spread(r.get("median_ms"), (r.get("timing") or {}).get("iqr_ms"))
     return results
