@@ -202,6 +202,14 @@ def _check_input(x: Tensor, input_size_seen: int, w_ih0: Tensor) -> None:
     _check_tensor_like("input", x, w_ih0, "the weights")
 
 
+def _layer_backend(backend: str, x: Tensor, B: int, H: int, I: int) -> str:
+    """The backend that runs x's layers.  An empty batch, state or input (nn.GRUCell
+    accepts sizes of 0) has nothing for a kernel to do: the reference handles it exactly."""
+    if B == 0 or H == 0 or I == 0:
+        return _resolve("reference", x.device, x.dtype)
+    return _resolve(backend, x.device, x.dtype)
+
+
 # ----------------------------------------------------------------------------------------
 # Reversal within each sequence's own length
 # ----------------------------------------------------------------------------------------
@@ -313,11 +321,7 @@ def gru(
                                               training, reset_after)
         return _shape_outputs(output, h_n_t, unbatched, batch_first)
 
-    name = _resolve(backend, x.device, x.dtype)
-    # An empty batch, state or input (nn.GRUCell accepts sizes of 0) has nothing for a
-    # kernel to do: the reference handles it exactly.
-    if B == 0 or H == 0 or I == 0:
-        name = _resolve("reference", x.device, x.dtype)
+    name = _layer_backend(backend, x, B, H, I)
     rev_index = _reverse_index(lengths, T, B, x.device) if D == 2 else None
     last = (lengths.to(x.device) - 1) if lengths is not None else None
 
@@ -393,7 +397,27 @@ def gru_cell(
         hx = hx.unsqueeze(0)  # (1, B, H): one layer, one direction
     x = input.unsqueeze(0) if unbatched else input
     weights = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else [])
-    _, h_n = gru(x.unsqueeze(0), weights, hx, reset_after=reset_after, backend=backend,
-                 _checked=_checked)
-    h = h_n[0]
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or fused_onnx.exporting()
+            or ops.autocast_enabled(x.device.type)):
+        # the general path: what it does for tracers, exporters and autocast
+        _, h_n = gru(x.unsqueeze(0), weights, hx, reset_after=reset_after, backend=backend,
+                     _checked=_checked)
+        h = h_n[0]
+    else:
+        # One layer, one direction, one step: straight to the layer, so that a call costs
+        # little more than its kernel (a cell is called once per step from Python).
+        _check_bool("reset_after", reset_after)
+        if _checked is None:
+            layers = _layer_weights(weights, 1, 1)
+            _checked = (layers, check_weights(layers, 1))
+        (w_ih, w_hh, b_ih, b_hh), = _checked[0]
+        B, I = x.shape
+        _check_input(x, I, w_ih)
+        h0 = None
+        if hx is not None:
+            _check_tensor_like("hx", hx, x, "input")
+            h0 = hx[0].contiguous()
+        name = _layer_backend(backend, x, B, _checked[1], I)
+        h = gru_layer(x.unsqueeze(0).contiguous(), h0, w_ih, w_hh, b_ih, b_hh, reset_after,
+                      name)[0]
     return h.squeeze(0) if unbatched else h
