@@ -2,6 +2,8 @@
 parity on odd sizes with poisoned outputs, gradcheck, module parity with torch.nn.GRU,
 bad input to the raw ops, and torch.library.opcheck on both registered ops."""
 
+import copy
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -340,3 +342,31 @@ def test_backend_rows():
     assert backends.resolve_backend("auto", torch.device("cpu"), torch.float32) == "cpu"
     if not torch.cuda.is_available():
         assert extension.cuda_backend.unavailable_reason() is not None
+
+
+def test_cell_loop_gradient_stays_within_budget_at_large_h(gen):
+    """32 FusedGRUCell calls at B=1, H=1024 with backward: the state's gradient passes
+    through 32 backward products of 3H = 3072 terms each.  Summed in one running
+    accumulator they went over SPEC's float32 budget (err 1.65e-6 > 1.59e-6, found by
+    `fusedgru bench --grid cell-loop`); the inline products sum in blocks."""
+    torch.manual_seed(0)
+    H, T = 1024, 32
+    ref64 = torch.nn.GRUCell(H, H, dtype=torch.float64)
+    x = torch.randn(T, 1, H, dtype=torch.float64, generator=gen)
+    h0 = torch.randn(1, H, dtype=torch.float64, generator=gen) * 0.5
+    gy = torch.randn(T, 1, H, dtype=torch.float64, generator=gen)
+
+    def dh0_of(cell, dtype):
+        xs, h = x.to(dtype), h0.to(dtype).detach().clone().requires_grad_()
+        s, out = h, []
+        for t in range(T):
+            s = cell(xs[t], s)
+            out.append(s)
+        torch.autograd.backward(torch.stack(out), gy.to(dtype))
+        return h.grad
+
+    oracle = dh0_of(ref64, torch.float64)
+    base = dh0_of(copy.deepcopy(ref64).float(), torch.float32)
+    fused = fusedgru.FusedGRUCell.from_torch(copy.deepcopy(ref64).float(), backend="cpu")
+    err = testing.rel_err(dh0_of(fused, torch.float32), oracle)
+    assert err <= testing.budget(torch.float32, testing.rel_err(base, oracle)), err
