@@ -182,8 +182,9 @@ fi
 
 # The Triton cache: the carried one (every specialisation of the run, keyed as the runtime
 # keys them: benchmarks/NOTES-gpu-run.md), else filled here in parallel before the steps
-# that need it.  TRITON_CACHE_DIR stays inside the tree copy.
-export TRITON_CACHE_DIR="$PWD/.triton-cache-run"
+# that need it.  Outside the tree (94 MB unpacked: a dry run must not leave it where the
+# next device call would carry it) and removed at the end.
+export TRITON_CACHE_DIR="$WORK/triton-cache"
 mkdir -p "$TRITON_CACHE_DIR"
 if [ -f "$CARRY/triton-cache.tar.xz" ]; then
   tar -C "$TRITON_CACHE_DIR" -xJf "$CARRY/triton-cache.tar.xz" && HAVE_CACHE=1 || HAVE_CACHE=0
