@@ -177,6 +177,7 @@ void forward_loop(const Tensor& gi,    // (T, B, 3H) = x W_ih^T + b_ih
   const scalar_t* b_p = bhh.data_ptr<scalar_t>();
   scalar_t* y_p = y.data_ptr<scalar_t>();
   scalar_t* ws_p = ws.data_ptr<scalar_t>();
+  const scalar_t* h0_p = h0.data_ptr<scalar_t>();
   // Elements between two steps' ws: B*4H when ws keeps every step for the backward, 0 when
   // it is one step's scratch (inference: r, z, n, hn stay in cache, never reach memory).
   const int64_t ws_step = ws.size(0) == T ? B * 4 * H : 0;
@@ -188,12 +189,12 @@ void forward_loop(const Tensor& gi,    // (T, B, 3H) = x W_ih^T + b_ih
     scalar_t* gh_p = gh.data_ptr<scalar_t>();
     const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
     for (int64_t t = 0; t < T; ++t) {
-      const Tensor hp = t == 0 ? h0 : y[t - 1];
-      const scalar_t* hp_p = hp.data_ptr<scalar_t>();
+      // the state entering step t, by pointer: y[t - 1] as a Tensor is an ATen call a step
+      const scalar_t* hp_p = t == 0 ? h0_p : y_p + (t - 1) * B * H;
       if (B <= small_b) {
         small_nt(hp_p, H, B, H, w_p, 3 * H, gh_p, 3 * H, false);
       } else {
-        at::mm_out(gh, hp, w_t);
+        at::mm_out(gh, t == 0 ? h0 : y[t - 1], w_t);
       }
       for_rows_and_chunks(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
         const int64_t row = t * B + b;
@@ -231,12 +232,11 @@ void forward_loop(const Tensor& gi,    // (T, B, 3H) = x W_ih^T + b_ih
   scalar_t* ghn_p = ghn.data_ptr<scalar_t>();
   const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
   for (int64_t t = 0; t < T; ++t) {
-    const Tensor hp = t == 0 ? h0 : y[t - 1];
-    const scalar_t* hp_p = hp.data_ptr<scalar_t>();
+    const scalar_t* hp_p = t == 0 ? h0_p : y_p + (t - 1) * B * H;
     if (B <= small_b) {
       small_nt(hp_p, H, B, H, w_p, 2 * H, grz_p, 2 * H, false);
     } else {
-      at::mm_out(grz, hp, w_rz_t);
+      at::mm_out(grz, t == 0 ? h0 : y[t - 1], w_rz_t);
     }
     for_rows_and_chunks(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
       const int64_t row = t * B + b;

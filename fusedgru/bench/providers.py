@@ -172,12 +172,22 @@ class OnnxRuntimeGRU(nn.Module):
         nodes.append(helper.make_node("Identity", [layer_in], ["y"]))
         nodes.append(helper.make_node("Concat", [f"Yh{k}" for k in range(L)], ["h_n"], axis=0))
         f32 = TensorProto.FLOAT
+        outputs = [helper.make_tensor_value_info("y", f32, ["T", "B", D * H]),
+                   helper.make_tensor_value_info("h_n", f32, [L * D, "B", H])]
+        self.bare = L == 1 and D == 1
+        if self.bare:
+            # One layer, one direction: the GRU node alone, as a serving graph has it (each
+            # further node costs ONNX Runtime about a microsecond a call); Y (T, 1, B, H)
+            # becomes (T, B, H) by a view here.
+            nodes = [helper.make_node("GRU", ["x", "W0", "R0", "B0" if gru.bias else "", "",
+                                              "h0"], ["y", "h_n"], hidden_size=H,
+                                      linear_before_reset=1)]
+            inits = [t for t in inits if t.name in ("W0", "R0", "B0")]
+            outputs[0] = helper.make_tensor_value_info("y", f32, ["T", 1, "B", H])
         graph = helper.make_graph(
             nodes, "gru",
             [helper.make_tensor_value_info("x", f32, ["T", "B", gru.input_size]),
-             helper.make_tensor_value_info("h0", f32, [L * D, "B", H])],
-            [helper.make_tensor_value_info("y", f32, ["T", "B", D * H]),
-             helper.make_tensor_value_info("h_n", f32, [L * D, "B", H])], inits)
+             helper.make_tensor_value_info("h0", f32, [L * D, "B", H])], outputs, inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         onnx.checker.check_model(model)
         opts = ort.SessionOptions()
@@ -188,7 +198,8 @@ class OnnxRuntimeGRU(nn.Module):
 
     def forward(self, x: Tensor, h0: Tensor) -> Tuple[Tensor, Tensor]:
         y, h_n = self.session.run(None, {"x": x.detach().numpy(), "h0": h0.detach().numpy()})
-        return torch.from_numpy(y), torch.from_numpy(h_n)
+        y = torch.from_numpy(y)
+        return (y.view(y.shape[0], y.shape[2], y.shape[3]) if self.bare else y), torch.from_numpy(h_n)
 
 
 def onnxruntime_reason(case: Optional[Case], device: torch.device) -> Optional[str]:
