@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Tuple, Type
 
-import torch
 from torch import nn
 
 from .modules import FusedGRU, FusedGRUCell
@@ -30,40 +29,13 @@ GRU_TYPES: Tuple[Type[nn.Module], ...] = (nn.GRU, FusedGRU)
 GRU_CELL_TYPES: Tuple[Type[nn.Module], ...] = (nn.GRUCell, FusedGRUCell)
 
 
-def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
-    """``new`` (built on the meta device) takes ``old``'s Parameter objects and mode."""
-    for name, param in old.named_parameters(recurse=False):
-        setattr(new, name, param)
-    new.train(old.training)
-    return new
-
-
 def _fused_twin(m: nn.Module, backend: str) -> nn.Module:
-    if isinstance(m, nn.GRU):
-        if m.proj_size:  # nn.GRU rejects proj_size; only a hand-edited module has one
-            raise ValueError(f"proj_size: a GRU with proj_size={m.proj_size} has no fused twin")
-        new = FusedGRU(m.input_size, m.hidden_size, m.num_layers, m.bias, m.batch_first,
-                       float(m.dropout), m.bidirectional, device="meta", backend=backend)
-    else:
-        new = FusedGRUCell(m.input_size, m.hidden_size, m.bias, device="meta", backend=backend)
-    return _adopt(new, m)
+    cls = FusedGRU if isinstance(m, nn.GRU) else FusedGRUCell
+    return cls.from_torch(m, backend=backend, share=True)
 
 
 def _torch_twin(m: nn.Module) -> nn.Module:
-    if not m.reset_after:
-        raise ValueError(
-            f"reset_after: a {type(m).__name__} with reset_after=False computes a GRU that "
-            f"torch.nn has no module for; it cannot be converted to torch.nn"
-        )
-    if isinstance(m, FusedGRU):
-        new = nn.GRU(m.input_size, m.hidden_size, m.num_layers, m.bias, m.batch_first,
-                     m.dropout, m.bidirectional, device="meta")
-    else:
-        new = nn.GRUCell(m.input_size, m.hidden_size, m.bias, device="meta")
-    _adopt(new, m)
-    if isinstance(new, nn.GRU):
-        new.flatten_parameters()  # cuDNN's packed copy, as nn.GRU keeps after .to(cuda)
-    return new
+    return m.to_torch(share=True)
 
 
 def _replace(model: nn.Module, types, twin) -> nn.Module:

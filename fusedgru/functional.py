@@ -164,9 +164,16 @@ def _layer_weights(weights: Sequence[Tensor], num_layers: int, num_directions: i
     return [(g[0], g[1], g[2] if per == 4 else None, g[3] if per == 4 else None) for g in groups]
 
 
+def checked_layers(weights: Sequence[Tensor], num_layers: int, num_directions: int):
+    """(layers, H): the flat weights grouped per layer-direction (_layer_weights) and
+    checked (check_weights).  The modules keep it per set of Parameter objects
+    (modules._checked_weights), so that a call checks only its input."""
+    layers = _layer_weights(weights, num_layers, num_directions)
+    return layers, check_weights(layers, num_directions)
+
+
 def check_weights(layers, num_directions: int) -> int:
-    """Shapes, dtypes and devices of every layer-direction's weights; returns H.  FusedGRU
-    caches the result per set of Parameter objects (FusedGRU._checked_weights)."""
+    """Shapes, dtypes and devices of every layer-direction's weights; returns H."""
     w_ih0, w_hh0 = layers[0][0], layers[0][1]
     if w_hh0.dim() != 2 or w_hh0.shape[0] != 3 * w_hh0.shape[1]:
         raise ShapeError(f"weight_hh_l0: expected shape (3*H, H), got {tuple(w_hh0.shape)}")
@@ -266,11 +273,7 @@ def gru(
     _check_bool("reset_after", reset_after)
     dropout = _check_dropout(dropout)
     D = 2 if bidirectional else 1
-    if _checked is None:
-        layers = _layer_weights(weights, num_layers, D)
-        H = check_weights(layers, D)
-    else:
-        layers, H = _checked
+    layers, H = _checked if _checked is not None else checked_layers(weights, num_layers, D)
 
     packed = isinstance(input, PackedSequence)
     lengths = None
@@ -408,8 +411,7 @@ def gru_cell(
         # little more than its kernel (a cell is called once per step from Python).
         _check_bool("reset_after", reset_after)
         if _checked is None:
-            layers = _layer_weights(weights, 1, 1)
-            _checked = (layers, check_weights(layers, 1))
+            _checked = checked_layers(weights, 1, 1)
         (w_ih, w_hh, b_ih, b_hh), = _checked[0]
         B, I = x.shape
         _check_input(x, I, w_ih)

@@ -30,7 +30,7 @@ def _backend_in_use(backend: str, weight: Tensor) -> str:
 
 def _checked_weights(module: nn.Module, weights: List[Tensor], num_layers: int,
                      bidirectional: bool):
-    """(layers, H) of functional.check_weights for ``module``'s weights, kept while they stay
+    """functional.checked_layers of ``module``'s weights, kept while they stay
     the same objects with the same dtype and device, so that a call checks only its input.
     A shape cannot change without a new Parameter object except through ``.data``, which the
     kernels' own shape checks catch.  Not cached while torch.compile traces (the compiled
@@ -43,9 +43,7 @@ def _checked_weights(module: nn.Module, weights: List[Tensor], num_layers: int,
     cache = module.__dict__.get("_weights_cache")
     if cache is not None and cache[0] == key and all(a is b for a, b in zip(cache[1], weights)):
         return cache[2]
-    D = 2 if bidirectional else 1
-    layers = F_gru._layer_weights(weights, num_layers, D)
-    checked = (layers, F_gru.check_weights(layers, D))
+    checked = F_gru.checked_layers(weights, num_layers, 2 if bidirectional else 1)
     module.__dict__["_weights_cache"] = (key, tuple(weights), checked)
     return checked
 
@@ -196,27 +194,28 @@ class FusedGRU(nn.Module):
         return s + f", reset_after={self.reset_after}, backend={self.backend_in_use}"
 
     @classmethod
-    def from_torch(cls, gru: nn.GRU, *, backend: str = "auto") -> "FusedGRU":
-        """A FusedGRU computing exactly what ``gru`` computes, with a copy of its weights."""
+    def from_torch(cls, gru: nn.GRU, *, backend: str = "auto", share: bool = False) -> "FusedGRU":
+        """A FusedGRU computing exactly what ``gru`` computes, with a copy of its weights
+        (share=True: with its Parameter objects themselves, as fusedgru.to_fused does)."""
         if not isinstance(gru, nn.GRU):
             raise TypeError(f"gru: expected a torch.nn.GRU, got {type(gru).__name__}")
-        w = gru.weight_hh_l0
+        if gru.proj_size:  # nn.GRU rejects proj_size; only a hand-edited module has one
+            raise ValueError(f"proj_size: a GRU with proj_size={gru.proj_size} has no fused twin")
         new = cls(gru.input_size, gru.hidden_size, gru.num_layers, gru.bias, gru.batch_first,
-                  float(gru.dropout), gru.bidirectional, device=w.device, dtype=w.dtype,
+                  float(gru.dropout), gru.bidirectional, **_factory(gru.weight_hh_l0, share),
                   reset_after=True, backend=backend)
-        new.load_state_dict(gru.state_dict())
-        new.train(gru.training)
-        return new
+        return _with_weights_of(new, gru, share)
 
-    def to_torch(self) -> nn.GRU:
-        """A torch.nn.GRU with a copy of this module's weights (reset_after=True only)."""
+    def to_torch(self, *, share: bool = False) -> nn.GRU:
+        """A torch.nn.GRU with a copy of this module's weights (share=True: with its
+        Parameter objects themselves); reset_after=True only."""
         _check_torch_formulation(self)
-        w = self.weight_hh_l0
         gru = nn.GRU(self.input_size, self.hidden_size, self.num_layers, self.bias,
                      self.batch_first, self.dropout, self.bidirectional,
-                     device=w.device, dtype=w.dtype)
-        gru.load_state_dict(self.state_dict())
-        gru.train(self.training)
+                     **_factory(self.weight_hh_l0, share))
+        _with_weights_of(gru, self, share)
+        if share:
+            gru.flatten_parameters()  # cuDNN's packed copy, as nn.GRU keeps after .to(cuda)
         return gru
 
 
@@ -271,31 +270,45 @@ class FusedGRUCell(nn.Module):
         return s + f", reset_after={self.reset_after}, backend={self.backend_in_use}"
 
     @classmethod
-    def from_torch(cls, cell: nn.GRUCell, *, backend: str = "auto") -> "FusedGRUCell":
-        """A FusedGRUCell computing exactly what ``cell`` computes, with a copy of its weights."""
+    def from_torch(cls, cell: nn.GRUCell, *, backend: str = "auto",
+                   share: bool = False) -> "FusedGRUCell":
+        """A FusedGRUCell computing exactly what ``cell`` computes, with a copy of its weights
+        (share=True: with its Parameter objects themselves, as fusedgru.to_fused does)."""
         if not isinstance(cell, nn.GRUCell):
             raise TypeError(f"cell: expected a torch.nn.GRUCell, got {type(cell).__name__}")
-        w = cell.weight_hh
-        new = cls(cell.input_size, cell.hidden_size, cell.bias, device=w.device, dtype=w.dtype,
-                  reset_after=True, backend=backend)
-        new.load_state_dict(cell.state_dict())
-        new.train(cell.training)
-        return new
+        new = cls(cell.input_size, cell.hidden_size, cell.bias,
+                  **_factory(cell.weight_hh, share), reset_after=True, backend=backend)
+        return _with_weights_of(new, cell, share)
 
-    def to_torch(self) -> nn.GRUCell:
-        """A torch.nn.GRUCell with a copy of this module's weights (reset_after=True only)."""
+    def to_torch(self, *, share: bool = False) -> nn.GRUCell:
+        """A torch.nn.GRUCell with a copy of this module's weights (share=True: with its
+        Parameter objects themselves); reset_after=True only."""
         _check_torch_formulation(self)
-        w = self.weight_hh
-        cell = nn.GRUCell(self.input_size, self.hidden_size, self.bias, device=w.device,
-                          dtype=w.dtype)
-        cell.load_state_dict(self.state_dict())
-        cell.train(self.training)
-        return cell
+        cell = nn.GRUCell(self.input_size, self.hidden_size, self.bias,
+                          **_factory(self.weight_hh, share))
+        return _with_weights_of(cell, self, share)
+
+
+def _factory(weight: Tensor, share: bool) -> dict:
+    """Where a twin's own parameters are made: nowhere real when it takes the source's."""
+    return {"device": "meta"} if share else {"device": weight.device, "dtype": weight.dtype}
+
+
+def _with_weights_of(new: nn.Module, src: nn.Module, share: bool) -> nn.Module:
+    """``new`` with ``src``'s weights (a copy, or share: the Parameter objects) and mode."""
+    if share:
+        for name, param in src.named_parameters(recurse=False):
+            setattr(new, name, param)
+    else:
+        new.load_state_dict(src.state_dict())
+    new.train(src.training)
+    return new
 
 
 def _check_torch_formulation(module) -> None:
     if not module.reset_after:
         raise ValueError(
-            "reset_after: torch.nn.GRU and nn.GRUCell compute only the reset_after=True "
-            f"formulation; this {type(module).__name__} has reset_after=False"
+            f"reset_after: a {type(module).__name__} with reset_after=False computes a GRU "
+            "that torch.nn has no module for (torch.nn.GRU and nn.GRUCell compute only "
+            "reset_after=True); it cannot be converted to torch.nn"
         )

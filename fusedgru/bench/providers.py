@@ -242,10 +242,7 @@ def gru_to_cell(gru: nn.GRU) -> nn.GRUCell:
     """The nn.GRUCell of a one-layer, one-direction nn.GRU (a copy of its weights)."""
     cell = nn.GRUCell(gru.input_size, gru.hidden_size, gru.bias,
                       device=gru.weight_hh_l0.device, dtype=gru.weight_hh_l0.dtype)
-    with torch.no_grad():
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            if getattr(cell, name) is not None:
-                getattr(cell, name).copy_(getattr(gru, name + "_l0"))
+    cell.load_state_dict({k.removesuffix("_l0"): v for k, v in gru.state_dict().items()})
     return cell
 
 
@@ -379,10 +376,7 @@ class _OnnxCell(nn.Module):
     def __init__(self, cell: nn.GRUCell):
         super().__init__()
         gru = nn.GRU(cell.input_size, cell.hidden_size, bias=cell.bias)
-        with torch.no_grad():
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                if getattr(cell, name) is not None:
-                    getattr(gru, name + "_l0").copy_(getattr(cell, name))
+        gru.load_state_dict({k + "_l0": v for k, v in cell.state_dict().items()})
         self.seq = OnnxRuntimeGRU(gru)
 
     def forward(self, x: Tensor, h: Tensor) -> Tensor:
