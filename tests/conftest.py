@@ -82,3 +82,20 @@ def _poisoned_run(case, config, device, dtype=torch.float32, keep_ws=True):
 def poisoned_run():
     """The Triton launchers on NaN-poisoned outputs (see _poisoned_run)."""
     return _poisoned_run
+
+
+@pytest.fixture
+def install_backend(monkeypatch):
+    """install(name, impl, summary, cpu_auto_order=None): a test-only row of the backend
+    table (fusedgru/backends.py), optionally as auto's CPU order; undone after the test."""
+    from fusedgru import backends
+
+    def install(name, impl, summary, cpu_auto_order=None):
+        monkeypatch.setitem(backends.BACKENDS, name,
+                            backends.Backend(name, "tests:" + name, summary, "tests only"))
+        monkeypatch.setitem(backends._loaded, name, impl)
+        if cpu_auto_order is not None:
+            monkeypatch.setitem(backends.AUTO_ORDER, "cpu", cpu_auto_order)
+        return name
+
+    return install

@@ -32,7 +32,7 @@ def test_check_passes_for_the_reference():
     assert "4 passed, 0 failed" in p.stdout
 
 
-def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
+def test_check_fails_on_a_wrong_backend(install_backend, capsys):
     """A backend whose backward drops one term must be caught by `fusedgru check`."""
 
     def bad_backward(*args):
@@ -45,9 +45,7 @@ def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
         unavailable_reason = staticmethod(lambda: None)
         unsupported_reason = staticmethod(lambda device_type, dtype: None)
 
-    monkeypatch.setitem(backends.BACKENDS, "broken",
-                        backends.Backend("broken", "x:y", "a deliberately wrong backend", "-"))
-    monkeypatch.setitem(backends._loaded, "broken", Broken())
+    install_backend("broken", Broken(), "a deliberately wrong backend")
     assert cli.main(["check", "--backends", "broken"]) == 1
     out = capsys.readouterr().out
     assert "FAIL broken cpu torch.float64" in out and "dw_hh" in out

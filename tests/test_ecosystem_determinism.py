@@ -62,11 +62,9 @@ class _Nondeterministic:
 
 
 @pytest.fixture
-def nondeterministic_backend(monkeypatch):
-    monkeypatch.setitem(backends.BACKENDS, "nondet", backends.Backend(
-        "nondet", "tests:unused", "a test backend declared nondeterministic", "-"))
-    monkeypatch.setitem(backends._loaded, "nondet", _Nondeterministic())
-    return "nondet"
+def nondeterministic_backend(install_backend):
+    return install_backend("nondet", _Nondeterministic(),
+                           "a test backend declared nondeterministic")
 
 
 def test_nondeterministic_backend_raises(nondeterministic_backend, deterministic):

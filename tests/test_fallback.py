@@ -60,14 +60,11 @@ class Flaky:
 
 
 @pytest.fixture
-def flaky(monkeypatch):
+def flaky(monkeypatch, install_backend):
     """Installs a fresh Flaky as row "flaky", first in auto's CPU order."""
     def install(**kw):
         impl = Flaky(**kw)
-        monkeypatch.setitem(backends.BACKENDS, "flaky", backends.Backend(
-            "flaky", "tests:flaky", "injected launch failures", "tests only"))
-        monkeypatch.setitem(backends._loaded, "flaky", impl)
-        monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ["flaky", "reference"])
+        install_backend("flaky", impl, "injected launch failures", ["flaky", "reference"])
         monkeypatch.setattr(function, "_routes", {})
         monkeypatch.setattr(function, "_per_step", {})
         return impl
