@@ -101,6 +101,21 @@ T* copy_in(Arena& a, const std::vector<double>& v) {
 }
 
 // launch_forward (gru_cuda.cu): the same buffers, initial values and launches.
+// The launches of one layer in gru_cuda.cu's order: one cooperative launch of the
+// persistent kernel, or a launch per phase of every step (for_each_step_launch).
+template <typename Persistent, typename Step>
+void launch_layer(fusedgru_host::ThreadPool& pool, const Plan& pl, const Case& c,
+                  bool backward, const Persistent& persistent, const Step& step) {
+  if (c.persistent) {
+    fusedgru_host::launch(pool, pl.NB, kThreads, pl.smem_bytes(true), true, persistent);
+  } else {
+    for_each_step_launch(c.T, c.reset_after, backward, [&](int64_t t, int phase) {
+      fusedgru_host::launch(pool, pl.NB, kThreads, pl.smem_bytes(false), false,
+                            [&] { step(t, phase); });
+    });
+  }
+}
+
 template <typename sc, typename opt, typename acc_t, bool TC>
 void forward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc* gi,
              const sc* bhh, const sc* h0, sc* y, sc* ws) {
@@ -141,16 +156,9 @@ void forward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc*
   p.hbuf = hbuf;
   p.rhbuf = rhbuf;
   p.reset_after = c.reset_after;
-  if (c.persistent) {
-    const int64_t w_bytes = pl.w_bytes;
-    fusedgru_host::launch(pool, pl.NB, kThreads, pl.smem_bytes(true), true,
-                          [&] { gru_fwd_persistent<sc, opt, acc_t, TC>(p, w_bytes); });
-  } else {
-    for_each_step_launch(c.T, c.reset_after, false, [&](int64_t t, int phase) {
-      fusedgru_host::launch(pool, pl.NB, kThreads, pl.smem_bytes(false), false,
-                            [&] { gru_fwd_step<sc, opt, acc_t, TC>(p, t, phase); });
-    });
-  }
+  launch_layer(pool, pl, c, false,
+               [&] { gru_fwd_persistent<sc, opt, acc_t, TC>(p, pl.w_bytes); },
+               [&](int64_t t, int phase) { gru_fwd_step<sc, opt, acc_t, TC>(p, t, phase); });
 }
 
 // launch_backward (gru_cuda.cu).
@@ -179,16 +187,9 @@ void backward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc
   p.gbuf = filled<opt>(a, 2 * static_cast<int64_t>(g.Bp) * 3 * g.Hp, 0.0);
   p.dh0 = dh0;
   p.reset_after = c.reset_after;
-  if (c.persistent) {
-    const int64_t w_bytes = pl.w_bytes;
-    fusedgru_host::launch(pool, pl.NB, kThreads, pl.smem_bytes(true), true,
-                          [&] { gru_bwd_persistent<sc, opt, acc_t, TC>(p, w_bytes); });
-  } else {
-    for_each_step_launch(c.T, c.reset_after, true, [&](int64_t t, int phase) {
-      fusedgru_host::launch(pool, pl.NB, kThreads, pl.smem_bytes(false), false,
-                            [&] { gru_bwd_step<sc, opt, acc_t, TC>(p, t, phase); });
-    });
-  }
+  launch_layer(pool, pl, c, true,
+               [&] { gru_bwd_persistent<sc, opt, acc_t, TC>(p, pl.w_bytes); },
+               [&](int64_t t, int phase) { gru_bwd_step<sc, opt, acc_t, TC>(p, t, phase); });
 }
 
 // gru_fwd, gru_infer, then gru_bwd on gru_fwd's y and ws.
