@@ -8,6 +8,14 @@ and every weight gradient must fall within docs/SPEC.md section 5's budget,
 2 * err(nn.GRU in the same dtype) + band.  A provider that fails is reported as "WRONG" and
 not timed.  Inference runs under no_grad; training is forward + backward (dx, dh0 and every
 weight gradient).
+
+Packed cells: x is packed (outside the timed call, as a data loader does) and every
+provider gets the same PackedSequence; y, dx and gy are its data, in packed order; the
+oracle is nn.GRU in float64 on the same packing (the check's first --check-steps steps:
+lengths clipped there).  Rollout cells: every provider is called m(x, hx, resets=resets)
+(batch-first tensors for providers whose layout is "batch", turned back before the
+comparison); the oracle is nn.GRU's masked loop in float64 (rollout.MaskedLoopGRU) and
+the budget's baseline that loop in the cell's dtype.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import sequences
 from .grids import DTYPES, Case
 from .providers import CellLoop, Provider
 from .results import _blank_row, _relative_to_baseline
@@ -32,10 +41,14 @@ class CellData:
     h0: Tensor  # (L*D, B, H) float64
     gy: Tensor  # (T, B, D*H) float64: the gradient fed to the output
     ghn: Tensor  # (L*D, B, H) float64: the gradient fed to h_n
+    lengths: Optional[Tensor] = None  # packed cells: (B,) int64 on the CPU, in row order
+    resets: Optional[Tensor] = None  # rollout cells: (T, B) bool
+    seq: Optional[dict] = None  # what results.json records of the sequence structure
 
 
 def make_cell_data(case: Case, device: torch.device, seed: int = 0) -> CellData:
-    """Random weights (nn.GRU's initialisation) and inputs, never zeros or ones."""
+    """Random weights (nn.GRU's initialisation) and inputs, never zeros or ones; the
+    lengths or resets of packed and rollout cells (fixed: sequences.SEQ_SEED)."""
     torch.manual_seed(seed)
     gru64 = nn.GRU(case.I, case.H, case.layers, bidirectional=case.bidirectional,
                    device=device, dtype=torch.float64)
@@ -46,8 +59,76 @@ def make_cell_data(case: Case, device: torch.device, seed: int = 0) -> CellData:
     def rnd(*shape, scale=1.0):
         return torch.randn(*shape, generator=g, device=device, dtype=torch.float64) * scale
 
-    return CellData(gru64, rnd(case.T, case.B, case.I), rnd(LD, case.B, case.H, scale=0.5),
+    data = CellData(gru64, rnd(case.T, case.B, case.I), rnd(LD, case.B, case.H, scale=0.5),
                     rnd(case.T, case.B, case.D * case.H), rnd(LD, case.B, case.H))
+    if case.call == "packed":
+        lengths = sequences.draw_lengths(case.lengths, case.B, case.T,
+                                         sort=case.packing == "sorted")
+        data.lengths = torch.tensor(lengths, dtype=torch.int64)
+        data.seq = sequences.describe(lengths=lengths)
+    elif case.call == "rollout":
+        data.resets = sequences.draw_resets(case.lengths, case.T, case.B).to(device)
+        data.seq = sequences.describe(resets=data.resets.cpu())
+    return data
+
+
+@dataclass
+class CallIO:
+    """One call's inputs and output gradients in a dtype, as a provider takes them."""
+
+    args: tuple  # (input, h0): input a tensor or a PackedSequence
+    kwargs: dict  # rollout cells: {"resets": ...}
+    x: Tensor  # the tensor dx is taken of (packed cells: the PackedSequence's data)
+    h0: Tensor
+    gy: Tensor  # fed to the output tensor (packed cells: the output's data)
+    ghn: Tensor
+    batch_first: bool = False  # rollout cells of a "batch" layout provider
+
+    def call(self, module: nn.Module):
+        """(y, h_n) of module on these inputs; y is a tensor (packed: the data)."""
+        y, hn = module(*self.args, **self.kwargs)
+        return (y.data if isinstance(y, nn.utils.rnn.PackedSequence) else y), hn
+
+    def time_major(self, t: Tensor) -> Tensor:
+        """y or dx as the time-major cells compare them."""
+        return t.transpose(0, 1) if self.batch_first else t
+
+
+def make_io(case: Case, data: CellData, dtype: torch.dtype, *, steps: Optional[int] = None,
+            grad: bool = False, layout: str = "time") -> CallIO:
+    """The cell's inputs cast to dtype (fresh tensors: the cell's data is never touched),
+    over its first ``steps`` steps (None: all); ``grad``: x and h0 require grad."""
+    Tc = case.T if steps is None else min(case.T, steps)
+    x, gy = data.x[:Tc].detach().to(dtype), data.gy[:Tc].detach().to(dtype)
+    h0, ghn = data.h0.detach().to(dtype), data.ghn.detach().to(dtype)
+    kwargs: dict = {}
+    batch_first = False
+    packed = None
+    if case.call == "packed":
+        lengths = data.lengths.clamp(max=Tc)
+        sorted_ = case.packing == "sorted"
+        packed = sequences.pack(x, lengths, sorted_)
+        x = packed.data.detach().clone()
+        gy = sequences.pack(gy, lengths, sorted_).data.detach().clone()
+    elif case.call == "rollout":
+        resets = data.resets[:Tc]
+        if layout == "batch":
+            batch_first = True
+            x, gy = x.transpose(0, 1).contiguous(), gy.transpose(0, 1).contiguous()
+            resets = resets.t().contiguous()
+        kwargs["resets"] = resets
+    x, h0 = x.clone(), h0.clone()  # never the cell's own tensors (.to(float64) is a no-op)
+    if grad:
+        x.requires_grad_(True)
+        h0.requires_grad_(True)
+    inp = sequences.with_data(packed, x) if packed is not None else x
+    return CallIO((inp, h0), kwargs, x, h0, gy, ghn, batch_first)
+
+
+def _grad_name(name: str) -> str:
+    """A module's parameter name as nn.GRU's ("cell.weight_ih" -> "weight_ih_l0",
+    "module.gru.weight_hh_l0" -> "weight_hh_l0")."""
+    return CellLoop.GRU_NAMES.get(name, name.rsplit(".", 1)[-1])
 
 
 def _cast_gru(gru64: nn.GRU, dtype: torch.dtype) -> nn.GRU:
@@ -56,22 +137,35 @@ def _cast_gru(gru64: nn.GRU, dtype: torch.dtype) -> nn.GRU:
     return m
 
 
-def _run(module: nn.Module, x, h0, gy, ghn, train: bool) -> Dict[str, Tensor]:
-    """Outputs (and gradients in training) of one call; keys are shared by providers."""
+def _run(module: nn.Module, io: CallIO, train: bool) -> Dict[str, Tensor]:
+    """Outputs (and gradients in training) of one call; keys are shared by providers,
+    tensors time-major."""
     module.train(train)
     if not train:
         with torch.no_grad():
-            y, hn = module(x, h0)
-        return {"y": y, "h_n": hn}
-    x = x.detach().requires_grad_(True)
-    h0 = h0.detach().requires_grad_(True)
+            y, hn = io.call(module)
+        return {"y": io.time_major(y), "h_n": hn}
+    io.x.requires_grad_(True)
+    io.h0.requires_grad_(True)
+    io.x.grad = io.h0.grad = None
     for p in module.parameters():
         p.grad = None
-    y, hn = module(x, h0)
-    torch.autograd.backward((y, hn), (gy, ghn))
-    out = {"y": y.detach(), "h_n": hn.detach(), "dx": x.grad, "dh0": h0.grad}
-    out.update({"d." + CellLoop.GRU_NAMES.get(n, n): p.grad for n, p in module.named_parameters()})
+    y, hn = io.call(module)
+    torch.autograd.backward((y, hn), (io.gy, io.ghn))
+    out = {"y": io.time_major(y.detach()), "h_n": hn.detach(),
+           "dx": None if io.x.grad is None else io.time_major(io.x.grad), "dh0": io.h0.grad}
+    out.update({"d." + _grad_name(n): p.grad for n, p in module.named_parameters()})
     return out
+
+
+def _baseline_module(case: Case, gru: nn.GRU) -> nn.Module:
+    """What the budget's baseline (and, in float64, the oracle) runs: nn.GRU itself, or
+    for rollout cells nn.GRU's masked loop."""
+    if case.call == "rollout":
+        from .rollout import MaskedLoopGRU
+
+        return MaskedLoopGRU.from_gru(gru)
+    return gru
 
 
 def check_provider(provider: Provider, case: Case, data: CellData, steps: int):
@@ -82,14 +176,16 @@ def check_provider(provider: Provider, case: Case, data: CellData, steps: int):
 
     dtype = DTYPES[case.dtype]
     train = case.mode == "train"
-    Tc = min(case.T, steps)
-    x, gy = data.x[:Tc], data.gy[:Tc]
+
+    def io(dt, layout="time"):
+        return make_io(case, data, dt, steps=steps, layout=layout)
+
     # The oracle avoids cuDNN: ATen's own GRU in float64, code independent of the baseline.
     with torch.backends.cudnn.flags(enabled=False):
-        oracle = _run(data.gru64, x, data.h0, gy, data.ghn, train)
-    lo = [t.to(dtype) for t in (x, data.h0, gy, data.ghn)]
+        oracle = _run(_baseline_module(case, _cast_gru(data.gru64, torch.float64)),
+                      io(torch.float64), train)
     try:
-        baseline = _run(_cast_gru(data.gru64, dtype), *lo, train)
+        baseline = _run(_baseline_module(case, _cast_gru(data.gru64, dtype)), io(dtype), train)
     except RuntimeError:
         if provider.kind == "baseline":
             raise
@@ -97,9 +193,10 @@ def check_provider(provider: Provider, case: Case, data: CellData, steps: int):
         from ..modules import FusedGRU
 
         baseline = _run(FusedGRU.from_torch(_cast_gru(data.gru64, dtype), backend="reference"),
-                        *lo, train)
-    got = (baseline if provider.kind == "baseline" and case.call == "seq"
-           else _run(provider.module_for(case, _cast_gru(data.gru64, dtype)), *lo, train))
+                        io(dtype), train)
+    got = (baseline if provider.kind == "baseline" and case.call != "cell"
+           else _run(provider.module_for(case, _cast_gru(data.gru64, dtype)),
+                     io(dtype, provider.layout), train))
     report = LayerReport()
     for k, ref in oracle.items():
         if k not in got or got[k] is None:
@@ -110,29 +207,29 @@ def check_provider(provider: Provider, case: Case, data: CellData, steps: int):
     return report
 
 
-def _callable(module: nn.Module, case: Case, data: CellData) -> Callable[[], None]:
+def _callable(module: nn.Module, case: Case, data: CellData,
+              layout: str = "time") -> Callable[[], None]:
     """The timed call: inference under no_grad, or forward + backward into dx, dh0 and
     every weight (gradients reset to None each call, the same for every provider)."""
     dtype = DTYPES[case.dtype]
-    x, h0, gy, ghn = (t.to(dtype) for t in (data.x, data.h0, data.gy, data.ghn))
     if case.mode == "inference":
+        io = make_io(case, data, dtype, layout=layout)
         module.eval()
 
         def infer():
             with torch.no_grad():
-                module(x, h0)
+                module(*io.args, **io.kwargs)
 
         return infer
+    io = make_io(case, data, dtype, grad=True, layout=layout)
     module.train()
-    x.requires_grad_(True)
-    h0.requires_grad_(True)
-    leaves = [x, h0, *module.parameters()]
+    leaves = [io.x, io.h0, *module.parameters()]
 
     def train():
         for t in leaves:
             t.grad = None
-        y, hn = module(x, h0)
-        torch.autograd.backward((y, hn), (gy, ghn))
+        y, hn = io.call(module)
+        torch.autograd.backward((y, hn), (io.gy, io.ghn))
 
     return train
 
@@ -155,6 +252,7 @@ def run_cell(case: Case, providers: Sequence[Provider], device: torch.device,
     for p in providers:
         on_provider(p.name)
         row = _blank_row(case, p, opts.tf32 if device.type == "cuda" else None)
+        row["seq"] = data.seq
         rows.append(row)
         why = p.why_not(case, device)
         if why is not None:
@@ -170,13 +268,13 @@ def run_cell(case: Case, providers: Sequence[Provider], device: torch.device,
                     f"{k}: {v}" for k, v in report.failures.items()))
                 continue
             module = p.module_for(case, _cast_gru(data.gru64, DTYPES[case.dtype]))
-            fn = _callable(module, case, data)
+            fn = _callable(module, case, data, p.layout)
             ms, timing = time_call(fn, device, opts.timing)
             row.update(median_ms=ms, us_per_step=ms * 1e3 / case.T, timing=timing,
                        spread=spread(ms, timing.get("iqr_ms")))
             row["peak_mem_bytes"] = peak_memory(fn, device)
             if case.mode == "train":
-                row["saved_bytes"] = saved_activation_bytes(module, case, data)
+                row["saved_bytes"] = saved_activation_bytes(module, case, data, p.layout)
             del module, fn
         except Exception as exc:  # noqa: BLE001 - one failing provider must not stop a run
             row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:500])

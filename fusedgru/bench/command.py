@@ -17,8 +17,10 @@ from .compare import format_comparison
 from .env import environment
 from .grids import ALL, DTYPE_ALIASES, DTYPES, GRIDS, MODES, grid_cases
 from .providers import discover_providers
-from .report import format_memory_table, format_noise_warning, format_table, write_plot
+from .report import (format_memory_table, format_noise_warning, format_peer_table, format_table,
+                     write_plot)
 from .results import SCHEMA, _blank_row, _write_json, load_results
+from .sequences import PACKINGS
 from .timing import NOISY_SPREAD, TimingOptions
 
 
@@ -37,11 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
                + "; all: " + ",".join(ALL))
     p.add_argument("--grid", default=None,
                    help="comma-separated grid names or 'all' (default: cpu without a GPU, "
-                        "stream with one)")
+                        "stream with one; 'all' is SPEC's sequence grids, not calls, cells, "
+                        "cell-loop, packed, rollout or tiny)")
     p.add_argument("--quick", action="store_true", help="a subset (about a minute)")
     p.add_argument("--backends", default=None,
                    help="comma-separated providers to time besides nn.GRU: fusedgru backend "
-                        "names, ref+compile, flashrnn (default: the fast paths available here)")
+                        "names, ref+compile, flashrnn, onnxruntime, torchrl (rollout cells: "
+                        "torchrl-pad, torchrl-scan, torchrl-py, or torchrl for the three; "
+                        "nn.GRU-pack and nn.GRU-pad always come with rollout cells) "
+                        "(default: the fast paths available here)")
+    p.add_argument("--packing", default=None,
+                   help="packed cells: sorted, unsorted or sorted,unsorted (default: "
+                        "unsorted: pack_padded_sequence(enforce_sorted=False))")
     p.add_argument("--dtype", default=None, help="only these dtypes (float32,bfloat16,...)")
     p.add_argument("--mode", default=None, help="only these modes (inference,train)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
@@ -103,9 +112,16 @@ def _report(results: dict, out: Optional[Path], compare: Optional[str]) -> None:
           f"spread = IQR / median of the repetitions (above {NOISY_SPREAD:.0%}: too noisy to "
           "trust); check = worst err/budget vs float64 (<= 1 passes)")
     print(format_table(rows, meta["device"]))
+    if any(r.get("call") == "rollout" for r in rows):
+        print("rollout cells: nn.GRU = its masked loop over steps (state *= 1 - reset); "
+              "nn.GRU-pack / nn.GRU-pad = the episodes as rows of one packed / padded "
+              "nn.GRU call; torchrl-* = TorchRL's GRUModule (is_init = resets)")
     noisy = format_noise_warning(rows)
     if noisy:
         print(noisy)
+    peers = format_peer_table(rows)
+    if peers:
+        print("\n" + peers)
     mem = format_memory_table(rows)
     if mem:
         print("\n" + mem)
@@ -173,18 +189,25 @@ def _main(argv: Optional[List[str]]) -> int:
         if m not in MODES:
             print(f"fusedgru bench: unknown mode {m!r}; expected {MODES}", file=sys.stderr)
             return 2
+    packings = _csv(args.packing) if args.packing else None
+    for pk in packings or []:
+        if pk not in PACKINGS:
+            print(f"fusedgru bench: unknown packing {pk!r}; expected {PACKINGS}",
+                  file=sys.stderr)
+            return 2
     cases = [c for g in grids for c in grid_cases(g, quick=args.quick, dtypes=dtypes,
-                                                   modes=modes)]
+                                                   modes=modes, packings=packings)]
     try:
         providers, left_out = discover_providers(
-            device, _csv(args.backends) if args.backends else None, quick=args.quick)
+            device, _csv(args.backends) if args.backends else None, quick=args.quick,
+            calls=sorted({c.call for c in cases}))
     except ValueError as exc:
         print(f"fusedgru bench: {exc}", file=sys.stderr)
         return 2
     if args.list:
         print(f"device: {device}; {len(cases)} cells x {len(providers)} providers")
         for p in providers:
-            print(f"  provider {p.name:11} {p.note}")
+            print(f"  provider {p.name:12} {p.note}")
         for name, why in left_out.items():
             print(f"  not timed {name}: {why}")
         for c in cases:
@@ -200,6 +223,10 @@ def _main(argv: Optional[List[str]]) -> int:
     opts = RunOptions(check_steps=args.check_steps, timing=TimingOptions(quick=args.quick),
                       tf32=tf32)
     meta = environment(device)
+    if any(c.call == "rollout" for c in cases):
+        from .rollout import torchrl_version
+
+        meta["torchrl"] = torchrl_version()
     meta.update(argv=list(sys.argv[:1]) + list(argv if argv is not None else sys.argv[1:]),
                 grids=grids, quick=args.quick, check_steps=args.check_steps, tf32_run=tf32,
                 providers=[p.name for p in providers], left_out=left_out, schema=SCHEMA)

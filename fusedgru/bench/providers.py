@@ -10,6 +10,23 @@
 
 Cells called one GRUCell step at a time (Case.call == "cell") use each provider's cell:
 nn.GRUCell, FusedGRUCell, ONNX Runtime's GRU over one step; the others sit them out.
+
+Packed cells (Case.call == "packed") give nn.GRU and every fusedgru backend the same
+PackedSequence; the others sit them out.  Rollout cells (Case.call == "rollout", resets
+inside the sequence) call each provider's rollout module as FusedGRU is called,
+m(x, hx, resets=resets) (fusedgru/bench/rollout.py):
+
+    nn.GRU        the masked loop (nn.GRU one step at a time, state *= 1 - reset): the
+                  baseline and, in float64, the oracle of rollout cells
+    nn.GRU-pack   the episodes as the rows of one packed nn.GRU call  } rollout cells only,
+    nn.GRU-pad    the episodes padded to the longest, one nn.GRU call } in every rollout run
+    torchrl-pad   TorchRL's GRUModule, recurrent_backend="pad"        } where torchrl
+    torchrl-scan  TorchRL's GRUModule, recurrent_backend="scan"       } imports; batch-first
+    torchrl-py    TorchRL's GRUModule(python_based=True)              } inputs (its layout)
+    <backend>     FusedGRU(x, hx, resets=resets)
+
+Rollout cells report each provider against nn.GRU (the masked loop), against each of the
+"peer" ways above (nn.GRU's and TorchRL's) and against the fastest of them (results.py).
 """
 
 from __future__ import annotations
@@ -27,6 +44,9 @@ BASELINE = "nn.GRU"
 COMPILE = "ref+compile"
 FLASHRNN = "flashrnn"
 ONNXRUNTIME = "onnxruntime"
+SEGMENTS = ("nn.GRU-pack", "nn.GRU-pad")  # nn.GRU over a rollout's episodes
+TORCHRL = ("torchrl-pad", "torchrl-scan", "torchrl-py")  # "torchrl" in --backends: all
+CALLS = ("seq", "cell", "packed", "rollout")
 
 
 def _gru_step(gi: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
@@ -249,26 +269,47 @@ def gru_to_cell(gru: nn.GRU) -> nn.GRUCell:
 @dataclass
 class Provider:
     name: str
-    kind: str  # "baseline", "fusedgru", "compile", "flashrnn", "onnxruntime"
-    build: Callable[[nn.GRU], nn.Module]
+    # "baseline", "fusedgru", "compile", "flashrnn", "onnxruntime", or "peer": another
+    # way of running nn.GRU (or TorchRL) on rollout cells, beside the baseline
+    kind: str
+    build: Optional[Callable[[nn.GRU], nn.Module]]  # None: rollout cells only
     note: str = ""
     # why it cannot run a case (None: it can)
     unsupported: Callable[[Case, torch.device], Optional[str]] = lambda case, dev: None
     # the module a Case.call == "cell" cell times, from the cell's nn.GRUCell (None: the
     # provider sits such cells out)
     build_cell: Optional[Callable[[nn.GRUCell], nn.Module]] = None
+    # packed cells: build's module takes the PackedSequence (False: sits them out)
+    packed: bool = False
+    # rollout cells: the module called m(x, hx, resets=resets) (None: sits them out)
+    build_rollout: Optional[Callable[[nn.GRU], nn.Module]] = None
+    # rollout cells: "time" (T, B, ...) inputs and outputs, or "batch" (B, T, ...)
+    layout: str = "time"
 
     def module_for(self, case: Case, gru: nn.GRU) -> nn.Module:
-        """What a cell times, from the cell's nn.GRU: the sequence module, or for cells
-        called step by step the provider's GRUCell in a Python loop."""
-        if case.call == "seq":
+        """What a cell times, from the cell's nn.GRU: the sequence module, for cells called
+        step by step the provider's GRUCell in a Python loop, for rollout cells its
+        rollout module."""
+        if case.call in ("seq", "packed"):
             return self.build(gru)
+        if case.call == "rollout":
+            return self.build_rollout(gru)
         return CellLoop(self.build_cell(gru_to_cell(gru)))
 
-    def why_not(self, case: Case, device: torch.device) -> Optional[str]:
-        if case.call != "seq" and self.build_cell is None:
+    def why_not_call(self, call: str) -> Optional[str]:
+        """Why it sits out every cell called this way (None: it does not)."""
+        if call in ("seq", "packed") and self.build is None:
+            return f"{self.name} runs rollout cells only"
+        if call == "cell" and self.build_cell is None:
             return f"{self.name} has no single-step cell"
-        return self.unsupported(case, device)
+        if call == "packed" and not self.packed:
+            return f"{self.name} takes no PackedSequence"
+        if call == "rollout" and self.build_rollout is None:
+            return f"{self.name} has no resets inside the sequence"
+        return None
+
+    def why_not(self, case: Case, device: torch.device) -> Optional[str]:
+        return self.why_not_call(case.call) or self.unsupported(case, device)
 
 
 def _build_baseline(gru: nn.GRU) -> nn.Module:
@@ -288,9 +329,74 @@ def _fusedgru_provider(name: str) -> Provider:
 
     from ..modules import FusedGRUCell
 
-    return Provider(name, "fusedgru", lambda gru: FusedGRU.from_torch(gru, backend=name),
-                    note=backends.BACKENDS[name].summary, unsupported=unsupported,
-                    build_cell=lambda cell: FusedGRUCell.from_torch(cell, backend=name))
+    def unsupported_here(case: Case, device: torch.device) -> Optional[str]:
+        if case.call == "rollout":
+            why = fusedgru_resets_reason()
+            if why is not None:
+                return why
+        return unsupported(case, device)
+
+    build = lambda gru: FusedGRU.from_torch(gru, backend=name)  # noqa: E731
+    return Provider(name, "fusedgru", build,
+                    note=backends.BACKENDS[name].summary, unsupported=unsupported_here,
+                    build_cell=lambda cell: FusedGRUCell.from_torch(cell, backend=name),
+                    packed=True, build_rollout=build)
+
+
+def fusedgru_resets_reason() -> Optional[str]:
+    """Why FusedGRU cannot take resets= here (None: it can; issue 19)."""
+    import inspect
+
+    from ..modules import FusedGRU
+
+    if "resets" not in inspect.signature(FusedGRU.forward).parameters:
+        return "FusedGRU.forward takes no resets= yet (issue 19)"
+    return None
+
+
+def _rollout_unsupported(name: str):
+    def why(case: Case, device: torch.device) -> Optional[str]:
+        if case.call != "rollout":
+            return None
+        if case.bidirectional:
+            return "rollouts run one direction"
+        if name == "nn.GRU-pad" and case.layers != 1:
+            return "padded segments: one layer (h_n of every layer needs nn.GRU-pack)"
+        return None
+
+    return why
+
+
+def _rollout_peers(device: torch.device, explicit: bool, wanted: Sequence[str]
+                   ) -> Tuple[List[Provider], Dict[str, str]]:
+    """The other ways of running rollout cells: nn.GRU over the episodes (always beside
+    the baseline's masked loop) and TorchRL's GRUModule (where it imports)."""
+    from .rollout import SegmentsGRU, TorchRLGRU, torchrl_reason
+
+    peers = [Provider("nn.GRU-pack", "peer", None,
+                      note="rollout: the episodes as rows of one packed nn.GRU call",
+                      unsupported=_rollout_unsupported("nn.GRU-pack"),
+                      build_rollout=lambda gru: SegmentsGRU.from_gru(gru, "pack")),
+             Provider("nn.GRU-pad", "peer", None,
+                      note="rollout: the episodes padded to the longest, one nn.GRU call",
+                      unsupported=_rollout_unsupported("nn.GRU-pad"),
+                      build_rollout=lambda gru: SegmentsGRU.from_gru(gru, "pad"))]
+    left_out: Dict[str, str] = {}
+    names = [n for n in TORCHRL if not explicit or n in wanted or "torchrl" in wanted]
+    why = torchrl_reason() if names else None
+    for n in names:
+        if why is not None:
+            left_out[n] = why
+            continue
+        backend = n.split("-", 1)[1]
+        peers.append(Provider(
+            n, "peer", None, layout="batch",
+            note={"pad": "TorchRL GRUModule(recurrent_backend='pad') over nn.GRU",
+                  "scan": "TorchRL GRUModule(recurrent_backend='scan')",
+                  "py": "TorchRL GRUModule(python_based=True)"}[backend],
+            unsupported=_rollout_unsupported(n),
+            build_rollout=lambda gru, b=backend: TorchRLGRU(gru, b)))
+    return peers, left_out
 
 
 def _flashrnn_reason(device: torch.device) -> Optional[str]:
@@ -304,26 +410,39 @@ def _flashrnn_reason(device: torch.device) -> Optional[str]:
 
 
 def discover_providers(device: torch.device, requested: Optional[Sequence[str]] = None,
-                       quick: bool = False) -> Tuple[List[Provider], Dict[str, str]]:
+                       quick: bool = False, calls: Optional[Sequence[str]] = None
+                       ) -> Tuple[List[Provider], Dict[str, str]]:
     """(providers to time, {name: why it is left out}).  nn.GRU always comes first: every
     speed-up is against it.  Without ``requested``: every fusedgru backend that is a fast
     path on the device (not the Triton interpreter on the CPU, not the reference on a GPU),
     ref+compile (not with --quick: compiling takes longer than the quick grid) and flashrnn
-    where installed."""
+    where installed.
+
+    ``calls``: how the run's cells are called (Case.call).  With rollout cells the other
+    ways of running them come in (nn.GRU-pack and nn.GRU-pad always, TorchRL's where it
+    imports and is not left out by ``requested``); a provider that runs none of ``calls``
+    is left out, with the reason."""
     from .. import backends
 
     status = backends.backend_status()
     explicit = requested is not None
     wanted = list(requested) if explicit else None
-    known = set(backends.BACKENDS) | {BASELINE, COMPILE, FLASHRNN, ONNXRUNTIME}
+    known = (set(backends.BACKENDS) | {BASELINE, COMPILE, FLASHRNN, ONNXRUNTIME, "torchrl"}
+             | set(SEGMENTS) | set(TORCHRL))
     if explicit:
         unknown = [n for n in wanted if n not in known]
         if unknown:
             raise ValueError(f"--backends: unknown {unknown}; expected names from "
                              f"{sorted(known)}")
+    from .rollout import MaskedLoopGRU
+
     providers = [Provider(BASELINE, "baseline", _build_baseline,
-                          note="torch.nn.GRU" + (" (cuDNN)" if device.type == "cuda" else ""),
-                          build_cell=copy.deepcopy)]
+                          note="torch.nn.GRU" + (" (cuDNN)" if device.type == "cuda" else "")
+                          + ("; rollout cells: its masked loop over steps"
+                             if calls is not None and "rollout" in calls else ""),
+                          build_cell=copy.deepcopy, packed=True,
+                          build_rollout=MaskedLoopGRU.from_gru,
+                          unsupported=_rollout_unsupported(BASELINE))]
     left_out: Dict[str, str] = {}
     for name in backends.BACKENDS:  # the table's order, never a hard-coded list
         if explicit and name not in wanted:
@@ -367,6 +486,20 @@ def discover_providers(device: torch.device, requested: Optional[Sequence[str]] 
                 build_cell=lambda cell: _OnnxCell(cell)))
         else:
             left_out[ONNXRUNTIME] = why
+    if calls is not None and "rollout" in calls:
+        peers, why_peers = _rollout_peers(device, explicit, wanted or [])
+        providers[1:1] = peers  # beside the baseline: the table lists nn.GRU's ways first
+        left_out.update(why_peers)
+    if calls is not None:
+        kept = []
+        for p in providers:
+            whys = [p.why_not_call(c) for c in calls]
+            if p.kind == "baseline" or not all(whys):
+                kept.append(p)
+            else:
+                left_out[p.name] = "runs none of this run's cells (" + "; ".join(
+                    sorted(set(whys))) + ")"
+        providers = kept
     return providers, left_out
 
 

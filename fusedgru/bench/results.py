@@ -14,7 +14,9 @@ from .providers import BASELINE, Provider
 from .timing import spread
 
 SCHEMA = 1
-_KEY = ("B", "H", "T", "I", "layers", "bidirectional", "dtype", "mode", "call")
+_KEY = ("B", "H", "T", "I", "layers", "bidirectional", "dtype", "mode", "call", "lengths",
+        "packing")
+PEER_KINDS = ("baseline", "peer")  # rollout cells: the ways "vs best" is taken over
 
 
 def _row_key(r: dict) -> tuple:
@@ -27,7 +29,10 @@ def _row_label(r: dict) -> str:
             + (f" I={r['I']}" if r["I"] != r["H"] else "")
             + (f" L={r['layers']}" if r["layers"] != 1 else "")
             + (" bi" if r["bidirectional"] else "")
-            + (f" {r['call']}" if r.get("call", "seq") != "seq" else ""))
+            + (f" {r['call']}" if r.get("call", "seq") not in ("seq", "packed", "rollout")
+               else "")
+            + (f" {r['lengths']}" if r.get("lengths") else "")
+            + (f" {r['packing']}" if r.get("packing") else ""))
 
 
 def _case_fields(case: Case) -> dict:
@@ -40,7 +45,9 @@ def _blank_row(case: Case, p: Provider, tf32: Optional[bool], status: str = "ok"
             "reason": reason, "median_ms": None, "us_per_step": None,
             "speedup_vs_nn_gru": None, "peak_mem_bytes": None, "saved_bytes": None,
             "mem_vs_nn_gru": None, "check": None, "timing": None, "spread": None,
-            "tf32": tf32}
+            "tf32": tf32, "seq": None,
+            # rollout cells: against each peer way (nn.GRU's and TorchRL's) and the fastest
+            "speedup_vs": None, "speedup_vs_best": None, "best_peer": None}
 
 
 def _mem(row: dict) -> Optional[int]:
@@ -58,6 +65,24 @@ def _relative_to_baseline(rows: List[dict]) -> None:
             r["speedup_vs_nn_gru"] = base["median_ms"] / r["median_ms"]
         if _mem(r) is not None and _mem(base):
             r["mem_vs_nn_gru"] = _mem(r) / _mem(base)
+    _relative_to_peers(rows)
+
+
+def _relative_to_peers(rows: List[dict]) -> None:
+    """Where a cell has peer ways beside the baseline (rollout cells: nn.GRU's masked loop,
+    its segments, TorchRL's): each row's speed-up against each of them ("speedup_vs",
+    peer median / row median) and against the fastest ("speedup_vs_best", "best_peer")."""
+    if not any(r.get("kind") == "peer" and r["status"] == "ok" for r in rows):
+        return
+    peers = {r["provider"]: r["median_ms"] for r in rows
+             if r.get("kind") in PEER_KINDS and r["status"] == "ok" and r["median_ms"]}
+    if not peers:
+        return
+    best = min(peers, key=peers.get)
+    for r in rows:
+        if r["status"] == "ok" and r["median_ms"]:
+            r["speedup_vs"] = {p: ms / r["median_ms"] for p, ms in peers.items()}
+            r["speedup_vs_best"], r["best_peer"] = peers[best] / r["median_ms"], best
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -72,6 +97,8 @@ def load_results(path) -> dict:
     results = json.loads(Path(path).read_text())
     for r in results.get("rows", []):
         r.setdefault("call", "seq")  # before GRUCell cells existed, every cell was "seq"
+        r.setdefault("lengths", "")  # before packed and rollout cells existed
+        r.setdefault("packing", "")
         if "spread" not in r:
             r["spread"] = spread(r.get("median_ms"), (r.get("timing") or {}).get("iqr_ms"))
     return results

@@ -98,15 +98,16 @@ def peak_memory(fn: Callable[[], None], device: torch.device) -> Optional[int]:
     return int(torch.cuda.max_memory_allocated(device) - before)
 
 
-def saved_activation_bytes(module: nn.Module, case: Case, data: CellData) -> int:
+def saved_activation_bytes(module: nn.Module, case: Case, data: CellData,
+                           layout: str = "time") -> int:
     """Bytes the autograd graph of one training forward keeps for the backward (storages
     counted once; parameters and the inputs x, h0 not counted).  Device-independent: on the
     CPU, where no allocator statistics exist, this is the training-memory comparison."""
-    dtype = DTYPES[case.dtype]
-    x = data.x.to(dtype).requires_grad_(True)
-    h0 = data.h0.to(dtype).requires_grad_(True)
+    from .cells import make_io
+
+    io = make_io(case, data, DTYPES[case.dtype], grad=True, layout=layout)
     module.train()
-    skip = {t.untyped_storage().data_ptr() for t in [x, h0, *module.parameters()]}
+    skip = {t.untyped_storage().data_ptr() for t in [io.x, io.h0, *module.parameters()]}
     seen: Dict[int, int] = {}
 
     def pack(t: Tensor):
@@ -119,8 +120,8 @@ def saved_activation_bytes(module: nn.Module, case: Case, data: CellData) -> int
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y, hn = module(x, h0)
-    torch.autograd.backward((y, hn), (data.gy.to(dtype), data.ghn.to(dtype)))
+        y, hn = io.call(module)
+    torch.autograd.backward((y, hn), (io.gy, io.ghn))
     for p in module.parameters():
         p.grad = None
     return int(sum(seen.values()))
