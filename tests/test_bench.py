@@ -296,3 +296,242 @@ def test_single_step_grids_and_old_rows_without_call():
     assert {(c.T, c.mode) for c in bench.grid_cases("cell-loop")} == {(32, "train")}
     res = bench.load_results(SAVED_RUN)  # written before Case.call existed
     assert {r["call"] for r in res["rows"]} == {"seq"}
+
+
+# --- sequence structure inside the batch (issue 19): the packed and rollout grids ---------
+
+from fusedgru.bench import sequences  # noqa: E402
+from fusedgru.bench.rollout import MaskedLoopGRU, SegmentsGRU  # noqa: E402
+
+
+def test_packed_and_rollout_grids():
+    """The packed grid: the skewed case (one sequence of 400 steps, 63 of 10), lognormal
+    lengths at H 256 and 64 and 2 layers bidirectional, B=64, unsorted by default; the
+    rollout grid: B=64 envs, T=128, H=I=256; both modes, float32; neither in --grid all."""
+    packed = bench.grid_cases("packed")
+    shapes = {(c.lengths, c.B, c.H, c.T, c.I, c.layers, c.bidirectional) for c in packed}
+    assert shapes == {("skewed", 64, 256, 400, 256, 1, False),
+                      ("lognormal", 64, 256, 512, 256, 1, False),
+                      ("lognormal", 64, 64, 512, 64, 1, False),
+                      ("lognormal", 64, 256, 512, 256, 2, True)}
+    assert {(c.call, c.packing, c.dtype) for c in packed} == {("packed", "unsorted", "float32")}
+    assert {c.mode for c in packed} == {"inference", "train"} and len(packed) == 8
+    both = bench.grid_cases("packed", quick=True, packings=("sorted", "unsorted"))
+    assert {c.packing for c in both} == {"sorted", "unsorted"} and len(both) == 8
+    rollout = bench.grid_cases("rollout")
+    assert {(c.B, c.T, c.H, c.I, c.layers, c.call, c.lengths) for c in rollout} == {
+        (64, 128, 256, 256, 1, "rollout", "geometric")}
+    assert {c.mode for c in rollout} == {"inference", "train"}
+    assert "packed" not in bench.ALL and "rollout" not in bench.ALL
+    assert len({c.key() for c in both}) == len(both)  # packing and lengths are in the key
+
+
+def test_lengths_and_resets_are_fixed():
+    """Every run uses the same lengths and resets (Python's own generator, a fixed seed)."""
+    skewed = sequences.draw_lengths("skewed", 64, 400)
+    assert skewed[21] == 400 and sorted(skewed[:21] + skewed[22:]) == [10] * 63
+    lengths = sequences.draw_lengths("lognormal", 64, 512)
+    assert lengths[:6] == [63, 88, 42, 41, 31, 512] and sum(lengths) == 3517
+    assert min(lengths) >= 1 and max(lengths) == 512
+    assert sequences.draw_lengths("lognormal", 64, 512, sort=True) == sorted(lengths, reverse=True)
+    resets = sequences.draw_resets("geometric", 128, 64)
+    assert resets.shape == (128, 64) and resets.dtype == torch.bool
+    assert not resets[0].any() and int(resets.sum()) == 385
+    assert torch.equal(resets, sequences.draw_resets("geometric", 128, 64))
+    info = sequences.describe(resets=resets)
+    assert info["episodes"] == 385 + 64 and 15 < info["mean_episode"] < 25
+
+
+@pytest.mark.parametrize("packing", ["sorted", "unsorted"])
+def test_packed_cell_inputs(packing):
+    """A packed cell's inputs: the PackedSequence of the cell's lengths (rows longest first
+    when sorted), its data the grad leaf, gy packed the same way; the check's first steps
+    clip the lengths."""
+    case = bench.Case("packed", 6, 8, 64, 5, call="packed", lengths="lognormal",
+                      packing=packing, mode="train")
+    data = bench.make_cell_data(case, CPU)
+    lengths = data.lengths.tolist()
+    assert lengths == sequences.draw_lengths("lognormal", 6, 64, sort=packing == "sorted")
+    assert data.seq["tokens"] == sum(lengths) and data.seq["longest"] == max(lengths)
+    from fusedgru.bench.cells import make_io
+
+    io = make_io(case, data, torch.float32, grad=True)
+    packed = io.args[0]
+    assert isinstance(packed, torch.nn.utils.rnn.PackedSequence)
+    assert packed.data is io.x and io.x.requires_grad and io.x.shape == (sum(lengths), 5)
+    assert (packed.sorted_indices is None) == (packing == "sorted")
+    assert int(packed.batch_sizes.sum()) == sum(lengths) and io.gy.shape == (sum(lengths), 8)
+    want = torch.nn.utils.rnn.pack_padded_sequence(data.x.float(), data.lengths,
+                                                   enforce_sorted=False)
+    torch.testing.assert_close(torch.nn.utils.rnn.pad_packed_sequence(packed)[0],
+                               torch.nn.utils.rnn.pad_packed_sequence(want)[0])
+    clipped = make_io(case, data, torch.float32, steps=10).args[0]
+    assert int(clipped.batch_sizes.sum()) == sum(min(n, 10) for n in lengths)
+
+
+def _cell_loop_with_resets(gru, x, hx, resets):
+    """An independent oracle: nn.GRUCell per layer and step, the state zeroed where a
+    sequence starts (torch.where, not a product)."""
+    cells = []
+    for layer in range(gru.num_layers):
+        cell = torch.nn.GRUCell(gru.input_size if layer == 0 else gru.hidden_size,
+                                gru.hidden_size, dtype=x.dtype)
+        cell.load_state_dict({k[:-3]: v for k, v in gru.state_dict().items()
+                              if k.endswith(f"_l{layer}")})
+        cells.append(cell)
+    h = list(hx.unbind(0))
+    ys = []
+    for t in range(x.shape[0]):
+        inp = x[t]
+        for layer, cell in enumerate(cells):
+            prev = torch.where(resets[t].unsqueeze(1), torch.zeros_like(h[layer]), h[layer])
+            h[layer] = inp = cell(inp, prev)
+        ys.append(inp)
+    return torch.stack(ys), torch.stack(h)
+
+
+def _rollout_grads(fn, x, hx, gy, ghn, params):
+    x = x.detach().requires_grad_(True)
+    hx = hx.detach().requires_grad_(True)
+    y, hn = fn(x, hx)
+    grads = torch.autograd.grad((y, hn), [x, hx, *params], (gy, ghn))
+    return [y.detach(), hn.detach(), *grads]
+
+
+@pytest.mark.parametrize("layers,how", [(1, "pack"), (1, "pad"), (2, "pack")])
+def test_segments_equal_masked_loop(layers, how, gen):
+    """nn.GRU over the episodes (the first one of each row from its hx, the others from
+    zeros) gives the masked loop's outputs, h_n and every gradient; so does the masked
+    loop an independent GRUCell loop.  Resets at t = 0, at the last step, two in a row,
+    a row without any."""
+    T, B, I, H = 9, 5, 3, 4
+    gru = torch.nn.GRU(I, H, layers, dtype=torch.float64)
+    x = torch.randn(T, B, I, generator=gen, dtype=torch.float64)
+    hx = torch.randn(layers, B, H, generator=gen, dtype=torch.float64)
+    gy = torch.randn(T, B, H, generator=gen, dtype=torch.float64)
+    ghn = torch.randn(layers, B, H, generator=gen, dtype=torch.float64)
+    resets = torch.zeros(T, B, dtype=torch.bool)
+    resets[0, 1] = resets[4, 1] = resets[5, 1] = resets[8, 2] = resets[3, 3] = True
+    resets[:, 4] = True  # every step a new sequence
+
+    loop = MaskedLoopGRU.from_gru(gru)
+    seg = SegmentsGRU.from_gru(gru, how)
+    want = _rollout_grads(lambda a, b: loop(a, b, resets=resets), x, hx, gy, ghn,
+                          list(loop.parameters()))
+    cells = _rollout_grads(lambda a, b: _cell_loop_with_resets(loop, a, b, resets), x, hx, gy,
+                           ghn, [])
+    for a, b in zip(cells[:4], want[:4]):
+        torch.testing.assert_close(a, b)
+    got = _rollout_grads(lambda a, b: seg(a, b, resets=resets), x, hx, gy, ghn,
+                         list(seg.parameters()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    # no gradient reaches hx of a row that resets at t = 0 or of the always-resetting row
+    assert got[3][:, 1].abs().max() == 0 and got[3][:, 4].abs().max() == 0
+    assert got[3][:, 0].abs().max() > 0
+
+
+def test_segment_rollout_indices():
+    """The episodes of a small rollout, by hand: which row, how long, which carry hx, the
+    last of each row, and the packed layout (longest first)."""
+    resets = torch.tensor([[False, True], [False, False], [True, False], [False, True],
+                           [False, False]])  # (T=5, B=2)
+    s = sequences.segment_rollout(resets)
+    assert s.S == 4
+    assert s.lengths.tolist() == [2, 3, 3, 2] and s.env.tolist() == [0, 0, 1, 1]
+    assert s.carry.tolist() == [True, False, False, False]  # row 1 resets at t = 0
+    assert s.last.tolist() == [1, 3]
+    assert s.batch_sizes.tolist() == [4, 4, 2]
+    assert s.sorted_indices.tolist() == [1, 2, 0, 3]
+    x = torch.arange(10.0).view(2, 5).t()  # x[t, b] = 5 b + t
+    flat = x.t().reshape(-1)
+    packed = torch.empty(10)
+    packed[s.packed_index] = flat
+    segments = [flat[0:2], flat[2:5], flat[5:8], flat[8:10]]
+    want = torch.nn.utils.rnn.pack_sequence(segments, enforce_sorted=False)
+    assert packed.tolist() == want.data.tolist()
+    assert torch.equal(want.sorted_indices, s.sorted_indices)
+
+
+def test_sequence_grids_run_and_report(tmp_path, capsys):
+    """tiny-packed and tiny-rollout through the command: every provider checked and timed
+    (fusedgru's reference with resets= once FusedGRU takes it, else skipped with the
+    reason), rollout rows against each peer and the fastest, the peer table printed."""
+    out = tmp_path / "seq"
+    rc = bench.main(["--grid", "tiny-packed,tiny-rollout", "--quick", "--backends", "reference",
+                     "--mode", "train", "--out", str(out), "--no-progress", "--threads", "1"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    packed = [r for r in rows if r["call"] == "packed" and r["status"] != "skipped"]
+    assert {r["provider"] for r in packed} == {"nn.GRU", "reference"}
+    for r in packed:
+        assert r["status"] == "ok" and r["check"]["ok"], r
+        assert r["seq"]["tokens"] == sum(r["seq"]["lengths"]) and r["speedup_vs"] is None
+    roll = [r for r in rows if r["call"] == "rollout"]
+    assert [r["provider"] for r in roll] == ["nn.GRU", "nn.GRU-pack", "nn.GRU-pad", "reference"]
+    for r in roll:
+        if r["provider"] == "reference" and r["status"] == "skipped":
+            assert "resets" in r["reason"]
+            continue
+        assert r["status"] == "ok" and r["check"]["ok"], r
+        assert set(r["speedup_vs"]) == {"nn.GRU", "nn.GRU-pack", "nn.GRU-pad"}
+        best = min(x["median_ms"] for x in roll if x["kind"] in ("baseline", "peer"))
+        assert r["speedup_vs_best"] == pytest.approx(best / r["median_ms"])
+        assert r["speedup_vs"]["nn.GRU"] == pytest.approx(r["speedup_vs_nn_gru"])
+        assert r["seq"]["episodes"] > 5
+    assert "against every way of running nn.GRU and TorchRL" in text
+    assert "skewed unsorted" in text and "geometric" in text
+
+
+def test_old_results_have_no_sequence_fields():
+    res = bench.load_results(SAVED_RUN)
+    assert {(r["lengths"], r["packing"]) for r in res["rows"]} == {("", "")}
+
+
+def test_providers_of_sequence_cells():
+    """Packed runs leave out what takes no PackedSequence; rollout runs bring nn.GRU's
+    other ways, and TorchRL's where it imports (named, or said why not)."""
+    providers, left_out = bench.discover_providers(CPU, None, quick=True, calls=["packed"])
+    names = [p.name for p in providers]
+    assert names[0] == "nn.GRU" and "nn.GRU-pack" not in names
+    assert "onnxruntime" not in names and "torchrl-pad" not in names
+    providers, left_out = bench.discover_providers(CPU, None, quick=True, calls=["rollout"])
+    names = [p.name for p in providers]
+    assert names[:3] == ["nn.GRU", "nn.GRU-pack", "nn.GRU-pad"]
+    for n in ("torchrl-pad", "torchrl-scan", "torchrl-py"):
+        assert n in names or "torchrl" in left_out[n]
+    providers, _ = bench.discover_providers(CPU, ["reference"], calls=["rollout"])
+    assert [p.name for p in providers] == ["nn.GRU", "nn.GRU-pack", "nn.GRU-pad", "reference"]
+
+
+@pytest.mark.parametrize("backend", ["pad", "scan", "py"])
+def test_torchrl_is_init_equals_resets(backend, gen):
+    """TorchRL's is_init (with zeros stored as the state of every step but the first) is
+    our resets: its GRUModule gives the masked loop's outputs, h_n and gradients."""
+    pytest.importorskip("torchrl", reason="torchrl is not installed (pip install torchrl): "
+                                          "the TorchRL rollout provider is optional")
+    from fusedgru.bench.rollout import TorchRLGRU
+
+    T, B, I, H, layers = 9, 4, 3, 5, 2
+    gru = torch.nn.GRU(I, H, layers, dtype=torch.float64)
+    x = torch.randn(T, B, I, generator=gen, dtype=torch.float64)
+    hx = torch.randn(layers, B, H, generator=gen, dtype=torch.float64)
+    gy = torch.randn(T, B, H, generator=gen, dtype=torch.float64)
+    ghn = torch.randn(layers, B, H, generator=gen, dtype=torch.float64)
+    resets = torch.zeros(T, B, dtype=torch.bool)
+    resets[0, 1] = resets[3, 0] = resets[4, 0] = resets[8, 2] = True
+    loop = MaskedLoopGRU.from_gru(gru)
+    trl = TorchRLGRU(gru, backend)
+    want = _rollout_grads(lambda a, b: loop(a, b, resets=resets), x, hx, gy, ghn,
+                          list(loop.parameters()))
+
+    def batch_first(a, b):
+        y, hn = trl(a.transpose(0, 1), b, resets=resets.t())
+        return y.transpose(0, 1), hn
+
+    got = _rollout_grads(batch_first, x, hx, gy, ghn, list(trl.parameters()))
+    assert [n.rsplit(".", 1)[-1] for n, _ in trl.named_parameters()] == [
+        n for n, _ in loop.named_parameters()]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
