@@ -301,7 +301,7 @@ def test_single_step_grids_and_old_rows_without_call():
 # --- sequence structure inside the batch (issue 19): the packed and rollout grids ---------
 
 from fusedgru.bench import sequences  # noqa: E402
-from fusedgru.bench.rollout import MaskedLoopGRU, SegmentsGRU  # noqa: E402
+from fusedgru.bench.rollout import MaskedCellLoopGRU, MaskedLoopGRU, SegmentsGRU  # noqa: E402
 
 
 def test_packed_and_rollout_grids():
@@ -398,11 +398,11 @@ def _rollout_grads(fn, x, hx, gy, ghn, params):
     return [y.detach(), hn.detach(), *grads]
 
 
-@pytest.mark.parametrize("layers,how", [(1, "pack"), (1, "pad"), (2, "pack")])
+@pytest.mark.parametrize("layers,how", [(1, "pack"), (1, "pad"), (2, "pack"), (2, "cells")])
 def test_segments_equal_masked_loop(layers, how, gen):
     """nn.GRU over the episodes (the first one of each row from its hx, the others from
-    zeros) gives the masked loop's outputs, h_n and every gradient; so does the masked
-    loop an independent GRUCell loop.  Resets at t = 0, at the last step, two in a row,
+    zeros), and the masked loop through nn.GRUCell, give the masked loop's outputs, h_n and
+    every gradient; so does the masked loop an independent GRUCell loop.  Resets at t = 0, at the last step, two in a row,
     a row without any."""
     T, B, I, H = 9, 5, 3, 4
     gru = torch.nn.GRU(I, H, layers, dtype=torch.float64)
@@ -415,7 +415,8 @@ def test_segments_equal_masked_loop(layers, how, gen):
     resets[:, 4] = True  # every step a new sequence
 
     loop = MaskedLoopGRU.from_gru(gru)
-    seg = SegmentsGRU.from_gru(gru, how)
+    seg = (MaskedCellLoopGRU.from_gru(gru) if how == "cells" else SegmentsGRU.from_gru(gru, how))
+    assert [n for n, _ in seg.named_parameters()] == [n for n, _ in gru.named_parameters()]
     want = _rollout_grads(lambda a, b: loop(a, b, resets=resets), x, hx, gy, ghn,
                           list(loop.parameters()))
     cells = _rollout_grads(lambda a, b: _cell_loop_with_resets(loop, a, b, resets), x, hx, gy,
@@ -469,13 +470,14 @@ def test_sequence_grids_run_and_report(tmp_path, capsys):
         assert r["status"] == "ok" and r["check"]["ok"], r
         assert r["seq"]["tokens"] == sum(r["seq"]["lengths"]) and r["speedup_vs"] is None
     roll = [r for r in rows if r["call"] == "rollout"]
-    assert [r["provider"] for r in roll] == ["nn.GRU", "nn.GRU-pack", "nn.GRU-pad", "reference"]
+    assert [r["provider"] for r in roll] == ["nn.GRU", "nn.GRUCell", "nn.GRU-pack", "nn.GRU-pad",
+                                             "reference"]
     for r in roll:
         if r["provider"] == "reference" and r["status"] == "skipped":
             assert "resets" in r["reason"]
             continue
         assert r["status"] == "ok" and r["check"]["ok"], r
-        assert set(r["speedup_vs"]) == {"nn.GRU", "nn.GRU-pack", "nn.GRU-pad"}
+        assert set(r["speedup_vs"]) == {"nn.GRU", "nn.GRUCell", "nn.GRU-pack", "nn.GRU-pad"}
         best = min(x["median_ms"] for x in roll if x["kind"] in ("baseline", "peer"))
         assert r["speedup_vs_best"] == pytest.approx(best / r["median_ms"])
         assert r["speedup_vs"]["nn.GRU"] == pytest.approx(r["speedup_vs_nn_gru"])
@@ -498,11 +500,12 @@ def test_providers_of_sequence_cells():
     assert "onnxruntime" not in names and "torchrl-pad" not in names
     providers, left_out = bench.discover_providers(CPU, None, quick=True, calls=["rollout"])
     names = [p.name for p in providers]
-    assert names[:3] == ["nn.GRU", "nn.GRU-pack", "nn.GRU-pad"]
+    assert names[:4] == ["nn.GRU", "nn.GRUCell", "nn.GRU-pack", "nn.GRU-pad"]
     for n in ("torchrl-pad", "torchrl-scan", "torchrl-py"):
         assert n in names or "torchrl" in left_out[n]
     providers, _ = bench.discover_providers(CPU, ["reference"], calls=["rollout"])
-    assert [p.name for p in providers] == ["nn.GRU", "nn.GRU-pack", "nn.GRU-pad", "reference"]
+    assert [p.name for p in providers] == ["nn.GRU", "nn.GRUCell", "nn.GRU-pack", "nn.GRU-pad",
+                                           "reference"]
 
 
 @pytest.mark.parametrize("backend", ["pad", "scan", "py"])

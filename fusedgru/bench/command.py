@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated providers to time besides nn.GRU: fusedgru backend "
                         "names, ref+compile, flashrnn, onnxruntime, torchrl (rollout cells: "
                         "torchrl-pad, torchrl-scan, torchrl-py, or torchrl for the three; "
-                        "nn.GRU-pack and nn.GRU-pad always come with rollout cells) "
+                        "nn.GRUCell, nn.GRU-pack and nn.GRU-pad always come with rollout cells) "
                         "(default: the fast paths available here)")
     p.add_argument("--packing", default=None,
                    help="packed cells: sorted, unsorted or sorted,unsorted (default: "
@@ -114,7 +114,7 @@ def _report(results: dict, out: Optional[Path], compare: Optional[str]) -> None:
     print(format_table(rows, meta["device"]))
     if any(r.get("call") == "rollout" for r in rows):
         print("rollout cells: nn.GRU = its masked loop over steps (state *= 1 - reset); "
-              "nn.GRU-pack / nn.GRU-pad = the episodes as rows of one packed / padded "
+              "nn.GRUCell = the same loop through nn.GRUCell; nn.GRU-pack / nn.GRU-pad = the episodes as rows of one packed / padded "
               "nn.GRU call; torchrl-* = TorchRL's GRUModule (is_init = resets)")
     noisy = format_noise_warning(rows)
     if noisy:

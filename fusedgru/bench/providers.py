@@ -18,8 +18,9 @@ m(x, hx, resets=resets) (fusedgru/bench/rollout.py):
 
     nn.GRU        the masked loop (nn.GRU one step at a time, state *= 1 - reset): the
                   baseline and, in float64, the oracle of rollout cells
-    nn.GRU-pack   the episodes as the rows of one packed nn.GRU call  } rollout cells only,
-    nn.GRU-pad    the episodes padded to the longest, one nn.GRU call } in every rollout run
+    nn.GRUCell    the same masked loop through nn.GRUCell             } rollout cells only,
+    nn.GRU-pack   the episodes as the rows of one packed nn.GRU call  } in every rollout
+    nn.GRU-pad    the episodes padded to the longest, one nn.GRU call } run
     torchrl-pad   TorchRL's GRUModule, recurrent_backend="pad"        } where torchrl
     torchrl-scan  TorchRL's GRUModule, recurrent_backend="scan"       } imports; batch-first
     torchrl-py    TorchRL's GRUModule(python_based=True)              } inputs (its layout)
@@ -44,7 +45,7 @@ BASELINE = "nn.GRU"
 COMPILE = "ref+compile"
 FLASHRNN = "flashrnn"
 ONNXRUNTIME = "onnxruntime"
-SEGMENTS = ("nn.GRU-pack", "nn.GRU-pad")  # nn.GRU over a rollout's episodes
+SEGMENTS = ("nn.GRUCell", "nn.GRU-pack", "nn.GRU-pad")  # nn.GRU's other rollout ways
 TORCHRL = ("torchrl-pad", "torchrl-scan", "torchrl-py")  # "torchrl" in --backends: all
 CALLS = ("seq", "cell", "packed", "rollout")
 
@@ -371,9 +372,13 @@ def _rollout_peers(device: torch.device, explicit: bool, wanted: Sequence[str]
                    ) -> Tuple[List[Provider], Dict[str, str]]:
     """The other ways of running rollout cells: nn.GRU over the episodes (always beside
     the baseline's masked loop) and TorchRL's GRUModule (where it imports)."""
-    from .rollout import SegmentsGRU, TorchRLGRU, torchrl_reason
+    from .rollout import MaskedCellLoopGRU, SegmentsGRU, TorchRLGRU, torchrl_reason
 
-    peers = [Provider("nn.GRU-pack", "peer", None,
+    peers = [Provider("nn.GRUCell", "peer", None,
+                      note="rollout: the masked loop through nn.GRUCell (one per layer)",
+                      unsupported=_rollout_unsupported("nn.GRUCell"),
+                      build_rollout=MaskedCellLoopGRU.from_gru),
+             Provider("nn.GRU-pack", "peer", None,
                       note="rollout: the episodes as rows of one packed nn.GRU call",
                       unsupported=_rollout_unsupported("nn.GRU-pack"),
                       build_rollout=lambda gru: SegmentsGRU.from_gru(gru, "pack")),
@@ -419,7 +424,7 @@ def discover_providers(device: torch.device, requested: Optional[Sequence[str]] 
     where installed.
 
     ``calls``: how the run's cells are called (Case.call).  With rollout cells the other
-    ways of running them come in (nn.GRU-pack and nn.GRU-pad always, TorchRL's where it
+    ways of running them come in (nn.GRUCell, nn.GRU-pack and nn.GRU-pad always, TorchRL's where it
     imports and is not left out by ``requested``); a provider that runs none of ``calls``
     is left out, with the reason."""
     from .. import backends

@@ -7,6 +7,7 @@ reset.
     MaskedLoopGRU  nn.GRU called one step at a time from Python, the state multiplied by
                    (1 - reset) before each step: what RL code usually writes; the
                    baseline of the rollout cells and their float64 oracle
+    MaskedCellLoopGRU  the same loop through nn.GRUCell (one per layer)
     SegmentsGRU    the rollout cut into its episodes, the episodes run as the rows of one
                    nn.GRU call, the outputs scattered back to (T, B, H): "pack" builds the
                    PackedSequence of the episodes directly (no padded copy); "pad" pads them
@@ -74,6 +75,42 @@ class MaskedLoopGRU(nn.GRU):
             y, h = super().forward(x[t:t + 1], h * keep[t])
             ys.append(y)
         return (torch.cat(ys) if ys else x.new_zeros(0, x.shape[1], self.hidden_size)), h
+
+
+class MaskedCellLoopGRU(nn.GRU):
+    """The same loop through nn.GRUCell (one per layer, on nn.GRU's own Parameter
+    objects): each step, each layer, GRUCell(x, h * (1 - reset)).  On the CPU a GRUCell call
+    costs less than a one-step nn.GRU call (measured at B=64, H=256: inference 136 vs 166
+    ms per 128 steps, training about equal)."""
+
+    @classmethod
+    def from_gru(cls, gru: nn.GRU) -> "MaskedCellLoopGRU":
+        if gru.bidirectional or gru.batch_first:
+            raise ValueError("masked loop: time-major, one direction")
+        m = _copy_into(cls, gru)
+        cells = []
+        for layer in range(m.num_layers):
+            cell = nn.GRUCell(m.input_size if layer == 0 else m.hidden_size, m.hidden_size,
+                              m.bias, device="meta")
+            for w in ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if m.bias else ()):
+                setattr(cell, w, getattr(m, f"{w}_l{layer}"))
+            cells.append(cell)
+        object.__setattr__(m, "_cells", cells)  # not submodules: the parameters are m's
+        return m
+
+    def forward(self, x: Tensor, hx: Optional[Tensor] = None, *,  # type: ignore[override]
+                resets: Tensor) -> Tuple[Tensor, Tensor]:
+        hx = _check(x, hx, resets, self.num_layers, self.hidden_size)
+        keep = (~resets).to(x.dtype).unsqueeze(-1)  # (T, B, 1)
+        h = list(hx.unbind(0))
+        ys = []
+        for t in range(x.shape[0]):
+            inp = x[t]
+            for layer, cell in enumerate(self._cells):
+                h[layer] = inp = cell(inp, h[layer] * keep[t])
+            ys.append(inp)
+        return (torch.stack(ys) if ys else x.new_zeros(0, x.shape[1], self.hidden_size)), \
+            torch.stack(h)
 
 
 class SegmentsGRU(nn.GRU):
