@@ -201,12 +201,12 @@ template <typename scalar_t>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> small_weight_grads(
     const Tensor& dgi, const Tensor& dgh, const Tensor& x, const Tensor& w_ih,
     const Tensor& hprev, const Tensor& ws, bool reset_after) {
-  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = hprev.size(2);
-  const int64_t R = T * B, G = 3 * H;
+  const int64_t I = x.size(-1), H = hprev.size(-1);
+  const int64_t R = x.numel() / std::max<int64_t>(I, 1), G = 3 * H;
   const scalar_t* dgi_p = dgi.data_ptr<scalar_t>();
   const scalar_t* dgh_p = dgh.data_ptr<scalar_t>();
   const scalar_t* hp_p = hprev.data_ptr<scalar_t>();
-  Tensor dx = at::zeros({T, B, I}, x.options());
+  Tensor dx = at::zeros(x.sizes(), x.options());
   small_nn_add(dgi_p, G, R, G, w_ih.data_ptr<scalar_t>(), I, dx.data_ptr<scalar_t>());
   Tensor dw_ih = at::empty({G, I}, x.options());
   small_outer(dgi_p, G, R, G, x.data_ptr<scalar_t>(), I, I, dw_ih.data_ptr<scalar_t>(), I);
@@ -217,7 +217,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> small_weight_grads(
   } else {
     // Rows r, z multiply h; rows n multiply r * h (r: ws[..., :H]).
     small_outer(dgh_p, G, R, 2 * H, hp_p, H, H, dwh_p, H);
-    const Tensor rh = ws.view({R, 4 * H}).narrow(1, 0, H) * hprev.reshape({R, H});
+    const Tensor rh = ws.reshape({R, 4 * H}).narrow(1, 0, H) * hprev.reshape({R, H});
     small_outer(dgh_p + 2 * H, G, R, H, rh.data_ptr<scalar_t>(), H, H, dwh_p + 2 * H * H, H);
   }
   Tensor db_hh = at::empty({G}, x.options()), db_ih = at::empty({G}, x.options());
@@ -239,23 +239,62 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> small_weight_grads(
 // Forward
 // ---------------------------------------------------------------------------------------
 
+// The state entering step t of each of its R = lay.rows(t) rows, as a pointer to R
+// consecutive rows of H and (for ATen's GEMM) the same rows as a Tensor: h0 at t = 0, else
+// the first R rows of step t-1's outputs; rows that a reset restarts read zeros, from a
+// masked copy in `scratch` (B, H), made only for a step that has a reset.
 template <typename scalar_t>
-void forward_loop(const Tensor& gi,    // (T, B, 3H) = x W_ih^T + b_ih
+struct StateBefore {
+  const Layout& lay;
+  const Tensor& h0;
+  const Tensor& y;
+  Tensor scratch;
+  const bool* resets = nullptr;  // (T, B) on the CPU, or null
+
+  StateBefore(const Layout& l, const Tensor& h0_, const Tensor& y_) : lay(l), h0(h0_), y(y_) {
+    if (lay.has_resets()) {
+      resets = lay.resets.data_ptr<bool>();
+      scratch = at::empty({lay.B, y.size(-1)}, y.options());
+    }
+  }
+
+  std::pair<const scalar_t*, Tensor> at_step(int64_t t, bool want_tensor) {
+    const int64_t R = lay.rows(t), H = y.size(-1);
+    const scalar_t* p = t == 0 ? h0.data_ptr<scalar_t>()
+                               : y.data_ptr<scalar_t>() + lay.first(t - 1) * H;
+    const bool* rt = resets ? resets + t * lay.B : nullptr;
+    if (rt != nullptr && std::any_of(rt, rt + R, [](bool v) { return v; })) {
+      scalar_t* s = scratch.data_ptr<scalar_t>();
+      for (int64_t b = 0; b < R; ++b) {
+        if (rt[b]) std::fill_n(s + b * H, H, scalar_t(0));
+        else std::copy_n(p + b * H, H, s + b * H);
+      }
+      return {s, want_tensor ? scratch.narrow(0, 0, R) : Tensor()};
+    }
+    if (!want_tensor) return {p, Tensor()};
+    const Tensor src = t == 0 ? h0 : y.view({-1, H}).narrow(0, lay.first(t - 1), R);
+    return {p, src.narrow(0, 0, R)};
+  }
+};
+
+template <typename scalar_t>
+void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T + b_ih
                   const Tensor& h0,    // (B, H)
                   const Tensor& w_hh,  // (3H, H)
                   const Tensor& bhh,   // (3H,) zeros when the layer has no bias
-                  bool reset_after, Tensor& y /* (T,B,H) */,
-                  Tensor& ws /* (T,B,4H), or (1,B,4H) scratch reused every step */) {
+                  bool reset_after, Tensor& y /* x's rows with H features */,
+                  Tensor& ws /* x's rows with 4H, or a (B, 4H) scratch reused every step */,
+                  bool save_ws, const Layout& lay) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  const int64_t T = gi.size(0), B = gi.size(1), H = w_hh.size(1);
+  const int64_t T = lay.T, B = lay.B, H = w_hh.size(1);
   const scalar_t* gi_p = gi.data_ptr<scalar_t>();
   const scalar_t* b_p = bhh.data_ptr<scalar_t>();
   scalar_t* y_p = y.data_ptr<scalar_t>();
   scalar_t* ws_p = ws.data_ptr<scalar_t>();
-  const scalar_t* h0_p = h0.data_ptr<scalar_t>();
-  // Elements between two steps' ws: B*4H when ws keeps every step for the backward, 0 when
-  // it is one step's scratch (inference: r, z, n, hn stay in cache, never reach memory).
-  const int64_t ws_step = ws.size(0) == T ? B * 4 * H : 0;
+  StateBefore<scalar_t> before(lay, h0, y);
+  // Where step t's ws rows start: its first row when ws keeps every step for the backward,
+  // 0 when it is one step's scratch (inference: r, z, n, hn stay in cache).
+  auto ws_first = [&](int64_t t) { return save_ws ? lay.first(t) : 0; };
 
   const int64_t small_b = g_small_b.load(std::memory_order_relaxed);
   if (reset_after) {
@@ -264,20 +303,24 @@ void forward_loop(const Tensor& gi,    // (T, B, 3H) = x W_ih^T + b_ih
     scalar_t* gh_p = gh.data_ptr<scalar_t>();
     const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
     for (int64_t t = 0; t < T; ++t) {
-      // the state entering step t, by pointer: y[t - 1] as a Tensor is an ATen call a step
-      const scalar_t* hp_p = t == 0 ? h0_p : y_p + (t - 1) * B * H;
-      if (B <= small_b) {
-        small_nt(hp_p, H, B, H, w_p, 3 * H, gh_p, 3 * H, false);
+      const int64_t R = lay.rows(t), row0 = lay.first(t), ws0 = ws_first(t);
+      const bool small = R <= small_b;
+      const auto state = before.at_step(t, !small);
+      const scalar_t* hp_p = state.first;  // (a structured binding: not capturable in C++17)
+      const Tensor& hp = state.second;
+      if (small) {
+        small_nt(hp_p, H, R, H, w_p, 3 * H, gh_p, 3 * H, false);
       } else {
-        at::mm_out(gh, t == 0 ? h0 : y[t - 1], w_t);
+        Tensor gh_r = gh.narrow(0, 0, R);
+        at::mm_out(gh_r, hp, w_t);
       }
-      for_rows_and_chunks(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
-        const int64_t row = t * B + b;
+      for_rows_and_chunks(R, H, [&](int64_t b, int64_t j0, int64_t j1) {
+        const int64_t row = row0 + b;
         const scalar_t* gir = gi_p + row * 3 * H;
         const scalar_t* ghr = gh_p + b * 3 * H;
         const scalar_t* hpr = hp_p + b * H;
         scalar_t* yr = y_p + row * H;
-        scalar_t* wsr = ws_p + t * ws_step + b * 4 * H;
+        scalar_t* wsr = ws_p + (ws0 + b) * 4 * H;
         for_vectors<Vec>(j0, j1, [&](int64_t j, int64_t n) {
           const Vec r = sigmoid(ld<Vec>(gir + j, n) + ld<Vec>(ghr + j, n) + ld<Vec>(b_p + j, n));
           const Vec z = sigmoid(ld<Vec>(gir + H + j, n) + ld<Vec>(ghr + H + j, n) +
@@ -307,17 +350,22 @@ void forward_loop(const Tensor& gi,    // (T, B, 3H) = x W_ih^T + b_ih
   scalar_t* ghn_p = ghn.data_ptr<scalar_t>();
   const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
   for (int64_t t = 0; t < T; ++t) {
-    const scalar_t* hp_p = t == 0 ? h0_p : y_p + (t - 1) * B * H;
-    if (B <= small_b) {
-      small_nt(hp_p, H, B, H, w_p, 2 * H, grz_p, 2 * H, false);
+    const int64_t R = lay.rows(t), row0 = lay.first(t), ws0 = ws_first(t);
+    const bool small = R <= small_b;
+    const auto state = before.at_step(t, !small);
+      const scalar_t* hp_p = state.first;  // (a structured binding: not capturable in C++17)
+      const Tensor& hp = state.second;
+    if (small) {
+      small_nt(hp_p, H, R, H, w_p, 2 * H, grz_p, 2 * H, false);
     } else {
-      at::mm_out(grz, t == 0 ? h0 : y[t - 1], w_rz_t);
+      Tensor grz_r = grz.narrow(0, 0, R);
+      at::mm_out(grz_r, hp, w_rz_t);
     }
-    for_rows_and_chunks(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
-      const int64_t row = t * B + b;
+    for_rows_and_chunks(R, H, [&](int64_t b, int64_t j0, int64_t j1) {
+      const int64_t row = row0 + b;
       const scalar_t* gir = gi_p + row * 3 * H;
       const scalar_t* gr = grz_p + b * 2 * H;
-      scalar_t* wsr = ws_p + t * ws_step + b * 4 * H;
+      scalar_t* wsr = ws_p + (ws0 + b) * 4 * H;
       for_vectors<Vec>(j0, j1, [&](int64_t j, int64_t n) {
         const Vec r = sigmoid(ld<Vec>(gir + j, n) + ld<Vec>(gr + j, n) + ld<Vec>(b_p + j, n));
         const Vec z = sigmoid(ld<Vec>(gir + H + j, n) + ld<Vec>(gr + H + j, n) +
@@ -327,16 +375,17 @@ void forward_loop(const Tensor& gi,    // (T, B, 3H) = x W_ih^T + b_ih
         st(z, wsr + H + j, n);
       });
     });
-    if (B <= small_b) {
-      small_nt(rh_p, H, B, H, w_p + 2 * H * H, H, ghn_p, H, false);
+    if (small) {
+      small_nt(rh_p, H, R, H, w_p + 2 * H * H, H, ghn_p, H, false);
     } else {
-      at::mm_out(ghn, rh, w_n_t);
+      Tensor ghn_r = ghn.narrow(0, 0, R);
+      at::mm_out(ghn_r, rh.narrow(0, 0, R), w_n_t);
     }
-    for_rows_and_chunks(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
-      const int64_t row = t * B + b;
+    for_rows_and_chunks(R, H, [&](int64_t b, int64_t j0, int64_t j1) {
+      const int64_t row = row0 + b;
       const scalar_t* gir = gi_p + row * 3 * H;
       scalar_t* yr = y_p + row * H;
-      scalar_t* wsr = ws_p + t * ws_step + b * 4 * H;
+      scalar_t* wsr = ws_p + (ws0 + b) * 4 * H;
       for_vectors<Vec>(j0, j1, [&](int64_t j, int64_t n) {
         const Vec hn = ld<Vec>(ghn_p + b * H + j, n) + ld<Vec>(b_p + 2 * H + j, n);
         const Vec nn = (ld<Vec>(gir + 2 * H + j, n) + hn).tanh();
@@ -351,33 +400,38 @@ void forward_loop(const Tensor& gi,    // (T, B, 3H) = x W_ih^T + b_ih
 }
 
 // The forward of gru_fwd (save_ws: ws keeps every step for the backward) and gru_infer
-// (ws is one step's scratch).  Returns {y (T,B,H), ws (T,B,4H) or the (1,B,4H) scratch}.
+// (ws is one step's scratch).  Returns {y, ws (both laid out like x: (T, B, .) dense,
+// (N, .) packed) or the (1, B, 4H) scratch}.
 std::tuple<Tensor, Tensor> forward_cpu(const char* op, bool save_ws, const Tensor& x_,
                                        const std::optional<Tensor>& h0_, const Tensor& w_ih_,
                                        const Tensor& w_hh_, const std::optional<Tensor>& b_ih_,
-                                       const std::optional<Tensor>& b_hh_, bool reset_after) {
-  const Dims d = check_inputs(op, x_, h0_, w_ih_, w_hh_, b_ih_, b_hh_);
+                                       const std::optional<Tensor>& b_hh_, bool reset_after,
+                                       const std::optional<Tensor>& batch_sizes,
+                                       const std::optional<Tensor>& resets) {
+  Layout lay;
+  const Dims d = check_inputs(op, x_, h0_, w_ih_, w_hh_, b_ih_, b_hh_, batch_sizes, resets, lay);
   TORCH_CHECK(x_.device().is_cpu(), op, ": expected CPU tensors, got ", x_.device());
   TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble, op,
               ": supports float32 and float64, got ", x_.scalar_type());
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  Tensor y = at::empty({d.T, d.B, d.H}, x.options());
-  Tensor ws = at::empty({save_ws ? d.T : 1, d.B, 4 * d.H}, x.options());
+  Tensor y = at::empty(rows_shape(lay, d.H), x.options());
+  Tensor ws = save_ws ? at::empty(rows_shape(lay, 4 * d.H), x.options())
+                      : at::empty({1, d.B, 4 * d.H}, x.options());
   poison(y);
   poison(ws);
   if (d.T == 0 || d.B == 0) return {y, ws};
   const Tensor h0 = h0_.has_value() ? h0_->contiguous() : at::zeros({d.B, d.H}, x.options());
   const Tensor bhh = b_hh_.has_value() ? b_hh_->contiguous() : at::zeros({3 * d.H}, x.options());
-  const Tensor x2 = x.view({d.T * d.B, d.I});
-  // gi = x W_ih^T + b_ih: one GEMM over all T*B rows; inline for a few rows (T=1 calls).
-  const bool small_gi = d.T * d.B <= g_small_b.load(std::memory_order_relaxed);
-  Tensor gi = small_gi ? at::empty({d.T, d.B, 3 * d.H}, x.options())
-              : (b_ih_.has_value() ? at::addmm(*b_ih_, x2, w_ih.t()) : at::mm(x2, w_ih.t()))
-                    .view({d.T, d.B, 3 * d.H});
+  const Tensor x2 = x.view({lay.N, d.I});
+  // gi = x W_ih^T + b_ih: one GEMM over all rows (T*B, or N packed: no padding); inline for
+  // a few rows (T=1 calls).
+  const bool small_gi = lay.N <= g_small_b.load(std::memory_order_relaxed);
+  Tensor gi = small_gi ? at::empty({lay.N, 3 * d.H}, x.options())
+              : (b_ih_.has_value() ? at::addmm(*b_ih_, x2, w_ih.t()) : at::mm(x2, w_ih.t()));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_fwd_cpu", [&] {
     if (small_gi) {
       scalar_t* gi_p = gi.data_ptr<scalar_t>();
-      const int64_t rows = d.T * d.B, G = 3 * d.H;
+      const int64_t rows = lay.N, G = 3 * d.H;
       if (b_ih_.has_value()) {
         const Tensor b = b_ih_->contiguous();
         for (int64_t r = 0; r < rows; ++r)
@@ -386,7 +440,7 @@ std::tuple<Tensor, Tensor> forward_cpu(const char* op, bool save_ws, const Tenso
       small_nt(x2.data_ptr<scalar_t>(), d.I, rows, d.I, w_ih.data_ptr<scalar_t>(), G, gi_p, G,
                b_ih_.has_value());
     }
-    forward_loop<scalar_t>(gi, h0, w_hh, bhh, reset_after, y, ws);
+    forward_loop<scalar_t>(gi, h0, w_hh, bhh, reset_after, y, ws, save_ws, lay);
   });
   return {y, ws};
 }
@@ -394,29 +448,38 @@ std::tuple<Tensor, Tensor> forward_cpu(const char* op, bool save_ws, const Tenso
 std::tuple<Tensor, Tensor> gru_fwd_cpu(const Tensor& x, const std::optional<Tensor>& h0,
                                        const Tensor& w_ih, const Tensor& w_hh,
                                        const std::optional<Tensor>& b_ih,
-                                       const std::optional<Tensor>& b_hh, bool reset_after) {
+                                       const std::optional<Tensor>& b_hh, bool reset_after,
+                                       const std::optional<Tensor>& batch_sizes,
+                                       const std::optional<Tensor>& resets) {
   return forward_cpu("fusedgru::gru_fwd (cpu)", true, x, h0, w_ih, w_hh, b_ih, b_hh,
-                     reset_after);
+                     reset_after, batch_sizes, resets);
 }
 
 Tensor gru_infer_cpu(const Tensor& x, const std::optional<Tensor>& h0, const Tensor& w_ih,
                      const Tensor& w_hh, const std::optional<Tensor>& b_ih,
-                     const std::optional<Tensor>& b_hh, bool reset_after) {
+                     const std::optional<Tensor>& b_hh, bool reset_after,
+                     const std::optional<Tensor>& batch_sizes,
+                     const std::optional<Tensor>& resets) {
   return std::get<0>(forward_cpu("fusedgru::gru_infer (cpu)", false, x, h0, w_ih, w_hh, b_ih,
-                                 b_hh, reset_after));
+                                 b_hh, reset_after, batch_sizes, resets));
 }
 
 // ---------------------------------------------------------------------------------------
 // Backward (SPEC section 4)
 // ---------------------------------------------------------------------------------------
 
-// Fills dgi / dgh (T, B, 3H) and returns dh0 (B, H).  hprev: (T, B, H), the state entering
-// each step (h0, y[0], ..., y[T-2]).
+// Fills dgi / dgh (laid out like y, 3H features) and returns dh0 (B, H).  hprev: the state
+// entering each row's step, laid out like y (states_before: zeros where a reset restarts
+// it).  A row inactive at step t (packed) is inactive at every later step, so its dh is
+// still zero when the reverse-time loop reaches its last step; a reset at step t stops the
+// gradient: dh of those rows is zeroed after the step.
 template <typename scalar_t>
 Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_hh,
-                     const Tensor& ws, bool reset_after, Tensor& dgi, Tensor& dgh) {
+                     const Tensor& ws, bool reset_after, Tensor& dgi, Tensor& dgh,
+                     const Layout& lay) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  const int64_t T = grad_y.size(0), B = grad_y.size(1), H = w_hh.size(1);
+  const int64_t T = lay.T, B = lay.B, H = w_hh.size(1);
+  const bool* resets = lay.has_resets() ? lay.resets.data_ptr<bool>() : nullptr;
   const scalar_t* gy_p = grad_y.data_ptr<scalar_t>();
   const scalar_t* hp_p = hprev.data_ptr<scalar_t>();
   const scalar_t* ws_p = ws.data_ptr<scalar_t>();
@@ -425,13 +488,20 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
   // dh: what step t+1 sends back to step t; overwritten in place by each step.
   Tensor dh = at::zeros({B, H}, grad_y.options());
   scalar_t* dh_p = dh.data_ptr<scalar_t>();
+  const Tensor dgh2 = dgh.view({-1, 3 * H});
+  auto stop_at_resets = [&](int64_t t) {
+    if (resets == nullptr) return;
+    for (int64_t b = 0; b < lay.rows(t); ++b)
+      if (resets[t * B + b]) std::fill_n(dh_p + b * H, H, scalar_t(0));
+  };
   const int64_t small_b = g_small_b.load(std::memory_order_relaxed);
   const Vec one(1);
 
   if (reset_after) {
     for (int64_t t = T - 1; t >= 0; --t) {
-      for_rows_and_chunks(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
-        const int64_t row = t * B + b;
+      const int64_t R = lay.rows(t), row0 = lay.first(t);
+      for_rows_and_chunks(R, H, [&](int64_t b, int64_t j0, int64_t j1) {
+        const int64_t row = row0 + b;
         const scalar_t* wsr = ws_p + row * 4 * H;
         const scalar_t* gyr = gy_p + row * H;
         const scalar_t* hr = hp_p + row * H;
@@ -456,11 +526,12 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
         });
       });
       // dh = g * z + dgh_t W_hh   (B,3H) x (3H,H), in place
-      if (B <= small_b) {
-        small_nn_add(dgh_p + t * B * 3 * H, 3 * H, B, 3 * H, w_hh.data_ptr<scalar_t>(), H, dh_p);
+      if (R <= small_b) {
+        small_nn_add(dgh_p + row0 * 3 * H, 3 * H, R, 3 * H, w_hh.data_ptr<scalar_t>(), H, dh_p);
       } else {
-        dh.addmm_(dgh[t], w_hh);
+        dh.narrow(0, 0, R).addmm_(dgh2.narrow(0, row0, R), w_hh);
       }
+      stop_at_resets(t);
     }
     return dh;
   }
@@ -471,8 +542,9 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
   Tensor drh = at::empty({B, H}, grad_y.options());  // d(r * h) = da_n W_hn
   scalar_t* drh_p = drh.data_ptr<scalar_t>();
   for (int64_t t = T - 1; t >= 0; --t) {
-    for_rows_and_chunks(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
-      const int64_t row = t * B + b;
+    const int64_t R = lay.rows(t), row0 = lay.first(t);
+    for_rows_and_chunks(R, H, [&](int64_t b, int64_t j0, int64_t j1) {
+      const int64_t row = row0 + b;
       const scalar_t* wsr = ws_p + row * 4 * H;
       const scalar_t* gyr = gy_p + row * H;
       const scalar_t* hr = hp_p + row * H;
@@ -487,16 +559,18 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
         st(g * z, dhb + j, n);
       });
     });
-    const Tensor dgt = dgh[t];
-    const scalar_t* dgt_p = dgh_p + t * B * 3 * H;
-    if (B <= small_b) {
-      std::fill_n(drh_p, B * H, scalar_t(0));
-      small_nn_add(dgt_p + 2 * H, 3 * H, B, H, w_hh.data_ptr<scalar_t>() + 2 * H * H, H, drh_p);
+    const Tensor dgt = dgh2.narrow(0, row0, R);
+    const scalar_t* dgt_p = dgh_p + row0 * 3 * H;
+    const bool small = R <= small_b;
+    if (small) {
+      std::fill_n(drh_p, R * H, scalar_t(0));
+      small_nn_add(dgt_p + 2 * H, 3 * H, R, H, w_hh.data_ptr<scalar_t>() + 2 * H * H, H, drh_p);
     } else {
-      at::mm_out(drh, dgt.narrow(1, 2 * H, H), w_n);
+      Tensor drh_r = drh.narrow(0, 0, R);
+      at::mm_out(drh_r, dgt.narrow(1, 2 * H, H), w_n);
     }
-    for_rows_and_chunks(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
-      const int64_t row = t * B + b;
+    for_rows_and_chunks(R, H, [&](int64_t b, int64_t j0, int64_t j1) {
+      const int64_t row = row0 + b;
       const scalar_t* wsr = ws_p + row * 4 * H;
       const scalar_t* hr = hp_p + row * H;
       scalar_t* dr = dgh_p + row * 3 * H;
@@ -510,11 +584,12 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
       });
     });
     // dh += [da_r, da_z] W_h[rz]
-    if (B <= small_b) {
-      small_nn_add(dgt_p, 3 * H, B, 2 * H, w_hh.data_ptr<scalar_t>(), H, dh_p);
+    if (small) {
+      small_nn_add(dgt_p, 3 * H, R, 2 * H, w_hh.data_ptr<scalar_t>(), H, dh_p);
     } else {
-      dh.addmm_(dgt.narrow(1, 0, 2 * H), w_rz);
+      dh.narrow(0, 0, R).addmm_(dgt.narrow(1, 0, 2 * H), w_rz);
     }
+    stop_at_resets(t);
   }
   (void)dgi_p;
   return dh;
@@ -523,30 +598,33 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cpu(
     const Tensor& grad_y_, const Tensor& x_, const std::optional<Tensor>& h0_,
     const Tensor& w_ih_, const Tensor& w_hh_, const Tensor& y_, const Tensor& ws_,
-    bool reset_after) {
+    bool reset_after, const std::optional<Tensor>& batch_sizes,
+    const std::optional<Tensor>& resets) {
   constexpr const char* op = "fusedgru::gru_bwd (cpu)";
-  const Dims d = check_inputs(op, x_, h0_, w_ih_, w_hh_, std::nullopt, std::nullopt);
-  check_backward_extra(op, d, x_, grad_y_, y_, ws_);
+  Layout lay;
+  const Dims d = check_inputs(op, x_, h0_, w_ih_, w_hh_, std::nullopt, std::nullopt, batch_sizes,
+                              resets, lay);
+  check_backward_extra(op, d, lay, x_, grad_y_, y_, ws_);
   TORCH_CHECK(x_.device().is_cpu(), op, ": expected CPU tensors, got ", x_.device());
   TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble, op,
               ": supports float32 and float64, got ", x_.scalar_type());
-  const int64_t T = d.T, B = d.B, H = d.H;
+  const int64_t B = d.B, H = d.H;
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor grad_y = grad_y_.contiguous(), y = y_.contiguous(), ws = ws_.contiguous();
   const Tensor h0 = h0_.has_value() ? h0_->contiguous() : at::zeros({B, H}, x.options());
 
-  Tensor dgh = at::empty({T, B, 3 * H}, x.options());
-  Tensor dgi = reset_after ? at::empty({T, B, 3 * H}, x.options()) : dgh;
+  Tensor dgh = at::empty(rows_shape(lay, 3 * H), x.options());
+  Tensor dgi = reset_after ? at::empty(rows_shape(lay, 3 * H), x.options()) : dgh;
   poison(dgh);
   poison(dgi);
-  const Tensor hprev = states_before(h0, y);  // (T, B, H), contiguous
+  const Tensor hprev = states_before(h0, y, lay);  // laid out like y, contiguous
   Tensor dh0;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_bwd_cpu", [&] {
-    dh0 = backward_loop<scalar_t>(grad_y, hprev, w_hh, ws, reset_after, dgi, dgh);
+    dh0 = backward_loop<scalar_t>(grad_y, hprev, w_hh, ws, reset_after, dgi, dgh, lay);
   });
 
   Tensor dx, dw_ih, dw_hh, db_ih, db_hh;
-  if (T * B <= g_small_b.load(std::memory_order_relaxed)) {
+  if (lay.N <= g_small_b.load(std::memory_order_relaxed)) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_bwd_cpu_small", [&] {
       std::tie(dx, dw_ih, dw_hh, db_ih, db_hh) =
           small_weight_grads<scalar_t>(dgi, dgh, x, w_ih, hprev, ws, reset_after);

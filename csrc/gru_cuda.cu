@@ -270,9 +270,14 @@ void launch_forward(const Dims& d, const Tensor& x, const std::optional<Tensor>&
 std::tuple<Tensor, Tensor> forward_cuda(const char* op, bool save_ws, const Tensor& x_,
                                         const std::optional<Tensor>& h0_, const Tensor& w_ih_,
                                         const Tensor& w_hh_, const std::optional<Tensor>& b_ih_,
-                                        const std::optional<Tensor>& b_hh_, bool reset_after) {
-  const Dims d = check_inputs(op, x_, h0_, w_ih_, w_hh_, b_ih_, b_hh_);
+                                        const std::optional<Tensor>& b_hh_, bool reset_after,
+                                        const std::optional<Tensor>& batch_sizes,
+                                        const std::optional<Tensor>& resets) {
+  Layout lay;
+  const Dims d = check_inputs(op, x_, h0_, w_ih_, w_hh_, b_ih_, b_hh_, batch_sizes, resets, lay);
   check_cuda(op, x_);
+  TORCH_CHECK(!lay.packed && !lay.has_resets(), op,
+              ": batch_sizes and resets are not implemented by the cuda kernels yet");
   const c10::cuda::CUDAGuard guard(x_.device());
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   Tensor y = at::empty({d.T, d.B, d.H}, x.options());
@@ -291,17 +296,21 @@ std::tuple<Tensor, Tensor> forward_cuda(const char* op, bool save_ws, const Tens
 std::tuple<Tensor, Tensor> gru_fwd_cuda(const Tensor& x, const std::optional<Tensor>& h0,
                                         const Tensor& w_ih, const Tensor& w_hh,
                                         const std::optional<Tensor>& b_ih,
-                                        const std::optional<Tensor>& b_hh, bool reset_after) {
+                                        const std::optional<Tensor>& b_hh, bool reset_after,
+                                        const std::optional<Tensor>& batch_sizes,
+                                        const std::optional<Tensor>& resets) {
   return forward_cuda("fusedgru::gru_fwd (cuda)", true, x, h0, w_ih, w_hh, b_ih, b_hh,
-                      reset_after);
+                      reset_after, batch_sizes, resets);
 }
 
 // y only: the same kernels as gru_fwd (bitwise the same y), without the (T, B, 4H) ws.
 Tensor gru_infer_cuda(const Tensor& x, const std::optional<Tensor>& h0, const Tensor& w_ih,
                       const Tensor& w_hh, const std::optional<Tensor>& b_ih,
-                      const std::optional<Tensor>& b_hh, bool reset_after) {
+                      const std::optional<Tensor>& b_hh, bool reset_after,
+                      const std::optional<Tensor>& batch_sizes,
+                      const std::optional<Tensor>& resets) {
   return std::get<0>(forward_cuda("fusedgru::gru_infer (cuda)", false, x, h0, w_ih, w_hh, b_ih,
-                                  b_hh, reset_after));
+                                  b_hh, reset_after, batch_sizes, resets));
 }
 
 template <typename scalar_t, typename op_at, typename acc_t, bool TC>
@@ -355,11 +364,16 @@ void launch_backward(const Dims& d, const Tensor& grad_y, const Tensor& x,
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cuda(
     const Tensor& grad_y_, const Tensor& x_, const std::optional<Tensor>& h0_,
     const Tensor& w_ih_, const Tensor& w_hh_, const Tensor& y_, const Tensor& ws_,
-    bool reset_after) {
+    bool reset_after, const std::optional<Tensor>& batch_sizes,
+    const std::optional<Tensor>& resets) {
   constexpr const char* op = "fusedgru::gru_bwd (cuda)";
-  const Dims d = check_inputs(op, x_, h0_, w_ih_, w_hh_, std::nullopt, std::nullopt);
-  check_backward_extra(op, d, x_, grad_y_, y_, ws_);
+  Layout lay;
+  const Dims d = check_inputs(op, x_, h0_, w_ih_, w_hh_, std::nullopt, std::nullopt, batch_sizes,
+                              resets, lay);
+  check_backward_extra(op, d, lay, x_, grad_y_, y_, ws_);
   check_cuda(op, x_);
+  TORCH_CHECK(!lay.packed && !lay.has_resets(), op,
+              ": batch_sizes and resets are not implemented by the cuda kernels yet");
   const c10::cuda::CUDAGuard guard(x_.device());
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor grad_y = grad_y_.contiguous(), y = y_.contiguous(), ws = ws_.contiguous();
@@ -377,7 +391,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cuda(
     FUSEDGRU_DISPATCH(x.scalar_type(), launch_backward, d, grad_y, x, h0, w_hh, y, ws,
                       reset_after, dgi, dgh, dh0);
   }
-  const Tensor hprev = states_before(h0, y);
+  const Tensor hprev = states_before(h0, y, lay);
   auto [dx, dw_ih, dw_hh, db_ih, db_hh] = weight_grads(dgi, dgh, x, w_ih, hprev, ws, reset_after);
   return {dx, dh0, dw_ih, dw_hh, db_ih, db_hh};
 }

@@ -33,17 +33,20 @@ static int64_t set_cuda_path(int64_t mode) {
 
 }  // namespace fusedgru
 
+// batch_sizes / resets: the sequence structure (packed rows without padding, state resets
+// inside a sequence); their meaning is in gru_common.h (Layout).
 TORCH_LIBRARY(fusedgru, m) {
   m.def(
       "gru_fwd(Tensor x, Tensor? h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-      "bool reset_after) -> (Tensor, Tensor)");
+      "bool reset_after, Tensor? batch_sizes=None, Tensor? resets=None) -> (Tensor, Tensor)");
   // Inference (nothing needs a gradient): y only, no (T, B, 4H) ws written to memory.
   m.def(
       "gru_infer(Tensor x, Tensor? h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-      "bool reset_after) -> Tensor");
+      "bool reset_after, Tensor? batch_sizes=None, Tensor? resets=None) -> Tensor");
   m.def(
       "gru_bwd(Tensor grad_y, Tensor x, Tensor? h0, Tensor w_ih, Tensor w_hh, Tensor y, "
-      "Tensor ws, bool reset_after) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor ws, bool reset_after, Tensor? batch_sizes=None, Tensor? resets=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("_set_poison(bool enable) -> bool", &fusedgru::set_poison);
   m.def("_set_cuda_path(int mode) -> int", &fusedgru::set_cuda_path);
   // Which CUDA path gru_fwd (backward=False) or gru_bwd would take for these sizes, and why

@@ -2,9 +2,12 @@
 
 fusedgru._C (csrc/) registers the dispatcher ops
 
-    fusedgru::gru_fwd(x, h0?, w_ih, w_hh, b_ih?, b_hh?, reset_after) -> (y, ws)
-    fusedgru::gru_bwd(grad_y, x, h0?, w_ih, w_hh, y, ws, reset_after) -> 6 gradients
-    fusedgru::gru_infer(x, h0?, w_ih, w_hh, b_ih?, b_hh?, reset_after) -> y
+    fusedgru::gru_fwd(x, h0?, w_ih, w_hh, b_ih?, b_hh?, reset_after, batch_sizes?, resets?)
+                      -> (y, ws)
+    fusedgru::gru_bwd(grad_y, x, h0?, w_ih, w_hh, y, ws, reset_after, batch_sizes?, resets?)
+                      -> 6 gradients
+    fusedgru::gru_infer(x, h0?, w_ih, w_hh, b_ih?, b_hh?, reset_after, batch_sizes?, resets?)
+                      -> y
                       (no gradient needed: no (T, B, 4H) ws is kept)
 
 with a CPU kernel (always) and a CUDA kernel (when built with nvcc); shapes as in
@@ -133,18 +136,21 @@ class _ExtensionBackend:
         self.dtypes = tuple(dtypes)
 
     @staticmethod
-    def forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after):
-        return torch.ops.fusedgru.gru_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
+    def forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, batch_sizes=None, resets=None):
+        return torch.ops.fusedgru.gru_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after,
+                                          batch_sizes, resets)
 
     @staticmethod
-    def backward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after):
-        return torch.ops.fusedgru.gru_bwd(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after)
+    def backward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after, batch_sizes=None, resets=None):
+        return torch.ops.fusedgru.gru_bwd(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after,
+                                          batch_sizes, resets)
 
     @staticmethod
-    def inference(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after):
+    def inference(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, batch_sizes=None, resets=None):
         # The forward when nothing needs a gradient (fusedgru.function.gru_layer): y alone.
         # CPU: one step's scratch instead of ws; CUDA: the same kernels skip the ws stores.
-        return torch.ops.fusedgru.gru_infer(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
+        return torch.ops.fusedgru.gru_infer(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after,
+                                            batch_sizes, resets)
 
     def __repr__(self) -> str:
         return f"<fusedgru extension backend {self.name!r}>"

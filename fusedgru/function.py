@@ -55,18 +55,21 @@ def gru_layer(
     b_hh: Optional[Tensor],  # (3H,) or None
     reset_after: bool,
     backend: str,  # a name already resolved by backends.resolve_backend
+    batch_sizes: Optional[Tensor] = None,  # (T,) int64 CPU: x is packed (N, I) rows
+    resets: Optional[Tensor] = None,  # (T, B) bool on x's device
 ) -> Tensor:
-    """y (T, B, H) = one GRU layer in one direction over x (see fusedgru/reference.py).
+    """y (T, B, H) = one GRU layer in one direction over x (see fusedgru/reference.py;
+    (N, H) when x is packed rows with batch_sizes).
 
     Autograd saves x, h0, the weights, y and the backend's ws (T, B, 4H) for the backward:
     4H values per row per step beyond the output, as SPEC section 4 asks.
     """
     impl = backends._loaded[backend]
     check_determinism(backend, impl)
-    args = (x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
+    args = (x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, batch_sizes, resets)
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return _run(impl, *args)
-    key = (str(backend), x.device, x.dtype, x.shape[1], w_hh.shape[1], reset_after)
+    key = (str(backend), x.device, x.dtype, _batch(x, batch_sizes), w_hh.shape[1], reset_after)
     route = _routes.get(key)
     if route is not None:  # this shape fell back before: straight to what worked
         return _run_route(route, *args)
@@ -83,6 +86,11 @@ def gru_layer(
         return _fall_back(key, backend, exc, args)
 
 
+def _batch(x: Tensor, batch_sizes: Optional[Tensor]) -> int:
+    """B: x's batch, dense (T, B, I) or packed rows (B = batch_sizes[0])."""
+    return x.shape[1] if batch_sizes is None else int(batch_sizes[0])
+
+
 # (backend, device, dtype, B, H, reset_after) -> the route that ran that shape after its
 # first choice could not launch: (row name, on its per-step path?).
 _routes: Dict[tuple, Tuple[str, bool]] = {}
@@ -92,7 +100,7 @@ _routes_lock = threading.Lock()
 def _fall_back(key, backend: "backends.AutoChoice", first: BaseException, args) -> Tensor:
     """Runs the layer on the first route after ``backend``'s fused kernels that launches:
     its per-step path (where it has one), then each later row (as chosen, then per-step)."""
-    B = args[0].shape[1]
+    B = key[3]
     routes = [(str(backend), True)] + [(n, p) for n in backend.fallbacks for p in (False, True)]
     failures = [f"{backend}: {first}"]
     for name, per_step in routes:
@@ -132,8 +140,9 @@ class _PerStep:
             self.inference = self._wrap(impl.inference, 0)
 
     def _wrap(self, fn, x_index):
+        # a: the op's arguments, all positional (the last two batch_sizes and resets)
         def call(*a):
-            with self.impl.per_step_path(a[x_index].shape[1]):
+            with self.impl.per_step_path(_batch(a[x_index], a[-2])):
                 return fn(*a)
         return call
 
@@ -141,7 +150,8 @@ class _PerStep:
 _per_step: Dict[str, _PerStep] = {}
 
 
-def _run_route(route: Tuple[str, bool], x, h0, w_ih, w_hh, b_ih, b_hh, reset_after) -> Tensor:
+def _run_route(route: Tuple[str, bool], x, h0, w_ih, w_hh, b_ih, b_hh, reset_after,
+               batch_sizes=None, resets=None) -> Tensor:
     name, per_step = route
     impl = backends._loaded.get(name) or backends.get_backend(name)
     check_determinism(name, impl)
@@ -149,10 +159,12 @@ def _run_route(route: Tuple[str, bool], x, h0, w_ih, w_hh, b_ih, b_hh, reset_aft
         if name not in _per_step:
             _per_step[name] = _PerStep(impl)
         impl = _per_step[name]
-    return _run(impl, x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, wrapped=per_step)
+    return _run(impl, x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, batch_sizes, resets,
+                wrapped=per_step)
 
 
-def _run(impl, x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, wrapped: bool = False) -> Tensor:
+def _run(impl, x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, batch_sizes=None, resets=None,
+         wrapped: bool = False) -> Tensor:
     """The layer on one backend row.  wrapped: impl's forward/backward are not the
     registered ops themselves (_PerStep), so gradients go through the autograd.Function
     with the same formulas (ops.functorch_forward), whose backward calls impl.backward."""
@@ -167,13 +179,14 @@ def _run(impl, x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, wrapped: bool = False
     # their accumulation precision, so autocast must not recast anything inside them.
     with ops.autocast_off(x.device.type):
         # torch.jit.trace re-traces to check its graph: one op whatever the grad mode.
+        args = (x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, batch_sizes, resets)
         if inference is not None and not needs_grad and not torch.jit.is_tracing():
-            return inference(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)  # no ws stored
+            return inference(*args)  # no ws stored
         if under_func or wrapped:
             # The same ops and formulas, through an autograd.Function functorch accepts.
-            y, _ = ops.functorch_forward(impl)(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
+            y, _ = ops.functorch_forward(impl)(*args)
             return y
-        y, _ = impl.forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
+        y, _ = impl.forward(*args)
     return y
 
 

@@ -4,13 +4,17 @@ Layers, directions, packed sequences and dropout live here, as differentiable Py
 around the one autograd boundary (fusedgru.function.gru_layer).  Input checking is
 here too, so that every backend receives contiguous, time-major, validated tensors.
 
-Packed (variable-length) input needs nothing from the kernels: the padded batch runs as a
-dense one.  A forward direction's steps past a sequence's end come after its valid steps,
-so they cannot change them, and h_n is read at each sequence's own last step.  The reverse
-direction reverses each sequence within its own length, so it too starts at its own last
-valid step.  Gradients of the padded steps are zero because their outputs are dropped.
-The padding and packing are two registered ops (fusedgru/packing.py), so torch.compile
-traces a PackedSequence input without a graph break.
+Packed (variable-length) input runs on the packed rows themselves, as nn.GRU does: the
+kernels take the PackedSequence's batch_sizes and compute at step t only the rows still
+active (no padded work, forward and backward).  h_n is read at each sequence's own last
+row.  The reverse direction permutes the packed rows so that each sequence is reversed
+within its own length (packing.packed_indices), so it too starts at its own last step.
+hx and h_n are in the caller's batch order, the kernels' rows in length-sorted order.
+
+resets (state resets inside a sequence): the kernels take the (T, B) mask and zero the
+state entering each marked step, in every layer.  The reverse direction of a
+bidirectional GRU processes each segment on its own: reversed, its state restarts where the
+forward direction's next step starts a segment (resets[t + 1]).
 
 Under torch.onnx.export the layers become ONNX GRU nodes instead (fusedgru/onnx.py).
 """
@@ -218,26 +222,6 @@ def _layer_backend(backend: str, x: Tensor, B: int, H: int, I: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------
-# Reversal within each sequence's own length
-# ----------------------------------------------------------------------------------------
-
-
-def _reverse_index(lengths: Optional[Tensor], T: int, B: int, device) -> Optional[Tensor]:
-    """(T, B) time index that reverses each sequence within its length (None: plain flip)."""
-    if lengths is None:
-        return None
-    t = torch.arange(T, device=device).unsqueeze(1)  # (T, 1)
-    L = lengths.to(device).unsqueeze(0)  # (1, B)
-    return torch.where(t < L, L - 1 - t, t)
-
-
-def _reverse(x: Tensor, index: Optional[Tensor]) -> Tensor:
-    if index is None:
-        return x.flip(0)
-    return x.gather(0, index.unsqueeze(-1).expand_as(x))
-
-
-# ----------------------------------------------------------------------------------------
 # The functional GRU
 # ----------------------------------------------------------------------------------------
 
@@ -254,6 +238,7 @@ def gru(
     training: bool = False,
     reset_after: bool = True,
     backend: str = "auto",
+    resets: Optional[Tensor] = None,
     _checked: Optional[Tuple[list, int]] = None,
 ) -> Tuple[Union[Tensor, PackedSequence], Tensor]:
     """A multi-layer GRU with torch.nn.GRU's semantics (see docs/SPEC.md section 3).
@@ -262,6 +247,11 @@ def gru(
     weights: nn.GRU's flat weights in its order: for each layer, for each direction,
              weight_ih (3H, I or D*H), weight_hh (3H, H)[, bias_ih (3H,), bias_hh (3H,)]
     hx:      (L*D, B, H), or (L*D, H) unbatched; zeros if None
+    resets:  bool, shaped like the input's leading dimensions ((T, B), (B, T) if
+             batch_first, (T,) unbatched): resets[t, b] starts a new sequence at step t of
+             row b, whose state enters as zeros instead of h_{t-1} (or hx at t = 0), in
+             every layer; no gradient crosses it.  Reverse direction: the state entering
+             step t restarts where resets[t + 1] is set.  Not with a PackedSequence.
     Returns (output (T, B, D*H) laid out like the input, h_n (L*D, B, H)).
     Under torch.autocast, input, hx and weights are cast as nn.GRU's are (see _autocast).
     _checked: (layers, H) from an earlier check_weights of these same weights (FusedGRU's
@@ -276,19 +266,22 @@ def gru(
     layers, H = _checked if _checked is not None else checked_layers(weights, num_layers, D)
 
     packed = isinstance(input, PackedSequence)
-    lengths = None
     if packed:
-        x, lengths = packing.to_padded(input)  # (T, B, I), original batch order
-        unbatched = False
-    else:
-        if not isinstance(input, Tensor):
-            raise NotATensorError(f"input: expected a Tensor or PackedSequence, got {type(input).__name__}")
-        if input.dim() not in (2, 3):
-            raise ShapeError(
-                f"input: expected a 2-D (unbatched) or 3-D (batched) tensor, got {input.dim()}-D"
-            )
-        unbatched = input.dim() == 2
-        x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if batch_first else input)
+        if resets is not None:
+            raise ValueError(
+                "resets: not supported with a PackedSequence input (each packed sequence "
+                "already starts from hx); pass the padded (T, B, I) tensor with resets, or "
+                "split the sequences at their resets before packing")
+        return _gru_packed(input, hx, layers, H, num_layers, D, dropout, training,
+                           reset_after, backend)
+    if not isinstance(input, Tensor):
+        raise NotATensorError(f"input: expected a Tensor or PackedSequence, got {type(input).__name__}")
+    if input.dim() not in (2, 3):
+        raise ShapeError(
+            f"input: expected a 2-D (unbatched) or 3-D (batched) tensor, got {input.dim()}-D"
+        )
+    unbatched = input.dim() == 2
+    x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if batch_first else input)
     x, hx, layers = _autocast(x, hx, layers)  # casts keep the shapes checked above
     T, B, I = x.shape
     _check_input(x, I, layers[0][0])
@@ -313,20 +306,25 @@ def gru(
             hx = hx.unsqueeze(1)
     if T == 0:
         raise ShapeError("input: expected a sequence of at least one step, got length 0")
+    if resets is not None:
+        resets = _check_resets(resets, x, unbatched, batch_first)
 
     how = fused_onnx.exporting()
     if how is not None:  # torch.onnx.export: ONNX GRU nodes instead of the kernels
-        if packed:
+        if resets is not None:
             raise RuntimeError(
-                "input: ONNX export of a PackedSequence input is not supported: export the "
-                "model with the padded (T, B, I) tensor instead")
+                "resets: ONNX export of a GRU with state resets is not supported (the ONNX "
+                "GRU operator has no resets): export it without resets, or run the steps "
+                "between resets as separate calls")
         output, h_n_t = fused_onnx.gru_layers(how, x, hx, layers, num_layers, D, H, dropout,
                                               training, reset_after)
         return _shape_outputs(output, h_n_t, unbatched, batch_first)
 
     name = _layer_backend(backend, x, B, H, I)
-    rev_index = _reverse_index(lengths, T, B, x.device) if D == 2 else None
-    last = (lengths.to(x.device) - 1) if lengths is not None else None
+    # Reversed in time, step s of the reverse direction is step T-1-s, and its state
+    # restarts where step T-s starts a segment (never at s = 0: hx enters there).
+    resets_rev = (torch.cat([resets.new_zeros(1, B), resets.flip(0)[:-1]])
+                  if resets is not None and D == 2 else None)
 
     layer_input = x.contiguous()
     h_n: List[Tensor] = []
@@ -335,19 +333,102 @@ def gru(
         for direction in range(D):
             w_ih, w_hh, b_ih, b_hh = layers[layer * D + direction]
             h0 = hx[layer * D + direction].contiguous() if hx is not None else None
-            xin = _reverse(layer_input, rev_index) if direction else layer_input
-            y = gru_layer(xin, h0, w_ih, w_hh, b_ih, b_hh, reset_after, name)
-            h_n.append(y[-1] if last is None else y[last, torch.arange(B, device=y.device)])
-            outputs.append(_reverse(y, rev_index) if direction else y)
+            xin = layer_input.flip(0) if direction else layer_input
+            y = gru_layer(xin, h0, w_ih, w_hh, b_ih, b_hh, reset_after, name,
+                          resets=resets_rev if direction else resets)
+            h_n.append(y[-1])
+            outputs.append(y.flip(0) if direction else y)
         layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=2)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, p=dropout, training=True)
 
     output = layer_input
     h_n_t = h_n[0].unsqueeze(0) if len(h_n) == 1 else torch.stack(h_n, 0)
-    if packed:
-        return packing.to_packed(output, like=input), h_n_t
     return _shape_outputs(output, h_n_t, unbatched, batch_first)
+
+
+def _check_resets(resets, x: Tensor, unbatched: bool, batch_first: bool) -> Tensor:
+    """resets laid out like the input's leading dimensions -> (T, B) bool on x's device."""
+    T, B = x.shape[0], x.shape[1]
+    if not isinstance(resets, Tensor):
+        raise NotATensorError(f"resets: expected a bool Tensor, got {type(resets).__name__}")
+    if resets.dtype != torch.bool:
+        raise DTypeError(f"resets: expected a bool tensor (True where a new sequence starts), "
+                         f"got {resets.dtype}; convert a 0/1 mask with .bool()")
+    expected = (T,) if unbatched else ((B, T) if batch_first else (T, B))
+    what = ("(T,) for the unbatched input" if unbatched else
+            "(B, T), the input's leading dimensions with batch_first=True" if batch_first else
+            "(T, B), the input's leading dimensions")
+    if tuple(resets.shape) != expected:
+        raise ShapeError(f"resets: expected shape {expected} {what}, got {tuple(resets.shape)}")
+    if resets.device != x.device:
+        raise RuntimeError(f"resets: expected a tensor on {x.device} (the device of input), "
+                           f"got one on {resets.device}")
+    if unbatched:
+        resets = resets.unsqueeze(1)
+    elif batch_first:
+        resets = resets.transpose(0, 1)
+    return resets.contiguous()
+
+
+def _gru_packed(input: PackedSequence, hx: Optional[Tensor], layers, H: int, num_layers: int,
+                D: int, dropout: float, training: bool, reset_after: bool, backend: str):
+    """The layers over a PackedSequence's rows (module docstring): no padded work."""
+    data, batch_sizes = input.data, input.batch_sizes
+    if not isinstance(data, Tensor) or data.dim() != 2:
+        raise ShapeError(f"input: expected a PackedSequence of (N, I) data, got "
+                         f"{getattr(data, 'dim', lambda: '?')()}-D data")
+    x, hx, layers = _autocast(data, hx, layers)
+    I = x.shape[1]
+    _check_input(x, I, layers[0][0])
+    # B: packed sorted, a value (batch_sizes[0]; under torch.compile an unbacked size, at
+    # least 1 as every PackedSequence's), else the length of sorted_indices.
+    B = (input.sorted_indices.shape[0] if input.sorted_indices is not None
+         else int(batch_sizes[0]))
+    if hx is not None:
+        if not isinstance(hx, Tensor):
+            raise NotATensorError(f"hx: expected a Tensor, got {type(hx).__name__}")
+        expected = (num_layers * D, B, H)
+        if torch.compiler.is_compiling() and input.sorted_indices is None:
+            # no guard on an unbacked size: a run-time check instead
+            torch._check(hx.dim() == 3 and hx.shape[1] == B,
+                         lambda: f"hx: expected shape {expected}, got {tuple(hx.shape)}")
+            expected = (num_layers * D, hx.shape[1], H)
+        if tuple(hx.shape) != expected:
+            raise ShapeError(f"hx: expected shape {expected} (num_layers * num_directions, "
+                             f"batch, hidden_size), got {tuple(hx.shape)}")
+        _check_tensor_like("hx", hx, x, "input")
+        if input.sorted_indices is not None:  # the caller's order -> the packed rows' order
+            hx = hx.index_select(1, input.sorted_indices)
+    if fused_onnx.exporting() is not None:
+        raise RuntimeError(
+            "input: ONNX export of a PackedSequence input is not supported: export the "
+            "model with the padded (T, B, I) tensor instead")
+
+    name = _layer_backend(backend, x, 1, H, I)  # B >= 1: a PackedSequence is never empty
+    reverse, last = packing.packed_indices(input)
+
+    layer_input = x.contiguous()
+    h_n: List[Tensor] = []
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(D):
+            w_ih, w_hh, b_ih, b_hh = layers[layer * D + direction]
+            h0 = hx[layer * D + direction].contiguous() if hx is not None else None
+            xin = layer_input.index_select(0, reverse) if direction else layer_input
+            y = gru_layer(xin, h0, w_ih, w_hh, b_ih, b_hh, reset_after, name,
+                          batch_sizes=batch_sizes)
+            h_n.append(y.index_select(0, last))
+            outputs.append(y.index_select(0, reverse) if direction else y)
+        layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=1)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, p=dropout, training=True)
+
+    h_n_t = h_n[0].unsqueeze(0) if len(h_n) == 1 else torch.stack(h_n, 0)
+    if input.unsorted_indices is not None:  # back to the caller's order
+        h_n_t = h_n_t.index_select(1, input.unsorted_indices)
+    return PackedSequence(layer_input, batch_sizes, input.sorted_indices,
+                          input.unsorted_indices), h_n_t
 
 
 def _shape_outputs(output: Tensor, h_n: Tensor, unbatched: bool, batch_first: bool):

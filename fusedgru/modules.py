@@ -158,7 +158,12 @@ class FusedGRU(nn.Module):
         # torch.jit.script calls this on every submodule before compiling it.
         _refuse_scripting(self)
 
-    def forward(self, input, hx: Optional[Tensor] = None):
+    def forward(self, input, hx: Optional[Tensor] = None, *, resets: Optional[Tensor] = None):
+        """As torch.nn.GRU.forward, plus ``resets``: a bool tensor shaped like the input's
+        leading dimensions ((T, B), (B, T) with batch_first, (T,) unbatched); True at
+        [t, b] starts a new sequence at step t of row b, whose state enters as zeros
+        (instead of h_{t-1}, or hx at t = 0) in every layer, and no gradient crosses it
+        (recurrent RL rollouts, streams of documents).  See fusedgru.functional.gru."""
         weights = self._flat_weights
         return F_gru.gru(
             input,
@@ -171,6 +176,7 @@ class FusedGRU(nn.Module):
             training=self.training,
             reset_after=self.reset_after,
             backend=self.backend,
+            resets=resets,
             _checked=_checked_weights(self, weights, self.num_layers, self.bidirectional),
         )
 

@@ -4,9 +4,15 @@ Every backend exposes the same two ops for one layer in one direction (shapes in
 fusedgru/reference.py; T, B, I, H as there):
 
     <name>_fwd(x (T,B,I), h0 (B,H)?, w_ih (3H,I), w_hh (3H,H), b_ih (3H)?, b_hh (3H)?,
-               reset_after: bool) -> (y (T,B,H), ws (T,B,4H))
-    <name>_bwd(grad_y (T,B,H), x, h0?, w_ih, w_hh, y, ws, reset_after: bool)
+               reset_after: bool, batch_sizes (T)? = None, resets (T,B)? = None)
+               -> (y (T,B,H), ws (T,B,4H))
+    <name>_bwd(grad_y (T,B,H), x, h0?, w_ih, w_hh, y, ws, reset_after: bool,
+               batch_sizes? = None, resets? = None)
                -> (dx (T,B,I), dh0 (B,H), dw_ih (3H,I), dw_hh (3H,H), db_ih (3H), db_hh (3H))
+
+batch_sizes / resets are the sequence structure (fusedgru/reference.py's docstring): with
+batch_sizes, x, y, ws, grad_y and dx are packed (N, .) rows, no padding; resets zero the
+state entering a step.  Neither is differentiable.
 
 They are registered (``torch.library.custom_op`` here for the Python backends, TORCH_LIBRARY
 in csrc/ for the extension) with the fake implementations below, so that torch.compile
@@ -88,18 +94,27 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-def fake_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after):
-    T, B, _ = x.shape
+def fake_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, batch_sizes=None, resets=None):
+    rows = x.shape[:-1]  # (T, B) dense, (N,) packed
     H = w_hh.shape[1]
-    return x.new_empty(T, B, H), x.new_empty(T, B, 4 * H)
+    return x.new_empty(*rows, H), x.new_empty(*rows, 4 * H)
 
 
-def fake_inference(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after):
+def fake_inference(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, batch_sizes=None, resets=None):
     return fake_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)[0]
 
 
-def fake_backward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after):
-    T, B, _ = x.shape
+def _batch_size(x, h0, batch_sizes):
+    if h0 is not None:
+        return h0.shape[0]
+    if batch_sizes is None:
+        return x.shape[1]
+    # packed without h0: B = batch_sizes[0], a value the fake tensors cannot read
+    return torch.library.get_ctx().new_dynamic_size(min=1)
+
+
+def fake_backward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after, batch_sizes=None, resets=None):
+    B = _batch_size(x, h0, batch_sizes)
     H = w_hh.shape[1]
     return (
         torch.empty_like(x),
@@ -120,11 +135,19 @@ def _zeros_if_none(grads, like):
     return tuple(torch.zeros_like(o) if g is None else g for g, o in zip(grads, like))
 
 
+def _seq_args(inputs, n):
+    """(batch_sizes, resets) from an op's inputs: the two after its n fixed ones (a direct
+    call may leave them out)."""
+    rest = tuple(inputs[n:]) + (None, None)
+    return rest[0], rest[1]
+
+
 def _setup_forward(ctx, inputs, output):
-    x, h0, w_ih, w_hh, b_ih, b_hh, reset_after = inputs
+    x, h0, w_ih, w_hh, b_ih, b_hh, reset_after = inputs[:7]
     y, ws = output
     ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, y, ws)
     ctx.reset_after = reset_after
+    ctx.seq = _seq_args(inputs, 7)
     # None (not zeros) for an unused output's gradient: how the formula tells that ws
     # received no gradient, the usual case, without looking at tensor values.
     ctx.set_materialize_grads(False)
@@ -134,39 +157,51 @@ def _make_forward_formula(bwd_op):
     def backward(ctx, grad_y: Optional[Tensor], grad_ws: Optional[Tensor]):
         x, h0, w_ih, w_hh, b_ih, b_hh, y, ws = ctx.saved_tensors
         ra = ctx.reset_after
+        batch_sizes, resets = ctx.seq
         if grad_ws is None:  # the hot path: the backend's own backward kernel
             gy = torch.zeros_like(y) if grad_y is None else grad_y.contiguous()
             with autocast_off(x.device.type):
-                grads = bwd_op(gy, x, h0, w_ih, w_hh, y, ws, ra)
+                grads = bwd_op(gy, x, h0, w_ih, w_hh, y, ws, ra, batch_sizes, resets)
         else:  # ws is used downstream: differentiate the reference forward instead
-            h0_ = h0 if h0 is not None else x.new_zeros(x.shape[1], w_hh.shape[1])
+            h0_ = h0 if h0 is not None else x.new_zeros(_rows0(y, batch_sizes), w_hh.shape[1])
             b_ih_ = b_ih if b_ih is not None else w_hh.new_zeros(w_hh.shape[0])
             b_hh_ = b_hh if b_hh is not None else w_hh.new_zeros(w_hh.shape[0])
             out, vjp = torch.func.vjp(
-                lambda *a: reference.gru_layer_forward(*a, ra), x, h0_, w_ih, w_hh, b_ih_, b_hh_)
+                lambda *a: reference.gru_layer_forward(*a, ra, batch_sizes, resets),
+                x, h0_, w_ih, w_hh, b_ih_, b_hh_)
             grads = vjp(_zeros_if_none((grad_y, grad_ws), out))
         dx, dh0, dw_ih, dw_hh, db_ih, db_hh = grads
         return (dx, dh0 if h0 is not None else None, dw_ih, dw_hh,
-                db_ih if b_ih is not None else None, db_hh if b_hh is not None else None, None)
+                db_ih if b_ih is not None else None, db_hh if b_hh is not None else None,
+                None, None, None)
 
     return backward
 
 
+def _rows0(y: Tensor, batch_sizes: Optional[Tensor]) -> int:
+    """B: the rows of a step-0 state for y's layout."""
+    return y.shape[1] if batch_sizes is None else int(batch_sizes[0])
+
+
 def _setup_backward(ctx, inputs, output):
-    grad_y, x, h0, w_ih, w_hh, y, ws, reset_after = inputs
+    grad_y, x, h0, w_ih, w_hh, y, ws, reset_after = inputs[:8]
     ctx.save_for_backward(grad_y, x, h0, w_ih, w_hh, y, ws)
     ctx.reset_after = reset_after
+    ctx.seq = _seq_args(inputs, 8)
     ctx.set_materialize_grads(False)
 
 
 def _backward_formula(ctx, *grads):
     grad_y, x, h0, w_ih, w_hh, y, ws = ctx.saved_tensors
     ra = ctx.reset_after
-    h0_ = h0 if h0 is not None else x.new_zeros(x.shape[1], w_hh.shape[1])
-    out, vjp = torch.func.vjp(lambda *a: reference.gru_layer_backward(*a, ra),
-                              grad_y, x, h0_, w_ih, w_hh, y, ws)
+    batch_sizes, resets = ctx.seq
+    h0_ = h0 if h0 is not None else x.new_zeros(_rows0(y, batch_sizes), w_hh.shape[1])
+    out, vjp = torch.func.vjp(
+        lambda *a: reference.gru_layer_backward(*a, ra, batch_sizes, resets),
+        grad_y, x, h0_, w_ih, w_hh, y, ws)
     d_grad_y, dx, dh0, dw_ih, dw_hh, dy, dws = vjp(_zeros_if_none(grads, out))
-    return d_grad_y, dx, dh0 if h0 is not None else None, dw_ih, dw_hh, dy, dws, None
+    return (d_grad_y, dx, dh0 if h0 is not None else None, dw_ih, dw_hh, dy, dws, None,
+            None, None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -207,9 +242,14 @@ def _per_instance(op, info, in_dims, args):
 
 
 def _vmap_forward_rule(op):
-    def rule(info, in_dims, x, h0, w_ih, w_hh, b_ih, b_hh, reset_after):
-        args = (x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
-        if any(d is not None for d in in_dims[2:6]):
+    def rule(info, in_dims, x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, batch_sizes=None,
+             resets=None):
+        args = (x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, batch_sizes, resets)
+        in_dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
+        # Weights per instance, or a sequence structure (packed rows cannot fold into the
+        # batch): the op once per instance.
+        if (any(d is not None for d in in_dims[2:6]) or batch_sizes is not None
+                or resets is not None):
             return _per_instance(op, info, in_dims, args)
         n = info.batch_size
         xb = _batch_first(x, in_dims[0], n)  # (N, T, B, I) -> (T, N*B, I)
@@ -227,7 +267,8 @@ def _vmap_forward_rule(op):
 
 def _vmap_backward_rule(op):
     def rule(info, in_dims, *args):
-        return _per_instance(op, info, in_dims, args)
+        return _per_instance(op, info, tuple(in_dims) + (None,) * (len(args) - len(in_dims)),
+                             args)
 
     return rule
 
@@ -255,8 +296,9 @@ def functorch_forward(impl) -> Callable:
             generate_vmap_rule = True
 
             @staticmethod
-            def forward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after):
-                return bwd_op(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after)
+            def forward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after, batch_sizes=None,
+                        resets=None):
+                return bwd_op(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after, batch_sizes, resets)
 
             setup_context = staticmethod(_setup_backward)
             backward = staticmethod(_backward_formula)
@@ -265,8 +307,9 @@ def functorch_forward(impl) -> Callable:
             generate_vmap_rule = True
 
             @staticmethod
-            def forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after):
-                return fwd_op(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
+            def forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, batch_sizes=None,
+                        resets=None):
+                return fwd_op(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, batch_sizes, resets)
 
             setup_context = staticmethod(_setup_forward)
             backward = staticmethod(_make_forward_formula(GRULayerBackward.apply))
@@ -312,8 +355,10 @@ def register_inference_op(name: str, inference_impl: Callable) -> Callable:
         b_ih: Optional[Tensor],
         b_hh: Optional[Tensor],
         reset_after: bool,
+        batch_sizes: Optional[Tensor] = None,
+        resets: Optional[Tensor] = None,
     ) -> Tensor:
-        return inference_impl(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
+        return inference_impl(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, batch_sizes, resets)
 
     infer.register_fake(fake_inference)
     torch.library.register_vmap(f"fusedgru::{name}_infer", _vmap_forward_rule(
@@ -337,8 +382,10 @@ def register_backend_ops(
         b_ih: Optional[Tensor],
         b_hh: Optional[Tensor],
         reset_after: bool,
+        batch_sizes: Optional[Tensor] = None,
+        resets: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
-        return forward_impl(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after)
+        return forward_impl(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, batch_sizes, resets)
 
     @torch.library.custom_op(f"fusedgru::{name}_bwd", mutates_args=())
     def bwd(
@@ -350,8 +397,10 @@ def register_backend_ops(
         y: Tensor,
         ws: Tensor,
         reset_after: bool,
+        batch_sizes: Optional[Tensor] = None,
+        resets: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return backward_impl(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after)
+        return backward_impl(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after, batch_sizes, resets)
 
     fwd.register_fake(fake_forward)
     bwd.register_fake(fake_backward)

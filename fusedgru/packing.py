@@ -9,6 +9,9 @@ sequence was packed unsorted, and as an unbacked size (at least 1) otherwise.
     to_padded(packed)              -> (padded (T, B, *) in the original batch order,
                                        lengths (B,) int64 on batch_sizes' device)
     to_packed(padded, like=packed) -> the data of a PackedSequence laid out like ``like``
+    packed_indices(packed)         -> (reverse (N,), last (B,)): the row permutation that
+                                      reverses every sequence within its own length (its
+                                      own inverse), and each sequence's last row
 
 Both are exact (a gather and its scatter) and differentiable (each one's gradient is the
 other), and match pad_packed_sequence / pack_padded_sequence (tests/test_module.py).
@@ -22,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["to_padded", "to_packed"]
+__all__ = ["to_padded", "to_packed", "packed_indices"]
 
 
 def _layout(batch_sizes: Tensor, B: int, device) -> Tuple[Tensor, Tensor]:
@@ -107,3 +110,37 @@ def to_packed(padded: Tensor, like: PackedSequence) -> PackedSequence:
     data = _padded_to_packed(padded.contiguous(), like.batch_sizes, like.sorted_indices,
                              like.data.shape[0])
     return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+@torch.library.custom_op("fusedgru::packed_indices", mutates_args=())
+def _packed_indices(batch_sizes: Tensor, sorted_indices: Optional[Tensor], total: int,
+                    device: torch.device) -> Tuple[Tensor, Tensor]:
+    bs = batch_sizes.to(torch.int64)
+    T = bs.shape[0]
+    B = int(bs[0])
+    offsets = torch.cumsum(bs, 0) - bs
+    lengths = (bs.unsqueeze(0) > torch.arange(B).unsqueeze(1)).sum(1)  # (B,)
+    t = torch.repeat_interleave(torch.arange(T), bs, output_size=total)  # step of each row
+    b = torch.arange(total) - offsets[t]  # its row within the step
+    reverse = offsets[lengths[b] - 1 - t] + b
+    last = offsets[lengths - 1] + torch.arange(B)
+    return reverse.to(device), last.to(device)
+
+
+@_packed_indices.register_fake
+def _(batch_sizes, sorted_indices, total, device):
+    if sorted_indices is not None:
+        B = sorted_indices.shape[0]
+    else:
+        B = torch.library.get_ctx().new_dynamic_size(min=1)
+    return (torch.empty(total, dtype=torch.int64, device=device),
+            torch.empty(B, dtype=torch.int64, device=device))
+
+
+def packed_indices(packed: PackedSequence) -> Tuple[Tensor, Tensor]:
+    """For the packed data's rows (step-major, length-sorted rows within a step):
+    reverse (N,): row n = (step t, row b) -> the row (len_b - 1 - t, b), which reverses each
+    sequence within its own length (applying it twice is the identity); last (B,): the row
+    of each sequence's last step, in sorted order.  On the data's device."""
+    return _packed_indices(packed.batch_sizes, packed.sorted_indices, packed.data.shape[0],
+                           packed.data.device)

@@ -47,7 +47,16 @@ class _NullGuard:
         return False
 
 
-def _forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool, keep_ws: bool):
+def _no_sequence_yet(batch_sizes, resets) -> None:
+    # Placeholder while the kernels learn the sequence structure (issue 19, in progress).
+    if batch_sizes is not None or resets is not None:
+        raise NotImplementedError("fusedgru triton backend: batch_sizes / resets are not "
+                                  "implemented by the Triton kernels yet")
+
+
+def _forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool, keep_ws: bool,
+             batch_sizes=None, resets=None):
+    _no_sequence_yet(batch_sizes, resets)
     T, B, I = x.shape
     H = w_hh.shape[1]
     x2 = x.reshape(T * B, I)
@@ -70,14 +79,17 @@ def triton_forward(
     b_ih: Optional[Tensor],  # (3H,) or None
     b_hh: Optional[Tensor],  # (3H,) or None
     reset_after: bool,
+    batch_sizes: Optional[Tensor] = None,
+    resets: Optional[Tensor] = None,
 ):
     """(y (T, B, H), ws (T, B, 4H)): the forward that keeps ws for the backward."""
-    return _forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, keep_ws=True)
+    return _forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, True, batch_sizes, resets)
 
 
-def triton_inference(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool) -> Tensor:
+def triton_inference(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool, batch_sizes=None,
+                     resets=None) -> Tensor:
     """y (T, B, H) alone, when nothing needs a gradient: no (T, B, 4H) ws is written."""
-    return _forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, keep_ws=False)[0]
+    return _forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, False, batch_sizes, resets)[0]
 
 
 def triton_backward(
@@ -89,7 +101,10 @@ def triton_backward(
     y: Tensor,  # (T, B, H)
     ws: Tensor,  # (T, B, 4H)
     reset_after: bool,
+    batch_sizes: Optional[Tensor] = None,
+    resets: Optional[Tensor] = None,
 ):
+    _no_sequence_yet(batch_sizes, resets)
     T, B, I = x.shape
     H = w_hh.shape[1]
     h0 = None if h0 is None else h0.contiguous()
