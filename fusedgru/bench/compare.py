@@ -58,7 +58,8 @@ def format_comparison(old: dict, new: dict) -> str:
     lines.append("new vs old = old median / new median, in words; noisy: spread above "
                  f"{NOISY_SPREAD:.0%} in either run")
     old_rows = {_row_key(r): r for r in old.get("rows", []) if r.get("status") == "ok"}
-    head = (f"{'case':44} {'provider':11} {'old ms':>9} {'new ms':>9} {'new vs old':>13} "
+    cw = max([44] + [len(_row_label(r)) for r in new.get("rows", [])])
+    head = (f"{'case':{cw}} {'provider':12} {'old ms':>9} {'new ms':>9} {'new vs old':>13} "
             f"{'old vs nn':>9} {'new vs nn':>9}")
     lines += [head, "-" * len(head)]
     changes: Dict[str, List[float]] = {}
@@ -72,7 +73,7 @@ def format_comparison(old: dict, new: dict) -> str:
         spreads = [x.get("spread") or 0 for x in (o, r)]
         noisy += max(spreads) > NOISY_SPREAD
         lines.append(
-            f"{_row_label(r):44} {r['provider']:11} {o['median_ms']:9.3f} {r['median_ms']:9.3f} "
+            f"{_row_label(r):{cw}} {r['provider']:12} {o['median_ms']:9.3f} {r['median_ms']:9.3f} "
             f"{_direction(change):>13} "
             f"{_fmt(o.get('speedup_vs_nn_gru'), '.2f'):>9} "
             f"{_fmt(r.get('speedup_vs_nn_gru'), '.2f'):>9}"

@@ -287,6 +287,12 @@ class Provider:
     # rollout cells: "time" (T, B, ...) inputs and outputs, or "batch" (B, T, ...)
     layout: str = "time"
 
+    def __post_init__(self):
+        # unsupported() says why_not_call's reasons too: callers that ask it alone
+        # (benchmarks/test_gru_speed.py) skip the cells a provider cannot be called on
+        own = self.unsupported
+        self.unsupported = lambda case, dev: self.why_not_call(case.call) or own(case, dev)
+
     def module_for(self, case: Case, gru: nn.GRU) -> nn.Module:
         """What a cell times, from the cell's nn.GRU: the sequence module, for cells called
         step by step the provider's GRUCell in a Python loop, for rollout cells its
@@ -310,7 +316,7 @@ class Provider:
         return None
 
     def why_not(self, case: Case, device: torch.device) -> Optional[str]:
-        return self.why_not_call(case.call) or self.unsupported(case, device)
+        return self.unsupported(case, device)
 
 
 def _build_baseline(gru: nn.GRU) -> nn.Module:
