@@ -12,6 +12,7 @@ recorded with every timing; above NOISY_SPREAD a timing is reported as too noisy
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, Optional
 
@@ -48,6 +49,13 @@ class TimingOptions:
         return 0.1 if self.quick else 0.5
 
     @property
+    def cpu_min_runs(self) -> int:
+        """Timed calls at least when one call is long (a block of blocked_autorange is then
+        one call): a median and an IQR need a few, and the packed and rollout cells take up
+        to seconds a call on 2 CPU cores (a single run was reported with spread 0%)."""
+        return 3 if self.quick else 5
+
+    @property
     def gpu_warmup_ms(self) -> int:
         return 10 if self.quick else 25
 
@@ -77,10 +85,15 @@ def time_call(fn: Callable[[], None], device: torch.device, opts: TimingOptions)
                                "warmup_ms": opts.gpu_warmup_ms, "rep_ms": opts.gpu_rep_ms,
                                "iqr_ms": float(q75 - q25)}
     else:
+        t0 = time.perf_counter()
         fn()
+        one = time.perf_counter() - t0
+    min_run_time = opts.cpu_min_run_time if device.type == "cpu" else opts.gpu_rep_ms / 1e3
+    if device.type == "cpu":  # at least cpu_min_runs timed calls, however long a call is
+        min_run_time = max(min_run_time, opts.cpu_min_runs * one * 1.05)
     m = tbench.Timer(stmt="fn()", globals={"fn": fn},
                      num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=opts.cpu_min_run_time if device.type == "cpu" else opts.gpu_rep_ms / 1e3)
+        min_run_time=min_run_time)
     return m.median * 1e3, {"method": "torch.utils.benchmark.blocked_autorange(median)",
                             "runs": len(m.times), "iqr_ms": m.iqr * 1e3,
                             "threads": torch.get_num_threads()}
