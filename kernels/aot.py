@@ -74,21 +74,32 @@ def _jit_module():
     return _gru_loaded
 
 
-def _signature(kernel: str, dtype: torch.dtype) -> Dict[str, str]:
+def _signature(kernel: str, dtype: torch.dtype, seq: int = 0) -> Dict[str, str]:
+    """seq: the SEQ flag.  The launchers pass the packed rows' table (int64) as seq_ptr
+    and the resets (uint8) as rs_ptr where they are used, else a tensor of the call's dtype
+    (y, dh0): the unused pointer's type follows."""
     fn = getattr(_jit_module(), kernel)
     p = "*" + _TY[dtype]
     f32 = "*fp32"
+    sq = ["*i64" if seq == 1 else p, "*u8" if seq == 2 else p]  # seq_ptr, rs_ptr
     types = {
-        "_fwd_resident_kernel": [p] * 6 + ["i32"] * 3,
-        "_bwd_resident_kernel": [p] * 8 + ["i32"] * 3,
-        "_fwd_split_kernel": [p] * 6 + [f32, "*i32"] + ["i32"] * 5,
-        "_bwd_split_kernel": [p] * 7 + [f32] * 2 + [p, "*i32"] + ["i32"] * 4,
+        "_fwd_resident_kernel": [p] * 6 + sq + ["i32"] * 3,
+        "_bwd_resident_kernel": [p] * 8 + sq + ["i32"] * 3,
+        "_fwd_split_kernel": [p] * 6 + [f32, "*i32"] + sq + ["i32"] * 5,
+        "_bwd_split_kernel": [p] * 7 + [f32] * 2 + [p, "*i32"] + sq + ["i32"] * 4,
     }[kernel]
     names = fn.arg_names
     sig = {}
     for i, name in enumerate(names):
         sig[name] = types[i] if i < len(types) else "constexpr"
     return sig
+
+
+# The sequence structure's flag (kernels/gru.py, SEQ): 0 dense, 1 packed rows, 2 resets.
+SEQS = (0, 1, 2)
+# The precision whose packed and resets specialisations the CI set compiles (every kernel,
+# formulation and stage at the largest blocks); the others are dense-only there.
+CI_SEQ_PRECISION = (torch.float32, "ieee")
 
 
 def dispatch_specs(level: str = "all") -> Iterator[KernelSpec]:
@@ -101,8 +112,20 @@ def dispatch_specs(level: str = "all") -> Iterator[KernelSpec]:
                    shared memory.
     level "ci":    "cover" at the largest block shapes only (most registers and shared
                    memory), every kernel, precision and formulation; what CI compiles.
+    Each comes dense (SEQ=0) and, but in "ci" only for CI_SEQ_PRECISION, packed (SEQ=1)
+    and with resets (SEQ=2).
     """
     assert level in ("all", "cover", "ci"), level
+    for spec in _dense_specs(level):
+        for seq in SEQS:
+            if seq and level == "ci" and (spec.dtype, spec.constexprs["DOT_PREC"]) != \
+                    CI_SEQ_PRECISION:
+                continue
+            yield KernelSpec(spec.kernel, spec.dtype, dict(spec.constexprs, SEQ=seq),
+                             spec.num_warps)
+
+
+def _dense_specs(level: str) -> Iterator[KernelSpec]:
     gru = _jit_module()
     bools = (True, False) if level == "all" else (True,)
     hps = [hp for hp in (16, 32, 64, 128, 256) if hp <= max(gru.RESIDENT_MAX.values())]
@@ -230,7 +253,7 @@ def compile_spec(spec: KernelSpec, arch: int = 90) -> KernelSpec:
 
     fn = getattr(_jit_module(), spec.kernel)
     target = GPUTarget("cuda", arch, 32)
-    sig = _signature(spec.kernel, spec.dtype)
+    sig = _signature(spec.kernel, spec.dtype, spec.constexprs.get("SEQ", 0))
     kwargs = {}
     attrs = _attrs(fn, sig, target)
     if attrs is not None:

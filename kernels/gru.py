@@ -31,6 +31,21 @@ persistent launches' barrier counter).
 
 Offsets: row indices are int64 before they are multiplied by H, 3H or 4H, so tensors with
 more than 2^31 elements are addressed correctly; t is widened to int64 before t * B.
+
+Sequence structure (fusedgru/reference.py's docstring), the constexpr SEQ of every kernel:
+    0  dense: the code above, nothing more (seq_ptr and rs_ptr are unused dummies).
+    1  packed rows (batch_sizes): x, gi, y, ws, grad_y, dgi, dgh are (N, .) rows; step t's
+       rows are [first(t), first(t) + rows(t)), read from a (T + 1 + B,) int64 table made
+       once per call on the host (_seq_table: first(0..T), then each batch position's
+       number of steps).  Masks b < rows(t) keep the loads and stores of rows past a
+       sequence's end off; the state entering row b of step t is y[first(t-1) + b].  The
+       resident kernels loop only over their block's steps (the table's step count of its
+       first row); a launch per unit has cdiv(rows(t), BB) row blocks; the persistent
+       launches keep all blocks (the barrier needs them) and a block past step t's rows
+       skips that unit.  dh of rows not yet active (going back in time) is zero.
+    2  resets (dense): a (T, B) uint8 mask; rows with resets[t] load h_{t-1} as zeros
+       (masked loads: the forward's operand, the backward's h for da_z / da_r) and the dh
+       sent from step t to step t-1 is zeroed there.
 """
 
 from __future__ import annotations
@@ -185,11 +200,14 @@ def _fwd_resident_kernel(
     b_ptr,  # (3H,)       b_hh (zeros when the layer has no bias)
     y_ptr,  # (T, B, H)   out: h_t
     ws_ptr,  # (T, B, 4H)  out: r, z, n, hn; not touched when not STORE_WS
+    seq_ptr,  # SEQ 1: (T + 1 + B,) int64, see _seq_table; else unused (any pointer)
+    rs_ptr,  # SEQ 2: (T, B) uint8 resets; else unused (any pointer)
     T,
     B,
     H,
     RESET_AFTER: tl.constexpr,
     HAS_H0: tl.constexpr,
+    SEQ: tl.constexpr,  # 0: dense; 1: packed rows (seq_ptr); 2: dense with resets (rs_ptr)
     STORE_WS: tl.constexpr,  # False: inference, nothing will need ws (y only)
     LIBDEVICE_TANH: tl.constexpr,
     DOT_PREC: tl.constexpr,  # "ieee" (exact fp32) or "tf32"; ignored for 16-bit weights
@@ -220,12 +238,24 @@ def _fwd_resident_kernel(
     else:
         h = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
 
-    for t in range(T):
-        row = (o_b + tl.cast(t, tl.int64) * B)[:, None]  # (BB, 1) int64 row of the T*B rows
+    n_steps = T
+    if SEQ == 1:  # the steps of this block's first (longest) row: later ones have no row here
+        n_steps = tl.load(seq_ptr + T + 1 + pid * BLOCK_B).to(tl.int32)
+    for t in range(n_steps):
+        m_t = m_bh  # (BB, HP) the rows of step t
+        if SEQ == 1:  # step t's rows: [first, first + rows) of the packed rows
+            first = tl.load(seq_ptr + t)
+            m_t = (o_b < tl.load(seq_ptr + t + 1) - first)[:, None] & m_h[None, :]
+            row = (o_b + first)[:, None]  # (BB, 1) int64
+        else:
+            row = (o_b + tl.cast(t, tl.int64) * B)[:, None]  # (BB, 1) int64 row of the T*B rows
+        if SEQ == 2:  # a new sequence starts at step t: its state enters as zeros
+            rs = tl.load(rs_ptr + tl.cast(t, tl.int64) * B + o_b, mask=m_b, other=0)
+            h = tl.where((rs != 0)[:, None], 0.0, h)
         p_gi = gi_ptr + row * (3 * H) + o_h[None, :]
-        i_r = tl.load(p_gi, mask=m_bh, other=0.0).to(tl.float32)
-        i_z = tl.load(p_gi + H, mask=m_bh, other=0.0).to(tl.float32)
-        i_n = tl.load(p_gi + 2 * H, mask=m_bh, other=0.0).to(tl.float32)
+        i_r = tl.load(p_gi, mask=m_t, other=0.0).to(tl.float32)
+        i_z = tl.load(p_gi + H, mask=m_t, other=0.0).to(tl.float32)
+        i_n = tl.load(p_gi + 2 * H, mask=m_t, other=0.0).to(tl.float32)
         hc = h.to(wdt)
         r = tl.sigmoid(i_r + tl.dot(hc, b_wr, input_precision=DOT_PREC) + b_br)
         z = tl.sigmoid(i_z + tl.dot(hc, b_wz, input_precision=DOT_PREC) + b_bz)
@@ -235,16 +265,16 @@ def _fwd_resident_kernel(
         else:
             hn = tl.dot((r * h).to(wdt), b_wn, input_precision=DOT_PREC) + b_bn
             n = _tanh(i_n + hn, LIBDEVICE_TANH)
-        h = tl.where(m_bh, n + z * (h - n), 0.0)  # (1 - z) n + z h; padding stays 0
+        h = tl.where(m_t, n + z * (h - n), 0.0)  # (1 - z) n + z h; padding stays 0
 
-        tl.store(y_ptr + row * H + o_h[None, :], h.to(y_ptr.dtype.element_ty), mask=m_bh)
+        tl.store(y_ptr + row * H + o_h[None, :], h.to(y_ptr.dtype.element_ty), mask=m_t)
         if STORE_WS:
             p_ws = ws_ptr + row * (4 * H) + o_h[None, :]
             wsdt = ws_ptr.dtype.element_ty
-            tl.store(p_ws, r.to(wsdt), mask=m_bh)
-            tl.store(p_ws + H, z.to(wsdt), mask=m_bh)
-            tl.store(p_ws + 2 * H, n.to(wsdt), mask=m_bh)
-            tl.store(p_ws + 3 * H, hn.to(wsdt), mask=m_bh)
+            tl.store(p_ws, r.to(wsdt), mask=m_t)
+            tl.store(p_ws + H, z.to(wsdt), mask=m_t)
+            tl.store(p_ws + 2 * H, n.to(wsdt), mask=m_t)
+            tl.store(p_ws + 3 * H, hn.to(wsdt), mask=m_t)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -257,11 +287,14 @@ def _bwd_resident_kernel(
     dgi_ptr,  # (T, B, 3H)  out: gradient of the pre-activations fed by W_ih x + b_ih
     dgh_ptr,  # (T, B, 3H)  out: gradient of the pre-activations fed by W_hh (.) + b_hh
     dh0_ptr,  # (B, H)      out: dL/dh0
+    seq_ptr,  # SEQ 1: (T + 1 + B,) int64, see _seq_table
+    rs_ptr,  # SEQ 2: (T, B) uint8 resets
     T,
     B,
     H,
     RESET_AFTER: tl.constexpr,
     HAS_H0: tl.constexpr,
+    SEQ: tl.constexpr,  # as in _fwd_resident_kernel
     DOT_PREC: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -282,20 +315,37 @@ def _bwd_resident_kernel(
     b_wn = tl.load(p_w + 2 * H * H, mask=m_hh, other=0.0)
 
     dh = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)  # what step t+1 sends to step t
-    for tt in range(T):
-        t = T - 1 - tt
-        row = (o_b + tl.cast(t, tl.int64) * B)[:, None]  # (BB, 1) int64
-        g = tl.load(gy_ptr + row * H + o_h[None, :], mask=m_bh, other=0.0).to(tl.float32) + dh
+    n_steps = T
+    if SEQ == 1:  # steps past this block's longest row: no row here, dh stays zero
+        n_steps = tl.load(seq_ptr + T + 1 + pid * BLOCK_B).to(tl.int32)
+    for tt in range(n_steps):
+        t = n_steps - 1 - tt
+        m_t = m_bh  # (BB, HP) the rows of step t
+        m_hp = m_bh  # rows whose h_{t-1} entered step t
+        if SEQ == 1:
+            first = tl.load(seq_ptr + t)
+            m_t = (o_b < tl.load(seq_ptr + t + 1) - first)[:, None] & m_h[None, :]
+            m_hp = m_t
+            row = (o_b + first)[:, None]  # (BB, 1) int64
+            # the rows of step t - 1 (t = 0: masked off, index kept in range)
+            row_p = (o_b + tl.load(seq_ptr + tl.maximum(t - 1, 0)))[:, None]
+        else:
+            row = (o_b + tl.cast(t, tl.int64) * B)[:, None]  # (BB, 1) int64
+            row_p = row - B
+        if SEQ == 2:  # reset rows: h_{t-1} did not enter step t
+            rs = tl.load(rs_ptr + tl.cast(t, tl.int64) * B + o_b, mask=m_b, other=0)
+            m_hp = m_t & (rs == 0)[:, None]
+        g = tl.load(gy_ptr + row * H + o_h[None, :], mask=m_t, other=0.0).to(tl.float32) + dh
         p_ws = ws_ptr + row * (4 * H) + o_h[None, :]
-        r = tl.load(p_ws, mask=m_bh, other=0.0).to(tl.float32)
-        z = tl.load(p_ws + H, mask=m_bh, other=0.0).to(tl.float32)
-        n = tl.load(p_ws + 2 * H, mask=m_bh, other=0.0).to(tl.float32)
-        hn = tl.load(p_ws + 3 * H, mask=m_bh, other=0.0).to(tl.float32)
+        r = tl.load(p_ws, mask=m_t, other=0.0).to(tl.float32)
+        z = tl.load(p_ws + H, mask=m_t, other=0.0).to(tl.float32)
+        n = tl.load(p_ws + 2 * H, mask=m_t, other=0.0).to(tl.float32)
+        hn = tl.load(p_ws + 3 * H, mask=m_t, other=0.0).to(tl.float32)
         # h_{t-1}: y[t-1] for t > 0, else h0 (or zeros); masks keep t = 0 off y[-1].
-        h = tl.load(y_ptr + (row - B) * H + o_h[None, :], mask=m_bh & (t > 0), other=0.0)
+        h = tl.load(y_ptr + row_p * H + o_h[None, :], mask=m_hp & (t > 0), other=0.0)
         h = h.to(tl.float32)
         if HAS_H0:
-            h += tl.load(h0_ptr + o_b[:, None] * H + o_h[None, :], mask=m_bh & (t == 0),
+            h += tl.load(h0_ptr + o_b[:, None] * H + o_h[None, :], mask=m_hp & (t == 0),
                          other=0.0).to(tl.float32)
 
         da_n = g * (1.0 - z) * (1.0 - n * n)
@@ -311,17 +361,17 @@ def _bwd_resident_kernel(
             dh = g * z + d_rh * r
         dh += tl.dot(da_r.to(wdt), b_wr, input_precision=DOT_PREC)
         dh += tl.dot(da_z.to(wdt), b_wz, input_precision=DOT_PREC)
-        dh = tl.where(m_bh, dh, 0.0)
+        dh = tl.where(m_hp, dh, 0.0)  # resets: no gradient reaches h_{t-1}
 
         gdt = dgi_ptr.dtype.element_ty
         p_dgi = dgi_ptr + row * (3 * H) + o_h[None, :]
         p_dgh = dgh_ptr + row * (3 * H) + o_h[None, :]
-        tl.store(p_dgi, da_r.to(gdt), mask=m_bh)
-        tl.store(p_dgi + H, da_z.to(gdt), mask=m_bh)
-        tl.store(p_dgi + 2 * H, da_n.to(gdt), mask=m_bh)
-        tl.store(p_dgh, da_r.to(gdt), mask=m_bh)
-        tl.store(p_dgh + H, da_z.to(gdt), mask=m_bh)
-        tl.store(p_dgh + 2 * H, dgh_n.to(gdt), mask=m_bh)
+        tl.store(p_dgi, da_r.to(gdt), mask=m_t)
+        tl.store(p_dgi + H, da_z.to(gdt), mask=m_t)
+        tl.store(p_dgi + 2 * H, da_n.to(gdt), mask=m_t)
+        tl.store(p_dgh, da_r.to(gdt), mask=m_t)
+        tl.store(p_dgh + H, da_z.to(gdt), mask=m_t)
+        tl.store(p_dgh + 2 * H, dgh_n.to(gdt), mask=m_t)
 
     tl.store(dh0_ptr + o_b[:, None] * H + o_h[None, :], dh.to(dh0_ptr.dtype.element_ty),
              mask=m_bh)
@@ -371,6 +421,8 @@ def _fwd_unit(
     y_ptr,  # (T, B, H)   out: y[t]; y[t-1] read when PREV == 2 and not STATE_BUF
     ws_ptr,  # (T, B, 4H)  out: ws[ws_t]; PHASE 2 reads r, z written by PHASE 1
     hs_ptr,  # (2, B, H) fp32  STATE_BUF: h_t into [t % 2], h_{t-1} from [(t - 1) % 2]
+    seq_ptr,  # SEQ 1: (T + 1 + B,) int64, see _seq_table
+    rs_ptr,  # SEQ 2: (T, B) uint8 resets
     t,  # the step
     ws_t,  # the step's ws row block: t, or 0 when ws is one step's (1, B, 4H) scratch
     B,
@@ -379,6 +431,7 @@ def _fwd_unit(
     #                        1: r and z, 2: hn = W_hn (r*h) + b_hn, n and h_t
     PREV: tl.constexpr,  # h_{t-1} is 0: zeros, 1: h0, 2: the previous step's output
     STATE_BUF: tl.constexpr,  # 16-bit y: the state is carried in fp32 through hs
+    SEQ: tl.constexpr,  # 0: dense; 1: packed rows; 2: dense with resets
     LIBDEVICE_TANH: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -389,15 +442,28 @@ def _fwd_unit(
     pid_n = tl.program_id(1)
     o_b = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BB,) rows
     o_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) output columns
-    m_b = o_b < B
+    if SEQ == 1:  # step t's rows: [first, first + rows) of the packed rows
+        first = tl.load(seq_ptr + t)
+        m_b = o_b < tl.load(seq_ptr + t + 1) - first
+        row = (o_b + first)[:, None]  # (BB, 1) int64 rows of step t
+        # ws: step t's rows, or the scratch's (ws_t is 0 then, and at t = 0 first is 0)
+        row_ws = (o_b + tl.where(ws_t > 0, first, 0))[:, None]
+    else:
+        m_b = o_b < B
+        row = (o_b + tl.cast(t, tl.int64) * B)[:, None]  # (BB, 1) int64 rows of step t
+        row_ws = (o_b + tl.cast(ws_t, tl.int64) * B)[:, None]  # (BB, 1) int64 rows of ws
     m_n = o_n < H
     m_bn = m_b[:, None] & m_n[None, :]
-    row = (o_b + tl.cast(t, tl.int64) * B)[:, None]  # (BB, 1) int64 rows of step t
-    row_ws = (o_b + tl.cast(ws_t, tl.int64) * B)[:, None]  # (BB, 1) int64 rows of ws
+    m_hp = m_b  # (BB,) rows whose h_{t-1} enters step t
+    if SEQ == 2:  # a new sequence starts at step t: its state enters as zeros (masked off)
+        rs = tl.load(rs_ptr + tl.cast(t, tl.int64) * B + o_b, mask=m_b, other=0)
+        m_hp = m_b & (rs == 0)
     wdt = w_ptr.dtype.element_ty
     if PREV == 2:
         if STATE_BUF:
             p_hp = hs_ptr + (o_b + ((t - 1) % 2) * B)[:, None] * H  # (BB, 1) row starts
+        elif SEQ == 1:  # the same rows of step t - 1
+            p_hp = y_ptr + (o_b + tl.load(seq_ptr + t - 1))[:, None] * H
         else:
             p_hp = y_ptr + (row - B) * H
     else:
@@ -410,7 +476,7 @@ def _fwd_unit(
         for k0 in range(0, H, BLOCK_K):
             o_k = k0 + tl.arange(0, BLOCK_K)  # (BK,)
             m_k = o_k < H
-            a = tl.load(p_hp + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
+            a = tl.load(p_hp + o_k[None, :], mask=m_hp[:, None] & m_k[None, :], other=0.0)
             if PHASE == 2:  # the operand is r * h_{t-1}
                 r_k = tl.load(ws_ptr + row_ws * (4 * H) + o_k[None, :],
                               mask=m_b[:, None] & m_k[None, :], other=0.0)
@@ -445,7 +511,8 @@ def _fwd_unit(
         tl.store(p_ws + H, tl.sigmoid(i_z + acc_z + b_z).to(wsdt), mask=m_bn)
     else:
         if PREV != 0:
-            h = tl.load(p_hp + o_n[None, :], mask=m_bn, other=0.0).to(tl.float32)
+            h = tl.load(p_hp + o_n[None, :], mask=m_hp[:, None] & m_n[None, :],
+                        other=0.0).to(tl.float32)
         else:
             h = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
         i_n = tl.load(p_gi + 2 * H, mask=m_bn, other=0.0).to(tl.float32)
@@ -482,6 +549,8 @@ def _fwd_split_kernel(
     ws_ptr,  # (T, B, 4H) out, or (1, B, 4H) scratch when ws_keep == 0
     hs_ptr,  # (2, B, H) fp32  state ping-pong (STATE_BUF)
     bar_ptr,  # (1,) int32  barrier counter, zero at launch (PERSIST)
+    seq_ptr,  # SEQ 1: (T + 1 + B,) int64, see _seq_table; else unused (any pointer)
+    rs_ptr,  # SEQ 2: (T, B) uint8 resets; else unused (any pointer)
     t_begin,  # PERSIST: steps [t_begin, t_end), t_begin >= 1; else the one step t_begin
     t_end,
     ws_keep,  # 1: ws keeps every step; 0: one step's scratch
@@ -491,6 +560,7 @@ def _fwd_split_kernel(
     PHASE: tl.constexpr,  # not PERSIST: the unit (see _fwd_unit); PERSIST: unused
     PREV: tl.constexpr,  # not PERSIST: where h_{t-1} comes from; PERSIST: always 2
     STATE_BUF: tl.constexpr,
+    SEQ: tl.constexpr,  # 0: dense; 1: packed rows (seq_ptr); 2: dense with resets (rs_ptr)
     PERSIST: tl.constexpr,
     LIBDEVICE_TANH: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -505,16 +575,24 @@ def _fwd_split_kernel(
             k = t - t_begin  # steps done in this launch
             for u in tl.static_range(UNITS):
                 # PHASE 0 is the whole step (reset_after=True), else phases 1 and 2.
-                _fwd_unit(gi_ptr, h0_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, hs_ptr, t, t * ws_keep,
-                          B, H, u + UNITS - 1, 2, STATE_BUF, LIBDEVICE_TANH, DOT_PREC,
-                          BLOCK_B, BLOCK_N, BLOCK_K)
+                if SEQ == 1:  # a block past step t's rows skips the unit (not the barrier)
+                    rows = tl.load(seq_ptr + t + 1) - tl.load(seq_ptr + t)
+                    if tl.program_id(0) * BLOCK_B < rows:
+                        _fwd_unit(gi_ptr, h0_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, hs_ptr, seq_ptr,
+                                  rs_ptr, t, t * ws_keep, B, H, u + UNITS - 1, 2, STATE_BUF,
+                                  SEQ, LIBDEVICE_TANH, DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_K)
+                else:
+                    _fwd_unit(gi_ptr, h0_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, hs_ptr, seq_ptr,
+                              rs_ptr, t, t * ws_keep, B, H, u + UNITS - 1, 2, STATE_BUF, SEQ,
+                              LIBDEVICE_TANH, DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_K)
                 # Nothing in this launch reads what the last unit of the last step wrote.
                 if (t + 1 < t_end) or (u + 1 < UNITS):
                     _grid_barrier(bar_ptr, (UNITS * k + u + 1) * nprog)
     else:
-        _fwd_unit(gi_ptr, h0_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, hs_ptr, t_begin,
-                  t_begin * ws_keep, B, H, PHASE, PREV, STATE_BUF, LIBDEVICE_TANH, DOT_PREC,
-                  BLOCK_B, BLOCK_N, BLOCK_K)
+        # (packed: the launcher's grid covers step t_begin's rows only)
+        _fwd_unit(gi_ptr, h0_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, hs_ptr, seq_ptr, rs_ptr, t_begin,
+                  t_begin * ws_keep, B, H, PHASE, PREV, STATE_BUF, SEQ, LIBDEVICE_TANH,
+                  DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -561,6 +639,8 @@ def _bwd_unit(
     #                          reads the step after's from [(t + 1) % 2]; STAGE 1 reads it)
     p_ptr,  # (B, H) fp32  reset_after=False: g z + d_rh r of a step (out in STAGE 1)
     dh0_ptr,  # (B, H)      out when not HAS_CUR
+    seq_ptr,  # SEQ 1: (T + 1 + B,) int64, see _seq_table
+    rs_ptr,  # SEQ 2: (T, B) uint8 resets
     t,  # the step (-1 for the unit that only writes dh0)
     B,
     H,
@@ -571,6 +651,7 @@ def _bwd_unit(
     HAS_NEXT: tl.constexpr,
     HAS_CUR: tl.constexpr,
     HAS_H0: tl.constexpr,
+    SEQ: tl.constexpr,  # 0: dense; 1: packed rows; 2: dense with resets
     DOT_PREC: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -580,10 +661,36 @@ def _bwd_unit(
     pid_n = tl.program_id(1)
     o_b = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BB,)
     o_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) columns of h
-    m_b = o_b < B
     m_n = o_n < H
+    if SEQ == 1:
+        # Step t's rows (t = -1, the dh0 unit: step 0's, all B), those of step t + 1 (read
+        # when HAS_NEXT) and the first row of step t - 1 (read when t > 0); indices kept
+        # inside the table where the value is not used.
+        tc = tl.maximum(t, 0)
+        first = tl.load(seq_ptr + tc)
+        m_b = o_b < tl.load(seq_ptr + tc + 1) - first
+        row = (o_b + first)[:, None]  # (BB, 1) int64 rows of step t
+        row_p = (o_b + tl.load(seq_ptr + tl.maximum(t - 1, 0)))[:, None]
+        if HAS_NEXT:
+            first_n = tl.load(seq_ptr + t + 1)
+            m_b_next = o_b < tl.load(seq_ptr + t + 2) - first_n
+            row_n = (o_b + first_n)[:, None]
+        else:
+            m_b_next = m_b
+            row_n = row
+    else:
+        m_b = o_b < B
+        m_b_next = m_b
+        row = (o_b + tl.cast(t, tl.int64) * B)[:, None]  # (BB, 1) int64 rows of step t
+        row_p = row - B
+        row_n = row + B
     m_bn = m_b[:, None] & m_n[None, :]
-    row = (o_b + tl.cast(t, tl.int64) * B)[:, None]  # (BB, 1) int64 rows of step t
+    m_bn_next = m_b_next[:, None] & m_n[None, :]  # rows of step t + 1 (within step t's)
+    m_hp = m_bn  # rows whose h_{t-1} entered step t
+    if SEQ == 2:
+        if HAS_CUR or STAGE == 1:
+            rs = tl.load(rs_ptr + tl.cast(t, tl.int64) * B + o_b, mask=m_b, other=0)
+            m_hp = m_bn & (rs == 0)[:, None]
     o_bn = o_b[:, None] * H + o_n[None, :]  # (BB, BN) offsets into (B, H) buffers
     # g of step t and of the step after: offsets into the (2, B, H) ping-pong
     o_g_cur = (o_b + ((t + 2) % 2) * B)[:, None] * H + o_n[None, :]
@@ -595,11 +702,11 @@ def _bwd_unit(
         acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
         if HAS_NEXT:
             if RESET_AFTER:  # all three gates
-                acc = _dgh_times_w(dgh_ptr, w_ptr, row + B, m_b, o_n, m_n, H, 0, 3, DOT_PREC,
-                                   BLOCK_B, BLOCK_N, BLOCK_K)
+                acc = _dgh_times_w(dgh_ptr, w_ptr, row_n, m_b_next, o_n, m_n, H, 0, 3,
+                                   DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_K)
             else:  # r and z; the n gate went through STAGE 1 of step t+1
-                acc = _dgh_times_w(dgh_ptr, w_ptr, row + B, m_b, o_n, m_n, H, 0, 2, DOT_PREC,
-                                   BLOCK_B, BLOCK_N, BLOCK_K)
+                acc = _dgh_times_w(dgh_ptr, w_ptr, row_n, m_b_next, o_n, m_n, H, 0, 2,
+                                   DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_K)
     else:
         acc = _dgh_times_w(dgh_ptr, w_ptr, row, m_b, o_n, m_n, H, 2, 3, DOT_PREC, BLOCK_B,
                            BLOCK_N, BLOCK_K)
@@ -608,20 +715,24 @@ def _bwd_unit(
         dh = acc
         if HAS_NEXT:
             if RESET_AFTER:  # + g_{t+1} z_{t+1}
-                z1 = tl.load(ws_ptr + (row + B) * (4 * H) + H + o_n[None, :], mask=m_bn, other=0.0)
-                dh += tl.load(g_ptr + o_g_next, mask=m_bn, other=0.0) * z1.to(tl.float32)
+                z1 = tl.load(ws_ptr + row_n * (4 * H) + H + o_n[None, :], mask=m_bn_next,
+                             other=0.0)
+                dh += tl.load(g_ptr + o_g_next, mask=m_bn_next, other=0.0) * z1.to(tl.float32)
             else:  # + g_{t+1} z_{t+1} + d_rh r_{t+1}, made by STAGE 1 of step t+1
-                dh += tl.load(p_ptr + o_bn, mask=m_bn, other=0.0)
+                dh += tl.load(p_ptr + o_bn, mask=m_bn_next, other=0.0)
+            if SEQ == 2:  # a reset at step t+1: no gradient reaches h_t through it
+                rs_n = tl.load(rs_ptr + tl.cast(t + 1, tl.int64) * B + o_b, mask=m_b, other=0)
+                dh = tl.where((rs_n != 0)[:, None], 0.0, dh)
         if HAS_CUR:
             g = tl.load(gy_ptr + row * H + o_n[None, :], mask=m_bn, other=0.0).to(tl.float32)
             g += dh
             p_ws = ws_ptr + row * (4 * H) + o_n[None, :]
             z = tl.load(p_ws + H, mask=m_bn, other=0.0).to(tl.float32)
             n = tl.load(p_ws + 2 * H, mask=m_bn, other=0.0).to(tl.float32)
-            h = tl.load(y_ptr + (row - B) * H + o_n[None, :], mask=m_bn & (t > 0), other=0.0)
+            h = tl.load(y_ptr + row_p * H + o_n[None, :], mask=m_hp & (t > 0), other=0.0)
             h = h.to(tl.float32)
             if HAS_H0:
-                h += tl.load(h0_ptr + o_bn, mask=m_bn & (t == 0), other=0.0).to(tl.float32)
+                h += tl.load(h0_ptr + o_bn, mask=m_hp & (t == 0), other=0.0).to(tl.float32)
             da_n = g * (1.0 - z) * (1.0 - n * n)
             da_z = g * (h - n) * z * (1.0 - z)
             p_dgi = dgi_ptr + row * (3 * H) + o_n[None, :]
@@ -646,10 +757,10 @@ def _bwd_unit(
         p_ws = ws_ptr + row * (4 * H) + o_n[None, :]
         r = tl.load(p_ws, mask=m_bn, other=0.0).to(tl.float32)
         z = tl.load(p_ws + H, mask=m_bn, other=0.0).to(tl.float32)
-        h = tl.load(y_ptr + (row - B) * H + o_n[None, :], mask=m_bn & (t > 0), other=0.0)
+        h = tl.load(y_ptr + row_p * H + o_n[None, :], mask=m_hp & (t > 0), other=0.0)
         h = h.to(tl.float32)
         if HAS_H0:
-            h += tl.load(h0_ptr + o_bn, mask=m_bn & (t == 0), other=0.0).to(tl.float32)
+            h += tl.load(h0_ptr + o_bn, mask=m_hp & (t == 0), other=0.0).to(tl.float32)
         da_r = d_rh * h * r * (1.0 - r)
         tl.store(dgi_ptr + row * (3 * H) + o_n[None, :], da_r.to(gdt), mask=m_bn)
         tl.store(dgh_ptr + row * (3 * H) + o_n[None, :], da_r.to(gdt), mask=m_bn)
@@ -671,6 +782,8 @@ def _bwd_split_kernel(
     p_ptr,  # (B, H) fp32     scratch (reset_after=False)
     dh0_ptr,  # (B, H)      out
     bar_ptr,  # (1,) int32  barrier counter, zero at launch (PERSIST)
+    seq_ptr,  # SEQ 1: (T + 1 + B,) int64, see _seq_table; else unused (any pointer)
+    rs_ptr,  # SEQ 2: (T, B) uint8 resets; else unused (any pointer)
     t_hi,  # not PERSIST: the unit's step; PERSIST: the first (highest) step of the launch
     n_steps,  # PERSIST: steps t_hi, t_hi - 1, ..., t_hi - n_steps + 1 = 0, then dh0
     B,
@@ -680,6 +793,7 @@ def _bwd_split_kernel(
     HAS_NEXT: tl.constexpr,  # not PERSIST (PERSIST: every step has one)
     HAS_CUR: tl.constexpr,  # not PERSIST
     HAS_H0: tl.constexpr,
+    SEQ: tl.constexpr,  # 0: dense; 1: packed rows (seq_ptr); 2: dense with resets (rs_ptr)
     PERSIST: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -692,18 +806,26 @@ def _bwd_split_kernel(
         for i in range(n_steps):
             t = t_hi - i
             for u in tl.static_range(UNITS):
-                _bwd_unit(gy_ptr, h0_ptr, w_ptr, y_ptr, ws_ptr, dgi_ptr, dgh_ptr, g_ptr, p_ptr,
-                          dh0_ptr, t, B, H, u, RESET_AFTER, True, True, HAS_H0, DOT_PREC,
-                          BLOCK_B, BLOCK_N, BLOCK_K)
+                if SEQ == 1:  # a block past step t's rows (so past t+1's) skips the unit
+                    rows = tl.load(seq_ptr + t + 1) - tl.load(seq_ptr + t)
+                    if tl.program_id(0) * BLOCK_B < rows:
+                        _bwd_unit(gy_ptr, h0_ptr, w_ptr, y_ptr, ws_ptr, dgi_ptr, dgh_ptr, g_ptr,
+                                  p_ptr, dh0_ptr, seq_ptr, rs_ptr, t, B, H, u, RESET_AFTER, True,
+                                  True, HAS_H0, SEQ, DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_K)
+                else:
+                    _bwd_unit(gy_ptr, h0_ptr, w_ptr, y_ptr, ws_ptr, dgi_ptr, dgh_ptr, g_ptr,
+                              p_ptr, dh0_ptr, seq_ptr, rs_ptr, t, B, H, u, RESET_AFTER, True,
+                              True, HAS_H0, SEQ, DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_K)
                 _grid_barrier(bar_ptr, (UNITS * i + u + 1) * nprog)
         # dh0 = what step 0 sends back (t = -1: only its HAS_NEXT part runs)
         _bwd_unit(gy_ptr, h0_ptr, w_ptr, y_ptr, ws_ptr, dgi_ptr, dgh_ptr, g_ptr, p_ptr,
-                  dh0_ptr, t_hi - n_steps, B, H, 0, RESET_AFTER, True, False, HAS_H0, DOT_PREC,
-                  BLOCK_B, BLOCK_N, BLOCK_K)
+                  dh0_ptr, seq_ptr, rs_ptr, t_hi - n_steps, B, H, 0, RESET_AFTER, True, False,
+                  HAS_H0, SEQ, DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_K)
     else:
+        # (packed: the launcher's grid covers step t_hi's rows only, all B for dh0)
         _bwd_unit(gy_ptr, h0_ptr, w_ptr, y_ptr, ws_ptr, dgi_ptr, dgh_ptr, g_ptr, p_ptr,
-                  dh0_ptr, t_hi, B, H, STAGE, RESET_AFTER, HAS_NEXT, HAS_CUR, HAS_H0, DOT_PREC,
-                  BLOCK_B, BLOCK_N, BLOCK_K)
+                  dh0_ptr, seq_ptr, rs_ptr, t_hi, B, H, STAGE, RESET_AFTER, HAS_NEXT, HAS_CUR,
+                  HAS_H0, SEQ, DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_K)
 
 
 # ----------------------------------------------------------------------------------------
@@ -879,41 +1001,108 @@ def _config_for(B: int, H: int, dtype: torch.dtype, device: torch.device) -> Con
     return choose_config(B, H, dtype, max_coresident_programs(device))
 
 
+@dataclass
+class _Seq:
+    """The sequence structure of one launcher call, as the kernels take it."""
+
+    flag: int  # the kernels' SEQ: 0 dense, 1 packed, 2 resets
+    T: int
+    B: int
+    sizes: Optional[list]  # packed: rows of each step (host ints); else None
+    table: Optional[Tensor]  # packed: _seq_table on the device
+    resets: Optional[Tensor]  # resets: (T, B) uint8 on the device
+
+    def rows(self, t: int) -> int:
+        return self.B if self.sizes is None else self.sizes[t]
+
+    def args(self, dummy: Tensor):
+        """(seq_ptr, rs_ptr): the unused one is ``dummy`` (any tensor of the call, so a
+        dense call allocates nothing and keeps its pointer types)."""
+        return (self.table if self.table is not None else dummy,
+                self.resets if self.resets is not None else dummy)
+
+
+def _seq_table(sizes: list, device: torch.device) -> Tensor:
+    """(T + 1 + B,) int64 on ``device``, built on the host once per call: first(t) for
+    t = 0..T (first(T) = N), then for each batch position b its number of steps (the steps
+    t with rows(t) > b; the resident kernels read their block's first row's to stop)."""
+    T, B = len(sizes), sizes[0]
+    firsts = [0] * (T + 1)
+    for t, n in enumerate(sizes):
+        firsts[t + 1] = firsts[t] + n
+    steps = [0] * B
+    t = T
+    for b in range(B):  # sizes is non-increasing: walk the steps down as b grows
+        while t > 0 and sizes[t - 1] <= b:
+            t -= 1
+        steps[b] = t
+    table = torch.tensor(firsts + steps, dtype=torch.int64)
+    return table if device.type == "cpu" else table.to(device, non_blocking=True)
+
+
+def _sequence(batch_sizes: Optional[Tensor], resets: Optional[Tensor], dense_tb,
+              device: torch.device) -> _Seq:
+    """The launchers' view of batch_sizes / resets (fusedgru/reference.py's docstring);
+    dense_tb: (T, B) of a dense call."""
+    if batch_sizes is not None:
+        if resets is not None:
+            raise ValueError("batch_sizes and resets cannot be combined (packed rows start "
+                             "from h0; split the sequences at their resets before packing)")
+        sizes = [int(n) for n in batch_sizes.tolist()]
+        if any(n < 1 for n in sizes) or any(a < b for a, b in zip(sizes, sizes[1:])):
+            raise ValueError(f"batch_sizes must be >= 1 and non-increasing, got {sizes}")
+        if not sizes:
+            return _Seq(1, 0, 0, sizes, None, None)
+        return _Seq(1, len(sizes), sizes[0], sizes, _seq_table(sizes, device), None)
+    T, B = dense_tb
+    if resets is not None:
+        if tuple(resets.shape) != (T, B) or resets.dtype != torch.bool:
+            raise ValueError(f"resets must be a bool (T, B) = {(T, B)} tensor, got "
+                             f"{resets.dtype} {tuple(resets.shape)}")
+        return _Seq(2, T, B, None, None, resets.contiguous().view(torch.uint8))
+    return _Seq(0, T, B, None, None, None)
+
+
 # ----------------------------------------------------------------------------------------
 # Launchers: outputs are arguments, so tests can hand in NaN-filled buffers
 # ----------------------------------------------------------------------------------------
 
 
 def launch_forward(
-    gi: Tensor,  # (T, B, 3H)  x W_ih^T + b_ih
+    gi: Tensor,  # (T, B, 3H)  x W_ih^T + b_ih; packed: (N, 3H)
     h0: Optional[Tensor],  # (B, H) or None
     w_hh: Tensor,  # (3H, H)
     b_hh: Tensor,  # (3H,)   zeros when the layer has no bias
-    y: Tensor,  # (T, B, H)   out
-    ws: Optional[Tensor],  # (T, B, 4H)  out; None: inference, y only
+    y: Tensor,  # (T, B, H)   out; packed: (N, H)
+    ws: Optional[Tensor],  # (T, B, 4H)  out; None: inference, y only; packed: (N, 4H)
     reset_after: bool,
     config: Optional[Config] = None,
+    batch_sizes: Optional[Tensor] = None,  # (T,) int64 CPU: the rows are packed
+    resets: Optional[Tensor] = None,  # (T, B) bool on gi's device (dense only)
 ) -> None:
-    """Runs the forward recurrence into y and ws (every element is written).  With ws None
-    nothing of r, z, n, hn reaches memory beyond one step's scratch (the split kernels pass
-    r and z between a step's two units through it)."""
-    T, B, _ = gi.shape
+    """Runs the forward recurrence into y and ws (every element is written; packed: every
+    row of the packed layout, no other).  With ws None nothing of r, z, n, hn reaches memory
+    beyond one step's scratch (the split kernels pass r and z between a step's two units
+    through it)."""
+    seq = _sequence(batch_sizes, resets, gi.shape[:2], gi.device)
+    T, B = seq.T, seq.B
     H = w_hh.shape[1]
     if T == 0 or B == 0:
         return
     cfg = config or _config_for(B, H, w_hh.dtype, gi.device)
     prec = dot_precision(w_hh.dtype, gi.device.type)
     h0_arg = _dummy(h0, y)
+    seq_arg, rs_arg = seq.args(y)
     nb = triton.cdiv(B, cfg.block_b)
     if cfg.strategy == "resident":
         _fwd_resident_kernel[(nb,)](
-            gi, h0_arg, w_hh, b_hh, y, y if ws is None else ws, T, B, H,
-            RESET_AFTER=reset_after, HAS_H0=h0 is not None, STORE_WS=ws is not None,
-            LIBDEVICE_TANH=_libdevice_tanh(),
+            gi, h0_arg, w_hh, b_hh, y, y if ws is None else ws, seq_arg, rs_arg, T, B, H,
+            RESET_AFTER=reset_after, HAS_H0=h0 is not None, SEQ=seq.flag,
+            STORE_WS=ws is not None, LIBDEVICE_TANH=_libdevice_tanh(),
             DOT_PREC=prec, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
         )
         return
-    grid = (nb, triton.cdiv(H, cfg.block_h))
+    nn = triton.cdiv(H, cfg.block_h)
     keep = ws is not None
     if not keep:
         ws = y.new_empty(1, B, 4 * H)  # one step's r, z, n, hn, reused by every step
@@ -929,10 +1118,13 @@ def launch_forward(
         bar = torch.empty(1, device=y.device, dtype=torch.int32)  # unused; int32 as AOT-checked
 
     def launch(t_begin, t_end, phase, prev, persistent):
-        _fwd_split_kernel[grid](
-            gi, h0_arg, w_hh, b_hh, y, ws, hs, bar, t_begin, t_end, int(keep), B, H,
-            RESET_AFTER=reset_after, PHASE=phase, PREV=prev, STATE_BUF=state_buf,
-            PERSIST=persistent, LIBDEVICE_TANH=_libdevice_tanh(), DOT_PREC=prec,
+        # A launch per unit covers the unit's step's rows (packed: fewer as t grows); the
+        # persistent launch all B (its blocks past a step's rows skip that step).
+        rows = B if persistent else seq.rows(t_begin)
+        _fwd_split_kernel[(triton.cdiv(rows, cfg.block_b), nn)](
+            gi, h0_arg, w_hh, b_hh, y, ws, hs, bar, seq_arg, rs_arg, t_begin, t_end, int(keep),
+            B, H, RESET_AFTER=reset_after, PHASE=phase, PREV=prev, STATE_BUF=state_buf,
+            SEQ=seq.flag, PERSIST=persistent, LIBDEVICE_TANH=_libdevice_tanh(), DOT_PREC=prec,
             BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_h, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, **{COOPERATIVE_LAUNCH: persistent},
         )
@@ -950,19 +1142,22 @@ def launch_forward(
 
 
 def launch_backward(
-    grad_y: Tensor,  # (T, B, H)
+    grad_y: Tensor,  # (T, B, H); packed: (N, H)
     h0: Optional[Tensor],  # (B, H) or None
     w_hh: Tensor,  # (3H, H)
-    y: Tensor,  # (T, B, H)
-    ws: Tensor,  # (T, B, 4H)
-    dgi: Tensor,  # (T, B, 3H)  out
-    dgh: Tensor,  # (T, B, 3H)  out
+    y: Tensor,  # (T, B, H); packed: (N, H)
+    ws: Tensor,  # (T, B, 4H); packed: (N, 4H)
+    dgi: Tensor,  # (T, B, 3H)  out; packed: (N, 3H)
+    dgh: Tensor,  # (T, B, 3H)  out; packed: (N, 3H)
     dh0: Tensor,  # (B, H)      out
     reset_after: bool,
     config: Optional[Config] = None,
+    batch_sizes: Optional[Tensor] = None,  # (T,) int64 CPU: the rows are packed
+    resets: Optional[Tensor] = None,  # (T, B) bool on grad_y's device (dense only)
 ) -> None:
     """Runs the reverse-time loop into dgi, dgh and dh0 (every element is written)."""
-    T, B, H = grad_y.shape
+    seq = _sequence(batch_sizes, resets, grad_y.shape[:2], grad_y.device)
+    T, B, H = seq.T, seq.B, w_hh.shape[1]
     if B == 0:
         return
     if T == 0:
@@ -971,15 +1166,16 @@ def launch_backward(
     cfg = config or _config_for(B, H, w_hh.dtype, grad_y.device)
     prec = dot_precision(w_hh.dtype, grad_y.device.type)
     h0_arg = _dummy(h0, dh0)
+    seq_arg, rs_arg = seq.args(dh0)
     nb = triton.cdiv(B, cfg.block_b)
     if cfg.strategy == "resident":
         _bwd_resident_kernel[(nb,)](
-            grad_y, h0_arg, w_hh, y, ws, dgi, dgh, dh0, T, B, H,
-            RESET_AFTER=reset_after, HAS_H0=h0 is not None, DOT_PREC=prec,
+            grad_y, h0_arg, w_hh, y, ws, dgi, dgh, dh0, seq_arg, rs_arg, T, B, H,
+            RESET_AFTER=reset_after, HAS_H0=h0 is not None, SEQ=seq.flag, DOT_PREC=prec,
             BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
         )
         return
-    grid = (nb, triton.cdiv(H, cfg.block_h))
+    nn = triton.cdiv(H, cfg.block_h)
     # g of consecutive steps ping-pongs between two fp32 (B, H) buffers (a unit reads one
     # and writes the other); p carries g z + d_rh r (reset_after=False) to the step before.
     gbuf = torch.empty(2, B, H, device=grad_y.device, dtype=torch.float32)
@@ -994,12 +1190,14 @@ def launch_backward(
         bar = torch.empty(1, device=grad_y.device, dtype=torch.int32)  # unused
 
     def launch(t, n_steps, stage, has_next, has_cur, persistent):
-        _bwd_split_kernel[grid](
-            grad_y, h0_arg, w_hh, y, ws, dgi, dgh, gbuf, pbuf, dh0, bar, t, n_steps, B, H,
-            STAGE=stage, RESET_AFTER=reset_after, HAS_NEXT=has_next, HAS_CUR=has_cur,
-            HAS_H0=h0 is not None, PERSIST=persistent, DOT_PREC=prec, BLOCK_B=cfg.block_b,
-            BLOCK_N=cfg.block_h, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-            **{COOPERATIVE_LAUNCH: persistent},
+        # A launch per unit covers step t's rows (the dh0 unit, t = -1: all B).
+        rows = B if persistent or t < 0 else seq.rows(t)
+        _bwd_split_kernel[(triton.cdiv(rows, cfg.block_b), nn)](
+            grad_y, h0_arg, w_hh, y, ws, dgi, dgh, gbuf, pbuf, dh0, bar, seq_arg, rs_arg, t,
+            n_steps, B, H, STAGE=stage, RESET_AFTER=reset_after, HAS_NEXT=has_next,
+            HAS_CUR=has_cur, HAS_H0=h0 is not None, SEQ=seq.flag, PERSIST=persistent,
+            DOT_PREC=prec, BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_h, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, **{COOPERATIVE_LAUNCH: persistent},
         )
 
     stages = (0,) if reset_after else (0, 1)
