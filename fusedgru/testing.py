@@ -10,7 +10,7 @@ The baseline is the reference backend run in the kernel's dtype on the kernel's 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.utils._python_dispatch
@@ -66,16 +66,20 @@ def budget(dtype: torch.dtype, baseline_err: float) -> float:
 
 @dataclass
 class LayerCase:
-    """Random inputs of one layer-direction (never zeros or ones), on the CPU in float64."""
+    """Random inputs of one layer-direction (never zeros or ones), on the CPU in float64.
+    With batch_sizes, x and grad_y are packed rows (N, .); resets (T, B) is bool (the
+    sequence structure of fusedgru/reference.py)."""
 
-    x: Tensor  # (T, B, I)
+    x: Tensor  # (T, B, I), or (N, I) packed
     h0: Optional[Tensor]  # (B, H)
     w_ih: Tensor  # (3H, I)
     w_hh: Tensor  # (3H, H)
     b_ih: Optional[Tensor]  # (3H,)
     b_hh: Optional[Tensor]  # (3H,)
-    grad_y: Tensor  # (T, B, H)
+    grad_y: Tensor  # (T, B, H), or (N, H) packed
     reset_after: bool
+    batch_sizes: Optional[Tensor] = None  # (T,) int64 on the CPU
+    resets: Optional[Tensor] = None  # (T, B) bool
 
     def args(self, device=None, dtype=None):
         def cv(t):
@@ -83,23 +87,45 @@ class LayerCase:
 
         return [cv(t) for t in (self.x, self.h0, self.w_ih, self.w_hh, self.b_ih, self.b_hh)]
 
+    def seq_args(self, device=None):
+        """(batch_sizes, resets) as the ops take them: batch_sizes stays on the CPU."""
+        resets = None if self.resets is None else self.resets.to(device)
+        return self.batch_sizes, resets
+
 
 def make_layer_case(T: int, B: int, I: int, H: int, *, reset_after: bool = True,
                     with_h0: bool = True, bias: bool = True,
-                    generator: Optional[torch.Generator] = None) -> LayerCase:
+                    generator: Optional[torch.Generator] = None,
+                    lengths: Optional[Sequence[int]] = None,
+                    resets: Optional[Tensor] = None) -> LayerCase:
+    """lengths (B non-increasing values, the first T): a packed case of those sequences;
+    resets: a (T, B) bool tensor for a dense case with state resets."""
     def rnd(*shape, scale=1.0):
         return torch.randn(*shape, dtype=torch.float64, generator=generator) * scale
 
+    batch_sizes = None
+    rows: tuple = (T, B)
+    if lengths is not None:
+        lengths = [int(n) for n in lengths]
+        if len(lengths) != B or lengths[0] != T or sorted(lengths, reverse=True) != lengths:
+            raise ValueError(f"lengths: expected {B} non-increasing lengths starting at T={T}, "
+                             f"got {lengths}")
+        batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(T)])
+        rows = (int(batch_sizes.sum()),)
+    if resets is not None and tuple(resets.shape) != (T, B):
+        raise ValueError(f"resets: expected shape {(T, B)}, got {tuple(resets.shape)}")
     k = 1.0 / H ** 0.5  # nn.GRU's initialisation scale
     return LayerCase(
-        x=rnd(T, B, I),
+        x=rnd(*rows, I),
         h0=rnd(B, H, scale=0.5) if with_h0 else None,
         w_ih=(torch.rand(3 * H, I, dtype=torch.float64, generator=generator) * 2 - 1) * k,
         w_hh=(torch.rand(3 * H, H, dtype=torch.float64, generator=generator) * 2 - 1) * k,
         b_ih=rnd(3 * H, scale=k) if bias else None,
         b_hh=rnd(3 * H, scale=k) if bias else None,
-        grad_y=rnd(T, B, H),
+        grad_y=rnd(*rows, H),
         reset_after=reset_after,
+        batch_sizes=batch_sizes,
+        resets=None if resets is None else resets.to(torch.bool),
     )
 
 
@@ -125,11 +151,12 @@ class LayerReport:
 
 def _run(impl, case: LayerCase, device, dtype, backward: bool):
     x, h0, w_ih, w_hh, b_ih, b_hh = case.args(device, dtype)
-    y, ws = impl.forward(x, h0, w_ih, w_hh, b_ih, b_hh, case.reset_after)
+    seq = case.seq_args(device)
+    y, ws = impl.forward(x, h0, w_ih, w_hh, b_ih, b_hh, case.reset_after, *seq)
     out = {"y": y}
     if backward:
         gy = case.grad_y.to(device=device, dtype=dtype)
-        grads = impl.backward(gy, x, h0, w_ih, w_hh, y, ws, case.reset_after)
+        grads = impl.backward(gy, x, h0, w_ih, w_hh, y, ws, case.reset_after, *seq)
         out.update(zip(GRAD_NAMES, grads))
         if h0 is None:
             del out["dh0"]
