@@ -313,3 +313,280 @@ def test_registered_ops(gen):
                           test_utils=("test_schema", "test_faketensor"))
     assert triton_backend.forward is torch.ops.fusedgru.triton_fwd
     assert math.isfinite(y.sum().item())
+
+
+# ----------------------------------------------------------------------------------------
+# Sequence structure (issue 19): packed rows (batch_sizes) and resets inside the kernels
+# ----------------------------------------------------------------------------------------
+# Lengths of the packed cases: skewed, with ties and length-1 sequences (sorted, as the ops
+# take them).  TWO_BLOCKS: 19 rows, so a block of 16 rows runs out after step 0 (the second
+# row block's rows all have length 1) while the first goes on.
+SKEWED = [7, 4, 4, 1, 1]
+TWO_BLOCKS = [5, 5, 4, 4, 4, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1]
+
+
+def _packed(dense: torch.Tensor, lengths) -> torch.Tensor:
+    """(T, B, .) -> the packed (N, .) rows of sequences of ``lengths`` (sorted)."""
+    T = dense.shape[0]
+    mask = torch.arange(T)[:, None] < torch.tensor(lengths)[None, :]
+    return dense[mask]  # time-major: step t's rows, then step t+1's
+
+
+def _batch_sizes(lengths) -> torch.Tensor:
+    return torch.tensor([sum(n > t for n in lengths) for t in range(max(lengths))],
+                        dtype=torch.int64)
+
+
+def _resets(T, B, gen) -> torch.Tensor:
+    """Random resets (p = 0.3), and: row 0 at t = 0, row 1 at the last step, row 2 at
+    every step."""
+    rs = torch.rand(T, B, generator=gen) < 0.3
+    rs[0, 0] = True
+    rs[T - 1, 1] = True
+    rs[:, 2] = True
+    return rs
+
+
+def _seq_case(kind, T, B, I, H, reset_after, with_h0, gen, lengths=None):
+    """(args in float64 on the CPU: x, h0, w_ih, w_hh, b_ih, b_hh; grad_y; seq kwargs)."""
+    case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, with_h0=with_h0,
+                                   generator=gen)
+    args = case.args(None, torch.float64)
+    gy = case.grad_y
+    if kind == "packed":
+        args[0], gy = _packed(args[0], lengths), _packed(gy, lengths)
+        seq = dict(batch_sizes=_batch_sizes(lengths), resets=None)
+    else:
+        seq = dict(batch_sizes=None, resets=_resets(T, B, gen))
+    return args, gy, seq
+
+
+def _to(t, dtype, device=DEVICE):
+    return None if t is None else t.to(device, dtype).contiguous()
+
+
+def _run_ops(ops_ns, args, gy, seq, reset_after, dtype, device):
+    """forward, inference (where the row has one) and backward of one backend's ops."""
+    a = [_to(t, dtype, device) for t in args]
+    bs, rs = seq["batch_sizes"], _to(seq["resets"], torch.bool, device)
+    fwd, bwd = getattr(ops_ns, "_fwd"), getattr(ops_ns, "_bwd")
+    y, ws = fwd(*a, reset_after, bs, rs)
+    out = {"y": y, "ws": ws}
+    if getattr(ops_ns, "_infer", None) is not None:
+        out["y_infer"] = ops_ns._infer(*a, reset_after, bs, rs)
+    grads = bwd(_to(gy, dtype, device), a[0], a[1], a[2], a[3], y, ws, reset_after, bs, rs)
+    out.update(zip(testing.GRAD_NAMES, grads))
+    return out
+
+
+class _Ops:
+    def __init__(self, name, infer=False):
+        self._fwd = getattr(torch.ops.fusedgru, f"{name}_fwd")
+        self._bwd = getattr(torch.ops.fusedgru, f"{name}_bwd")
+        self._infer = getattr(torch.ops.fusedgru, f"{name}_infer") if infer else None
+
+
+def _assert_seq_ops_within_budget(args, gy, seq, reset_after):
+    """The triton ops (float32) vs the reference ops in float64, within SPEC's budget set by
+    the reference ops in float32 on the same inputs: y, ws, inference y, the 6 gradients."""
+    want = _run_ops(_Ops("reference"), args, gy, seq, reset_after, torch.float64, "cpu")
+    base = _run_ops(_Ops("reference"), args, gy, seq, reset_after, torch.float32, DEVICE)
+    got = _run_ops(_Ops("triton", infer=True), args, gy, seq, reset_after, torch.float32,
+                   DEVICE)
+    base["y_infer"], want["y_infer"] = base["y"], want["y"]
+    assert set(got) == set(want) and len(got) == 9
+    for k in want:
+        err = testing.rel_err(got[k], want[k])
+        lim = testing.budget(torch.float32, testing.rel_err(base[k], want[k]))
+        assert err <= lim, f"{k}: err {err:.3g} > budget {lim:.3g}"
+
+
+@pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
+@pytest.mark.parametrize("strategy", ["resident", "step", "persistent"])
+def test_packed_ops_vs_reference(strategy, reset_after, gen):
+    """batch_sizes: the ops on the packed rows (skewed lengths, ties, length-1 sequences)
+    equal the reference's; every strategy (H = 17: 2 column blocks and 2 K chunks for the
+    split kernels)."""
+    T, B, I, H = 7, 5, 4, 17
+    args, gy, seq = _seq_case("packed", T, B, I, H, reset_after, strategy != "step", gen,
+                              lengths=SKEWED)
+    assert args[0].shape[0] == sum(SKEWED)
+    with gru.force_config(None if strategy == "resident" else CONFIGS[strategy]):
+        assert gru.choose_config(B, H, torch.float32).strategy == strategy
+        _assert_seq_ops_within_budget(args, gy, seq, reset_after)
+
+
+@pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
+@pytest.mark.parametrize("strategy", ["resident", "step", "persistent"])
+def test_resets_ops_vs_reference(strategy, reset_after, gen):
+    """resets: random, at t = 0 (with h0: its row's h0 unused, dh0 zero there), at the last
+    step, every step of one row; every strategy."""
+    T, B, I, H = 6, 5, 3, 17
+    args, gy, seq = _seq_case("resets", T, B, I, H, reset_after, strategy != "step", gen)
+    with gru.force_config(None if strategy == "resident" else CONFIGS[strategy]):
+        assert gru.choose_config(B, H, torch.float32).strategy == strategy
+        _assert_seq_ops_within_budget(args, gy, seq, reset_after)
+
+
+@pytest.mark.parametrize("kind", ["packed", "resets"])
+@pytest.mark.parametrize("strategy", ["resident", "step", "persistent"])
+def test_sequence_writes_its_rows_and_no_others(strategy, kind, gen):
+    """The launchers on NaN-poisoned outputs followed by a guard band (also NaN): every
+    element of y, ws, dgi, dgh, dh0 written, nothing past them (packed: no padded row
+    exists to write), and the inference forward (ws=None) equals y.  Packed: 19 rows whose
+    second block of 16 stops after step 0 (resident: that block's loop ends; a launch per
+    unit: one row block from step 1 on); resets both formulations over the strategies."""
+    reset_after = strategy != "step" if kind == "packed" else strategy == "step"
+    H, I = 19, 4
+    if kind == "packed":
+        lengths = TWO_BLOCKS if strategy != "persistent" else SKEWED  # one program there
+        T, B = lengths[0], len(lengths)
+    else:
+        lengths, T, B = None, 4, 17 if strategy != "persistent" else 5
+    args, gy, seq = _seq_case(kind, T, B, I, H, reset_after, True, gen, lengths=lengths)
+    x, h0, w_ih, w_hh, b_ih, b_hh = [_to(t, torch.float32) for t in args]
+    bs, rs = seq["batch_sizes"], _to(seq["resets"], torch.bool)
+    rows = x.shape[:-1]
+    GUARD = 7
+
+    def poisoned(*shape):  # a view of the first prod(shape) elements, NaN after them too
+        n = math.prod(shape)
+        return torch.full((n + GUARD,), float("nan"), device=DEVICE)[:n].view(shape)
+
+    def guard_intact(t):
+        full = torch.as_strided(t, (t.numel() + GUARD,), (1,))
+        return bool(torch.isnan(full[t.numel():]).all())
+
+    gi = reference._input_projection(x, w_ih, b_ih).contiguous()
+    cfg = CONFIGS[strategy]
+    y, ws = poisoned(*rows, H), poisoned(*rows, 4 * H)
+    gru.launch_forward(gi, h0, w_hh, b_hh, y, ws, reset_after, cfg, batch_sizes=bs, resets=rs)
+    y_inf = poisoned(*rows, H)
+    gru.launch_forward(gi, h0, w_hh, b_hh, y_inf, None, reset_after, cfg, batch_sizes=bs,
+                       resets=rs)
+    dgi, dgh, dh0 = poisoned(*rows, 3 * H), poisoned(*rows, 3 * H), poisoned(B, H)
+    gru.launch_backward(_to(gy, torch.float32), h0, w_hh, y, ws, dgi, dgh, dh0, reset_after,
+                        cfg, batch_sizes=bs, resets=rs)
+    for name, t in (("y", y), ("ws", ws), ("y_infer", y_inf), ("dgi", dgi), ("dgh", dgh),
+                    ("dh0", dh0)):
+        assert torch.isfinite(t).all(), f"{name}: {int((~torch.isfinite(t)).sum())} unwritten"
+        assert guard_intact(t), f"{name}: written past its last row"
+    assert torch.equal(y_inf, y)
+    y64, ws64 = reference.gru_layer_forward(*args, reset_after, **seq)
+    grads64 = reference.gru_layer_backward(gy, *args[:4], y64, ws64, reset_after, **seq)
+    assert testing.rel_err(y, y64) < 1e-5
+    assert testing.rel_err(ws, ws64) < 1e-5
+    assert testing.rel_err(dh0, grads64[1]) < 1e-5
+    # dgi / dgh summed over the rows are the bias gradients
+    assert testing.rel_err(dgi.sum(0 if kind == "packed" else (0, 1)), grads64[4]) < 1e-5
+    assert testing.rel_err(dgh.sum(0 if kind == "packed" else (0, 1)), grads64[5]) < 1e-5
+
+
+def test_sequence_structure_refused_where_it_does_not_apply(gen):
+    x = torch.randn(4, 3, device=DEVICE)
+    w_ih, w_hh = torch.randn(6, 3, device=DEVICE), torch.randn(6, 2, device=DEVICE)
+    bs = torch.tensor([2, 1, 1])
+    with pytest.raises(ValueError, match="cannot be combined"):
+        torch.ops.fusedgru.triton_fwd(x, None, w_ih, w_hh, None, None, True, bs,
+                                      torch.zeros(3, 2, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="non-increasing"):
+        torch.ops.fusedgru.triton_fwd(x, None, w_ih, w_hh, None, None, True,
+                                      torch.tensor([1, 2, 1]))
+    with pytest.raises(ValueError, match="packed"):
+        torch.ops.fusedgru.triton_fwd(x.view(2, 2, 3), None, w_ih, w_hh, None, None, True,
+                                      torch.tensor([2, 2]))
+
+
+def _module_runs(kw, I, H, make_input, reset_after=True, nn_baseline=True):
+    """FusedGRU(backend="triton") in float32 and the float64 reference module, the same
+    weights; outputs and every gradient -> dicts (want, got, base): base is nn.GRU
+    (reset_after=True and nn_baseline) or the reference backend in float32, SPEC's
+    baseline."""
+    oracle = fusedgru.FusedGRU(I, H, dtype=torch.float64, reset_after=reset_after,
+                               backend="reference", **kw)
+    sd = {k: v.float() for k, v in oracle.state_dict().items()}
+    kernel = fusedgru.FusedGRU(I, H, reset_after=reset_after, backend="triton", **kw)
+    kernel.load_state_dict(sd)
+    if reset_after and nn_baseline:
+        baseline = torch.nn.GRU(I, H, **kw)
+    else:
+        baseline = fusedgru.FusedGRU(I, H, reset_after=reset_after, backend="reference", **kw)
+    baseline.load_state_dict(sd)
+
+    def run(mod, dtype, device):
+        mod = mod.to(device=device)
+        out, hn, leaves = make_input(mod, dtype, device)
+        res = {"out": out, "h_n": hn}
+        res.update({"d" + k: v.grad for k, v in leaves.items()})
+        res.update({"d" + k: p.grad for k, p in mod.named_parameters()})
+        return res
+
+    return run(oracle, torch.float64, "cpu"), run(kernel, torch.float32, DEVICE), \
+        run(baseline, torch.float32, "cpu")
+
+
+def _assert_module_within_budget(want, got, base):
+    assert set(got) == set(want)
+    for k in want:
+        err = testing.rel_err(got[k], want[k])
+        lim = testing.budget(torch.float32, testing.rel_err(base[k], want[k]))
+        assert err <= lim, f"{k}: err {err:.3g} > budget {lim:.3g}"
+
+
+@pytest.mark.parametrize("sorted_", [True, False], ids=["sorted", "unsorted"])
+def test_module_packed_sequence(sorted_, gen):
+    """FusedGRU(backend="triton") on a PackedSequence (2 layers, bidirectional): the triton
+    ops run on the packed rows; outputs, h_n and every gradient within SPEC's budget of the
+    float64 reference module, nn.GRU the baseline."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    T, B, I, H, L = 5, 4, 3, 5, 2
+    torch.manual_seed(gen.initial_seed() % 2**31)
+    lengths = [5, 3, 3, 1] if sorted_ else [3, 1, 5, 3]
+    x64 = torch.randn(T, B, I, dtype=torch.float64, generator=gen)
+    h064 = torch.randn(2 * L, B, H, dtype=torch.float64, generator=gen) * 0.5
+    gout = torch.randn(sum(lengths), 2 * H, dtype=torch.float64, generator=gen)
+    ghn = torch.randn(2 * L, B, H, dtype=torch.float64, generator=gen)
+
+    def make_input(mod, dtype, device):
+        x = x64.to(device, dtype).detach().clone().requires_grad_()
+        h0 = h064.to(device, dtype).detach().clone().requires_grad_()
+        packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=sorted_)
+        out, hn = mod(packed, h0)
+        ((out.data * gout.to(device, dtype)).sum() + (hn * ghn.to(device, dtype)).sum()).backward()
+        return out.data, hn, {"x": x, "h0": h0}
+
+    log = testing.OpLog()
+    with log:
+        want, got, base = _module_runs(dict(num_layers=L, bidirectional=True), I, H,
+                                       make_input)
+    assert any("triton_fwd" in n for n in log.names) and any("triton_bwd" in n for n in log.names)
+    _assert_module_within_budget(want, got, base)
+
+
+@pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
+def test_module_resets(reset_after, gen):
+    """FusedGRU(backend="triton")(x, h0, resets=...) (bidirectional: the reverse direction
+    takes resets shifted by one) within SPEC's budget of the float64 reference module, the
+    reference backend in float32 the baseline."""
+    T, B, I, H = 5, 3, 4, 5
+    torch.manual_seed(gen.initial_seed() % 2**31)
+    x64 = torch.randn(T, B, I, dtype=torch.float64, generator=gen)
+    h064 = torch.randn(2, B, H, dtype=torch.float64, generator=gen) * 0.5
+    rs = _resets(T, B, gen)
+    gout = torch.randn(T, B, 2 * H, dtype=torch.float64, generator=gen)
+
+    def make_input(mod, dtype, device):
+        x = x64.to(device, dtype).detach().clone().requires_grad_()
+        h0 = h064.to(device, dtype).detach().clone().requires_grad_()
+        out, hn = mod(x, h0, resets=rs.to(device))
+        ((out * gout.to(device, dtype)).sum() + hn.sum()).backward()
+        return out, hn, {"x": x, "h0": h0}
+
+    # nn.GRU has no resets: the baseline is the reference backend in float32
+    log = testing.OpLog()
+    with log:
+        want, got, base = _module_runs(dict(bidirectional=True), I, H, make_input,
+                                       reset_after, nn_baseline=False)
+    assert any("triton_fwd" in n for n in log.names) and any("triton_bwd" in n for n in log.names)
+    _assert_module_within_budget(want, got, base)
