@@ -35,6 +35,16 @@
 // reading the packed W slice from global memory / L2: GEMM + elementwise still fused in
 // one kernel.  make_plan() is the dispatcher's view of that limit (fusedgru::_cuda_plan).
 //
+// Sequence structure (batch_sizes, resets: gru_common.h Layout; in the kernels,
+// gru_kernels.cuh "Sequence structure").  Packed: the same kernels with B = batch_sizes[0]
+// and a device table of (first row, rows) per step: a step loads, computes and stores its
+// active rows only (batch tiles past them are skipped, no padded work); rows past a
+// sequence's end keep their last state in the per-row buffers, unread.  Resets: a (T, B)
+// bool pointer: the forward stages zeros as the state entering a restarted row (h0 masked
+// here for step 0, the kernels at the end of step t-1 for step t, y keeps the true h); the
+// backward reads h_{t-1} as zeros there and drops the dh that step carries back.  Dense
+// calls pass nullptr for both and take the code path they took before.
+//
 // Every launch is on the current stream under a CUDAGuard; offsets into (T, B, ...) tensors
 // are 64-bit; nothing synchronises with the host.
 //
@@ -211,10 +221,37 @@ void check_cuda(const char* op, const Tensor& x) {
               op, ": supports float32, float64, float16 and bfloat16, got ", st);
 }
 
+// The kernels' view of the sequence structure (gru_kernels.cuh, "Sequence structure"):
+// the (T, 2) int64 table of (first row, rows) per step of a packed batch on the device,
+// copied once per call from pinned memory without a host sync (undefined when dense: the
+// kernels get nullptr and take the dense path), and resets' (T, B) bool data (or nullptr).
+struct SeqArgs {
+  Tensor steps;
+  const int64_t* steps_ptr = nullptr;
+  const bool* resets_ptr = nullptr;
+};
+
+SeqArgs seq_args(const Layout& lay, const Tensor& x) {
+  SeqArgs s;
+  if (lay.packed && lay.T > 0) {
+    Tensor host = at::empty({lay.T, 2}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    int64_t* h = host.data_ptr<int64_t>();
+    for (int64_t t = 0; t < lay.T; ++t) {
+      h[2 * t] = lay.offsets[t];
+      h[2 * t + 1] = lay.sizes[t];
+    }
+    s.steps = host.to(x.device(), /*non_blocking=*/true);
+    s.steps_ptr = s.steps.data_ptr<int64_t>();
+  }
+  if (lay.has_resets()) s.resets_ptr = lay.resets.data_ptr<bool>();
+  return s;
+}
+
 template <typename scalar_t, typename op_at, typename acc_t, bool TC>
 void launch_forward(const Dims& d, const Tensor& x, const std::optional<Tensor>& h0_,
                     const Tensor& w_hh, const Tensor& gi, const Tensor& bhh, bool reset_after,
-                    Tensor& y, Tensor& ws /* (T,B,4H), or undefined: not kept */) {
+                    const Layout& lay, Tensor& y,
+                    Tensor& ws /* like y with 4H, or undefined: not kept */) {
   const int dev = x.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
   using sc = typename Native<scalar_t>::type;
@@ -231,9 +268,13 @@ void launch_forward(const Dims& d, const Tensor& x, const std::optional<Tensor>&
   Tensor hbuf = at::zeros({2, g.Bp, g.Hp}, x.options().dtype(op_type));
   Tensor rhbuf = reset_after ? Tensor() : at::zeros({g.Bp, g.Hp}, x.options().dtype(op_type));
   if (h0_.has_value()) {
-    hstate.narrow(1, 0, d.H).copy_(*h0_);
-    hbuf[0].narrow(0, 0, d.B).narrow(1, 0, d.H).copy_(*h0_);
+    // The state entering step 0, staged as the kernels stage the others: zeros where
+    // resets[0] restarts a row.
+    const Tensor h0 = lay.has_resets() ? h0_->masked_fill(lay.resets[0].unsqueeze(1), 0) : *h0_;
+    hstate.narrow(1, 0, d.H).copy_(h0);
+    hbuf[0].narrow(0, 0, d.B).narrow(1, 0, d.H).copy_(h0);
   }
+  const SeqArgs seq = seq_args(lay, x);
   FwdArgs<sc, opt, acc_t> p;
   p.g = g;
   p.gi = nat<scalar_t>(gi);
@@ -245,6 +286,8 @@ void launch_forward(const Dims& d, const Tensor& x, const std::optional<Tensor>&
   p.zstate = reset_after ? nullptr : zstate.data_ptr<acc_t>();
   p.hbuf = nat_mut<op_at>(hbuf);
   p.rhbuf = reset_after ? nullptr : nat_mut<op_at>(rhbuf);
+  p.steps = seq.steps_ptr;
+  p.resets = seq.resets_ptr;
   p.reset_after = reset_after;
   if (pl.persistent) {
     int64_t w_bytes = pl.w_bytes;
@@ -266,7 +309,7 @@ void launch_forward(const Dims& d, const Tensor& x, const std::optional<Tensor>&
 
 // The forward of gru_fwd (save_ws: ws (T, B, 4H) keeps r, z, n, hn of every step for the
 // backward) and of gru_infer (no ws: the kernels skip those stores).  Returns {y (T, B, H),
-// ws (T, B, 4H) or an undefined tensor}.
+// ws (T, B, 4H) or an undefined tensor}; packed: (N, H) and (N, 4H).
 std::tuple<Tensor, Tensor> forward_cuda(const char* op, bool save_ws, const Tensor& x_,
                                         const std::optional<Tensor>& h0_, const Tensor& w_ih_,
                                         const Tensor& w_hh_, const std::optional<Tensor>& b_ih_,
@@ -276,20 +319,19 @@ std::tuple<Tensor, Tensor> forward_cuda(const char* op, bool save_ws, const Tens
   Layout lay;
   const Dims d = check_inputs(op, x_, h0_, w_ih_, w_hh_, b_ih_, b_hh_, batch_sizes, resets, lay);
   check_cuda(op, x_);
-  TORCH_CHECK(!lay.packed && !lay.has_resets(), op,
-              ": batch_sizes and resets are not implemented by the cuda kernels yet");
   const c10::cuda::CUDAGuard guard(x_.device());
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  Tensor y = at::empty({d.T, d.B, d.H}, x.options());
-  Tensor ws = save_ws ? at::empty({d.T, d.B, 4 * d.H}, x.options()) : Tensor();
+  Tensor y = at::empty(rows_shape(lay, d.H), x.options());
+  Tensor ws = save_ws ? at::empty(rows_shape(lay, 4 * d.H), x.options()) : Tensor();
   poison(y);
   if (save_ws) poison(ws);
   if (d.T == 0 || d.B == 0) return {y, ws};
-  const Tensor x2 = x.view({d.T * d.B, d.I});
+  const Tensor x2 = x.view({lay.N, d.I});
   const Tensor gi = b_ih_.has_value() ? at::addmm(*b_ih_, x2, w_ih.t()) : at::mm(x2, w_ih.t());
   const Tensor bhh = b_hh_.has_value() ? b_hh_->contiguous() : Tensor();
 
-  FUSEDGRU_DISPATCH(x.scalar_type(), launch_forward, d, x, h0_, w_hh, gi, bhh, reset_after, y, ws);
+  FUSEDGRU_DISPATCH(x.scalar_type(), launch_forward, d, x, h0_, w_hh, gi, bhh, reset_after, lay, y,
+                    ws);
   return {y, ws};
 }
 
@@ -316,7 +358,8 @@ Tensor gru_infer_cuda(const Tensor& x, const std::optional<Tensor>& h0, const Te
 template <typename scalar_t, typename op_at, typename acc_t, bool TC>
 void launch_backward(const Dims& d, const Tensor& grad_y, const Tensor& x,
                      const std::optional<Tensor>& h0, const Tensor& w_hh, const Tensor& y,
-                     const Tensor& ws, bool reset_after, Tensor& dgi, Tensor& dgh, Tensor& dh0) {
+                     const Tensor& ws, bool reset_after, const Layout& lay, Tensor& dgi,
+                     Tensor& dgh, Tensor& dh0) {
   const int dev = x.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
   using sc = typename Native<scalar_t>::type;
@@ -330,6 +373,7 @@ void launch_backward(const Dims& d, const Tensor& grad_y, const Tensor& x,
   const Tensor wpack = pack_backward(w_hh, g, op_type);
   Tensor dhs = at::zeros({d.B, g.Hp}, x.options().dtype(acc_type));
   Tensor gbuf = at::zeros({2, g.Bp, 3 * g.Hp}, x.options().dtype(op_type));
+  const SeqArgs seq = seq_args(lay, x);
   BwdArgs<sc, opt, acc_t> p;
   p.g = g;
   p.gy = nat<scalar_t>(grad_y);
@@ -342,6 +386,8 @@ void launch_backward(const Dims& d, const Tensor& grad_y, const Tensor& x,
   p.dhs = dhs.data_ptr<acc_t>();
   p.gbuf = nat_mut<op_at>(gbuf);
   p.dh0 = nat_mut<scalar_t>(dh0);
+  p.steps = seq.steps_ptr;
+  p.resets = seq.resets_ptr;
   p.reset_after = reset_after;
   if (pl.persistent) {
     int64_t w_bytes = pl.w_bytes;
@@ -372,15 +418,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cuda(
                               resets, lay);
   check_backward_extra(op, d, lay, x_, grad_y_, y_, ws_);
   check_cuda(op, x_);
-  TORCH_CHECK(!lay.packed && !lay.has_resets(), op,
-              ": batch_sizes and resets are not implemented by the cuda kernels yet");
   const c10::cuda::CUDAGuard guard(x_.device());
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor grad_y = grad_y_.contiguous(), y = y_.contiguous(), ws = ws_.contiguous();
   const std::optional<Tensor> h0 =
       h0_.has_value() ? std::optional<Tensor>(h0_->contiguous()) : std::nullopt;
-  Tensor dgh = at::empty({d.T, d.B, 3 * d.H}, x.options());
-  Tensor dgi = reset_after ? at::empty({d.T, d.B, 3 * d.H}, x.options()) : dgh;
+  Tensor dgh = at::empty(rows_shape(lay, 3 * d.H), x.options());
+  Tensor dgi = reset_after ? at::empty(rows_shape(lay, 3 * d.H), x.options()) : dgh;
   Tensor dh0 = at::empty({d.B, d.H}, x.options());
   poison(dgh);
   poison(dgi);
@@ -389,7 +433,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cuda(
     dh0.zero_();
   } else {
     FUSEDGRU_DISPATCH(x.scalar_type(), launch_backward, d, grad_y, x, h0, w_hh, y, ws,
-                      reset_after, dgi, dgh, dh0);
+                      reset_after, lay, dgi, dgh, dh0);
   }
   const Tensor hprev = states_before(h0, y, lay);
   auto [dx, dw_ih, dw_hh, db_ih, db_hh] = weight_grads(dgi, dgh, x, w_ih, hprev, ws, reset_after);

@@ -190,17 +190,45 @@ __device__ __forceinline__ acc_t tile_sum(const Geom& g, const acc_t* acc, int m
 }
 
 // ---------------------------------------------------------------------------------------
+// Sequence structure (gru_common.h Layout): which rows a step computes, and resets.
+//   steps   (T, 2) int64 on the device: (first row, rows) of each step of a packed batch
+//           (rows non-increasing, rows(0) = B), or nullptr: dense, step t is rows
+//           [t B, t B + B).  Only a step's rows(t) rows are loaded, computed and stored;
+//           its batch tiles stop at the last tile holding one of them.
+//   resets  (T, B) bool on the device, or nullptr: resets[t B + b] makes the state entering
+//           step t of row b zeros (the forward stages zeros for it at the end of step t-1,
+//           the launch for h0; the backward reads h_{t-1} as zeros and drops the dh that
+//           step t carries back).  Dense only.
+// A row active at step t >= 1 was active at step t-1 at the same position b, so all the
+// per-row state (hstate, dhs, the ping-pong buffers) stays indexed by b.
+// ---------------------------------------------------------------------------------------
+
+struct StepSpan {
+  int64_t first, rows;
+};
+
+__device__ __forceinline__ StepSpan step_span(const int64_t* steps, int64_t t, int64_t B) {
+  if (steps) return StepSpan{steps[2 * t], steps[2 * t + 1]};
+  return StepSpan{t * B, B};
+}
+
+// Batch tiles of 16 rows that hold a step's `rows` rows.
+__device__ __forceinline__ int row_tiles(int64_t rows) { return static_cast<int>((rows + 15) / 16); }
+
+// ---------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------
 
 template <typename scalar_t, typename op_t, typename acc_t>
 struct FwdArgs {
   Geom g;
-  const scalar_t* gi;    // (T, B, 3H)  x W_ih^T + b_ih
+  const scalar_t* gi;    // (T, B, 3H)  x W_ih^T + b_ih  (rows laid out like x: (N, 3H) packed)
   const scalar_t* bhh;   // (3H,) or nullptr
   const op_t* wpack;     // (NB, 3, 16, ldw)  rows of W_hh per block, zero padded
   scalar_t* y;           // (T, B, H)
   scalar_t* ws;          // (T, B, 4H)   [r, z, n, hn], or nullptr (gru_infer: not kept)
+  const int64_t* steps;  // (T, 2) (first, rows) of a packed batch, or nullptr (dense)
+  const bool* resets;    // (T, B), or nullptr
   acc_t* hstate;         // (B, Hp)  the state in the accumulation type (own units only)
   acc_t* zstate;         // (B, Hp)  z between the two phases of reset_after=False
   op_t* hbuf;            // (2, Bp, Hp)  h_t as MMA operand, ping-pong; hbuf[0] = h0
@@ -217,10 +245,15 @@ __device__ void fwd_phase(const FwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
   const op_t* hin = p.hbuf + (t & 1) * static_cast<int64_t>(g.Bp) * Hp;
   op_t* hout = p.hbuf + ((t + 1) & 1) * static_cast<int64_t>(g.Bp) * Hp;
   auto bias = [&](int64_t k) { return p.bhh ? acc_t(ldf(p.bhh + k)) : acc_t(0); };
+  const StepSpan span = step_span(p.steps, t, B);
+  const int MT = row_tiles(span.rows);
+  // The state this step publishes for row b: h, or zeros where step t+1 restarts row b.
+  const bool* restart = p.resets && t + 1 < g.T ? p.resets + (t + 1) * B : nullptr;
+  auto staged = [&](int64_t b, acc_t h) { return restart && restart[b] ? acc_t(0) : h; };
 
-  for (int mt0 = 0; mt0 < g.MT; mt0 += kMaxMTilesPerPass) {
-    const int mt1 = min(g.MT, mt0 + kMaxMTilesPerPass), mtp = mt1 - mt0;
-    const int64_t b_end = imin64(B, static_cast<int64_t>(mt1) * 16);
+  for (int mt0 = 0; mt0 < MT; mt0 += kMaxMTilesPerPass) {
+    const int mt1 = min(MT, mt0 + kMaxMTilesPerPass), mtp = mt1 - mt0;
+    const int64_t b_end = imin64(span.rows, static_cast<int64_t>(mt1) * 16);
     const int64_t b_beg = static_cast<int64_t>(mt0) * 16;
     if (p.reset_after) {
       block_gemm<op_t, acc_t, TC>(g, hin, Hp, W, 3, Hp, mt0, mt1, acc);
@@ -229,7 +262,7 @@ __device__ void fwd_phase(const FwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
         const int jj = static_cast<int>(e % kUnits);
         const int64_t j = j0 + jj;
         if (j >= H) continue;
-        const int64_t row = t * B + b;
+        const int64_t row = span.first + b;
         const scalar_t* gir = p.gi + row * 3 * H;
         const acc_t hr = tile_sum(g, acc, mt0, mtp, 3, b, 0, jj) + bias(j);
         const acc_t hz = tile_sum(g, acc, mt0, mtp, 3, b, 1, jj) + bias(H + j);
@@ -239,7 +272,8 @@ __device__ void fwd_phase(const FwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
         const acc_t n = tanh_(acc_t(ldf(gir + 2 * H + j)) + r * hn);
         const acc_t hp = p.hstate[b * Hp + j];
         const acc_t h = n + z * (hp - n);
-        p.hstate[b * Hp + j] = h;
+        const acc_t hs = staged(b, h);
+        p.hstate[b * Hp + j] = hs;
         stf(p.y + row * H + j, h);
         if (p.ws) {
           scalar_t* wsr = p.ws + row * 4 * H;
@@ -248,7 +282,7 @@ __device__ void fwd_phase(const FwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
           stf(wsr + 2 * H + j, n);
           stf(wsr + 3 * H + j, hn);
         }
-        stf(hout + b * Hp + j, h);
+        stf(hout + b * Hp + j, hs);
       }
     } else if (phase == 0) {  // r, z from h_{t-1}; publish r (.) h_{t-1}
       block_gemm<op_t, acc_t, TC>(g, hin, Hp, W, 2, Hp, mt0, mt1, acc);
@@ -257,7 +291,7 @@ __device__ void fwd_phase(const FwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
         const int jj = static_cast<int>(e % kUnits);
         const int64_t j = j0 + jj;
         if (j >= H) continue;
-        const int64_t row = t * B + b;
+        const int64_t row = span.first + b;
         const scalar_t* gir = p.gi + row * 3 * H;
         const acc_t r = sigm(acc_t(ldf(gir + j)) + tile_sum(g, acc, mt0, mtp, 2, b, 0, jj) + bias(j));
         const acc_t z =
@@ -276,19 +310,20 @@ __device__ void fwd_phase(const FwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
         const int jj = static_cast<int>(e % kUnits);
         const int64_t j = j0 + jj;
         if (j >= H) continue;
-        const int64_t row = t * B + b;
+        const int64_t row = span.first + b;
         const acc_t hn = tile_sum(g, acc, mt0, mtp, 1, b, 0, jj) + bias(2 * H + j);
         const acc_t n = tanh_(acc_t(ldf(p.gi + row * 3 * H + 2 * H + j)) + hn);
         const acc_t z = p.zstate[b * Hp + j];
         const acc_t hp = p.hstate[b * Hp + j];
         const acc_t h = n + z * (hp - n);
-        p.hstate[b * Hp + j] = h;
+        const acc_t hs = staged(b, h);
+        p.hstate[b * Hp + j] = hs;
         stf(p.y + row * H + j, h);
         if (p.ws) {
           stf(p.ws + row * 4 * H + 2 * H + j, n);
           stf(p.ws + row * 4 * H + 3 * H + j, hn);
         }
-        stf(hout + b * Hp + j, h);
+        stf(hout + b * Hp + j, hs);
       }
     }
     __syncthreads();  // acc is reused by the next pass / phase
@@ -358,10 +393,15 @@ struct BwdArgs {
   acc_t* dhs;           // (B, Hp): g z (+ d_rh r) of the step just done, own units
   op_t* gbuf;           // (2, Bp, 3Hp): dgh of a step as MMA operand, ping-pong
   scalar_t* dh0;        // (B, H)
+  const int64_t* steps; // (T, 2) (first, rows) of a packed batch, or nullptr (dense)
+  const bool* resets;   // (T, B), or nullptr
   bool reset_after;
 };
 
 // phase 0 / 1: step t (phase 1 only for reset_after=False); phase 2: dh0 after the loop.
+// The dh that step tn carries back (dhs + dgh_tn W_hh, summed where it is consumed: at
+// step tn - 1, or in phase 2 for tn = 0) reaches row b only if b was active at step tn and
+// step tn did not restart it (resets).
 template <typename scalar_t, typename op_t, typename acc_t, bool TC>
 __device__ void bwd_phase(const BwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W, acc_t* acc,
                           int64_t t, int phase) {
@@ -373,11 +413,19 @@ __device__ void bwd_phase(const BwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
   const int Krec = p.reset_after ? 3 * g.Hp : 2 * g.Hp;  // K of the product that yields dh
   const op_t* gin = p.gbuf + ((t + 1) & 1) * buf;          // dgh_{t+1}
   op_t* gout = p.gbuf + (t & 1) * buf;                      // dgh_t
-  const bool has_next = phase == 2 || t < T - 1;
+  const int64_t tn = phase == 2 ? 0 : t + 1;  // the step whose dh is consumed (phase 0, 2)
+  const bool has_next = tn < T;
+  // Rows of this step (phase 2: all B rows of step 0), rows of step tn, first row of t-1.
+  const StepSpan span = phase == 2 ? StepSpan{0, B} : step_span(p.steps, t, B);
+  const int64_t carry_rows = !has_next ? 0 : phase == 2 ? B : step_span(p.steps, tn, B).rows;
+  const int64_t prev_first = t > 0 ? step_span(p.steps, t - 1, B).first : 0;
+  const bool* carry_reset = p.resets && has_next ? p.resets + tn * B : nullptr;
+  const bool* fresh = p.resets && phase != 2 ? p.resets + t * B : nullptr;  // h_{t-1} = 0
+  const int MT = row_tiles(span.rows);
 
-  for (int mt0 = 0; mt0 < g.MT; mt0 += kMaxMTilesPerPass) {
-    const int mt1 = min(g.MT, mt0 + kMaxMTilesPerPass), mtp = mt1 - mt0;
-    const int64_t b_end = imin64(B, static_cast<int64_t>(mt1) * 16);
+  for (int mt0 = 0; mt0 < MT; mt0 += kMaxMTilesPerPass) {
+    const int mt1 = min(MT, mt0 + kMaxMTilesPerPass), mtp = mt1 - mt0;
+    const int64_t b_end = imin64(span.rows, static_cast<int64_t>(mt1) * 16);
     const int64_t b_beg = static_cast<int64_t>(mt0) * 16;
     if (phase == 1) {
       // d(r h) = da_n W_hn for own units; da_n of every unit is in gout's n columns.
@@ -393,16 +441,19 @@ __device__ void bwd_phase(const BwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
       const int64_t j = j0 + jj;
       if (j >= H) continue;
       const acc_t mm = has_next || phase == 1 ? tile_sum(g, acc, mt0, mtp, 1, b, 0, jj) : acc_t(0);
+      // phase 0 / 2: whether the dh carried from step tn reaches this row
+      const bool carried = b < carry_rows && !(carry_reset && carry_reset[b]);
       acc_t* dhs = p.dhs + b * Hp + j;
       if (phase == 2) {
-        stf(p.dh0 + b * H + j, *dhs + mm);
+        stf(p.dh0 + b * H + j, carried ? *dhs + mm : acc_t(0));
         continue;
       }
-      const int64_t row = t * B + b;
+      const int64_t row = span.first + b;
       const scalar_t* wsr = p.ws + row * 4 * H;
       const acc_t r = ldf(wsr + j), z = ldf(wsr + H + j);
-      const acc_t h = t > 0 ? acc_t(ldf(p.y + (row - B) * H + j))
-                            : (p.h0 ? acc_t(ldf(p.h0 + b * H + j)) : acc_t(0));
+      const acc_t h = fresh && fresh[b] ? acc_t(0)
+                      : t > 0           ? acc_t(ldf(p.y + (prev_first + b) * H + j))
+                                        : (p.h0 ? acc_t(ldf(p.h0 + b * H + j)) : acc_t(0));
       scalar_t* dghr = p.dgh + row * 3 * H;
       op_t* go = gout + b * 3 * Hp;
       if (phase == 1) {
@@ -412,7 +463,8 @@ __device__ void bwd_phase(const BwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
         *dhs += mm * r;
         continue;
       }
-      const acc_t gg = acc_t(ldf(p.gy + row * H + j)) + *dhs + mm;
+      const acc_t gy = ldf(p.gy + row * H + j);
+      const acc_t gg = carried ? gy + *dhs + mm : gy;
       const acc_t n = ldf(wsr + 2 * H + j);
       const acc_t da_n = gg * (acc_t(1) - z) * (acc_t(1) - n * n);
       const acc_t da_z = gg * (h - n) * z * (acc_t(1) - z);

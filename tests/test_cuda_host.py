@@ -14,10 +14,15 @@ Each case runs gru_fwd, gru_infer and gru_bwd (on gru_fwd's y and ws) on poisone
 outputs; y, ws and the six gradients (the weight gradients from the kernels' dgi / dgh as
 gru_common.h's weight_grads computes them) are held to SPEC section 5's budget against the
 float64 reference, gru_infer's y must be bitwise gru_fwd's, and the sanitizer must report
-nothing.  test_mutant_is_caught builds mutated copies of the kernel source (a grid.sync()
-removed from the forward, one from the backward, a __syncthreads() removed, a loop bound off
-by one, the plan's shared memory one element short) and requires each to be caught by the
-sanitizer meant for it.
+nothing.  The sequence structure (issue 19) runs through the same kernels: packed batches
+(batch_sizes: skewed lengths, ties, length 1, rows dropping below a tile and a 128-row pass)
+and resets (random, at t = 0, at the last step), every dtype under AddressSanitizer, every
+formulation x path under both sanitizers, against the reference run with the same
+batch_sizes / resets.  test_mutant_is_caught builds mutated copies of the kernel source (a
+grid.sync() removed from the forward, one from the backward, a __syncthreads() removed, a
+loop bound off by one, the plan's shared memory one element short, the forward's reset mask
+dropped, the backward's dh carried across a reset, a packed step's rows ignored) and
+requires each to be caught by the sanitizer meant for it, or by the error budget.
 
 Builds are cached under build/cuda-host/ by the hash of the sources, flags and compiler, so
 each variant compiles once.  What this proves and what only a GPU can prove:
@@ -263,27 +268,96 @@ class Spec:
     reset_after: bool
     h0: bool = True
     bias: bool = True
+    # The sequence structure (gru_common.h Layout), at most one of:
+    lengths: Optional[Tuple[int, ...]] = None  # packed: B non-increasing lengths, first = T
+    resets: Optional[str] = None  # dense with resets: a pattern of RESET_PATTERNS
 
     @property
     def id(self) -> str:
+        seq = ""
+        if self.lengths is not None:  # run-length: 6x2.5.1 = lengths 6, 6, 5, 1
+            runs = []
+            for n in self.lengths:
+                if runs and runs[-1][0] == n:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([n, 1])
+            seq = "-packed" + ".".join(f"{n}x{k}" if k > 1 else str(n) for n, k in runs)
+        elif self.resets is not None:
+            seq = f"-resets-{self.resets}"
         return (f"{self.dtype}-{self.path}-{'after' if self.reset_after else 'before'}-"
                 f"T{self.T}B{self.B}H{self.H}{'' if self.h0 else '-noh0'}"
-                f"{'' if self.bias else '-nobias'}")
+                f"{'' if self.bias else '-nobias'}{seq}")
+
+    def batch_sizes(self) -> Optional[List[int]]:
+        if self.lengths is None:
+            return None
+        return [sum(n > t for n in self.lengths) for t in range(self.T)]
+
+    def reset_mask(self) -> Optional[torch.Tensor]:
+        if self.resets is None:
+            return None
+        return RESET_PATTERNS[self.resets](self.T, self.B, zlib.crc32(self.id.encode()))
+
+    def seq_arg(self) -> str:
+        """The harness's SEQ argument (csrc/host/gru_host_main.cpp usage)."""
+        if self.lengths is not None:
+            return "packed=" + ",".join(map(str, self.batch_sizes()))
+        if self.resets is not None:
+            return "resets=" + "".join("1" if v else "0" for v in self.reset_mask().flatten())
+        return "dense"
+
+
+def _random_resets(T: int, B: int, seed: int) -> torch.Tensor:
+    """Bernoulli(0.3) resets anywhere, with at least one at t = 0 and one at t = T - 1."""
+    m = torch.rand(T, B, generator=torch.Generator().manual_seed(seed)) < 0.3
+    m[0, 0] = m[T - 1, B - 1] = True
+    return m
+
+
+def _edge_resets(T: int, B: int, seed: int) -> torch.Tensor:
+    """Resets at the edges only: step 0 of the even rows (h0 dropped, dh0 zero there), the
+    last step of the odd rows (the dh it carries back dropped)."""
+    m = torch.zeros(T, B, dtype=torch.bool)
+    m[0, 0::2] = True
+    m[T - 1, 1::2] = True
+    return m
+
+
+RESET_PATTERNS = {"random": _random_resets, "edges": _edge_resets}
+
+
+def states_before(h0, y2, batch_sizes, resets, B, H):
+    """gru_common.h states_before: the state entering each row's step, laid out like y2
+    (N, H): h0 (zeros if absent) at step 0, else the same row of the step before; zeros
+    where a reset restarts the row."""
+    sizes = batch_sizes if batch_sizes is not None else [B] * (y2.shape[0] // max(B, 1))
+    prev = h0 if h0 is not None else y2.new_zeros(B, H)
+    parts, first = [], 0
+    for t, rows in enumerate(sizes):
+        hp = prev[:rows]
+        if resets is not None:
+            hp = hp.masked_fill(resets[t, :rows].unsqueeze(1), 0)
+        parts.append(hp)
+        prev = y2[first:first + rows]
+        first += rows
+    return torch.cat(parts, 0)
 
 
 def weight_grads(dgi, dgh, x, w_ih, hprev, ws, reset_after):
     """gru_common.h weight_grads (the ATen epilogue after the CUDA reverse-time loop), in
-    the kernel's dtype: (dx, dw_ih, dw_hh, db_ih, db_hh) from the kernels' dgi, dgh."""
-    T, B, I = x.shape
-    H = hprev.shape[2]
-    dgi2, dgh2 = dgi.reshape(T * B, 3 * H), dgh.reshape(T * B, 3 * H)
-    x2, hp2 = x.reshape(T * B, I), hprev.reshape(T * B, H)
-    dx = (dgi2 @ w_ih).view(T, B, I)
+    the kernel's dtype: (dx, dw_ih, dw_hh, db_ih, db_hh) from the kernels' dgi, dgh, over
+    all N rows (T * B dense, the packed rows)."""
+    I, H = x.shape[-1], hprev.shape[-1]
+    N = x.numel() // I
+    dgi2, dgh2 = dgi.reshape(N, 3 * H), dgh.reshape(N, 3 * H)
+    x2, hp2 = x.reshape(N, I), hprev.reshape(N, H)
+    dx = (dgi2 @ w_ih).view(x.shape)
     dw_ih = dgi2.T @ x2
     if reset_after:
         dw_hh = dgh2.T @ hp2
     else:  # rows r, z multiply h; rows n multiply r * h
-        rh = ws.reshape(T * B, 4 * H)[:, :H] * hp2
+        rh = ws.reshape(N, 4 * H)[:, :H] * hp2
         dw_hh = torch.cat([dgh2[:, :2 * H].T @ hp2, dgh2[:, 2 * H:].T @ rh], 0)
     db_hh = dgh2.sum(0)
     db_ih = dgi2.sum(0) if reset_after else db_hh.clone()
@@ -336,19 +410,23 @@ def run_case(variant: str, exe: str, spec: Spec, env_extra: Optional[Dict[str, s
     T, B, H, I = spec.T, spec.B, spec.H, 5
     dt = DTYPES[spec.dtype]
     g = torch.Generator().manual_seed(zlib.crc32(spec.id.encode()))
+    resets = spec.reset_mask()
     case = testing.make_layer_case(T, B, I, H, reset_after=spec.reset_after, with_h0=spec.h0,
-                                   bias=spec.bias, generator=g)
+                                   bias=spec.bias, generator=g, lengths=spec.lengths,
+                                   resets=resets)
+    batch_sizes = case.batch_sizes
+    N = T * B if batch_sizes is None else int(batch_sizes.sum())
     x, h0, w_ih, w_hh, b_ih, b_hh = case.args(dtype=dt)
     gy = case.grad_y.to(dt)
     with _precision(spec.dtype):  # gi as forward_cuda computes it: one GEMM in the dtype
-        x2 = x.view(T * B, I)
+        x2 = x.view(N, I)
         gi = torch.addmm(b_ih, x2, w_ih.t()) if b_ih is not None else torch.mm(x2, w_ih.t())
     inputs = [gi, w_hh] + ([b_hh] if spec.bias else []) + ([h0] if spec.h0 else []) + [gy]
     with tempfile.TemporaryDirectory() as d:
         fin, fout = os.path.join(d, "in"), os.path.join(d, "out")
         np.concatenate([t.double().reshape(-1).numpy() for t in inputs]).tofile(fin)
         cmd = [exe, spec.dtype, spec.path, str(T), str(B), str(H), str(int(spec.reset_after)),
-               str(int(spec.h0)), str(int(spec.bias)), fin, fout]
+               str(int(spec.h0)), str(int(spec.bias)), fin, fout, spec.seq_arg()]
         try:
             r = execute(variant, cmd, env_extra, timeout)
         except subprocess.TimeoutExpired as e:
@@ -357,8 +435,9 @@ def run_case(variant: str, exe: str, spec: Spec, env_extra: Optional[Dict[str, s
         if not os.path.exists(fout):
             return res
         out = torch.from_numpy(np.fromfile(fout))
-    sizes = {"y": (T, B, H), "ws": (T, B, 4 * H), "y_infer": (T, B, H), "dgi": (T, B, 3 * H),
-             "dgh": (T, B, 3 * H), "dh0": (B, H)}
+    rows = (T, B) if batch_sizes is None else (N,)
+    sizes = {"y": (*rows, H), "ws": (*rows, 4 * H), "y_infer": (*rows, H),
+             "dgi": (*rows, 3 * H), "dgh": (*rows, 3 * H), "dh0": (B, H)}
     got, o = {}, 0
     for k, shape in sizes.items():
         n = int(np.prod(shape))
@@ -367,17 +446,17 @@ def run_case(variant: str, exe: str, spec: Spec, env_extra: Optional[Dict[str, s
     assert o == out.numel(), "the harness wrote an unexpected number of values"
 
     with _precision(spec.dtype):
-        hprev = torch.cat([(h0 if h0 is not None else x.new_zeros(B, H)).unsqueeze(0),
-                           got["y"][:-1]], 0)
+        hprev = states_before(h0, got["y"].reshape(N, H), spec.batch_sizes(), resets, B, H)
         grads = weight_grads(got["dgi"], got["dgh"], x, w_ih, hprev, got["ws"], spec.reset_after)
     got.update(dict(zip(("dx", "dw_ih", "dw_hh", "db_ih", "db_hh"), grads)))
     res.infer_equal = torch.equal(got["y"], got["y_infer"])
 
     def run_reference(dtype):
         args = case.args(dtype=dtype)
-        y, ws = reference.gru_layer_forward(*args, spec.reset_after)
+        seq = case.seq_args()
+        y, ws = reference.gru_layer_forward(*args, spec.reset_after, *seq)
         gr = reference.gru_layer_backward(case.grad_y.to(dtype), args[0], args[1], args[2],
-                                          args[3], y, ws, spec.reset_after)
+                                          args[3], y, ws, spec.reset_after, *seq)
         return dict(y=y, ws=ws, **dict(zip(testing.GRAD_NAMES, gr)))
 
     oracle = run_reference(torch.float64)
@@ -399,9 +478,43 @@ SHAPES = [(1, 1, 1, False, True), (2, 3, 17, True, False), (5, 17, 33, True, Tru
           (5, 33, 3, False, True)]
 COMBOS = [(ra, path) for ra in (True, False) for path in ("persistent", "step")]
 
+# The sequence structure (issue 19), T, B, H, h0, bias + lengths / resets pattern.
+# Packed: only a step's active rows are computed (the batch tiles shrink with them).
+PACKED = [
+    # rows 19, 17, 8, 5, 3, 2: two batch tiles, then one; ties; length 1; 3 blocks
+    (6, 19, 33, True, True, (6, 6, 5, 4, 4, 3, 3, 3) + (2,) * 9 + (1, 1)),
+    # rows 3, 1, 1, 1: length-1 ties, one row left
+    (4, 3, 17, False, True, (4, 1, 1)),
+    # one sequence (packed but dense)
+    (3, 1, 3, True, False, (3,)),
+    # rows 130, 129, 2: two 128-row passes per phase, then one
+    (3, 130, 3, True, True, (3, 3) + (2,) * 127 + (1,)),
+]
+# Resets: random (at t = 0 and at the end among them), at the edges only, T = 1.
+RESETS = [
+    (5, 17, 33, True, True, "random"),
+    (2, 3, 17, True, False, "edges"),
+    (1, 1, 1, True, True, "random"),  # the only step restarts the only row: h0 unused
+    (5, 33, 3, False, True, "random"),
+]
+
+
+def _packed(dt: str, path: str, ra: bool, shape) -> Spec:
+    T, B, H, h0, bias, lengths = shape
+    return Spec(dt, path, T, B, H, ra, h0, bias, lengths=lengths)
+
+
+def _resets(dt: str, path: str, ra: bool, shape) -> Spec:
+    T, B, H, h0, bias, pattern = shape
+    return Spec(dt, path, T, B, H, ra, h0, bias, resets=pattern)
+
+
 # The case the mutants run (and which both clean builds must pass): 3 blocks, 2 batch tiles,
-# 5 steps, in float64 (the mutant builds compile float64 only).
+# 5 steps, in float64 (the mutant builds compile float64 only).  The sequence-structure
+# mutants run the same kind of case, packed or with resets.
 MUTANT_SPEC = Spec("f64", "persistent", 5, 17, 33, True)
+MUTANT_PACKED = _packed("f64", "persistent", True, PACKED[0])
+MUTANT_RESETS = _resets("f64", "persistent", True, RESETS[0])
 
 
 def _asan_specs() -> List[Spec]:
@@ -415,8 +528,15 @@ def _asan_specs() -> List[Spec]:
                 specs.append(Spec(dt, path, s[0], s[1], s[2], ra, s[3], s[4]))
     specs += [Spec("f32", "persistent", 2, 130, 3, True), Spec("bf16", "step", 2, 130, 3, False),
               Spec("bf16", "persistent", 2, 3, 130, False), Spec("f32", "step", 2, 3, 130, True)]
-    if MUTANT_SPEC not in specs:
-        specs.append(MUTANT_SPEC)
+    # Sequence structure: every dtype x formulation x path once packed and once with
+    # resets, the shapes rotating so that each meets every dtype and every combination.
+    for d, dt in enumerate(DTYPES):
+        for k, (ra, path) in enumerate(COMBOS):
+            specs.append(_packed(dt, path, ra, PACKED[(k + d) % len(PACKED)]))
+            specs.append(_resets(dt, path, ra, RESETS[(k + d) % len(RESETS)]))
+    for m in (MUTANT_SPEC, MUTANT_PACKED, MUTANT_RESETS):
+        if m not in specs:
+            specs.append(m)
     return specs
 
 
@@ -427,6 +547,11 @@ def _tsan_specs() -> List[Spec]:
     specs = [Spec(dt, path, 5, 17, 33, ra, h0=(path == "step"))
              for dt in ("f32", "bf16") for ra, path in COMBOS]
     specs += [Spec("bf16", "persistent", 2, 3, 130, False), MUTANT_SPEC]
+    # Sequence structure on 3 blocks: formulation x path, packed (19 -> 2 rows) and resets
+    # (random), the GEMM alternating between CUDA cores and wmma.
+    for k, (ra, path) in enumerate(COMBOS):
+        specs.append(_packed(("f32", "bf16")[k % 2], path, ra, PACKED[0]))
+        specs.append(_resets(("bf16", "f32")[k % 2], path, ra, RESETS[0]))
     return specs
 
 
@@ -446,7 +571,8 @@ def grid_results(harness, request):
         if name in _GRID_TESTS:
             wanted[_GRID_TESTS[name]].add(item.callspec.params["spec"])
         elif name == "test_mutant_is_caught":  # its control case
-            wanted[MUTANTS[item.callspec.params["name"]][0]].add(MUTANT_SPEC)
+            m = MUTANTS[item.callspec.params["name"]]
+            wanted[m[0]].add(m[4])
     cache: Dict[str, Dict[Spec, Result]] = {}
 
     def result(variant: str, spec: Spec) -> Result:
@@ -482,10 +608,42 @@ def test_grids_cover_the_issue():
     assert {s.reset_after for s in specs} == {True, False}
     assert {s.path for s in specs} == {"persistent", "step"}
     assert {1, 3, 17, 33} <= {s.B for s in specs} and {1, 3, 17, 33} <= {s.H for s in specs}
-    assert {s.T for s in specs} == {1, 2, 5}
+    assert {1, 2, 5} <= {s.T for s in specs}
     assert {s.h0 for s in specs} == {True, False} and {s.bias for s in specs} == {True, False}
     for dt in DTYPES:
         assert {(s.reset_after, s.path) for s in specs if s.dtype == dt} == set(COMBOS), dt
+
+
+def _structure(s: Spec) -> str:
+    return "packed" if s.lengths is not None else "resets" if s.resets is not None else "dense"
+
+
+def test_grids_cover_the_sequence_structure():
+    """Packed and resets, under both sanitizers, with both formulations and both paths;
+    every dtype packed and with resets under AddressSanitizer; packed lengths with ties and
+    length 1, steps whose rows drop below a 16-row tile and below a 128-row pass, a single
+    sequence; resets at t = 0, at the last step, random, and with and without h0."""
+    for variant, specs in GRIDS.items():
+        for st in ("packed", "resets"):
+            got = {(s.reset_after, s.path) for s in specs if _structure(s) == st}
+            assert got == set(COMBOS), (variant, st)
+    asan = GRIDS["asan"]
+    for dt in DTYPES:
+        for st in ("packed", "resets"):
+            assert {(s.reset_after, s.path) for s in asan
+                    if s.dtype == dt and _structure(s) == st} == set(COMBOS), (dt, st)
+    packed = [s for s in asan if s.lengths is not None]
+    sizes = [s.batch_sizes() for s in packed]
+    assert any(len(set(s.lengths)) < len(s.lengths) for s in packed)  # ties
+    assert any(1 in s.lengths and s.B > 1 for s in packed)  # length 1 beside longer ones
+    assert any(bs[0] > 16 >= bs[-1] for bs in sizes)  # two batch tiles, then one
+    assert any(bs[0] > 128 >= bs[-1] for bs in sizes)  # two 128-row passes, then one
+    assert any(s.B == 1 for s in packed)
+    masks = [(s, s.reset_mask()) for s in asan if s.resets is not None]
+    assert any(m[0].any() and s.h0 for s, m in masks)  # h0 dropped for some rows
+    assert any(m[-1].any() and s.T > 1 for s, m in masks)  # a restart at the last step
+    assert any(m[1:-1].any() for s, m in masks)  # and in between
+    assert {s.h0 for s, _ in masks} == {True, False}
 
 
 def test_shim_roundings_match_torch(harness):
@@ -527,28 +685,28 @@ MUTANTS = {
         "tsan",
         "    fwd_phase<scalar_t, op_t, acc_t, TC>(p, Ws, acc, t, 0);\n    grid.sync();\n",
         "    fwd_phase<scalar_t, op_t, acc_t, TC>(p, Ws, acc, t, 0);\n",
-        "WARNING: ThreadSanitizer: data race"),
+        "WARNING: ThreadSanitizer: data race", MUTANT_SPEC),
     # The same in the backward: dgh of step t+1 is read while another block writes dgh of
     # step t-1 into the same ping-pong half.
     "backward-grid-sync-removed": (
         "tsan",
         "    bwd_phase<scalar_t, op_t, acc_t, TC>(p, Ws, acc, t, 0);\n    grid.sync();\n",
         "    bwd_phase<scalar_t, op_t, acc_t, TC>(p, Ws, acc, t, 0);\n",
-        "WARNING: ThreadSanitizer: data race"),
+        "WARNING: ThreadSanitizer: data race", MUTANT_SPEC),
     # The barrier at the end of block_gemm: the elementwise threads read accumulator tiles
     # (shared memory) that other warps are still writing.
     "syncthreads-removed": (
         "tsan",
         "out[i] = acc_t(0);\n    }\n  }\n  __syncthreads();\n}\n",
         "out[i] = acc_t(0);\n    }\n  }\n}\n",
-        "WARNING: ThreadSanitizer: data race"),
+        "WARNING: ThreadSanitizer: data race", MUTANT_SPEC),
     # The (row, unit) loop of the reset_after=True forward runs one element too far: row B,
     # one past hstate's (B, Hp) rows.
     "loop-bound-off-by-one": (
         "asan",
         "for (int64_t e = threadIdx.x; e < (b_end - b_beg) * kUnits; e += kThreads) {",
         "for (int64_t e = threadIdx.x; e <= (b_end - b_beg) * kUnits; e += kThreads) {",
-        "ERROR: AddressSanitizer: heap-buffer-overflow"),
+        "ERROR: AddressSanitizer: heap-buffer-overflow", MUTANT_SPEC),
     # A planning error: the accumulator region one element short.  The host launch
     # allocates the plan's shared memory at its exact size, so the last tile's last element
     # is written one past it.
@@ -557,12 +715,32 @@ MUTANTS = {
         "pl.acc_bytes = static_cast<int64_t>(g.nsplit) * mtp * NC * kTileElems * acc_size;",
         "pl.acc_bytes = static_cast<int64_t>(g.nsplit) * mtp * NC * kTileElems * acc_size"
         " - acc_size;",
-        "ERROR: AddressSanitizer: heap-buffer-overflow"),
+        "ERROR: AddressSanitizer: heap-buffer-overflow", MUTANT_SPEC),
+    # Resets: the forward stages h instead of zeros for a row that step t+1 restarts (the
+    # reset mask dropped): no invalid access, wrong values (None: the error budget).
+    "forward-reset-mask-dropped": (
+        "asan",
+        "auto staged = [&](int64_t b, acc_t h) { return restart && restart[b] ? acc_t(0) : h; };",
+        "auto staged = [&](int64_t b, acc_t h) { (void)b; return h; };",
+        None, MUTANT_RESETS),
+    # Resets: the backward carries dh back across a restart.
+    "backward-reset-carry-kept": (
+        "asan",
+        "const bool carried = b < carry_rows && !(carry_reset && carry_reset[b]);",
+        "const bool carried = b < carry_rows;",
+        None, MUTANT_RESETS),
+    # Packed: the forward's rows run to the batch's B in the step's last tile instead of
+    # stopping at the step's rows: at the last step, rows past the packed data.
+    "packed-rows-ignored": (
+        "asan",
+        "const int64_t b_end = imin64(span.rows, static_cast<int64_t>(mt1) * 16);",
+        "const int64_t b_end = imin64(B, static_cast<int64_t>(mt1) * 16);",
+        "ERROR: AddressSanitizer: heap-buffer-overflow", MUTANT_PACKED),
 }
 
 
 def mutant_source(name: str) -> bytes:
-    variant, old, new, _ = MUTANTS[name]
+    variant, old, new, _, _ = MUTANTS[name]
     with open(os.path.join(CSRC, "gru_kernels.cuh")) as f:
         src = f.read()
     # The mutation must apply: if the kernel changed, this test must be updated, not pass.
@@ -581,15 +759,20 @@ def mutant_builds() -> Builds:
 
 @pytest.mark.parametrize("name", list(MUTANTS))
 def test_mutant_is_caught(name, mutant_builds, grid_results):
-    variant, _, _, report = MUTANTS[name]
-    control = grid_results(variant, MUTANT_SPEC)
+    variant, _, _, report, spec = MUTANTS[name]
+    control = grid_results(variant, spec)
     assert not control.problems(), f"the unmutated kernels fail this case: {control.problems()}"
     # Keep going after the first race, so the result is also measured against the reference.
-    res = run_case(variant, mutant_builds[name], MUTANT_SPEC,
+    res = run_case(variant, mutant_builds[name], spec,
                    {"TSAN_OPTIONS": "halt_on_error=0 exitcode=66"}, timeout=120)
     caught = res.problems()
     assert caught, f"mutant {name} passed: the harness cannot see it"
-    assert report in res.stderr, (f"mutant {name} was caught ({caught[:2]}) but not by the "
-                                  f"expected {variant} report {report!r}")
+    if report is None:  # a wrong value, no invalid access: the error budget must see it
+        assert res.wrong and not res.sanitizer_report, (
+            f"mutant {name} was caught ({caught[:2]}) but not by the error budget alone")
+        report = "out of budget"
+    else:
+        assert report in res.stderr, (f"mutant {name} was caught ({caught[:2]}) but not by "
+                                      f"the expected {variant} report {report!r}")
     print(f"mutant {name}: exit {res.returncode}, {report!r} reported, "
           f"out of budget: {sorted(res.wrong) or 'none'}")

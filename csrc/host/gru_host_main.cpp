@@ -9,13 +9,17 @@
 // first in the process (LD_PRELOAD of libtsan into Python is fragile and reports Python's
 // own threads), and a crash or a deadlock in a kernel takes down only this process.
 //
-// usage: gru_host DTYPE PATH T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT
+// usage: gru_host DTYPE PATH T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT [SEQ]
 //        gru_host convert IN OUT      (the shim's 16-bit and TF32 roundings, see main)
 //   DTYPE  f64 | f32 (strict: CUDA cores) | tf32 | f16 | bf16 (tensor cores, wmma)
 //   PATH   persistent (one cooperative launch) | step (one launch per step and phase)
+//   SEQ    the sequence structure (gru_common.h Layout), default dense:
+//            packed=N0,N1,...   batch_sizes (T values, non-increasing, N0 = B): the rows
+//                               below are then the N = sum(batch_sizes) packed rows
+//            resets=0110...     resets (T x B digits, row-major (t, b))
 //   IN     float64 values, already representable in DTYPE:
 //            gi (T, B, 3H) = x W_ih^T + b_ih, w_hh (3H, H), b_hh (3H) if HAS_BIAS,
-//            h0 (B, H) if HAS_H0, grad_y (T, B, H)
+//            h0 (B, H) if HAS_H0, grad_y (T, B, H)      ((T, B) -> N rows when packed)
 //   OUT    float64: y (T, B, H) and ws (T, B, 4H) of gru_fwd, y of gru_infer (T, B, H),
 //            then gru_bwd (fed gru_fwd's y and ws): dgi (T, B, 3H), dgh (T, B, 3H), dh0 (B, H)
 // Exit status 0 on success; the shim and the sanitizers abort with a report on stderr.
@@ -81,9 +85,39 @@ T* poisoned(Arena& a, int64_t n) {
 
 struct Case {
   int64_t T, B, H;
+  int64_t N;  // rows of gi / y / grad_y: T B dense, sum(batch_sizes) packed
   bool reset_after, has_h0, has_bias, persistent;
+  std::vector<int64_t> batch_sizes;  // empty: dense
+  std::vector<bool> resets;          // (T, B), or empty
   std::vector<double> gi, w_hh, b_hh, h0, grad_y;
 };
+
+// seq_args (gru_cuda.cu): the device table of (first, rows) per step of a packed batch and
+// the resets array, each at its exact size (nullptr when absent).
+struct Seq {
+  const int64_t* steps = nullptr;
+  const bool* resets = nullptr;
+};
+
+inline Seq seq_args(Arena& a, const Case& c) {
+  Seq s;
+  if (!c.batch_sizes.empty()) {
+    int64_t* steps = a.alloc<int64_t>(2 * c.T);
+    int64_t first = 0;
+    for (int64_t t = 0; t < c.T; ++t) {
+      steps[2 * t] = first;
+      steps[2 * t + 1] = c.batch_sizes[t];
+      first += c.batch_sizes[t];
+    }
+    s.steps = steps;
+  }
+  if (!c.resets.empty()) {
+    bool* r = a.alloc<bool>(c.T * c.B);
+    for (int64_t i = 0; i < c.T * c.B; ++i) r[i] = c.resets[i];
+    s.resets = r;
+  }
+  return s;
+}
 
 struct Output {
   std::vector<double> data;
@@ -137,13 +171,15 @@ void forward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc*
   acc_t* zstate = c.reset_after ? nullptr : poisoned<acc_t>(a, B * g.Hp);
   opt* hbuf = filled<opt>(a, 2 * static_cast<int64_t>(g.Bp) * g.Hp, 0.0);
   opt* rhbuf = c.reset_after ? nullptr : filled<opt>(a, static_cast<int64_t>(g.Bp) * g.Hp, 0.0);
-  if (h0) {
+  if (h0) {  // masked by resets[0] (the state entering step 0 of a restarted row: zeros)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t j = 0; j < H; ++j) {
-        hstate[b * g.Hp + j] = static_cast<acc_t>(to_double(h0[b * H + j]));
-        hbuf[b * g.Hp + j] = from_double<opt>(to_double(h0[b * H + j]));
+        const double v = !c.resets.empty() && c.resets[b] ? 0.0 : to_double(h0[b * H + j]);
+        hstate[b * g.Hp + j] = static_cast<acc_t>(v);
+        hbuf[b * g.Hp + j] = from_double<opt>(v);
       }
   }
+  const Seq seq = seq_args(a, c);
   FwdArgs<sc, opt, acc_t> p;
   p.g = g;
   p.gi = gi;
@@ -155,6 +191,8 @@ void forward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc*
   p.zstate = zstate;
   p.hbuf = hbuf;
   p.rhbuf = rhbuf;
+  p.steps = seq.steps;
+  p.resets = seq.resets;
   p.reset_after = c.reset_after;
   launch_layer(pool, pl, c, false,
                [&] { gru_fwd_persistent<sc, opt, acc_t, TC>(p, pl.w_bytes); },
@@ -174,6 +212,7 @@ void backward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc
     for (int gate = 0; gate < 3; ++gate)
       for (int64_t r = 0; r < H; ++r)
         wpack[n * g.ldw + gate * g.Hp + r] = from_double<opt>(c.w_hh[(gate * H + r) * H + n]);
+  const Seq seq = seq_args(a, c);
   BwdArgs<sc, opt, acc_t> p;
   p.g = g;
   p.gy = gy;
@@ -186,6 +225,8 @@ void backward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc
   p.dhs = filled<acc_t>(a, c.B * g.Hp, 0.0);
   p.gbuf = filled<opt>(a, 2 * static_cast<int64_t>(g.Bp) * 3 * g.Hp, 0.0);
   p.dh0 = dh0;
+  p.steps = seq.steps;
+  p.resets = seq.resets;
   p.reset_after = c.reset_after;
   launch_layer(pool, pl, c, true,
                [&] { gru_bwd_persistent<sc, opt, acc_t, TC>(p, pl.w_bytes); },
@@ -195,8 +236,8 @@ void backward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc
 // gru_fwd, gru_infer, then gru_bwd on gru_fwd's y and ws.
 template <typename sc, typename opt, typename acc_t, bool TC>
 Output run(const Case& c) {
-  const int64_t T = c.T, B = c.B, H = c.H;
-  const Plan pl = plan_layout(T, B, H, sizeof(opt), sizeof(acc_t), false);
+  const int64_t N = c.N, B = c.B, H = c.H;
+  const Plan pl = plan_layout(c.T, B, H, sizeof(opt), sizeof(acc_t), false);
   fusedgru_host::ThreadPool pool(static_cast<unsigned>(pl.NB) * kThreads);
   Arena a;
   const sc* gi = copy_in<sc>(a, c.gi);
@@ -205,22 +246,22 @@ Output run(const Case& c) {
   const sc* gy = copy_in<sc>(a, c.grad_y);
   Output out;
 
-  sc* y = poisoned<sc>(a, T * B * H);
-  sc* ws = poisoned<sc>(a, T * B * 4 * H);
+  sc* y = poisoned<sc>(a, N * H);
+  sc* ws = poisoned<sc>(a, N * 4 * H);
   forward<sc, opt, acc_t, TC>(c, pool, a, gi, bhh, h0, y, ws);
-  out.add(y, T * B * H);
-  out.add(ws, T * B * 4 * H);
+  out.add(y, N * H);
+  out.add(ws, N * 4 * H);
 
-  sc* y_inf = poisoned<sc>(a, T * B * H);
+  sc* y_inf = poisoned<sc>(a, N * H);
   forward<sc, opt, acc_t, TC>(c, pool, a, gi, bhh, h0, y_inf, nullptr);
-  out.add(y_inf, T * B * H);
+  out.add(y_inf, N * H);
 
-  sc* dgh = poisoned<sc>(a, T * B * 3 * H);
-  sc* dgi = c.reset_after ? poisoned<sc>(a, T * B * 3 * H) : dgh;  // one tensor when False
+  sc* dgh = poisoned<sc>(a, N * 3 * H);
+  sc* dgi = c.reset_after ? poisoned<sc>(a, N * 3 * H) : dgh;  // one tensor when False
   sc* dh0 = poisoned<sc>(a, B * H);
   backward<sc, opt, acc_t, TC>(c, pool, a, gy, ws, y, h0, dgi, dgh, dh0);
-  out.add(dgi, T * B * 3 * H);
-  out.add(dgh, T * B * 3 * H);
+  out.add(dgi, N * 3 * H);
+  out.add(dgh, N * 3 * H);
   out.add(dh0, B * H);
   return out;
 }
@@ -233,7 +274,8 @@ namespace {
 
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr, "gru_host: %s\nusage: gru_host f64|f32|tf32|f16|bf16 persistent|step "
-               "T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT\n", why);
+               "T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT [packed=N0,N1,...|resets=0110...]\n",
+               why);
   std::exit(2);
 }
 
@@ -265,7 +307,7 @@ int main(int argc, char** argv) {
     std::fclose(o);
     return 0;
   }
-  if (argc != 11) usage("expected 10 arguments");
+  if (argc != 11 && argc != 12) usage("expected 10 or 11 arguments");
   const std::string dtype = argv[1], path = argv[2];
   Case c;
   c.T = std::atoll(argv[3]);
@@ -277,13 +319,40 @@ int main(int argc, char** argv) {
   if (path != "persistent" && path != "step") usage("PATH must be persistent or step");
   c.persistent = path == "persistent";
   if (c.T < 1 || c.B < 1 || c.H < 1) usage("T, B, H must be >= 1");
+  c.N = c.T * c.B;
+  const std::string seq = argc == 12 ? argv[11] : "dense";
+  if (seq.rfind("packed=", 0) == 0) {
+    const char* s = seq.c_str() + 7;
+    while (*s) {
+      char* end;
+      c.batch_sizes.push_back(std::strtoll(s, &end, 10));
+      if (end == s || (*end && *end != ',')) usage("packed=: expected comma-separated sizes");
+      s = *end ? end + 1 : end;
+    }
+    if (static_cast<int64_t>(c.batch_sizes.size()) != c.T || c.batch_sizes[0] != c.B)
+      usage("packed=: expected T sizes, the first = B");
+    c.N = 0;
+    for (int64_t t = 0; t < c.T; ++t) {
+      if (c.batch_sizes[t] < 1 || (t > 0 && c.batch_sizes[t] > c.batch_sizes[t - 1]))
+        usage("packed=: sizes must be >= 1 and non-increasing");
+      c.N += c.batch_sizes[t];
+    }
+  } else if (seq.rfind("resets=", 0) == 0) {
+    const std::string bits = seq.substr(7);
+    if (static_cast<int64_t>(bits.size()) != c.T * c.B ||
+        bits.find_first_not_of("01") != std::string::npos)
+      usage("resets=: expected T x B digits 0 / 1");
+    for (char ch : bits) c.resets.push_back(ch == '1');
+  } else if (seq != "dense") {
+    usage("SEQ must be dense, packed=... or resets=...");
+  }
   FILE* in = std::fopen(argv[9], "rb");
   if (!in) usage("cannot open IN");
-  c.gi = take(in, c.T * c.B * 3 * c.H);
+  c.gi = take(in, c.N * 3 * c.H);
   c.w_hh = take(in, 3 * c.H * c.H);
   if (c.has_bias) c.b_hh = take(in, 3 * c.H);
   if (c.has_h0) c.h0 = take(in, c.B * c.H);
-  c.grad_y = take(in, c.T * c.B * c.H);
+  c.grad_y = take(in, c.N * c.H);
   std::fclose(in);
 
   Output out;
