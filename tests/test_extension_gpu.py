@@ -266,3 +266,136 @@ def test_cuda_infer_edge_cases():
     with pytest.raises(RuntimeError, match="gru_infer.*must be on the device of x"):
         torch.ops.fusedgru.gru_infer(x, None, torch.randn(9, 3),
                                      torch.randn(9, 3, device="cuda"), None, None, True)
+
+
+# ---------------------------------------------------------------------------------------
+# Sequence structure (issue 19): packed batches (batch_sizes) and resets in the kernels
+# ---------------------------------------------------------------------------------------
+
+# T, B, I, H, lengths (B non-increasing, the first = T)
+SEQ_PACKED = {
+    "skewed": (9, 5, 6, 33, [9, 2, 2, 1, 1]),  # one long sequence, ties, length 1
+    # rows 19, 17, 8, 5, 3, 2: two batch tiles, then one
+    "tiles": (6, 19, 5, 40, [6, 6, 5, 4, 4, 3, 3, 3] + [2] * 9 + [1, 1]),
+    # rows 130, 129, 2: two 128-row passes per phase, then one
+    "passes": (3, 130, 16, 40, [3, 3] + [2] * 127 + [1]),
+    "k-split": (4, 3, 8, 130, [4, 3, 1]),  # 9 blocks, K split over warps
+}
+
+
+def _resets(kind: str, T: int, B: int, gen) -> torch.Tensor:
+    if kind == "random":  # anywhere, at t = 0 and the last step among them
+        m = torch.rand(T, B, generator=gen) < 0.3
+        m[0, 0] = m[T - 1, B - 1] = True
+        return m
+    m = torch.zeros(T, B, dtype=torch.bool)
+    if kind == "t0":  # h0 dropped for the even rows, dh0 zero there
+        m[0, 0::2] = True
+    elif kind == "end":  # the last step restarts every row: nothing carried back from it
+        m[T - 1] = True
+    elif kind == "one-row":  # row 1 restarts at every step
+        m[:, 1] = True
+    return m
+
+
+SEQ_RESETS = ["random", "t0", "end", "one-row"]
+# T, B, I, H of the resets cases: 3 blocks and 2 batch tiles; two 128-row passes
+RESET_SHAPES = [(5, 17, 6, 33), pytest.param((3, 130, 16, 40), marks=EXH)]
+SEQ_DTYPES = [pytest.param(torch.float64, False, id="fp64"),
+              pytest.param(torch.float32, False, id="fp32-strict"),
+              pytest.param(torch.float32, True, id="tf32"),
+              pytest.param(torch.bfloat16, False, id="bf16", marks=EXH),
+              pytest.param(torch.float16, False, id="fp16", marks=EXH)]
+
+
+def _check_seq(case, dtype, allow_tf32, reset_after):
+    """check_layer (gru_fwd + gru_bwd vs the float64 reference with the same batch_sizes /
+    resets, on poisoned outputs), then gru_infer's y bitwise gru_fwd's."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        report = testing.check_layer("cuda", case, device="cuda", dtype=dtype)
+        args, seq = case.args("cuda", dtype), case.seq_args("cuda")
+        y = torch.ops.fusedgru.gru_infer(*args, reset_after, *seq)
+        y_fwd, _ = torch.ops.fusedgru.gru_fwd(*args, reset_after, *seq)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert report.ok, report.failures
+    assert torch.equal(y, y_fwd)
+
+
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+@pytest.mark.parametrize("name", list(SEQ_PACKED))
+@pytest.mark.parametrize("dtype,allow_tf32", SEQ_DTYPES)
+def test_cuda_packed_matches_reference(name, dtype, allow_tf32, reset_after, gen, poisoned,
+                                       forced_path):
+    _ext_ready()
+    T, B, I, H, lengths = SEQ_PACKED[name]
+    case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, generator=gen,
+                                   lengths=lengths)
+    _check_seq(case, dtype, allow_tf32, reset_after)
+
+
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+@pytest.mark.parametrize("kind", SEQ_RESETS)
+@pytest.mark.parametrize("shape", RESET_SHAPES, ids=lambda s: "T%dB%dI%dH%d" % s)
+@pytest.mark.parametrize("dtype,allow_tf32", SEQ_DTYPES)
+def test_cuda_resets_match_reference(shape, kind, dtype, allow_tf32, reset_after, gen,
+                                     poisoned, forced_path):
+    _ext_ready()
+    T, B, I, H = shape
+    case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, generator=gen,
+                                   resets=_resets(kind, T, B, gen))
+    _check_seq(case, dtype, allow_tf32, reset_after)
+
+
+@pytest.mark.parametrize("with_h0,bias", [(False, True), (True, False)], ids=["noh0", "nobias"])
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+def test_cuda_seq_optional_inputs(with_h0, bias, reset_after, gen, poisoned):
+    _ext_ready()
+    T, B, I, H, lengths = SEQ_PACKED["skewed"]
+    for kw in (dict(lengths=lengths), dict(resets=_resets("random", T, B, gen))):
+        case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, with_h0=with_h0,
+                                       bias=bias, generator=gen, **kw)
+        for dtype in (torch.float64, torch.float32):
+            _check_seq(case, dtype, False, reset_after)
+
+
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_seq_without_effect_is_bitwise_dense(dtype, reset_after, gen, forced_path):
+    """Packed with every length T (the dense rows in the same order) and resets all False
+    take the structure's code paths with nothing to do: every output bitwise the dense
+    call's."""
+    _ext_ready()
+    T, B, I, H = 5, 17, 6, 33
+    case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, generator=gen)
+    x, h0, w_ih, w_hh, b_ih, b_hh = case.args("cuda", dtype)
+    gy = case.grad_y.to("cuda", dtype)
+    ops = torch.ops.fusedgru
+
+    def run(x, gy, seq):
+        y, ws = ops.gru_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, *seq)
+        grads = ops.gru_bwd(gy, x, h0, w_ih, w_hh, y, ws, reset_after, *seq)
+        return [t.reshape(-1) for t in (y, ws, ops.gru_infer(x, h0, w_ih, w_hh, b_ih, b_hh,
+                                                             reset_after, *seq), *grads)]
+
+    dense = run(x, gy, (None, None))
+    packed = run(x.reshape(T * B, I), gy.reshape(T * B, H), (torch.full((T,), B), None))
+    no_resets = run(x, gy, (None, torch.zeros(T, B, dtype=torch.bool, device="cuda")))
+    for a, b, c in zip(dense, packed, no_resets):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_cuda_packed_backward_is_deterministic(gen):
+    _ext_ready()
+    T, B, I, H, lengths = SEQ_PACKED["tiles"]
+    case = testing.make_layer_case(T, B, I, H, generator=gen, lengths=lengths)
+    args, seq = case.args("cuda", torch.float32), case.seq_args("cuda")
+    y, ws = torch.ops.fusedgru.gru_fwd(*args, True, *seq)
+    gy = case.grad_y.float().cuda()
+    x, h0, w_ih, w_hh = args[:4]
+    a = torch.ops.fusedgru.gru_bwd(gy, x, h0, w_ih, w_hh, y, ws, True, *seq)
+    b = torch.ops.fusedgru.gru_bwd(gy, x, h0, w_ih, w_hh, y, ws, True, *seq)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
