@@ -44,7 +44,7 @@ from . import reference
 
 __all__ = ["fake_forward", "fake_backward", "register_backend_ops", "register_autograd",
            "register_extension_autograd", "fake_inference", "register_inference_op",
-           "tf32_matmul_allowed", "autocast_enabled", "autocast_off", "register_vmap_rules",
+           "tf32_matmul_allowed", "rnn_tf32_allowed", "autocast_enabled", "autocast_off", "register_vmap_rules",
            "functorch_forward"]
 
 
@@ -74,6 +74,27 @@ def tf32_matmul_allowed() -> bool:
     precision = getattr(matmul, "fp32_precision", None)
     if precision is None:  # torch without the fp32_precision API
         return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
+
+
+def rnn_tf32_allowed() -> bool:
+    """Whether a float32 GRU on CUDA may run its products on TF32 tensor cores: the setting
+    torch.nn.GRU follows there (cuDNN's RNN, ATen's ``allowTF32CuDNN(Float32Op::RNN)``), so
+    that a default float32 FusedGRU computes in the precision a default float32 nn.GRU does.
+
+    torch >= 2.9: ``torch.backends.cudnn.rnn.fp32_precision`` ("tf32" by default; "none"
+    inherits ``torch.backends.cudnn.fp32_precision``, then ``torch.backends.fp32_precision``).
+    Older torch: ``torch.backends.cudnn.allow_tf32`` (True by default).  Strict float32
+    ("ieee") takes the kernels' split-precision path instead (3xTF32 on the tensor cores)."""
+    cudnn = torch.backends.cudnn
+    rnn = getattr(cudnn, "rnn", None)
+    precision = getattr(rnn, "fp32_precision", None)
+    if precision is None:  # torch without the fp32_precision API
+        return bool(cudnn.allow_tf32)
+    if precision == "none":
+        precision = getattr(cudnn, "fp32_precision", "none")
     if precision == "none":
         precision = getattr(torch.backends, "fp32_precision", "none")
     return precision == "tf32"

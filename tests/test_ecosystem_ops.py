@@ -174,6 +174,44 @@ def restore_fp32_precision():
     matmul.fp32_precision, torch.backends.fp32_precision = before
 
 
+@pytest.fixture
+def restore_rnn_precision():
+    cudnn = torch.backends.cudnn
+    before = (cudnn.rnn.fp32_precision, cudnn.fp32_precision, torch.backends.fp32_precision)
+    yield
+    cudnn.rnn.fp32_precision, cudnn.fp32_precision, torch.backends.fp32_precision = before
+
+
+def test_rnn_tf32_query_follows_what_nn_gru_follows(restore_rnn_precision):
+    """ops.rnn_tf32_allowed (the float32 precision of both GPU backends) reads the flag
+    cuDNN's RNN reads, whichever API set it: TF32 by default, as a default nn.GRU."""
+    cudnn = torch.backends.cudnn
+    assert ops.rnn_tf32_allowed() is (cudnn.rnn.fp32_precision == "tf32")
+    for legacy in (False, True):
+        cudnn.allow_tf32 = legacy
+        assert ops.rnn_tf32_allowed() is legacy
+    cudnn.rnn.fp32_precision = "ieee"
+    assert ops.rnn_tf32_allowed() is False
+    cudnn.rnn.fp32_precision = "tf32"
+    assert ops.rnn_tf32_allowed() is True
+    cudnn.rnn.fp32_precision = "none"  # "none" inherits cuDNN's, then the global setting
+    cudnn.fp32_precision = "ieee"
+    assert ops.rnn_tf32_allowed() is False
+    cudnn.fp32_precision = "none"
+    torch.backends.fp32_precision = "tf32"
+    assert ops.rnn_tf32_allowed() is True
+    torch.backends.fp32_precision = "ieee"
+    assert ops.rnn_tf32_allowed() is False
+    # torch.backends.cuda.matmul (what torch's own matmuls follow) does not decide it
+    torch.backends.fp32_precision = "none"
+    cudnn.rnn.fp32_precision = "tf32"
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    try:
+        assert ops.rnn_tf32_allowed() is True
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = "none"
+
+
 def test_tf32_query_follows_both_torch_apis(restore_fp32_precision):
     """ops.tf32_matmul_allowed (what the CUDA and Triton kernels obey for float32) agrees
     with the legacy flag, and still answers once the fp32_precision API is in use, where
