@@ -33,6 +33,8 @@ def test_tiny_grid_results(tiny_run, capsys):
     assert {r["provider"] for r in rows} == {"nn.GRU", "reference"}
     for r in rows:
         assert r["status"] == "ok", r
+        # the arithmetic of the row: strict float32 on the CPU, the dtype otherwise
+        assert r["precision"] == ("ieee" if r["dtype"] == "float32" else r["dtype"])
         assert r["median_ms"] > 0 and r["us_per_step"] == pytest.approx(
             r["median_ms"] * 1e3 / r["T"])
         assert r["check"]["ok"] and r["check"]["worst_ratio"] <= 1

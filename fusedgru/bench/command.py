@@ -92,8 +92,8 @@ def _progress(total: int, disable: bool):
 
 
 def _set_tf32(mode: str) -> Optional[bool]:
-    if mode == "torch-default":
-        return torch.backends.cudnn.allow_tf32 or ops.tf32_matmul_allowed()
+    if mode == "torch-default":  # what nn.GRU and both GPU backends follow (issue 18)
+        return ops.rnn_tf32_allowed()
     on = mode == "on"
     torch.backends.cudnn.allow_tf32 = on
     torch.backends.cuda.matmul.allow_tf32 = on

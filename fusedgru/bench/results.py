@@ -39,9 +39,19 @@ def _case_fields(case: Case) -> dict:
     return {k: v for k, v in asdict(case).items()}
 
 
+def row_precision(dtype: str, tf32: Optional[bool]) -> str:
+    """The arithmetic a row's float32 products ran in, for every provider of the row (nn.GRU
+    and fusedgru's GPU backends follow the same flag, ops.rnn_tf32_allowed): "tf32" or
+    "ieee" (strict float32; on the CPU always), else the dtype itself."""
+    if dtype == "float32":
+        return "tf32" if tf32 else "ieee"
+    return dtype
+
+
 def _blank_row(case: Case, p: Provider, tf32: Optional[bool], status: str = "ok",
                reason: Optional[str] = None) -> dict:
     return {**_case_fields(case), "provider": p.name, "kind": p.kind, "status": status,
+            "precision": row_precision(case.dtype, tf32),
             "reason": reason, "median_ms": None, "us_per_step": None,
             "speedup_vs_nn_gru": None, "peak_mem_bytes": None, "saved_bytes": None,
             "mem_vs_nn_gru": None, "check": None, "timing": None, "spread": None,
