@@ -403,30 +403,44 @@ class Result:
         return out
 
 
+def case_inputs(spec: Spec):
+    """(case, N, the harness's IN values) of `spec`: a random layer case seeded by its id,
+    in its dtype, gi as forward_cuda computes it (one GEMM in the dtype)."""
+    T, B, H, I = spec.T, spec.B, spec.H, 5
+    dt = DTYPES[spec.dtype]
+    g = torch.Generator().manual_seed(zlib.crc32(spec.id.encode()))
+    case = testing.make_layer_case(T, B, I, H, reset_after=spec.reset_after, with_h0=spec.h0,
+                                   bias=spec.bias, generator=g, lengths=spec.lengths,
+                                   resets=spec.reset_mask())
+    N = T * B if case.batch_sizes is None else int(case.batch_sizes.sum())
+    x, h0, w_ih, w_hh, b_ih, b_hh = case.args(dtype=dt)
+    with _precision(spec.dtype):
+        x2 = x.view(N, I)
+        gi = torch.addmm(b_ih, x2, w_ih.t()) if b_ih is not None else torch.mm(x2, w_ih.t())
+    inputs = [gi, w_hh] + ([b_hh] if spec.bias else []) + ([h0] if spec.h0 else [])
+    inputs.append(case.grad_y.to(dt))
+    return case, N, np.concatenate([t.double().reshape(-1).numpy() for t in inputs])
+
+
+def harness_cmd(exe: str, spec: Spec, fin: str, fout: str, seq: Optional[str] = None):
+    return [exe, spec.dtype, spec.path, str(spec.T), str(spec.B), str(spec.H),
+            str(int(spec.reset_after)), str(int(spec.h0)), str(int(spec.bias)), fin, fout,
+            seq if seq is not None else spec.seq_arg()]
+
+
 def run_case(variant: str, exe: str, spec: Spec, env_extra: Optional[Dict[str, str]] = None,
              timeout: int = RUN_TIMEOUT) -> Result:
     """Runs `spec` on the harness `exe` (built as `variant`) and measures it against the
     float64 reference."""
-    T, B, H, I = spec.T, spec.B, spec.H, 5
+    T, B, H = spec.T, spec.B, spec.H
     dt = DTYPES[spec.dtype]
-    g = torch.Generator().manual_seed(zlib.crc32(spec.id.encode()))
-    resets = spec.reset_mask()
-    case = testing.make_layer_case(T, B, I, H, reset_after=spec.reset_after, with_h0=spec.h0,
-                                   bias=spec.bias, generator=g, lengths=spec.lengths,
-                                   resets=resets)
-    batch_sizes = case.batch_sizes
-    N = T * B if batch_sizes is None else int(batch_sizes.sum())
+    case, N, values = case_inputs(spec)
+    resets, batch_sizes = case.resets, case.batch_sizes
     x, h0, w_ih, w_hh, b_ih, b_hh = case.args(dtype=dt)
-    gy = case.grad_y.to(dt)
-    with _precision(spec.dtype):  # gi as forward_cuda computes it: one GEMM in the dtype
-        x2 = x.view(N, I)
-        gi = torch.addmm(b_ih, x2, w_ih.t()) if b_ih is not None else torch.mm(x2, w_ih.t())
-    inputs = [gi, w_hh] + ([b_hh] if spec.bias else []) + ([h0] if spec.h0 else []) + [gy]
     with tempfile.TemporaryDirectory() as d:
         fin, fout = os.path.join(d, "in"), os.path.join(d, "out")
-        np.concatenate([t.double().reshape(-1).numpy() for t in inputs]).tofile(fin)
-        cmd = [exe, spec.dtype, spec.path, str(T), str(B), str(H), str(int(spec.reset_after)),
-               str(int(spec.h0)), str(int(spec.bias)), fin, fout, spec.seq_arg()]
+        values.tofile(fin)
+        cmd = harness_cmd(exe, spec, fin, fout)
         try:
             r = execute(variant, cmd, env_extra, timeout)
         except subprocess.TimeoutExpired as e:
@@ -644,6 +658,31 @@ def test_grids_cover_the_sequence_structure():
     assert any(m[-1].any() and s.T > 1 for s, m in masks)  # a restart at the last step
     assert any(m[1:-1].any() for s, m in masks)  # and in between
     assert {s.h0 for s, _ in masks} == {True, False}
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_structure_with_nothing_to_do_is_bitwise_dense(dtype, harness):
+    """The same inputs, dense, packed with every length T (the dense rows in the same order)
+    and with resets all False: the structure's code paths (step table, reset pointer) with
+    nothing to change must give every output bit for bit (both formulations, both paths,
+    under AddressSanitizer)."""
+    for ra, path in COMBOS:
+        spec = Spec(dtype, path, 3, 17, 17, ra)
+        _, _, values = case_inputs(spec)
+        seqs = ["dense", "packed=" + ",".join([str(spec.B)] * spec.T),
+                "resets=" + "0" * (spec.T * spec.B)]
+        outs = []
+        with tempfile.TemporaryDirectory() as d:
+            fin = os.path.join(d, "in")
+            values.tofile(fin)
+            for k, seq in enumerate(seqs):
+                fout = os.path.join(d, f"out{k}")
+                r = execute("asan", harness_cmd(harness["asan"], spec, fin, fout, seq))
+                assert r.returncode == 0 and not r.stderr.strip(), (seq, r.stderr[-3000:])
+                with open(fout, "rb") as f:
+                    outs.append(f.read())
+        assert outs[0] == outs[1], f"{spec.id}: packed with every length T differs from dense"
+        assert outs[0] == outs[2], f"{spec.id}: resets all False differ from no resets"
 
 
 def test_shim_roundings_match_torch(harness):
