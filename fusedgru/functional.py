@@ -221,6 +221,21 @@ def _layer_backend(backend: str, x: Tensor, B: int, H: int, I: int) -> str:
     return _resolve(backend, x.device, x.dtype)
 
 
+def layer_backend_name(backend: str, weight: Tensor) -> Optional[str]:
+    """The backend that runs ``weight``'s device and dtype for ``backend``, or None."""
+    try:
+        return str(_resolve(backend, weight.device, weight.dtype))
+    except backends.BackendUnavailableError:
+        return None
+
+
+def lean_call_blocked(device: torch.device) -> bool:
+    """Whether something the general call path handles is active for ``device``: autocast,
+    an ONNX export, a torch.func transform (modules._lean_cell_call)."""
+    return (ops.autocast_enabled(device.type) or fused_onnx.exporting() is not None
+            or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
 # ----------------------------------------------------------------------------------------
 # The functional GRU
 # ----------------------------------------------------------------------------------------

@@ -261,9 +261,18 @@ class FusedGRUCell(nn.Module):
             w = [p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"]]
         except KeyError:  # parametrized or otherwise moved weights
             w = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
+        lean = self.__dict__.get("_lean")
+        if lean is not None and lean[7] == (self.backend, self.reset_after):
+            h = _lean_cell_call(lean, w, input, hx)
+            if h is not None:
+                return h
         weights = w if w[2] is not None else w[:2]
-        return F_gru.gru_cell(input, hx, *w, reset_after=self.reset_after, backend=self.backend,
-                              _checked=_checked_weights(self, weights, 1, False))
+        checked = _checked_weights(self, weights, 1, False)
+        h = F_gru.gru_cell(input, hx, *w, reset_after=self.reset_after, backend=self.backend,
+                           _checked=checked)
+        if checked is not None and (lean is None or any(a is not b for a, b in zip(lean[0], w))):
+            self.__dict__["_lean"] = _lean_cell_plan(self, w)
+        return h
 
     @property
     def backend_in_use(self) -> str:
@@ -293,6 +302,50 @@ class FusedGRUCell(nn.Module):
         cell = nn.GRUCell(self.input_size, self.hidden_size, self.bias,
                           **_factory(self.weight_hh, share))
         return _with_weights_of(cell, self, share)
+
+
+# The lean cell call: one registered op per FusedGRUCell call (a cell is called once per
+# step from Python, so its Python costs more than its kernel at small sizes).  After a
+# call through the general path, a module whose backend runs the CPU extension keeps
+# (weights, dtype, device, I, H, reset_after); later calls that need nothing the general
+# path adds (no gradient, no autocast, no tracer, compiler, exporter or torch.func
+# transform, a (B, I) input and a (B, H) or absent hx of the weights' dtype and device)
+# call fusedgru::gru_infer directly.  Anything else (a bad input included, so that it gets
+# the general path's exception) returns None and takes the general path.
+
+
+def _lean_cell_plan(module, w) -> Optional[tuple]:
+    if F_gru.layer_backend_name(module.backend, w[1]) != "cpu" or not hasattr(
+            torch.ops.fusedgru, "gru_infer"):
+        return None
+    I, H = w[0].shape[1], w[1].shape[1]
+    if I == 0 or H == 0:
+        return None
+    return (tuple(w), w[1].dtype, w[1].device, I, H, module.reset_after,
+            torch.ops.fusedgru.gru_infer.default, (module.backend, module.reset_after))
+
+
+def _lean_cell_call(lean, w, input, hx) -> Optional[Tensor]:
+    weights, dtype, device, I, H, reset_after, op, _ = lean
+    if (w[0] is not weights[0] or w[1] is not weights[1] or w[2] is not weights[2]
+            or w[3] is not weights[3] or type(input) is not Tensor):
+        return None
+    if input.dim() != 2 or input.shape[1] != I or input.shape[0] == 0:
+        return None
+    if input.dtype != dtype or input.device != device or w[1].dtype != dtype \
+            or w[1].device != device:
+        return None
+    if hx is not None and (type(hx) is not Tensor or hx.shape != (input.shape[0], H)
+                           or hx.dtype != dtype or hx.device != device):
+        return None
+    if torch.is_grad_enabled() and (input.requires_grad or w[1].requires_grad or w[0].requires_grad
+                                    or (hx is not None and hx.requires_grad)
+                                    or (w[2] is not None and (w[2].requires_grad
+                                                              or w[3].requires_grad))):
+        return None
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or F_gru.lean_call_blocked(device)):
+        return None
+    return op(input.unsqueeze(0), hx, w[0], w[1], w[2], w[3], reset_after)[0]
 
 
 def _factory(weight: Tensor, share: bool) -> dict:

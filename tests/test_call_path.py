@@ -99,3 +99,112 @@ def test_a_weight_reshaped_through_data_is_refused_by_the_kernel(gen):
     f.weight_hh_l0.data = torch.randn(12, 5)
     with pytest.raises(RuntimeError, match="weight|w_hh|shape"):
         f(x)
+
+
+# ----------------------------------------------------------------------------------------
+# FusedGRUCell's lean call: one registered op per call
+# ----------------------------------------------------------------------------------------
+
+
+def _cell_pair(dtype=torch.float32):
+    torch.manual_seed(0)
+    t = nn.GRUCell(5, 7, dtype=dtype)
+    return t, FusedGRUCell.from_torch(t, backend="cpu")
+
+
+def _ops_of(fn):
+    from fusedgru.testing import OpLog
+
+    with OpLog() as log:
+        out = fn()
+    return out, log.names
+
+
+@pytest.fixture
+def cpu_cell():
+    from fusedgru import backends
+
+    if "cpu" not in backends.available_backends():
+        pytest.skip("the lean cell call serves the cpu backend, not built here")
+    return _cell_pair()
+
+
+def test_lean_cell_call_is_one_op_and_equal(cpu_cell, gen):
+    """After a first call, an inference call is the one fusedgru::gru_infer (no other op
+    runs: no unsqueeze/contiguous/index of its own), bitwise the general path's result."""
+    t, f = cpu_cell
+    x = torch.randn(3, 5, generator=gen)
+    h = torch.randn(3, 7, generator=gen)
+    with torch.no_grad():
+        general = f(x, h)  # the first call takes the general path and plans
+        assert f.__dict__.get("_lean") is not None
+        lean, names = _ops_of(lambda: f(x, h))
+        assert [n for n in names if "fusedgru" in n] == ["fusedgru.gru_infer.default"]
+        assert torch.equal(lean, general)
+        torch.testing.assert_close(lean, t(x, h))
+        torch.testing.assert_close(f(x), t(x))  # hx absent
+
+
+def test_lean_cell_call_steps_aside(cpu_cell, gen):
+    """What the lean call does not handle takes the general path: a gradient to compute,
+    bad input (nn.GRUCell's exception classes), new weights, another dtype, a changed
+    formulation."""
+    t, f = cpu_cell
+    x = torch.randn(2, 5, generator=gen)
+    with torch.no_grad():
+        f(x)
+    # grad mode with parameters that require grad: differentiable, gradients match
+    y = f(x)
+    y.sum().backward()
+    t(x).sum().backward()
+    torch.testing.assert_close(f.weight_hh.grad, t.weight_hh.grad)
+    with torch.no_grad():
+        for bad, cls in ((torch.randn(2, 4), (ValueError, RuntimeError)),
+                         (torch.randn(2, 5, dtype=F64), RuntimeError),
+                         (torch.randn(2, 5).int(), RuntimeError)):
+            with pytest.raises(cls):
+                t(bad)
+            with pytest.raises(cls):
+                f(bad)
+        with pytest.raises((ValueError, RuntimeError)):
+            f(x, torch.randn(3, 7))
+        # new Parameter objects
+        f.weight_hh = nn.Parameter(f.weight_hh * 2)
+        t.weight_hh = nn.Parameter(t.weight_hh * 2)
+        torch.testing.assert_close(f(x), t(x))
+        torch.testing.assert_close(f(x), t(x))
+        # .double() keeps the Parameter objects, changes their dtype
+        f.double(), t.double()
+        torch.testing.assert_close(f(x.double()), t(x.double()))
+        # another formulation: the plan is not reused
+        before = f(x.double())
+        f.reset_after = False
+        assert not torch.equal(f(x.double()), before)
+
+
+def test_lean_cell_call_under_autocast_and_func(cpu_cell, gen, monkeypatch):
+    """Under autocast or a torch.func transform the general path runs (it casts, or it
+    differentiates through the transform)."""
+    from fusedgru import functional
+
+    t, f = cpu_cell
+    x = torch.randn(2, 5, generator=gen)
+    calls = []
+    general = functional.gru_cell
+
+    def counting(*a, **k):
+        calls.append(1)
+        return general(*a, **k)
+
+    monkeypatch.setattr(functional, "gru_cell", counting)
+    with torch.no_grad():
+        f(x)
+        f(x)
+        assert len(calls) == 1  # planned by the first, lean afterwards
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            f(x)
+        assert len(calls) == 2
+    jac = torch.func.jacrev(lambda inp: f(inp))(x)
+    jac_t = torch.func.jacrev(lambda inp: t(inp))(x)
+    torch.testing.assert_close(jac, jac_t)
+    assert len(calls) >= 3
