@@ -165,7 +165,14 @@ class FusedGRU(nn.Module):
         (instead of h_{t-1}, or hx at t = 0) in every layer, and no gradient crosses it
         (recurrent RL rollouts, streams of documents).  See fusedgru.functional.gru."""
         weights = self._flat_weights
-        return F_gru.gru(
+        lean = self.__dict__.get("_lean")
+        if (lean is not None and resets is None
+                and lean[7] == (self.backend, self.reset_after, self.batch_first)):
+            out = _lean_gru_call(lean, weights, input, hx)
+            if out is not None:
+                return out
+        checked = _checked_weights(self, weights, self.num_layers, self.bidirectional)
+        out = F_gru.gru(
             input,
             weights,
             hx,
@@ -177,8 +184,12 @@ class FusedGRU(nn.Module):
             reset_after=self.reset_after,
             backend=self.backend,
             resets=resets,
-            _checked=_checked_weights(self, weights, self.num_layers, self.bidirectional),
+            _checked=checked,
         )
+        if (checked is not None and self.num_layers == 1 and not self.bidirectional
+                and (lean is None or any(a is not b for a, b in zip(lean[0], weights)))):
+            self.__dict__["_lean"] = _lean_plan(self, weights)
+        return out
 
     @property
     def backend_in_use(self) -> str:
@@ -271,7 +282,7 @@ class FusedGRUCell(nn.Module):
         h = F_gru.gru_cell(input, hx, *w, reset_after=self.reset_after, backend=self.backend,
                            _checked=checked)
         if checked is not None and (lean is None or any(a is not b for a, b in zip(lean[0], w))):
-            self.__dict__["_lean"] = _lean_cell_plan(self, w)
+            self.__dict__["_lean"] = _lean_plan(self, w)
         return h
 
     @property
@@ -304,8 +315,9 @@ class FusedGRUCell(nn.Module):
         return _with_weights_of(cell, self, share)
 
 
-# The lean cell call: one registered op per FusedGRUCell call (a cell is called once per
-# step from Python, so its Python costs more than its kernel at small sizes).  After a
+# The lean call: one registered op per FusedGRUCell call, and per FusedGRU call of one
+# layer in one direction (a cell is called once per step from Python, and a streaming model
+# calls its GRU with T=1: its Python costs more than its kernel at small sizes).  After a
 # call through the general path, a module whose backend runs the CPU extension keeps
 # (weights, dtype, device, I, H, reset_after); later calls that need nothing the general
 # path adds (no gradient, no autocast, no tracer, compiler, exporter or torch.func
@@ -314,28 +326,57 @@ class FusedGRUCell(nn.Module):
 # the general path's exception) returns None and takes the general path.
 
 
-def _lean_cell_plan(module, w) -> Optional[tuple]:
+def _lean_plan(module, w) -> Optional[tuple]:
+    """(weights, dtype, device, I, H, reset_after, op, what the plan assumed of the module),
+    or None where the lean call does not serve (another backend, an empty size)."""
     if F_gru.layer_backend_name(module.backend, w[1]) != "cpu" or not hasattr(
             torch.ops.fusedgru, "gru_infer"):
         return None
     I, H = w[0].shape[1], w[1].shape[1]
     if I == 0 or H == 0:
         return None
+    assumed = (module.backend, module.reset_after) + (
+        (module.batch_first,) if isinstance(module, FusedGRU) else ())
     return (tuple(w), w[1].dtype, w[1].device, I, H, module.reset_after,
-            torch.ops.fusedgru.gru_infer.default, (module.backend, module.reset_after))
+            torch.ops.fusedgru.gru_infer.default, assumed)
 
 
-def _lean_cell_call(lean, w, input, hx) -> Optional[Tensor]:
-    weights, dtype, device, I, H, reset_after, op, _ = lean
-    if (w[0] is not weights[0] or w[1] is not weights[1] or w[2] is not weights[2]
-            or w[3] is not weights[3] or type(input) is not Tensor):
+
+def _lean_gru_call(lean, weights, input, hx) -> Optional[tuple]:
+    """FusedGRU's lean call (one layer, one direction; see above): (output, h_n) or None."""
+    if len(weights) != len(lean[0]) or type(input) is not Tensor or input.dim() != 3:
         return None
-    if input.dim() != 2 or input.shape[1] != I or input.shape[0] == 0:
+    batch_first = lean[7][2]
+    x = input.transpose(0, 1) if batch_first else input
+    if x.shape[0] == 0:
+        return None
+    h0 = None
+    if hx is not None:
+        if type(hx) is not Tensor or hx.dim() != 3 or hx.shape[0] != 1:
+            return None
+        h0 = hx[0]
+    w = list(weights) + [None, None] if len(weights) == 2 else weights
+    y = _lean_cell_call(lean, w, x, h0, seq=True)
+    if y is None:
+        return None
+    h_n = y[-1:]
+    return (y.transpose(0, 1) if batch_first else y), h_n
+
+
+def _lean_cell_call(lean, w, input, hx, seq: bool = False) -> Optional[Tensor]:
+    """h' of a cell call (input (B, I)), or with seq: y (T, B, H) of a sequence (input
+    (T, B, I)); None where the general path must run."""
+    weights, dtype, device, I, H, reset_after, op, _ = lean
+    if (w[0] is not weights[0] or w[1] is not weights[1]
+            or (len(weights) > 2 and (w[2] is not weights[2] or w[3] is not weights[3]))
+            or (len(weights) == 2 and w[2] is not None) or type(input) is not Tensor):
+        return None
+    if input.dim() != (3 if seq else 2) or input.shape[-1] != I or input.shape[-2] == 0:
         return None
     if input.dtype != dtype or input.device != device or w[1].dtype != dtype \
             or w[1].device != device:
         return None
-    if hx is not None and (type(hx) is not Tensor or hx.shape != (input.shape[0], H)
+    if hx is not None and (type(hx) is not Tensor or hx.shape != (input.shape[-2], H)
                            or hx.dtype != dtype or hx.device != device):
         return None
     if torch.is_grad_enabled() and (input.requires_grad or w[1].requires_grad or w[0].requires_grad
@@ -345,6 +386,8 @@ def _lean_cell_call(lean, w, input, hx) -> Optional[Tensor]:
         return None
     if (torch.compiler.is_compiling() or torch.jit.is_tracing() or F_gru.lean_call_blocked(device)):
         return None
+    if seq:
+        return op(input, hx, w[0], w[1], w[2], w[3], reset_after)
     return op(input.unsqueeze(0), hx, w[0], w[1], w[2], w[3], reset_after)[0]
 
 

@@ -208,3 +208,41 @@ def test_lean_cell_call_under_autocast_and_func(cpu_cell, gen, monkeypatch):
     jac_t = torch.func.jacrev(lambda inp: t(inp))(x)
     torch.testing.assert_close(jac, jac_t)
     assert len(calls) >= 3
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_lean_gru_call_is_one_op_and_equal(batch_first, bias, gen):
+    """FusedGRU of one layer and direction: an inference call (T=1 or more) runs the one
+    fusedgru::gru_infer, with nn.GRU's results; what it does not handle takes the general
+    path (resets, two layers, a gradient)."""
+    from fusedgru import backends
+
+    if "cpu" not in backends.available_backends():
+        pytest.skip("the lean call serves the cpu backend, not built here")
+    torch.manual_seed(0)
+    t = nn.GRU(5, 7, bias=bias, batch_first=batch_first)
+    f = FusedGRU.from_torch(t, backend="cpu")
+    for T in (1, 4):
+        x = torch.randn(3, T, 5, generator=gen) if batch_first else torch.randn(T, 3, 5,
+                                                                               generator=gen)
+        h = torch.randn(1, 3, 7, generator=gen)
+        with torch.no_grad():
+            want = t(x, h)
+            f(x, h)
+            got, names = _ops_of(lambda: f(x, h))
+            assert [n for n in names if "fusedgru" in n] == ["fusedgru.gru_infer.default"]
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b)
+            torch.testing.assert_close(f(x)[0], t(x)[0])
+            resets = torch.zeros(x.shape[:2], dtype=torch.bool)
+            if batch_first:
+                resets[:, 0] = True
+            else:
+                resets[0] = True
+            torch.testing.assert_close(f(x, h, resets=resets)[0], t(x)[0])  # hx never enters
+            with pytest.raises((ValueError, RuntimeError)):
+                f(x, torch.randn(2, 3, 7))
+    y, h_n = f(x)
+    (y.sum() + h_n.sum()).backward()
+    assert f.weight_hh_l0.grad is not None
