@@ -67,6 +67,9 @@ def _check_sequence(x: Tensor, batch_sizes: Optional[Tensor], resets: Optional[T
     if x.dim() != 2:
         raise ValueError(f"fusedgru triton backend: with batch_sizes, x must be the packed "
                          f"(N, I) data, got {x.dim()} dimensions")
+    if int(batch_sizes.sum()) != x.shape[0]:
+        raise ValueError(f"fusedgru triton backend: x has {x.shape[0]} rows, but batch_sizes "
+                         f"sums to {int(batch_sizes.sum())}")
 
 
 def _prev_rows(batch_sizes: Tensor, device) -> Tensor:

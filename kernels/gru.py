@@ -1056,9 +1056,10 @@ def _sequence(batch_sizes: Optional[Tensor], resets: Optional[Tensor], dense_tb,
         return _Seq(1, len(sizes), sizes[0], sizes, _seq_table(sizes, device), None)
     T, B = dense_tb
     if resets is not None:
-        if tuple(resets.shape) != (T, B) or resets.dtype != torch.bool:
-            raise ValueError(f"resets must be a bool (T, B) = {(T, B)} tensor, got "
-                             f"{resets.dtype} {tuple(resets.shape)}")
+        if tuple(resets.shape) != (T, B) or resets.dtype != torch.bool \
+                or resets.device != device:
+            raise ValueError(f"resets must be a bool (T, B) = {(T, B)} tensor on {device}, "
+                             f"got {resets.dtype} {tuple(resets.shape)} on {resets.device}")
         return _Seq(2, T, B, None, None, resets.contiguous().view(torch.uint8))
     return _Seq(0, T, B, None, None, None)
 

@@ -15,6 +15,8 @@ import fusedgru
 from fusedgru import backends, reference, testing
 from fusedgru.kernels import gru
 from fusedgru.kernels.backend import backend as triton_backend
+# programs of a launch in threads (the persistent grid barrier with several programs)
+from test_triton_concurrent import concurrent_programs  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.skipif(
     triton_backend.unavailable_reason() is not None,
@@ -495,6 +497,12 @@ def test_sequence_structure_refused_where_it_does_not_apply(gen):
     with pytest.raises(ValueError, match="packed"):
         torch.ops.fusedgru.triton_fwd(x.view(2, 2, 3), None, w_ih, w_hh, None, None, True,
                                       torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match="sums to 3"):
+        torch.ops.fusedgru.triton_fwd(x, None, w_ih, w_hh, None, None, True,
+                                      torch.tensor([2, 1]))
+    with pytest.raises(ValueError, match=r"resets must be a bool \(T, B\) = \(2, 2\)"):
+        torch.ops.fusedgru.triton_fwd(x.view(2, 2, 3), None, w_ih, w_hh, None, None, True,
+                                      None, torch.zeros(2, 3, dtype=torch.bool, device=DEVICE))
 
 
 def _module_runs(kw, I, H, make_input, reset_after=True, nn_baseline=True):
@@ -590,3 +598,39 @@ def test_module_resets(reset_after, gen):
                                        reset_after, nn_baseline=False)
     assert any("triton_fwd" in n for n in log.names) and any("triton_bwd" in n for n in log.names)
     _assert_module_within_budget(want, got, base)
+
+
+@pytest.mark.skipif(not gru.INTERPRET, reason="programs in threads: Triton's interpreter")
+@pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
+def test_packed_persistent_with_concurrent_programs(concurrent_programs, reset_after, gen):
+    """The persistent launch on packed rows with 2 x 3 programs running at once (one thread
+    each, tests/test_triton_concurrent.py): the second row block has no row after step 0,
+    so it skips every later unit and only meets the grid barriers (a skipped barrier would
+    hang: an error after the fixture's HANG_S); every packed row written, none past them
+    (NaN guard rows), the result equal to the float64 reference."""
+    lengths = TWO_BLOCKS
+    T, B, I, H = lengths[0], len(lengths), 3, 33
+    cfg = gru.Config("persistent", block_b=16, block_h=16, block_k=16, num_warps=4)
+    assert cfg.programs(B, H) == 6
+    args, gy, seq = _seq_case("packed", T, B, I, H, reset_after, True, gen, lengths=lengths)
+    x, h0, w_ih, w_hh, b_ih, b_hh = [_to(t, torch.float32, "cpu") for t in args]
+    bs = seq["batch_sizes"]
+    N = x.shape[0]
+    gi = reference._input_projection(x, w_ih, b_ih).contiguous()
+    nan = float("nan")
+    y_buf, ws_buf = torch.full((N + 4, H), nan), torch.full((N + 4, 4 * H), nan)
+    y, ws = y_buf[:N], ws_buf[:N]
+    gru.launch_forward(gi, h0, w_hh, b_hh, y, ws, reset_after, cfg, batch_sizes=bs)
+    dgi_buf, dgh_buf = torch.full((N + 4, 3 * H), nan), torch.full((N + 4, 3 * H), nan)
+    dh0 = torch.full((B, H), nan)
+    gru.launch_backward(_to(gy, torch.float32, "cpu"), h0, w_hh, y, ws, dgi_buf[:N],
+                        dgh_buf[:N], dh0, reset_after, cfg, batch_sizes=bs)
+    for buf in (y_buf, ws_buf, dgi_buf, dgh_buf):
+        assert torch.isfinite(buf[:N]).all() and torch.isnan(buf[N:]).all()
+    y64, ws64 = reference.gru_layer_forward(*args, reset_after, **seq)
+    _, dh0_64, _, _, db_ih64, db_hh64 = reference.gru_layer_backward(
+        gy, *args[:4], y64, ws64, reset_after, **seq)
+    assert testing.rel_err(y, y64) < 1e-5 and testing.rel_err(ws, ws64) < 1e-5
+    assert testing.rel_err(dh0, dh0_64) < 1e-5
+    assert testing.rel_err(dgi_buf[:N].sum(0), db_ih64) < 1e-5
+    assert testing.rel_err(dgh_buf[:N].sum(0), db_hh64) < 1e-5
