@@ -511,6 +511,10 @@ RESETS = [
     (1, 1, 1, True, True, "random"),  # the only step restarts the only row: h0 unused
     (5, 33, 3, False, True, "random"),
 ]
+# ThreadSanitizer's structure cases: 2 blocks (races between blocks), 2 batch tiles; packed
+# rows 19, 17, 8, 2 (two tiles, then one).  Two thirds of the threads of H = 33, 4 steps.
+TSAN_PACKED = (4, 19, 17, True, True, (4, 4) + (3,) * 6 + (2,) * 9 + (1, 1))
+TSAN_RESETS = (4, 17, 17, True, True, "random")
 
 
 def _packed(dt: str, path: str, ra: bool, shape) -> Spec:
@@ -561,11 +565,11 @@ def _tsan_specs() -> List[Spec]:
     specs = [Spec(dt, path, 5, 17, 33, ra, h0=(path == "step"))
              for dt in ("f32", "bf16") for ra, path in COMBOS]
     specs += [Spec("bf16", "persistent", 2, 3, 130, False), MUTANT_SPEC]
-    # Sequence structure on 3 blocks: formulation x path, packed (19 -> 2 rows) and resets
+    # Sequence structure on 2 blocks: formulation x path, packed (19 -> 2 rows) and resets
     # (random), the GEMM alternating between CUDA cores and wmma.
     for k, (ra, path) in enumerate(COMBOS):
-        specs.append(_packed(("f32", "bf16")[k % 2], path, ra, PACKED[0]))
-        specs.append(_resets(("bf16", "f32")[k % 2], path, ra, RESETS[0]))
+        specs.append(_packed(("f32", "bf16")[k % 2], path, ra, TSAN_PACKED))
+        specs.append(_resets(("bf16", "f32")[k % 2], path, ra, TSAN_RESETS))
     return specs
 
 
