@@ -138,6 +138,134 @@ void small_nt(const scalar_t* a, int64_t lda, int64_t B, int64_t K, const scalar
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Panel products: a register-tiled micro-kernel for the per-step products of a few to a few
+// dozen rows (the recurrence's h W_hh^T, dgh W_hh), where ATen's GEMM costs a call and a
+// repack of W every step.  out[m, n] (+)= sum_k a[m, k] * Bop[k, n]: the B operand is read
+// as panels of kNR = 2 vectors of columns; each tile keeps kMR rows x 2 vectors of sums in
+// registers and per k loads 2 vectors of the panel and broadcasts kMR values of a (2*kMR
+// FMAs per 2 loads, where small_nt's dot products did 4 FMAs per 5 loads and a horizontal
+// sum per output).  Sums run over blocks of kKC terms, each block added into out: about
+// kKC + K/kKC roundings per output instead of K.
+//   NT (out = a W^T, W (N, K) row-major): W packed once per call into panels
+//      [N/kNR][K][kNR] (pack_panels), zero-padded, so every load is whole;
+//   NN (out += a W, W (K, N) row-major): W read in place, panel p = columns of W's rows
+//      (row stride N), the last panel's loads clipped to the columns that exist.
+// Rows up to g_panel_rows take them (0: off, the paths before them); switch:
+// fusedgru::_set_cpu_panel_rows.
+constexpr int64_t kKC = 128;
+constexpr int kMR = 4;
+std::atomic<int64_t> g_panel_rows{0};
+
+int64_t set_panel_rows(int64_t rows) {
+  TORCH_CHECK(rows >= 0, "fusedgru::_set_cpu_panel_rows: rows must be >= 0, got ", rows);
+  return g_panel_rows.exchange(rows);
+}
+
+template <typename scalar_t>
+constexpr int64_t panel_cols() {
+  return 2 * at::vec::Vectorized<scalar_t>::size();
+}
+
+// W (N, K) row-major -> panels [ceil(N / kNR)][K][kNR], columns past N zero.
+template <typename scalar_t>
+Tensor pack_panels(const scalar_t* W, int64_t N, int64_t K, const at::TensorOptions& opt) {
+  constexpr int64_t NR = panel_cols<scalar_t>();
+  const int64_t np = (N + NR - 1) / NR;
+  Tensor packed = at::empty({np * K * NR}, opt);
+  scalar_t* p = packed.data_ptr<scalar_t>();
+  for (int64_t q = 0; q < np; ++q) {
+    scalar_t* pq = p + q * K * NR;
+    const int64_t n0 = q * NR, nc = std::min(NR, N - n0);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < NR; ++j) pq[k * NR + j] = j < nc ? W[(n0 + j) * K + k] : scalar_t(0);
+  }
+  return packed;
+}
+
+// out[r, 0:ncols] (+)= sum_{k < kc} a[r * lda + k] * b[k * ldb + 0:kNR] for r < MR.
+// WHOLE: ncols == kNR and the panel rows are readable kNR wide; else loads and stores are
+// clipped to ncols.
+template <typename scalar_t, int MR, bool WHOLE>
+inline void panel_tile(const scalar_t* a, int64_t lda, int64_t kc, const scalar_t* b,
+                       int64_t ldb, scalar_t* out, int64_t ldo, int64_t ncols, bool add) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t n0 = WHOLE ? V : std::min<int64_t>(V, ncols);
+  const int64_t n1 = WHOLE ? V : std::max<int64_t>(0, ncols - V);
+  Vec s0[MR], s1[MR];
+  for (int r = 0; r < MR; ++r) s0[r] = s1[r] = Vec(scalar_t(0));
+  for (int64_t k = 0; k < kc; ++k) {
+    const scalar_t* bk = b + k * ldb;
+    const Vec w0 = WHOLE ? Vec::loadu(bk) : Vec::loadu(bk, n0);
+    const Vec w1 = WHOLE ? Vec::loadu(bk + V) : (n1 > 0 ? Vec::loadu(bk + V, n1) : Vec(0));
+    for (int r = 0; r < MR; ++r) {
+      const Vec x(a[r * lda + k]);
+      s0[r] = at::vec::fmadd(x, w0, s0[r]);
+      s1[r] = at::vec::fmadd(x, w1, s1[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    scalar_t* o = out + r * ldo;
+    if (WHOLE) {
+      if (add) {
+        s0[r] = s0[r] + Vec::loadu(o);
+        s1[r] = s1[r] + Vec::loadu(o + V);
+      }
+      s0[r].store(o);
+      s1[r].store(o + V);
+    } else {
+      if (add) s0[r] = s0[r] + Vec::loadu(o, n0);
+      s0[r].store(o, n0);
+      if (n1 > 0) {
+        if (add) s1[r] = s1[r] + Vec::loadu(o + V, n1);
+        s1[r].store(o + V, n1);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, bool WHOLE>
+inline void panel_rows(const scalar_t* a, int64_t lda, int64_t M, int64_t kc, const scalar_t* b,
+                       int64_t ldb, scalar_t* out, int64_t ldo, int64_t ncols, bool add) {
+  int64_t m = 0;
+  for (; m + kMR <= M; m += kMR)
+    panel_tile<scalar_t, kMR, WHOLE>(a + m * lda, lda, kc, b, ldb, out + m * ldo, ldo, ncols, add);
+  switch (M - m) {
+    case 3: panel_tile<scalar_t, 3, WHOLE>(a + m * lda, lda, kc, b, ldb, out + m * ldo, ldo, ncols, add); break;
+    case 2: panel_tile<scalar_t, 2, WHOLE>(a + m * lda, lda, kc, b, ldb, out + m * ldo, ldo, ncols, add); break;
+    case 1: panel_tile<scalar_t, 1, WHOLE>(a + m * lda, lda, kc, b, ldb, out + m * ldo, ldo, ncols, add); break;
+    default: break;
+  }
+}
+
+// out (M, N) row stride ldo (+)= a (M, K) row stride lda times the B operand: packed
+// (pack_panels of W (N, K): out = a W^T) when `packed`, else W (K, N) row-major itself
+// (out = a W).  Panels are split over threads when the product is large enough.
+template <typename scalar_t>
+void panel_gemm(const scalar_t* a, int64_t lda, int64_t M, int64_t K, const scalar_t* B,
+                bool packed, int64_t N, scalar_t* out, int64_t ldo, bool add) {
+  constexpr int64_t NR = panel_cols<scalar_t>();
+  const int64_t np = (N + NR - 1) / NR;
+  const int64_t grain = std::max<int64_t>(1, (1 << 17) / std::max<int64_t>(1, M * K * NR));
+  at::parallel_for(0, np, grain, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t nc = std::min(NR, N - q * NR);
+      const scalar_t* bq = packed ? B + q * K * NR : B + q * NR;
+      const int64_t ldb = packed ? NR : N;
+      scalar_t* oq = out + q * NR;
+      for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+        const int64_t kc = std::min(kKC, K - k0);
+        const bool acc = add || k0 > 0;
+        if (nc == NR)
+          panel_rows<scalar_t, true>(a + k0, lda, M, kc, bq + k0 * ldb, ldb, oq, ldo, nc, acc);
+        else
+          panel_rows<scalar_t, false>(a + k0, lda, M, kc, bq + k0 * ldb, ldb, oq, ldo, nc, acc);
+      }
+    }
+  });
+}
+
 // Rows summed into one partial sum before it joins the total (small_nn_add): a sum of 3H
 // terms in one running accumulator loses ~3H roundings' worth of accuracy (a 32-step
 // GRUCell loop at H=1024 went over SPEC's float32 budget for dh0); blocks of kSumBlock
@@ -297,18 +425,25 @@ void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T +
   auto ws_first = [&](int64_t t) { return save_ws ? lay.first(t) : 0; };
 
   const int64_t small_b = g_small_b.load(std::memory_order_relaxed);
+  const int64_t panel_b = g_panel_rows.load(std::memory_order_relaxed);
+  // Panels of W_hh when some step (the last has the fewest rows) takes them.
+  const bool panels = panel_b > 0 && lay.rows(T - 1) <= panel_b;
+  const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
   if (reset_after) {
     const Tensor w_t = w_hh.t();                 // (H, 3H) view, no copy
     Tensor gh = at::empty({B, 3 * H}, gi.options());  // h W_hh^T, reused every step
     scalar_t* gh_p = gh.data_ptr<scalar_t>();
-    const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
+    const Tensor wpack = panels ? pack_panels(w_p, 3 * H, H, gi.options()) : Tensor();
     for (int64_t t = 0; t < T; ++t) {
       const int64_t R = lay.rows(t), row0 = lay.first(t), ws0 = ws_first(t);
-      const bool small = R <= small_b;
+      const bool panel = panels && R <= panel_b;
+      const bool small = panel || R <= small_b;
       const auto state = before.at_step(t, !small);
       const scalar_t* hp_p = state.first;  // (a structured binding: not capturable in C++17)
       const Tensor& hp = state.second;
-      if (small) {
+      if (panel) {
+        panel_gemm(hp_p, H, R, H, wpack.data_ptr<scalar_t>(), true, 3 * H, gh_p, 3 * H, false);
+      } else if (small) {
         small_nt(hp_p, H, R, H, w_p, 3 * H, gh_p, 3 * H, false);
       } else {
         Tensor gh_r = gh.narrow(0, 0, R);
@@ -348,14 +483,18 @@ void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T +
   scalar_t* grz_p = grz.data_ptr<scalar_t>();
   scalar_t* rh_p = rh.data_ptr<scalar_t>();
   scalar_t* ghn_p = ghn.data_ptr<scalar_t>();
-  const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
+  const Tensor rzpack = panels ? pack_panels(w_p, 2 * H, H, gi.options()) : Tensor();
+  const Tensor npack = panels ? pack_panels(w_p + 2 * H * H, H, H, gi.options()) : Tensor();
   for (int64_t t = 0; t < T; ++t) {
     const int64_t R = lay.rows(t), row0 = lay.first(t), ws0 = ws_first(t);
-    const bool small = R <= small_b;
+    const bool panel = panels && R <= panel_b;
+    const bool small = panel || R <= small_b;
     const auto state = before.at_step(t, !small);
-      const scalar_t* hp_p = state.first;  // (a structured binding: not capturable in C++17)
-      const Tensor& hp = state.second;
-    if (small) {
+    const scalar_t* hp_p = state.first;  // (a structured binding: not capturable in C++17)
+    const Tensor& hp = state.second;
+    if (panel) {
+      panel_gemm(hp_p, H, R, H, rzpack.data_ptr<scalar_t>(), true, 2 * H, grz_p, 2 * H, false);
+    } else if (small) {
       small_nt(hp_p, H, R, H, w_p, 2 * H, grz_p, 2 * H, false);
     } else {
       Tensor grz_r = grz.narrow(0, 0, R);
@@ -375,7 +514,9 @@ void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T +
         st(z, wsr + H + j, n);
       });
     });
-    if (small) {
+    if (panel) {
+      panel_gemm(rh_p, H, R, H, npack.data_ptr<scalar_t>(), true, H, ghn_p, H, false);
+    } else if (small) {
       small_nt(rh_p, H, R, H, w_p + 2 * H * H, H, ghn_p, H, false);
     } else {
       Tensor ghn_r = ghn.narrow(0, 0, R);
@@ -495,6 +636,8 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
       if (resets[t * B + b]) std::fill_n(dh_p + b * H, H, scalar_t(0));
   };
   const int64_t small_b = g_small_b.load(std::memory_order_relaxed);
+  const int64_t panel_b = g_panel_rows.load(std::memory_order_relaxed);
+  const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
   const Vec one(1);
 
   if (reset_after) {
@@ -526,7 +669,9 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
         });
       });
       // dh = g * z + dgh_t W_hh   (B,3H) x (3H,H), in place
-      if (R <= small_b) {
+      if (R <= panel_b) {
+        panel_gemm(dgh_p + row0 * 3 * H, 3 * H, R, 3 * H, w_p, false, H, dh_p, H, true);
+      } else if (R <= small_b) {
         small_nn_add(dgh_p + row0 * 3 * H, 3 * H, R, 3 * H, w_hh.data_ptr<scalar_t>(), H, dh_p);
       } else {
         dh.narrow(0, 0, R).addmm_(dgh2.narrow(0, row0, R), w_hh);
@@ -561,8 +706,11 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
     });
     const Tensor dgt = dgh2.narrow(0, row0, R);
     const scalar_t* dgt_p = dgh_p + row0 * 3 * H;
-    const bool small = R <= small_b;
-    if (small) {
+    const bool panel = R <= panel_b;
+    const bool small = panel || R <= small_b;
+    if (panel) {
+      panel_gemm(dgt_p + 2 * H, 3 * H, R, H, w_p + 2 * H * H, false, H, drh_p, H, false);
+    } else if (small) {
       std::fill_n(drh_p, R * H, scalar_t(0));
       small_nn_add(dgt_p + 2 * H, 3 * H, R, H, w_hh.data_ptr<scalar_t>() + 2 * H * H, H, drh_p);
     } else {
@@ -584,7 +732,9 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
       });
     });
     // dh += [da_r, da_z] W_h[rz]
-    if (small) {
+    if (panel) {
+      panel_gemm(dgt_p, 3 * H, R, 2 * H, w_p, false, H, dh_p, H, true);
+    } else if (small) {
       small_nn_add(dgt_p, 3 * H, R, 2 * H, w_hh.data_ptr<scalar_t>(), H, dh_p);
     } else {
       dh.narrow(0, 0, R).addmm_(dgt.narrow(1, 0, 2 * H), w_rz);
@@ -641,6 +791,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cpu(
 
 TORCH_LIBRARY_FRAGMENT(fusedgru, m) {
   m.def("_set_cpu_small_batch(int rows) -> int", &fusedgru::set_small_batch);
+  m.def("_set_cpu_panel_rows(int rows) -> int", &fusedgru::set_panel_rows);
 }
 
 TORCH_LIBRARY_IMPL(fusedgru, CPU, m) {

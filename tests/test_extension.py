@@ -10,6 +10,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fusedgru
 from fusedgru import backends, testing
+from fusedgru.testing import check_layer, make_layer_case
 
 try:
     from fusedgru import extension
@@ -370,3 +371,24 @@ def test_cell_loop_gradient_stays_within_budget_at_large_h(gen):
     fused = fusedgru.FusedGRUCell.from_torch(copy.deepcopy(ref64).float(), backend="cpu")
     err = testing.rel_err(dh0_of(fused, torch.float32), oracle)
     assert err <= testing.budget(torch.float32, testing.rel_err(base, oracle)), err
+
+
+@pytest.mark.parametrize("rows", [64, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+def test_cpu_panel_products_match_reference(rows, dtype, reset_after, gen, poisoned):
+    """The register-tiled panel products (fusedgru::_set_cpu_panel_rows; off by default,
+    measured in benchmarks/NOTES-cpu-cuda.md) compute what the reference does: odd sizes
+    (H not a multiple of the panel width, rows not of the tile height), dense, packed and
+    with resets; rows=3 mixes them with the other paths within one call."""
+    prev = torch.ops.fusedgru._set_cpu_panel_rows(rows)
+    try:
+        for T, B, I, H in [(3, 1, 5, 17), (4, 5, 3, 33), (2, 13, 7, 40), (3, 9, 6, 130)]:
+            for kw in ({}, {"lengths": sorted([T] + [1 + k % T for k in range(B - 1)],
+                                              reverse=True)},
+                       {"resets": torch.rand(T, B, generator=gen) < 0.3}):
+                case = make_layer_case(T, B, I, H, reset_after=reset_after, generator=gen, **kw)
+                report = check_layer("cpu", case, dtype=dtype)
+                assert report.ok, (T, B, I, H, kw, report.failures)
+    finally:
+        torch.ops.fusedgru._set_cpu_panel_rows(prev)
