@@ -97,9 +97,11 @@ def _signature(kernel: str, dtype: torch.dtype, seq: int = 0) -> Dict[str, str]:
 
 # The sequence structure's flag (kernels/gru.py, SEQ): 0 dense, 1 packed rows, 2 resets.
 SEQS = (0, 1, 2)
-# The precision whose packed and resets specialisations the CI set compiles (every kernel,
-# formulation and stage at the largest blocks); the others are dense-only there.
-CI_SEQ_PRECISION = (torch.float32, "ieee")
+# The precision and formulation whose packed and resets specialisations the CI set
+# compiles (every kernel and strategy at the largest blocks: 12 per architecture); the
+# others are dense-only there (reset_after=False adds no construct the SEQ paths lower
+# differently; --level cover compiles it).
+CI_SEQ_PRECISION = (torch.float32, "ieee", True)  # (dtype, DOT_PREC, RESET_AFTER)
 
 
 def dispatch_specs(level: str = "all") -> Iterator[KernelSpec]:
@@ -118,8 +120,9 @@ def dispatch_specs(level: str = "all") -> Iterator[KernelSpec]:
     assert level in ("all", "cover", "ci"), level
     for spec in _dense_specs(level):
         for seq in SEQS:
-            if seq and level == "ci" and (spec.dtype, spec.constexprs["DOT_PREC"]) != \
-                    CI_SEQ_PRECISION:
+            c = spec.constexprs
+            if seq and level == "ci" and \
+                    (spec.dtype, c["DOT_PREC"], c["RESET_AFTER"]) != CI_SEQ_PRECISION:
                 continue
             yield KernelSpec(spec.kernel, spec.dtype, dict(spec.constexprs, SEQ=seq),
                              spec.num_warps)

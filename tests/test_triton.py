@@ -634,3 +634,27 @@ def test_packed_persistent_with_concurrent_programs(concurrent_programs, reset_a
     assert testing.rel_err(dh0, dh0_64) < 1e-5
     assert testing.rel_err(dgi_buf[:N].sum(0), db_ih64) < 1e-5
     assert testing.rel_err(dgh_buf[:N].sum(0), db_hh64) < 1e-5
+
+
+def test_aot_ci_set_compiles_packed_and_resets_specialisations():
+    """What tests/test_triton_aot.py compiles for sm_90 / sm_80 (dispatch_specs("ci"))
+    holds every kernel with SEQ 0 (dense), 1 (packed) and 2 (resets), persistent included
+    (in a fresh process: the AOT module refuses the interpreter's)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from fusedgru.kernels import aot\n"
+        "seen={(s.kernel,s.constexprs['SEQ'],bool(s.constexprs.get('PERSIST'))) "
+        "for s in aot.dispatch_specs('ci')}\n"
+        "ks=('_fwd_resident_kernel','_bwd_resident_kernel','_fwd_split_kernel',"
+        "'_bwd_split_kernel')\n"
+        "want={(k,q,False) for k in ks for q in (0,1,2)}|"
+        "{(k,q,True) for k in ks[2:] for q in (0,1,2)}\n"
+        "assert want<=seen,sorted(want-seen)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
