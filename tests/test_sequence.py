@@ -24,7 +24,7 @@ from fusedgru.errors import DTypeError, NotATensorError, ShapeError
 from fusedgru.functional import gru
 from fusedgru.testing import BAND, OpLog, check_layer, make_layer_case, rel_err
 
-from conftest import HAS_CUDA
+HAS_CUDA = torch.cuda.is_available()
 
 F64 = torch.float64
 
