@@ -27,8 +27,10 @@ def test_gru(bench_cell, benchmark, bench_env, bench_options, is_smoke, bench_ro
     assert report.ok, (f"{provider.name} is WRONG on {case.label} (not timed): "
                        f"{report.failures}")
 
-    module = provider.build(bench._cast_gru(data.gru64, bench.DTYPES[case.dtype]))
-    fn = bench._callable(module, case, data)
+    # what `fusedgru bench` times for this cell (fusedgru/bench/cells.py run_cell): the
+    # sequence module, a GRUCell loop or a rollout module, called in the provider's layout
+    module = provider.module_for(case, bench._cast_gru(data.gru64, bench.DTYPES[case.dtype]))
+    fn = bench._callable(module, case, data, provider.layout)
     benchmark.group = case.label
     benchmark.extra_info.update(bench_env)
     benchmark.extra_info.update(bench._case_fields(case), provider=provider.name,
@@ -55,7 +57,7 @@ def test_gru(bench_cell, benchmark, bench_env, bench_options, is_smoke, bench_ro
     row.update(median_ms=ms, us_per_step=ms * 1e3 / case.T, timing=timing,
                peak_mem_bytes=bench.peak_memory(fn, device))
     if case.mode == "train":
-        row["saved_bytes"] = bench.saved_activation_bytes(module, case, data)
+        row["saved_bytes"] = bench.saved_activation_bytes(module, case, data, provider.layout)
     benchmark.extra_info.update(median_ms=ms, us_per_step=row["us_per_step"],
                                 timing=timing, peak_mem_bytes=row["peak_mem_bytes"],
                                 saved_bytes=row["saved_bytes"])
