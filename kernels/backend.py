@@ -16,9 +16,15 @@ Around the Triton recurrence, the work over all rows at once (T*B, or the N pack
 is torch (cuBLAS): the input projection before the forward loop; dx, dW_ih, dW_hh and the
 two bias gradients after the backward loop, each one matmul or one sum (deterministic).
 
-Devices and dtypes: CUDA tensors in float32 (TF32 inside the recurrence exactly when
-torch.backends.cuda.matmul.allow_tf32 is set), float16 and bfloat16 (fp32 accumulation and
-fp32 state); CPU tensors in float32 only under TRITON_INTERPRET=1 (how CI runs the kernels).
+Devices and dtypes: CUDA tensors in float32, float16 and bfloat16 (fp32 accumulation and
+fp32 state).  float32's recurrence follows the flag torch.nn.GRU follows
+(fusedgru.ops.rnn_tf32_allowed: torch.backends.cudnn.rnn.fp32_precision, "tf32" by
+default; torch.backends.cudnn.allow_tf32 in older torch): TF32 tensor cores when it allows
+TF32, else strict float32 through split-precision (3xTF32) tensor-core products
+(kernels/gru.py, dot_precision).  The products around the recurrence (the input
+projection, dx, dW_ih, dW_hh) are torch matmuls: they follow torch.backends.cuda.matmul
+(strict float32 by default; cuDNN runs nn.GRU's under the RNN flag).  CPU tensors in
+float32 only under TRITON_INTERPRET=1 (how CI runs the kernels; every dot in fp32 there).
 float64 is refused: the kernels keep an fp32 state (use backend "reference" or "cpu").
 """
 
@@ -201,7 +207,7 @@ class _TritonBackend:
         """Within it, every launch uses the split kernels one unit per launch ("step"):
         no cooperative launch and no W_hh held on chip, whatever H is (what backend="auto"
         falls back to when a resident or persistent launch fails, fusedgru/function.py)."""
-        return gru.force_config(gru.Config("step", **gru._split_blocks(batch)))
+        return gru.force_step_path()
 
     @staticmethod
     def unavailable_reason() -> Optional[str]:

@@ -29,6 +29,13 @@ forward loop; dx, dW_ih, dW_hh and the biases are torch matmuls / sums over all 
 after the backward loop (deterministic: no atomics on data; the only atomic is the
 persistent launches' barrier counter).
 
+Precision (DOT_PREC, chosen per launcher call by dot_precision): float32 on a GPU follows
+the flag torch.nn.GRU follows (torch.backends.cudnn.rnn.fp32_precision; cudnn.allow_tf32 in
+older torch): "tf32" when TF32 is allowed (torch's default), else strict float32 as
+"tf32x3", three TF32 tensor-core products of split operands (the fp32 FMA path "ieee" stays
+selectable for timing: force_strict_fp32 / FUSEDGRU_TRITON_STRICT_FP32).  16-bit weights
+take the tensor cores in their own type; the state and every accumulation are fp32.
+
 Offsets: row indices are int64 before they are multiplied by H, 3H or 4H, so tensors with
 more than 2^31 elements are addressed correctly; t is widened to int64 before t * B.
 
@@ -62,7 +69,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from fusedgru.ops import tf32_matmul_allowed
+from fusedgru.ops import rnn_tf32_allowed
 
 __all__ = [
     "INTERPRET",
@@ -70,10 +77,15 @@ __all__ = [
     "Config",
     "choose_config",
     "force_config",
+    "force_step_path",
     "max_coresident_programs",
     "LARGE_H_STRATEGY",
     "resident_max",
     "dot_precision",
+    "gpu_dot_precision",
+    "STRICT_FP32_PRECISIONS",
+    "strict_fp32_precision",
+    "force_strict_fp32",
     "launch_forward",
     "launch_backward",
 ]
@@ -210,7 +222,8 @@ def _fwd_resident_kernel(
     SEQ: tl.constexpr,  # 0: dense; 1: packed rows (seq_ptr); 2: dense with resets (rs_ptr)
     STORE_WS: tl.constexpr,  # False: inference, nothing will need ws (y only)
     LIBDEVICE_TANH: tl.constexpr,
-    DOT_PREC: tl.constexpr,  # "ieee" (exact fp32) or "tf32"; ignored for 16-bit weights
+    DOT_PREC: tl.constexpr,  # "tf32", "tf32x3" (strict fp32, split) or "ieee" (FMA, also the
+    #                          interpreter's); ignored for 16-bit weights (dot_precision)
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -901,10 +914,34 @@ def force_config(config: Optional[Config]):
         _forced = saved
 
 
-def _split_blocks(B: int) -> dict:
-    # Many programs per step matter more than tile efficiency at small B (latency bound):
-    # BN = 32 gives H / 32 programs per 16 rows.
+def _split_blocks(B: int, dtype: torch.dtype = torch.float32) -> dict:
+    """The split kernels' blocks.  Many programs per step matter more than tile efficiency
+    at small B (latency bound): BN = 32 gives H / 32 programs per row block.
+
+    float32 (every precision: tf32, tf32x3, ieee): 16 rows, BK = 32, 8 warps, the largest
+    blocks at which no split kernel spills (sm_90 AOT, ptxas' stack frame: at 32 rows, BK =
+    64 and 4 warps every float32 unit spilled, up to 2 KB in the persistent backward, and
+    tf32x3's second operand split needs more registers still).  16-bit: 16 or 32 rows,
+    BK = 64, 4 warps."""
+    if dtype == torch.float32:
+        return dict(block_b=16, block_h=32, block_k=32, num_warps=8)
     return dict(block_b=16 if B <= 16 else 32, block_h=32, block_k=64, num_warps=4)
+
+
+_forced_step = False
+
+
+@contextlib.contextmanager
+def force_step_path():
+    """Within the block, every launch uses the split kernels one unit per launch ("step")
+    with the blocks choose_config gives that batch and dtype, whatever H is (the backend's
+    per_step_path: no cooperative launch, no W_hh held on chip)."""
+    global _forced_step
+    saved, _forced_step = _forced_step, True
+    try:
+        yield
+    finally:
+        _forced_step = saved
 
 
 def choose_config(B: int, H: int, dtype: torch.dtype, max_programs: int = 0,
@@ -918,10 +955,12 @@ def choose_config(B: int, H: int, dtype: torch.dtype, max_programs: int = 0,
     """
     if _forced is not None:
         return _forced
+    blocks = _split_blocks(B, dtype)
+    if _forced_step:
+        return Config("step", **blocks)
     hp = max(16, triton.next_power_of_2(H))
     if hp <= resident_max(dtype):
         return Config("resident", block_b=16, block_h=hp, num_warps=4 if hp <= 32 else 8)
-    blocks = _split_blocks(B)
     if (large_h or LARGE_H_STRATEGY) == "persistent":
         cfg = Config("persistent", **blocks)
         if 0 < cfg.programs(B, H) <= max_programs:
@@ -953,7 +992,8 @@ def strategy_config(strategy: str, B: int, H: int, dtype: torch.dtype,
     if cfg.strategy == "resident":
         why = f"H={H} is resident for {dtype}"
     else:
-        why = f"{Config(strategy, **_split_blocks(B)).programs(B, H)} programs > {cap} co-resident"
+        why = (f"{Config(strategy, **_split_blocks(B, dtype)).programs(B, H)} programs > "
+               f"{cap} co-resident")
     raise ValueError(f"no {strategy!r} configuration at B={B}, H={H} on {device}: {why}")
 
 
@@ -977,10 +1017,59 @@ def _check_persistent(cfg: Config, B: int, H: int, units: int, device: torch.dev
                            f"overflows the int32 barrier counter; use strategy 'step'")
 
 
+# Strict float32 on a GPU (the flag nn.GRU follows says "ieee"): tl.dot's input precision.
+#     "tf32x3"  split precision on the tensor cores (the 3xTF32 trick, Triton's F32DotTC
+#               pass): a = a_hi + a_lo with a_hi = a rounded to TF32, the same for b, and
+#               a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi in three TF32 MMAs with fp32
+#               accumulation (a_lo b_lo, ~2^-22 relative, dropped).  The default.
+#     "ieee"    the fp32 FMA path (no tensor cores): kept, private, so that one GPU run can
+#               time both; FUSEDGRU_TRITON_STRICT_FP32=ieee or force_strict_fp32("ieee").
+STRICT_FP32_PRECISIONS = ("tf32x3", "ieee")
+_STRICT_ENV = "FUSEDGRU_TRITON_STRICT_FP32"
+_strict_forced: Optional[str] = None
+
+
+def strict_fp32_precision() -> str:
+    """The input precision of strict float32 dots on a GPU: force_strict_fp32's, else
+    $FUSEDGRU_TRITON_STRICT_FP32's (read at every launcher call), else "tf32x3"."""
+    prec = _strict_forced or os.environ.get(_STRICT_ENV) or "tf32x3"
+    if prec not in STRICT_FP32_PRECISIONS:
+        raise ValueError(f"{_STRICT_ENV} must be one of {STRICT_FP32_PRECISIONS}, got {prec!r}")
+    return prec
+
+
+@contextlib.contextmanager
+def force_strict_fp32(precision: Optional[str]):
+    """Within the block, strict float32 dots on a GPU use ``precision`` ("tf32x3" or "ieee";
+    None: the default).  Private: for the benchmarks and tests that compare the two."""
+    global _strict_forced
+    if precision is not None and precision not in STRICT_FP32_PRECISIONS:
+        raise ValueError(f"precision must be one of {STRICT_FP32_PRECISIONS}, got {precision!r}")
+    saved, _strict_forced = _strict_forced, precision
+    try:
+        yield
+    finally:
+        _strict_forced = saved
+
+
+def gpu_dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision on a GPU for weights of ``dtype``.
+
+    float32 follows the flag torch.nn.GRU follows there (ops.rnn_tf32_allowed:
+    torch.backends.cudnn.rnn.fp32_precision, "tf32" by default; cudnn.allow_tf32 in older
+    torch), so that a default float32 FusedGRU computes what a default float32 nn.GRU does:
+    "tf32" when it allows TF32, else strict float32 (strict_fp32_precision: "tf32x3").
+    16-bit weights: "ieee" (ignored: their dots take the tensor cores in their own type)."""
+    if dtype == torch.float32:
+        return "tf32" if rnn_tf32_allowed() else strict_fp32_precision()
+    return "ieee"
+
+
 def dot_precision(dtype: torch.dtype, device_type: str) -> str:
-    """"tf32" for float32 on a GPU when torch allows TF32 float32 matmuls, else "ieee"."""
-    if dtype == torch.float32 and device_type == "cuda" and not INTERPRET:
-        return "tf32" if tf32_matmul_allowed() else "ieee"
+    """The launchers' DOT_PREC: gpu_dot_precision on a GPU; under the interpreter (CPU
+    tensors), which computes every dot in numpy's float32, "ieee"."""
+    if device_type == "cuda" and not INTERPRET:
+        return gpu_dot_precision(dtype)
     return "ieee"
 
 
