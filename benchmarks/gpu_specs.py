@@ -15,7 +15,8 @@ on-disk cache key a GPU process computes (benchmarks/NOTES-gpu-run.md: the evide
                                                     specialisation (jit_cache_hook skips
                                                     each compile), per part of the run
     python benchmarks/gpu_specs.py --warm --jobs 2  compile them all into TRITON_CACHE_DIR
-    --parts check,tests,sanitize,stream,rest        which parts of the run (default all)
+    --parts check,tests,sanitize,stream,rest,seq,precision
+                                                    which parts of the run (default all)
     --json FILE                                     the rows, with compile seconds
 
 Needs triton with the nvidia backend (no GPU) and TRITON_INTERPRET unset.  Run from the
@@ -34,7 +35,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     raise SystemExit("gpu_specs: unset TRITON_INTERPRET (the interpreter cannot compile)")
@@ -47,7 +48,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SM90 = GPUTarget("cuda", 90, 32)
 H200_SMS = 132  # multiprocessors (device README, KINDS.md: read off an H200 here)
-PARTS = ("check", "tests", "sanitize", "stream", "rest")
+PARTS = ("check", "tests", "sanitize", "stream", "rest", "seq", "precision")
 _MAX_T = 4  # keys do not depend on T beyond 3 steps (first, middle, last): see layer()
 
 
@@ -87,18 +88,21 @@ KBACKEND, GRU = _import_fusedgru()
 
 
 @contextlib.contextmanager
-def h200(tf32: bool = False):
-    """The launchers' device questions answered as on the H200: SM count, dot precision."""
-    saved = (GRU.max_coresident_programs, GRU.dot_precision,
-             torch.backends.cuda.matmul.allow_tf32)
+def h200(tf32: bool = False, strict: Optional[str] = None):
+    """The launchers' device questions answered as on the H200: SM count, dot precision.
+    tf32: whether the flag nn.GRU follows (torch.backends.cudnn.rnn.fp32_precision) allows
+    TF32 in that call, which decides float32's DOT_PREC (torch's default: True; the GPU
+    tests' "fp32" and `fusedgru bench --tf32 off`: False); strict: the strict float32 path
+    forced (gru.force_strict_fp32: "tf32x3", the default, or the FMA path "ieee")."""
+    saved = (GRU.max_coresident_programs, GRU.dot_precision, GRU.rnn_tf32_allowed)
     GRU.max_coresident_programs = lambda device: H200_SMS
-    GRU.dot_precision = lambda dtype, device_type: saved[1](dtype, "cuda")
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    GRU.dot_precision = lambda dtype, device_type: GRU.gpu_dot_precision(dtype)
+    GRU.rnn_tf32_allowed = lambda: tf32
     try:
-        yield
+        with GRU.force_strict_fp32(strict):
+            yield
     finally:
-        (GRU.max_coresident_programs, GRU.dot_precision,
-         torch.backends.cuda.matmul.allow_tf32) = saved
+        GRU.max_coresident_programs, GRU.dot_precision, GRU.rnn_tf32_allowed = saved
 
 
 # ---------------------------------------------------------------------------------------
@@ -108,31 +112,48 @@ def h200(tf32: bool = False):
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
-def layer(T, B, I, H, dtype, *, tf32=False, reset_after=True, h0: Optional[int] = 0,
-          train=True, strategy=None, config=None, infer_too=False):
+def layer(T, B, I, H, dtype, *, tf32=False, strict=None, reset_after=True,
+          h0: Optional[int] = 0, train=True, strategy=None, config=None, infer_too=False,
+          batch_sizes: Optional[Sequence[int]] = None, resets: bool = False):
     """One layer-direction as the triton row runs it: forward keeping ws and the backward
     (train), or the inference forward (not train; also with infer_too).  h0: None, or the
     element offset of h0 in its buffer (a module's hx[layer * D + direction] is a view at
     that offset, which decides its 16-byte alignment).  T is capped at _MAX_T: the launches
     of step 0, of a middle step and of the last (or the persistent launch) are all there
-    from T = 3 on, and T itself is never specialised (do_not_specialize)."""
+    from T = 3 on, and T itself is never specialised (do_not_specialize).
+
+    tf32 / strict: float32's precision (h200).  batch_sizes: packed rows (the sizes of the
+    steps, non-increasing; B and T are taken from them, capped at _MAX_T steps): x, y, ws
+    are the (N, .) packed rows and batch_sizes an int64 CPU tensor, as FusedGRU passes a
+    PackedSequence.  resets: a (T, B) bool resets mask on the meta device (dense)."""
     dev = "meta"
+    if batch_sizes is not None:
+        batch_sizes = list(batch_sizes)[:_MAX_T]
+        T, B = len(batch_sizes), batch_sizes[0]
     T = min(T, _MAX_T)
-    with h200(tf32), contextlib.ExitStack() as stack:
+    with h200(tf32, strict), contextlib.ExitStack() as stack:
         if strategy is not None:
             config = GRU.strategy_config(strategy, B, H, dtype, torch.device("cuda"))
         if config is not None:
             stack.enter_context(GRU.force_config(config))
-        x = torch.empty(T, B, I, device=dev, dtype=dtype)
+        seq = {}
+        if batch_sizes is not None:
+            seq["batch_sizes"] = torch.tensor(batch_sizes, dtype=torch.int64)
+            x = torch.empty(sum(batch_sizes), I, device=dev, dtype=dtype)
+        else:
+            x = torch.empty(T, B, I, device=dev, dtype=dtype)
+            if resets:
+                seq["resets"] = torch.empty(T, B, device=dev, dtype=torch.bool)
         hx = None if h0 is None else torch.empty(h0 + B * H, device=dev, dtype=dtype)[h0:].view(B, H)
         w_ih = torch.empty(3 * H, I, device=dev, dtype=dtype)
         w_hh = torch.empty(3 * H, H, device=dev, dtype=dtype)
         b = torch.empty(3 * H, device=dev, dtype=dtype)
         if train:
-            y, ws = KBACKEND.triton_forward(x, hx, w_ih, w_hh, b, b, reset_after)
-            KBACKEND.triton_backward(torch.empty_like(y), x, hx, w_ih, w_hh, y, ws, reset_after)
+            y, ws = KBACKEND.triton_forward(x, hx, w_ih, w_hh, b, b, reset_after, **seq)
+            KBACKEND.triton_backward(torch.empty_like(y), x, hx, w_ih, w_hh, y, ws, reset_after,
+                                     **seq)
         if infer_too or not train:
-            KBACKEND.triton_inference(x, hx, w_ih, w_hh, b, b, reset_after)
+            KBACKEND.triton_inference(x, hx, w_ih, w_hh, b, b, reset_after, **seq)
 
 
 def module(T, B, I, H, dtype, *, layers=1, bidirectional=False, h0=True, **kw):
@@ -168,18 +189,26 @@ def _default(params) -> list:
     return out
 
 
+# The GPU tests' precisions: (dtype, the RNN flag allows TF32).  "fp32" is strict float32
+# (tf32x3 in the kernels), "tf32" torch's default for float32.
 PREC = {"fp32": (F32, False), "tf32": (F32, True), "fp16": (F16, False), "bf16": (BF16, False)}
+# What a process that leaves torch's flags alone runs float32 in (cudnn.rnn.fp32_precision
+# "tf32" by default): fusedgru check, the sanitizer cases.
+TORCH_DEFAULT_TF32 = True
 
 
 def part_check():
     """fusedgru check --backends cuda triton: its shapes, every CUDA dtype the row takes."""
     from fusedgru import cli
 
-    for dtype in (F32, BF16, F16):
+    # float32 in torch's default precision (TF32), and strict: check's float32 row runs in
+    # whatever the flags say, and a check that sets strict float32 must find it compiled.
+    for dtype, tf32 in ((F32, TORCH_DEFAULT_TF32), (F32, not TORCH_DEFAULT_TF32), (BF16, False),
+                        (F16, False)):
         for ra in (True, False):
             for T, B, I, H, with_h0, _bias in cli._CHECK_SHAPES:
                 yield dict(fn=layer, args=(T, B, I, H, dtype),
-                           kw=dict(reset_after=ra, h0=0 if with_h0 else None))
+                           kw=dict(reset_after=ra, h0=0 if with_h0 else None, tf32=tf32))
 
 
 def part_tests():
@@ -211,6 +240,13 @@ def part_tests():
         dtype, tf32 = PREC[prec[0]]  # module parity with cuDNN: 2 layers, bidirectional
         yield dict(fn=module, args=(11, 5, 13, H, dtype),
                    kw=dict(layers=2, bidirectional=True, tf32=tf32))
+    for prec, T, B, I, H in _default(t.STRICT_FP32_PATH_SIZES):  # the FMA path forced
+        for ra in (True, False):
+            yield dict(fn=layer, args=(T, B, I, H, F32),
+                       kw=dict(reset_after=ra, strict="ieee", h0=0 if H % 2 == 1 else None))
+    for mode, tf32 in (("default", TORCH_DEFAULT_TF32), ("ieee", False)):  # nn.GRU's mode
+        for H in _default(t.PRECISION_MODE_H):
+            yield dict(fn=module, args=(9, 8, 24, H, F32), kw=dict(tf32=tf32))
     for H in (17, 200):  # no host sync
         yield dict(fn=layer, args=(6, 3, 5, H, F32), kw={})
     yield dict(fn=layer, args=(2100, 4096, 8, 64, BF16), kw=dict(h0=None))  # 64-bit offsets
@@ -225,16 +261,25 @@ def part_sanitize():
         strategy = kind[len("layer-"):] if kind.startswith("layer-") else None
         yield dict(fn=layer, args=(T, B, I, H, dtype),
                    kw=dict(reset_after=ra, strategy=strategy, h0=None if B == 1 else 0,
-                           infer_too=True))
+                           infer_too=True, tf32=TORCH_DEFAULT_TF32))
 
 
-def _grid(name: str, quick: bool = False):
-    from fusedgru.bench import grids
+def _grid(name: str, quick: bool = False, **prec):
+    """The cells of `fusedgru bench --grid name` as FusedGRU runs them (bench's default
+    `--tf32 off`: strict float32; prec: tf32 / strict of h200 instead): packed cells on
+    their packed rows (the batch sizes of the cell's lengths), rollout cells with resets."""
+    from fusedgru.bench import grids, sequences
 
     for case in grids.grid_cases(name, quick=quick):
         dtype = grids.DTYPES[case.dtype]
         kw = dict(layers=case.layers, bidirectional=case.bidirectional,
-                  train=case.mode == "train")
+                  train=case.mode == "train", **prec)
+        if case.call == "packed":
+            lengths = sequences.draw_lengths(case.lengths, case.B, case.T,
+                                             sort=case.packing == "sorted")
+            kw["batch_sizes"] = [sum(n > t for n in lengths) for t in range(max(lengths))]
+        elif case.call == "rollout":
+            kw["resets"] = True
         yield dict(fn=module, args=(case.T, case.B, case.I, case.H, dtype), kw=kw)
 
 
@@ -243,12 +288,33 @@ def part_stream():
     yield from _grid("stream")
 
 
+def part_seq():
+    """fusedgru bench --grid packed,rollout (float32, strict; inference and train)."""
+    yield from _grid("packed")
+    yield from _grid("rollout")
+
+
+def part_precision():
+    """The stream grid's float32 cells in the two other float32 paths, so that one GPU run
+    can time all three (benchmarks/NOTES-triton.md, "Strict float32"): TF32
+    (`fusedgru bench --tf32 on`) and the FMA path (FUSEDGRU_TRITON_STRICT_FP32=ieee)."""
+    for prec in (dict(tf32=True), dict(strict="ieee")):
+        for c in _grid("stream", **prec):
+            if c["args"][4] == F32:
+                yield c
+
+
 def part_rest():
     """The ecosystem GPU tests' Triton calls, benchmarks/large_h.py, the other grids."""
     for B, T in ((8, 33), (8, 20), (4, 9), (16, 100), (16, 70), (6, 5)):  # Tagger: 2x bidir
         for dtype in (F32, BF16):
             yield dict(fn=module, args=(T, B, 32, 40, dtype),
                        kw=dict(layers=2, bidirectional=True, infer_too=True))
+    for tf32 in (True, False):  # the fp32_precision API test: "tf32", then "ieee"
+        yield dict(fn=module, args=(6, 5, 32, 40, F32),
+                   kw=dict(layers=2, bidirectional=True, h0=False, tf32=tf32))
+        # a default float32 FusedGRU computes as nn.GRU does (both modes, 2 layers)
+        yield dict(fn=module, args=(12, 6, 24, 96, F32), kw=dict(layers=2, tf32=tf32))
     yield dict(fn=module, args=(5, 3, 8, 12, F32), kw=dict(h0=True))  # opcheck (layer-level)
     for dtype in (F16, BF16):  # autocast: T=50, B=16, I=64, H=128, 2 layers, bidir
         yield dict(fn=module, args=(50, 16, 64, 128, dtype), kw=dict(layers=2, bidirectional=True))
@@ -270,7 +336,8 @@ def part_rest():
 
 def calls(parts) -> Iterator[tuple]:
     table = {"check": part_check, "tests": part_tests, "sanitize": part_sanitize,
-             "stream": part_stream, "rest": part_rest}
+             "stream": part_stream, "rest": part_rest, "seq": part_seq,
+             "precision": part_precision}
     for part in parts:
         for c in table[part]():
             yield part, c

@@ -35,12 +35,15 @@ F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float6
 
 @pytest.fixture(autouse=True)
 def _no_tf32():
-    """Exact float32 for the parity checks (the kernels use TF32 only when allowed)."""
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    """Strict float32 for the parity checks: nn.GRU's flag (cudnn.rnn), which fusedgru's GPU
+    backends follow, and torch's matmuls (tests/test_triton_gpu.py, fp32_precision)."""
+    if not HAS_CUDA:
+        yield
+        return
+    from test_triton_gpu import fp32_precision
+
+    with fp32_precision("ieee"):
+        yield
 
 
 class Tagger(torch.nn.Module):
@@ -210,25 +213,78 @@ def test_deterministic_cuda(backend, dtype, gen):
 
 @pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b != "reference"])
 def test_float32_under_the_fp32_precision_api(backend, gen):
-    """A user who sets TF32 through torch's fp32_precision API (where torch's legacy
-    allow_tf32 getter raises) still runs float32: TF32 when "tf32", exact when "ieee"."""
-    matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
+    """A user who sets the precision through torch's fp32_precision API (where torch's legacy
+    allow_tf32 getters raise) still runs float32, in the mode nn.GRU's flag says: TF32 when
+    cudnn.rnn.fp32_precision is "tf32", strict (3xTF32) when "ieee"; the matmul flag alone
+    does not decide."""
+    rnn = torch.backends.cudnn.rnn
     x = torch.randn(6, 5, 24, device="cuda")
     torch.manual_seed(0)
     model = Tagger(backend)
+    before = rnn.fp32_precision
     try:
         outs = {}
         for precision in ("tf32", "ieee"):
-            matmul.fp32_precision = precision
-            assert ops.tf32_matmul_allowed() is (precision == "tf32")
+            rnn.fp32_precision = precision
+            assert ops.rnn_tf32_allowed() is (precision == "tf32")
             y, h_n = model(x)
             (y.sum() + h_n.sum()).backward()
             outs[precision] = y.detach()
         assert torch.isfinite(outs["tf32"]).all()
         assert rel_err(outs["tf32"], outs["ieee"].double()) < 1e-2
     finally:
-        matmul.fp32_precision = before
+        rnn.fp32_precision = before
+
+
+@pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b != "reference"])
+def test_default_float32_computes_as_nn_gru_does(backend, gen):
+    """issue 18: a default float32 FusedGRU (torch's flags untouched: TF32 for nn.GRU) runs
+    in nn.GRU's mode (both errors against the float64 oracle at TF32's level), and under
+    cudnn.rnn.fp32_precision = "ieee" both are strict, FusedGRU within SPEC's float32 budget
+    of nn.GRU's error (outputs, h_n and every gradient)."""
+    from test_triton_gpu import fp32_precision
+
+    T, B, I, H = 12, 6, 24, 96
+    torch.manual_seed(7)
+    g64 = torch.nn.GRU(I, H, num_layers=2, dtype=F64)
+    x64 = torch.randn(T, B, I, dtype=F64, generator=gen)
+    h064 = torch.randn(2, B, H, dtype=F64, generator=gen) * 0.5
+
+    def run(mod, device, dtype):
+        mod = mod.to(device=device, dtype=dtype)
+        x = x64.to(device, dtype).detach().clone().requires_grad_()
+        h0 = h064.to(device, dtype).detach().clone().requires_grad_()
+        y, h_n = mod(x, h0)
+        gy = torch.linspace(-1, 1, y.numel(), device=device, dtype=F64).view(y.shape)
+        ((y.double() * gy).sum() + h_n.double().sum()).backward()
+        return [y, h_n, x.grad, h0.grad] + [p.grad for p in mod.parameters()]
+
+    def pair():  # (FusedGRU, nn.GRU) in float32 on CUDA, g64's weights
+        return (run(FusedGRU.from_torch(_gru_like(g64), backend=backend), "cuda", F32),
+                run(_gru_like(g64), "cuda", F32))
+
+    want = run(g64, "cpu", F64)
+    # This file's fixture sets strict float32: torch's defaults again for the default mode
+    # (nn.GRU's flag "tf32", the matmul flag "none": strict), restored after.
+    with fp32_precision("tf32"):
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        default = pair()
+    with fp32_precision("ieee"):
+        strict = pair()
+    for mode, (fused, cudnn) in (("default", default), ("ieee", strict)):
+        for i, (a, b, c) in enumerate(zip(fused, cudnn, want)):
+            e_fused, e_cudnn = rel_err(a, c), rel_err(b, c)
+            if i < 2:  # outputs and h_n: the mode is visible in the error's size
+                tf32_level = (e_fused > 1e-5, e_cudnn > 1e-5)
+                assert tf32_level == ((True, True) if mode == "default" else (False, False)), \
+                    (mode, i, e_fused, e_cudnn)
+            assert e_fused <= budget(F32, e_cudnn), (mode, i, e_fused, e_cudnn)
+
+
+def _gru_like(g64):
+    g = torch.nn.GRU(g64.input_size, g64.hidden_size, num_layers=g64.num_layers)
+    g.load_state_dict(g64.state_dict())
+    return g
 
 
 @pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b != "reference"])

@@ -31,14 +31,38 @@ if torch.cuda.is_available():
 
 
 @contextlib.contextmanager
+def fp32_precision(precision: str):
+    """float32 on CUDA in ``precision`` ("tf32" or "ieee") for nn.GRU (cuDNN's RNN flag),
+    fusedgru's GPU backends (the same flag, fusedgru.ops.rnn_tf32_allowed) and torch's
+    matmuls (the reference baseline, the triton row's input projection); torch's settings
+    are restored after.  Through the fp32_precision API where torch has it (its legacy
+    getters raise once it is in use), else the legacy allow_tf32 flags."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    rnn = getattr(cudnn, "rnn", None)
+    if getattr(rnn, "fp32_precision", None) is not None:
+        owners = [o for o in (torch.backends, cudnn, getattr(cudnn, "conv", None), rnn, matmul)
+                  if getattr(o, "fp32_precision", None) is not None]
+        saved = [o.fp32_precision for o in owners]
+        rnn.fp32_precision = precision
+        matmul.fp32_precision = precision
+        try:
+            yield
+        finally:
+            for o, v in zip(owners, saved):
+                o.fp32_precision = v
+    else:
+        saved = (matmul.allow_tf32, cudnn.allow_tf32)
+        matmul.allow_tf32 = cudnn.allow_tf32 = precision == "tf32"
+        try:
+            yield
+        finally:
+            matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
 def tf32(allowed: bool):
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = allowed
-    torch.backends.cudnn.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    """TF32 allowed (torch's default for nn.GRU) or strict float32 ("fp32": tf32x3 in the
+    kernels), for the kernels, nn.GRU and the reference baseline alike."""
+    return fp32_precision("tf32" if allowed else "ieee")
 
 
 EXH = pytest.mark.exhaustive  # the rest of the sweep (tests/conftest.py: --gpu-exhaustive)
@@ -232,3 +256,94 @@ def test_torch_compile_traces_the_op(gen):
     compiled = torch.compile(mod, fullgraph=True)
     out, _ = compiled(x)
     assert torch.equal(out, eager)
+
+
+# ----------------------------------------------------------------------------------------
+# float32 precision (issue 18): the flag nn.GRU follows; strict float32 as 3xTF32
+# ----------------------------------------------------------------------------------------
+
+# The FMA path strict float32 can be forced to (gru.force_strict_fp32("ieee"), kept for
+# timing): one resident and one split size, the persistent launch at the split size.
+STRICT_FP32_PATH_SIZES = [(("fp32",), 9, 17, 40, 63), (("fp32",), 17, 5, 50, 100)]
+
+
+@pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
+@pytest.mark.parametrize("prec,T,B,I,H", STRICT_FP32_PATH_SIZES,
+                         ids=[f"H{p[4]}" for p in STRICT_FP32_PATH_SIZES])
+def test_strict_float32_fma_path_vs_reference(prec, T, B, I, H, reset_after, gen):
+    """The fp32 FMA path (no tensor cores), still selectable for timing, within SPEC's float32
+    budget; and the launches really took it (DOT_PREC "ieee" vs the default "tf32x3")."""
+    case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, with_h0=(H % 2 == 1),
+                                   generator=gen)
+    with tf32(False):
+        assert gru.dot_precision(torch.float32, "cuda") == "tf32x3"
+        with gru.force_strict_fp32("ieee"):
+            assert gru.dot_precision(torch.float32, "cuda") == "ieee"
+            report = testing.check_layer("triton", case, device="cuda", dtype=torch.float32)
+    assert report.ok, report.failures
+
+
+@pytest.mark.parametrize("strategy", ["step", "persistent"])
+@pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
+def test_strict_float32_split_strategies_vs_reference(strategy, reset_after, gen):
+    """Strict float32 (tf32x3) through both large-H strategies at H = 1024 (K = 32 chunks of
+    the split products: the error of the split accumulates over the longest reduction the
+    tests have) within SPEC's float32 budget."""
+    T, B, I, H = 6, 3, 64, 1024
+    case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, with_h0=True,
+                                   generator=gen)
+    cfg = gru.strategy_config(strategy, B, H, torch.float32, torch.device("cuda"))
+    with tf32(False), gru.force_config(cfg):
+        report = testing.check_layer("triton", case, device="cuda", dtype=torch.float32)
+    assert report.ok, report.failures
+
+
+# H: resident (48) and split (256) sizes.
+PRECISION_MODE_H = [48, 256]
+
+
+@pytest.mark.parametrize("H", PRECISION_MODE_H)
+def test_float32_precision_mode_follows_nn_gru(H, gen):
+    """FusedGRU(backend="triton") in float32 computes in the precision nn.GRU (cuDNN) does,
+    under each setting of the flag nn.GRU follows: torch's default (TF32: both errors
+    against the float64 oracle at TF32's level, 1e-5 or more, and fused within twice
+    nn.GRU's + the band) and strict ("ieee": both far below, fused within SPEC's float32
+    budget of nn.GRU's error, through tf32x3)."""
+    T, B, I = 9, 8, 24
+    torch.manual_seed(H)
+    oracle = torch.nn.GRU(I, H, dtype=torch.float64)
+    x64 = torch.randn(T, B, I, dtype=torch.float64, generator=gen)
+    h064 = torch.randn(1, B, H, dtype=torch.float64, generator=gen) * 0.5
+    gout = torch.randn(T, B, H, dtype=torch.float64, generator=gen)
+
+    def run(mod, device, dt):
+        mod = mod.to(device=device, dtype=dt)
+        x = x64.to(device, dt).detach().clone().requires_grad_()
+        h0 = h064.to(device, dt).detach().clone().requires_grad_()
+        out, hn = mod(x, h0)
+        ((out * gout.to(device, dt)).sum() + hn.sum()).backward()
+        return {"out": out, "h_n": hn, "dx": x.grad, "dh0": h0.grad,
+                **{"d" + k: p.grad for k, p in mod.named_parameters()}}
+
+    want = run(oracle, "cpu", torch.float64)
+    for mode in ("default", "ieee"):
+        kernel = fusedgru.FusedGRU(I, H, backend="triton")
+        kernel.load_state_dict(oracle.state_dict())
+        cudnn = torch.nn.GRU(I, H)
+        cudnn.load_state_dict(oracle.state_dict())
+        ctx = contextlib.nullcontext() if mode == "default" else fp32_precision("ieee")
+        with ctx:
+            assert gru.dot_precision(torch.float32, "cuda") == \
+                ("tf32" if mode == "default" else "tf32x3")
+            got = run(kernel, "cuda", torch.float32)
+            base = run(cudnn, "cuda", torch.float32)
+        for k in ("out", "h_n"):
+            e_fused, e_cudnn = testing.rel_err(got[k], want[k]), testing.rel_err(base[k], want[k])
+            if mode == "default":  # both TF32
+                assert e_fused > 1e-5 and e_cudnn > 1e-5, (mode, k, e_fused, e_cudnn)
+            else:  # both strict
+                assert e_fused < 1e-5 and e_cudnn < 1e-5, (mode, k, e_fused, e_cudnn)
+        for k in want:
+            err = testing.rel_err(got[k], want[k])
+            lim = testing.budget(torch.float32, testing.rel_err(base[k], want[k]))
+            assert err <= lim, f"{mode} {k}: err {err:.3g} > budget {lim:.3g}"
