@@ -1,7 +1,7 @@
 // fusedgru::gru_fwd / gru_infer / gru_bwd on CUDA: the "cuda" backend.
 //
 // STATUS: compiled for sm_80 / sm_90 and checked with ptxas (no spills, no stack), but
-// NEVER RUN ON A GPU at the time of writing.  tests/test_extension_gpu.py is its first check.
+// NEVER RUN ON A GPU at the time of writing (the 3xTF32 path of issue 18 included).  tests/test_extension_gpu.py is its first check.
 //
 // Dimension legend: T timesteps, B batch, I input features, H hidden units, G = 3 gates
 // (r, z, n).  Padded sizes: Hp = H rounded up to 16 (units and K), Bp = B rounded up to 16.
@@ -11,11 +11,12 @@
 // cooperative launch of NB = Hp / 16 blocks runs all T steps: block nb owns hidden units
 // [16 nb, 16 nb + 16) and keeps their rows of W_hh for all three gates (48 x Hp) in shared
 // memory for the whole sequence.  Per step each block computes its (B x 48) slice of
-// h_{t-1} W_hh^T on tensor cores (wmma: bf16/fp16 operands, TF32 for float32 when
-// torch.backends.cuda.matmul.allow_tf32 allows it, fp32 accumulation; plain FMA for float64
-// and strict float32), applies the gates and the update to its units, publishes h_t in the
-// operand dtype to a ping-pong buffer (Bp x Hp, zero padded, so MMA tiles never need
-// bounds checks), and meets the other blocks at a grid barrier (cooperative groups).
+// h_{t-1} W_hh^T on tensor cores (wmma, fp32 accumulation: bf16/fp16 operands; float32 as
+// TF32 when torch lets cuDNN's RNN use TF32, as nn.GRU does, else split-precision 3xTF32;
+// plain FMA for float64: see FUSEDGRU_DISPATCH), applies the gates and the update to its
+// units, publishes h_t in the operand dtype to a ping-pong buffer (Bp x Hp, zero padded, so
+// MMA tiles never need bounds checks), and meets the other blocks at a grid barrier
+// (cooperative groups).
 // reset_after=False needs r (.) h of every unit before W_hn: a second barrier per step.
 //
 // Inference (gru_infer: nothing needs a gradient) runs the same kernels with ws = nullptr:
@@ -62,6 +63,7 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -186,31 +188,43 @@ typename Native<T>::type* nat_mut(const Tensor& t) {
   return reinterpret_cast<typename Native<T>::type*>(t.data_ptr<T>());
 }
 
-// Whether torch lets float32 matmuls on CUDA use TF32 (fusedgru.ops.tf32_matmul_allowed in
-// C++): read through the fp32_precision settings, since the legacy allowTF32CuBLAS() throws
-// once a user has set those ("mix of the legacy and new APIs"); setting the legacy flag sets
-// them too.  "none" on the CUDA matmul inherits the generic setting.
-inline bool tf32_matmul_allowed() {
-  const auto& ctx = at::globalContext();
-  at::Float32Precision p = ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
-  if (p == at::Float32Precision::NONE)
-    p = ctx.float32Precision(at::Float32Backend::GENERIC, at::Float32Op::ALL);
-  return p == at::Float32Precision::TF32;
+// Whether a float32 GRU may run its products on TF32 tensor cores: what cuDNN's RNN reads,
+// so what torch.nn.GRU on CUDA follows (fusedgru.ops.rnn_tf32_allowed in Python):
+// torch.backends.cudnn.rnn.fp32_precision, "tf32" by default, "none" inheriting cudnn's and
+// then the global setting (torch.backends.cudnn.allow_tf32 in older releases sets it).
+// With an op, allowTF32CuDNN reads the fp32_precision settings only and never raises the
+// "mix of the legacy and new APIs" error (the op-less call does).  In torch 2.11 .. 2.14.
+inline bool tf32_rnn_allowed() {
+  return at::globalContext().allowTF32CuDNN(at::Float32Op::RNN);
 }
 
-// Calls FN<scalar_t (ATen), op_t (ATen), acc_t, TC>(args...) for dtype ST.  float32 uses TF32
-// tensor cores only when torch allows TF32 for float32 matmuls (False by default).
+// Test / benchmark switch (fusedgru::_set_cuda_fp32_path): how strict float32 (TF32 not
+// allowed) runs: 0 split-precision 3xTF32 on tensor cores (the default), 1 FMA on CUDA
+// cores (the path before issue 18, kept so one GPU run can time both).
+std::atomic<int64_t> g_fp32_path{0};
+
+int64_t set_cuda_fp32_path(int64_t mode) {
+  TORCH_CHECK(mode == 0 || mode == 1,
+              "fusedgru::_set_cuda_fp32_path: mode must be 0 (3xTF32) or 1 (FMA), got ", mode);
+  return g_fp32_path.exchange(mode);
+}
+
+// Calls FN<scalar_t (ATen), op_t (ATen), acc_t, MM>(args...) for dtype ST (MM: kFma, kTc,
+// k3xTf32, gru_kernels.cuh).  float32: TF32 tensor cores when tf32_rnn_allowed() (True by
+// default, like nn.GRU), else 3xTF32 (or the FMA path under _set_cuda_fp32_path(1)).
 #define FUSEDGRU_DISPATCH(ST, FN, ...)                                                   \
   switch (ST) {                                                                          \
     case at::kFloat:                                                                     \
-      if (tf32_matmul_allowed())                                                         \
-        FN<float, float, float, true>(__VA_ARGS__);                                      \
+      if (tf32_rnn_allowed())                                                            \
+        FN<float, float, float, kTc>(__VA_ARGS__);                                       \
+      else if (g_fp32_path.load(std::memory_order_relaxed) == 1)                         \
+        FN<float, float, float, kFma>(__VA_ARGS__);                                      \
       else                                                                               \
-        FN<float, float, float, false>(__VA_ARGS__);                                     \
+        FN<float, float, float, k3xTf32>(__VA_ARGS__);                                   \
       break;                                                                             \
-    case at::kDouble: FN<double, double, double, false>(__VA_ARGS__); break;             \
-    case at::kHalf: FN<at::Half, at::Half, float, true>(__VA_ARGS__); break;             \
-    case at::kBFloat16: FN<at::BFloat16, at::BFloat16, float, true>(__VA_ARGS__); break; \
+    case at::kDouble: FN<double, double, double, kFma>(__VA_ARGS__); break;              \
+    case at::kHalf: FN<at::Half, at::Half, float, kTc>(__VA_ARGS__); break;              \
+    case at::kBFloat16: FN<at::BFloat16, at::BFloat16, float, kTc>(__VA_ARGS__); break;  \
     default: TORCH_CHECK(false, "fusedgru (cuda): unsupported dtype ", ST);              \
   }
 
@@ -247,7 +261,7 @@ SeqArgs seq_args(const Layout& lay, const Tensor& x) {
   return s;
 }
 
-template <typename scalar_t, typename op_at, typename acc_t, bool TC>
+template <typename scalar_t, typename op_at, typename acc_t, int MM>
 void launch_forward(const Dims& d, const Tensor& x, const std::optional<Tensor>& h0_,
                     const Tensor& w_hh, const Tensor& gi, const Tensor& bhh, bool reset_after,
                     const Layout& lay, Tensor& y,
@@ -258,7 +272,7 @@ void launch_forward(const Dims& d, const Tensor& x, const std::optional<Tensor>&
   using opt = typename Native<op_at>::type;
   const at::ScalarType op_type = c10::CppTypeToScalarType<op_at>::value;
   const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  auto persistent = gru_fwd_persistent<sc, opt, acc_t, TC>;
+  auto persistent = gru_fwd_persistent<sc, opt, acc_t, MM>;
   Plan pl = make_plan(d.T, d.B, d.H, sizeof(opt), sizeof(acc_t), false,
                       reinterpret_cast<const void*>(persistent), dev);
   const Geom& g = pl.g;
@@ -297,7 +311,7 @@ void launch_forward(const Dims& d, const Tensor& x, const std::optional<Tensor>&
                                                static_cast<size_t>(pl.smem_bytes(true)),
                                                stream));
   } else {
-    auto step = gru_fwd_step<sc, opt, acc_t, TC>;
+    auto step = gru_fwd_step<sc, opt, acc_t, MM>;
     const int64_t smem = pl.smem_bytes(false);
     allow_dynamic_smem(reinterpret_cast<const void*>(step), dev, smem);
     for_each_step_launch(d.T, reset_after, false, [&](int64_t t, int phase) {
@@ -355,7 +369,7 @@ Tensor gru_infer_cuda(const Tensor& x, const std::optional<Tensor>& h0, const Te
                                   b_hh, reset_after, batch_sizes, resets));
 }
 
-template <typename scalar_t, typename op_at, typename acc_t, bool TC>
+template <typename scalar_t, typename op_at, typename acc_t, int MM>
 void launch_backward(const Dims& d, const Tensor& grad_y, const Tensor& x,
                      const std::optional<Tensor>& h0, const Tensor& w_hh, const Tensor& y,
                      const Tensor& ws, bool reset_after, const Layout& lay, Tensor& dgi,
@@ -366,7 +380,7 @@ void launch_backward(const Dims& d, const Tensor& grad_y, const Tensor& x,
   using opt = typename Native<op_at>::type;
   const at::ScalarType op_type = c10::CppTypeToScalarType<op_at>::value;
   const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  auto persistent = gru_bwd_persistent<sc, opt, acc_t, TC>;
+  auto persistent = gru_bwd_persistent<sc, opt, acc_t, MM>;
   Plan pl = make_plan(d.T, d.B, d.H, sizeof(opt), sizeof(acc_t), true,
                       reinterpret_cast<const void*>(persistent), dev);
   const Geom& g = pl.g;
@@ -397,7 +411,7 @@ void launch_backward(const Dims& d, const Tensor& grad_y, const Tensor& x,
                                                static_cast<size_t>(pl.smem_bytes(true)),
                                                stream));
   } else {
-    auto step = gru_bwd_step<sc, opt, acc_t, TC>;
+    auto step = gru_bwd_step<sc, opt, acc_t, MM>;
     const int64_t smem = pl.smem_bytes(false);
     allow_dynamic_smem(reinterpret_cast<const void*>(step), dev, smem);
     for_each_step_launch(d.T, reset_after, true, [&](int64_t t, int phase) {
@@ -440,16 +454,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cuda(
   return {dx, dh0, dw_ih, dw_hh, db_ih, db_hh};
 }
 
-template <typename scalar_t, typename op_at, typename acc_t, bool TC>
+template <typename scalar_t, typename op_at, typename acc_t, int MM>
 void describe_plan(const Tensor& x, const Tensor& w_hh, bool reset_after, bool backward,
                    std::string& out) {
   using sc = typename Native<scalar_t>::type;
   using opt = typename Native<op_at>::type;
-  const void* k = backward ? reinterpret_cast<const void*>(gru_bwd_persistent<sc, opt, acc_t, TC>)
-                           : reinterpret_cast<const void*>(gru_fwd_persistent<sc, opt, acc_t, TC>);
+  const void* k = backward ? reinterpret_cast<const void*>(gru_bwd_persistent<sc, opt, acc_t, MM>)
+                           : reinterpret_cast<const void*>(gru_fwd_persistent<sc, opt, acc_t, MM>);
   Plan pl = make_plan(x.size(0), x.size(1), w_hh.size(1), sizeof(opt), sizeof(acc_t), backward,
                       k, x.get_device());
-  out = pl.why + (TC ? ", tensor cores" : ", CUDA cores") +
+  const char* mm = MM == k3xTf32 ? ", tensor cores (3xTF32)"
+                   : MM == kTc   ? (std::is_same_v<op_at, float> ? ", tensor cores (TF32)"
+                                                                 : ", tensor cores")
+                                 : ", CUDA cores";
+  out = pl.why + mm +
         (reset_after ? "" : ", two barriers per step");
 }
 
@@ -464,6 +482,10 @@ std::string cuda_plan(const Tensor& x, const Tensor& w_hh, bool reset_after, boo
 
 }  // namespace cuda_gru
 }  // namespace fusedgru
+
+TORCH_LIBRARY_FRAGMENT(fusedgru, m) {
+  m.def("_set_cuda_fp32_path(int mode) -> int", &fusedgru::cuda_gru::set_cuda_fp32_path);
+}
 
 TORCH_LIBRARY_IMPL(fusedgru, CUDA, m) {
   m.impl("gru_fwd", &fusedgru::cuda_gru::gru_fwd_cuda);

@@ -84,6 +84,13 @@ __device__ __forceinline__ double tanh_(double x) { return tanh(x); }
 // k0, k1 are multiples of 16; A and W are padded with zeros to k1.
 // ---------------------------------------------------------------------------------------
 
+// How a block's products run: the kernels' last template argument (MM).
+constexpr int kFma = 0;     // CUDA cores, FMAs in acc_t: float64, and strict float32 under
+                            // fusedgru::_set_cuda_fp32_path(1) (the path before issue 18)
+constexpr int kTc = 1;      // tensor cores, one product per operand pair: bf16, fp16, and
+                            // float32 as TF32 (when torch lets cuDNN's RNN use TF32)
+constexpr int k3xTf32 = 2;  // float32 on TF32 tensor cores in split precision: strict float32
+
 template <typename op_t>
 struct Wmma;  // tensor-core shapes per operand type
 template <>
@@ -102,13 +109,63 @@ struct Wmma<float> {  // TF32: 10-bit mantissa operands, fp32 accumulation
   using frag_t = nvcuda::wmma::precision::tf32;
 };
 
-template <typename op_t, typename acc_t, bool TC>
+// 3xTF32: splits every element of a tf32 fragment holding float32 values v into
+// hi = tf32(v) (kept in f) and lo = tf32(v - hi) (v - hi is exact in float32), so that
+// v = hi + lo to ~2^-22 relative.  Round to nearest (cvt.rna) both times.  hi's 13 low
+// bits are cleared here: __float_to_tf32 does not clear them (sm_90 SASS: an integer add
+// of 0x1000, no mask; the tensor core ignores those bits), and v - hi needs the value the
+// tensor core reads.  lo's low bits only reach the tensor core.
+template <typename Frag>
+__device__ __forceinline__ void split_tf32(Frag& f, Frag& lo) {
+#pragma unroll
+  for (int i = 0; i < f.num_elements; ++i) {
+    const float v = f.x[i];
+    const float hi = __uint_as_float(__float_as_uint(nvcuda::wmma::__float_to_tf32(v)) &
+                                     0xFFFFE000u);
+    lo.x[i] = nvcuda::wmma::__float_to_tf32(v - hi);
+    f.x[i] = hi;
+  }
+}
+
+template <typename op_t, typename acc_t, int MM>
 __device__ __forceinline__ void warp_tile(const op_t* A, int lda, const op_t* W, int ldw,
                                           int k0, int k1, acc_t* out) {
   // No __restrict__ on A: it is a buffer other blocks write during the same persistent
   // launch (visible after grid.sync()); const + restrict would let nvcc use the
   // non-coherent read-only path (LDG.NC), which may return stale lines.
-  if constexpr (TC) {
+  if constexpr (MM == k3xTf32) {
+    // Split precision on TF32 tensor cores (strict float32): a b = a_hi b_hi + a_hi b_lo +
+    // a_lo b_hi (a_lo b_lo, ~2^-22 relative, dropped), float32 accumulation.  Three
+    // accumulators, summed once after the loop: each one's dependent chain of HMMAs is as
+    // long as the TF32 path's (one accumulator would make it three times as long).  W's
+    // split is made on the fragment after each load (a packed hi / lo W slice would double
+    // the resident shared memory: fp32 H > ~575 would leave the persistent kernels).
+    static_assert(std::is_same_v<op_t, float> && std::is_same_v<acc_t, float>,
+                  "3xTF32 is a float32 path");
+    namespace wmma = nvcuda::wmma;
+    using tf32 = wmma::precision::tf32;
+    wmma::fragment<wmma::matrix_a, 16, 16, 8, tf32, wmma::row_major> a, a_lo;
+    wmma::fragment<wmma::matrix_b, 16, 16, 8, tf32, wmma::col_major> b, b_lo;
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> c, c_hl, c_lh;
+    wmma::fill_fragment(c, 0.f);
+    wmma::fill_fragment(c_hl, 0.f);
+    wmma::fill_fragment(c_lh, 0.f);
+    // Two k-steps per iteration, as nvcc unrolls the TF32 loop by itself: 16 loads in
+    // flight per wait instead of 8 (the loop is bound by the latency of the A loads).
+#pragma unroll 2
+    for (int k = k0; k < k1; k += 8) {
+      wmma::load_matrix_sync(a, A + k, lda);
+      wmma::load_matrix_sync(b, W + k, ldw);
+      split_tf32(a, a_lo);
+      split_tf32(b, b_lo);
+      wmma::mma_sync(c_hl, a, b_lo, c_hl);
+      wmma::mma_sync(c_lh, a_lo, b, c_lh);
+      wmma::mma_sync(c, a, b, c);
+    }
+#pragma unroll
+    for (int i = 0; i < c.num_elements; ++i) c.x[i] += c_hl.x[i] + c_lh.x[i];
+    wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+  } else if constexpr (MM == kTc) {
     namespace wmma = nvcuda::wmma;
     using S = Wmma<op_t>;
     wmma::fragment<wmma::matrix_a, 16, 16, S::K, typename S::frag_t, wmma::row_major> a;
@@ -128,7 +185,8 @@ __device__ __forceinline__ void warp_tile(const op_t* A, int lda, const op_t* W,
     }
     wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
   } else {
-    // CUDA cores (float64, or float32 when TF32 is not allowed): lane -> row m, 8 columns.
+    // CUDA cores (float64; strict float32 under _set_cuda_fp32_path(1)): lane -> row m,
+    // 8 columns.
     const int lane = threadIdx.x & 31;
     const int m = lane & 15, n0 = (lane >> 4) * 8;
     acc_t s[8];
@@ -155,7 +213,7 @@ struct Geom {
 
 // Block GEMM for batch tiles [mt0, mt1): NC column groups of 16 (W rows c*16.. at c*16*ldw),
 // K split into g.nsplit parts; partial tiles go to acc[((s * MTP + mt - mt0) * NC + c)].
-template <typename op_t, typename acc_t, bool TC>
+template <typename op_t, typename acc_t, int MM>
 __device__ __forceinline__ void block_gemm(const Geom& g, const op_t* A, int lda,
                                            const op_t* W, int NC, int K, int mt0, int mt1,
                                            acc_t* acc) {
@@ -169,7 +227,7 @@ __device__ __forceinline__ void block_gemm(const Geom& g, const op_t* A, int lda
     const int k0 = s * kpart, k1 = min(K, k0 + kpart);
     acc_t* out = acc + static_cast<int64_t>((s * mtp + rem / NC) * NC + c) * kTileElems;
     if (k0 < k1) {
-      warp_tile<op_t, acc_t, TC>(A + static_cast<int64_t>(mt) * 16 * lda, lda,
+      warp_tile<op_t, acc_t, MM>(A + static_cast<int64_t>(mt) * 16 * lda, lda,
                                  W + static_cast<int64_t>(c) * 16 * g.ldw, g.ldw, k0, k1, out);
     } else {
       for (int i = threadIdx.x & 31; i < kTileElems; i += 32) out[i] = acc_t(0);
@@ -236,7 +294,7 @@ struct FwdArgs {
   bool reset_after;
 };
 
-template <typename scalar_t, typename op_t, typename acc_t, bool TC>
+template <typename scalar_t, typename op_t, typename acc_t, int MM>
 __device__ void fwd_phase(const FwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W, acc_t* acc,
                           int64_t t, int phase) {
   const Geom& g = p.g;
@@ -256,7 +314,7 @@ __device__ void fwd_phase(const FwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
     const int64_t b_end = imin64(span.rows, static_cast<int64_t>(mt1) * 16);
     const int64_t b_beg = static_cast<int64_t>(mt0) * 16;
     if (p.reset_after) {
-      block_gemm<op_t, acc_t, TC>(g, hin, Hp, W, 3, Hp, mt0, mt1, acc);
+      block_gemm<op_t, acc_t, MM>(g, hin, Hp, W, 3, Hp, mt0, mt1, acc);
       for (int64_t e = threadIdx.x; e < (b_end - b_beg) * kUnits; e += kThreads) {
         const int64_t b = b_beg + e / kUnits;
         const int jj = static_cast<int>(e % kUnits);
@@ -285,7 +343,7 @@ __device__ void fwd_phase(const FwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
         stf(hout + b * Hp + j, hs);
       }
     } else if (phase == 0) {  // r, z from h_{t-1}; publish r (.) h_{t-1}
-      block_gemm<op_t, acc_t, TC>(g, hin, Hp, W, 2, Hp, mt0, mt1, acc);
+      block_gemm<op_t, acc_t, MM>(g, hin, Hp, W, 2, Hp, mt0, mt1, acc);
       for (int64_t e = threadIdx.x; e < (b_end - b_beg) * kUnits; e += kThreads) {
         const int64_t b = b_beg + e / kUnits;
         const int jj = static_cast<int>(e % kUnits);
@@ -304,7 +362,7 @@ __device__ void fwd_phase(const FwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
         }
       }
     } else {  // n from W_hn (r (.) h_{t-1}); the update
-      block_gemm<op_t, acc_t, TC>(g, p.rhbuf, Hp, W + 2 * 16 * g.ldw, 1, Hp, mt0, mt1, acc);
+      block_gemm<op_t, acc_t, MM>(g, p.rhbuf, Hp, W + 2 * 16 * g.ldw, 1, Hp, mt0, mt1, acc);
       for (int64_t e = threadIdx.x; e < (b_end - b_beg) * kUnits; e += kThreads) {
         const int64_t b = b_beg + e / kUnits;
         const int jj = static_cast<int>(e % kUnits);
@@ -346,7 +404,7 @@ __device__ __forceinline__ acc_t* acc_region(unsigned char* smem, int64_t w_byte
 }
 
 // One cooperative launch for the whole sequence; W slice resident in shared memory.
-template <typename scalar_t, typename op_t, typename acc_t, bool TC>
+template <typename scalar_t, typename op_t, typename acc_t, int MM>
 __global__ void __launch_bounds__(kThreads, 1)
     gru_fwd_persistent(const FwdArgs<scalar_t, op_t, acc_t> p, int64_t w_bytes) {
   FUSEDGRU_DYNAMIC_SMEM(smem);
@@ -356,23 +414,23 @@ __global__ void __launch_bounds__(kThreads, 1)
   copy_to_smem(Ws, p.wpack + blockIdx.x * slice, slice);
   cg::grid_group grid = cg::this_grid();
   for (int64_t t = 0; t < p.g.T; ++t) {
-    fwd_phase<scalar_t, op_t, acc_t, TC>(p, Ws, acc, t, 0);
+    fwd_phase<scalar_t, op_t, acc_t, MM>(p, Ws, acc, t, 0);
     grid.sync();
     if (!p.reset_after) {
-      fwd_phase<scalar_t, op_t, acc_t, TC>(p, Ws, acc, t, 1);
+      fwd_phase<scalar_t, op_t, acc_t, MM>(p, Ws, acc, t, 1);
       grid.sync();
     }
   }
 }
 
 // Fallback: one launch per step (and phase); the W slice is read from global memory / L2.
-template <typename scalar_t, typename op_t, typename acc_t, bool TC>
+template <typename scalar_t, typename op_t, typename acc_t, int MM>
 __global__ void __launch_bounds__(kThreads)
     gru_fwd_step(const FwdArgs<scalar_t, op_t, acc_t> p, int64_t t, int phase) {
   FUSEDGRU_DYNAMIC_SMEM(smem);
   acc_t* acc = reinterpret_cast<acc_t*>(smem);
   const int64_t slice = 3 * 16 * static_cast<int64_t>(p.g.ldw);
-  fwd_phase<scalar_t, op_t, acc_t, TC>(p, p.wpack + blockIdx.x * slice, acc, t, phase);
+  fwd_phase<scalar_t, op_t, acc_t, MM>(p, p.wpack + blockIdx.x * slice, acc, t, phase);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -402,7 +460,7 @@ struct BwdArgs {
 // The dh that step tn carries back (dhs + dgh_tn W_hh, summed where it is consumed: at
 // step tn - 1, or in phase 2 for tn = 0) reaches row b only if b was active at step tn and
 // step tn did not restart it (resets).
-template <typename scalar_t, typename op_t, typename acc_t, bool TC>
+template <typename scalar_t, typename op_t, typename acc_t, int MM>
 __device__ void bwd_phase(const BwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W, acc_t* acc,
                           int64_t t, int phase) {
   const Geom& g = p.g;
@@ -429,11 +487,11 @@ __device__ void bwd_phase(const BwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
     const int64_t b_beg = static_cast<int64_t>(mt0) * 16;
     if (phase == 1) {
       // d(r h) = da_n W_hn for own units; da_n of every unit is in gout's n columns.
-      block_gemm<op_t, acc_t, TC>(g, gout + 2 * Hp, lda, W + 2 * Hp, 1, g.Hp, mt0, mt1, acc);
+      block_gemm<op_t, acc_t, MM>(g, gout + 2 * Hp, lda, W + 2 * Hp, 1, g.Hp, mt0, mt1, acc);
     } else if (has_next) {
       // dh = (previous g z ...) + dgh_{t+1} W_hh[:, own units]
       const op_t* src = phase == 2 ? p.gbuf : gin;
-      block_gemm<op_t, acc_t, TC>(g, src, lda, W, 1, Krec, mt0, mt1, acc);
+      block_gemm<op_t, acc_t, MM>(g, src, lda, W, 1, Krec, mt0, mt1, acc);
     }
     for (int64_t e = threadIdx.x; e < (b_end - b_beg) * kUnits; e += kThreads) {
       const int64_t b = b_beg + e / kUnits;
@@ -491,7 +549,7 @@ __device__ void bwd_phase(const BwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
   }
 }
 
-template <typename scalar_t, typename op_t, typename acc_t, bool TC>
+template <typename scalar_t, typename op_t, typename acc_t, int MM>
 __global__ void __launch_bounds__(kThreads, 1)
     gru_bwd_persistent(const BwdArgs<scalar_t, op_t, acc_t> p, int64_t w_bytes) {
   FUSEDGRU_DYNAMIC_SMEM(smem);
@@ -501,23 +559,23 @@ __global__ void __launch_bounds__(kThreads, 1)
   copy_to_smem(Ws, p.wpack + blockIdx.x * slice, slice);
   cg::grid_group grid = cg::this_grid();
   for (int64_t t = p.g.T - 1; t >= 0; --t) {
-    bwd_phase<scalar_t, op_t, acc_t, TC>(p, Ws, acc, t, 0);
+    bwd_phase<scalar_t, op_t, acc_t, MM>(p, Ws, acc, t, 0);
     grid.sync();
     if (!p.reset_after) {
-      bwd_phase<scalar_t, op_t, acc_t, TC>(p, Ws, acc, t, 1);
+      bwd_phase<scalar_t, op_t, acc_t, MM>(p, Ws, acc, t, 1);
       grid.sync();
     }
   }
-  bwd_phase<scalar_t, op_t, acc_t, TC>(p, Ws, acc, -1, 2);
+  bwd_phase<scalar_t, op_t, acc_t, MM>(p, Ws, acc, -1, 2);
 }
 
-template <typename scalar_t, typename op_t, typename acc_t, bool TC>
+template <typename scalar_t, typename op_t, typename acc_t, int MM>
 __global__ void __launch_bounds__(kThreads)
     gru_bwd_step(const BwdArgs<scalar_t, op_t, acc_t> p, int64_t t, int phase) {
   FUSEDGRU_DYNAMIC_SMEM(smem);
   acc_t* acc = reinterpret_cast<acc_t*>(smem);
   const int64_t slice = 16 * static_cast<int64_t>(p.g.ldw);
-  bwd_phase<scalar_t, op_t, acc_t, TC>(p, p.wpack + blockIdx.x * slice, acc, t, phase);
+  bwd_phase<scalar_t, op_t, acc_t, MM>(p, p.wpack + blockIdx.x * slice, acc, t, phase);
 }
 
 

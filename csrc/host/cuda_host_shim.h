@@ -13,7 +13,9 @@
 //                                             shared memory
 //   nvcuda::wmma                              fragment, fill / load / store / mma_sync, element
 //                                             access, __float_to_tf32 (round to nearest, ties
-//                                             away: cvt.rna.tf32.f32)
+//                                             away: cvt.rna.tf32.f32, the 13 low bits left
+//                                             as the GPU leaves them, see below)
+//   __float_as_uint, __uint_as_float          bit casts
 //   __half, __nv_bfloat16                     16-bit storage, conversions round to nearest even
 //   __global__ __device__ __forceinline__ __launch_bounds__ min int4
 //
@@ -68,6 +70,18 @@ inline thread_local dim3 gridDim;
 
 // CUDA's integer min (device function) as the kernels call it.
 inline int min(int a, int b) { return a < b ? a : b; }
+
+// CUDA's bit casts between float and unsigned int.
+inline unsigned int __float_as_uint(float v) {
+  unsigned int u;
+  std::memcpy(&u, &v, 4);
+  return u;
+}
+inline float __uint_as_float(unsigned int u) {
+  float v;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
 
 namespace fusedgru_host {
 
@@ -461,13 +475,16 @@ inline void mma_sync(fragment<accumulator, M, N, K, float>& d,
   std::memcpy(d.x, out, sizeof(out));
 }
 
-// cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero; the result is a float
-// with its 13 low bits zero.
+// cvt.rna.tf32.f32 as sm_90 executes it (cuobjdump -sass of gru_cuda.o: an inf / NaN
+// test and an integer add of 0x1000, no mask): round to 10 mantissa bits, ties away from
+// zero, in the 19 upper bits; the 13 low bits are NOT cleared (what is left of v's plus
+// the carry).  A tf32 operand's value is its 19 upper bits (detail::operand, what mma_sync
+// reads), so code that uses the result as a float (3xTF32's v - hi) must clear them itself.
 inline float __float_to_tf32(float v) {
   if (!std::isfinite(v)) return v;
   uint32_t u;
   std::memcpy(&u, &v, 4);
-  u = (u + 0x1000u) & 0xFFFFE000u;
+  u += 0x1000u;
   std::memcpy(&v, &u, 4);
   return v;
 }

@@ -11,7 +11,9 @@
 //
 // usage: gru_host DTYPE PATH T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT [SEQ]
 //        gru_host convert IN OUT      (the shim's 16-bit and TF32 roundings, see main)
-//   DTYPE  f64 | f32 (strict: CUDA cores) | tf32 | f16 | bf16 (tensor cores, wmma)
+//   DTYPE  f64 | f32 (strict float32 on CUDA cores: FMA, _set_cuda_fp32_path(1)) |
+//          f32x3 (strict float32 on TF32 tensor cores, split precision 3xTF32: the default) |
+//          tf32 | f16 | bf16 (tensor cores, wmma)
 //   PATH   persistent (one cooperative launch) | step (one launch per step and phase)
 //   SEQ    the sequence structure (gru_common.h Layout), default dense:
 //            packed=N0,N1,...   batch_sizes (T values, non-increasing, N0 = B): the rows
@@ -150,7 +152,7 @@ void launch_layer(fusedgru_host::ThreadPool& pool, const Plan& pl, const Case& c
   }
 }
 
-template <typename sc, typename opt, typename acc_t, bool TC>
+template <typename sc, typename opt, typename acc_t, int MM>
 void forward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc* gi,
              const sc* bhh, const sc* h0, sc* y, sc* ws) {
   const Plan pl = plan_layout(c.T, c.B, c.H, sizeof(opt), sizeof(acc_t), false);
@@ -195,12 +197,12 @@ void forward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc*
   p.resets = seq.resets;
   p.reset_after = c.reset_after;
   launch_layer(pool, pl, c, false,
-               [&] { gru_fwd_persistent<sc, opt, acc_t, TC>(p, pl.w_bytes); },
-               [&](int64_t t, int phase) { gru_fwd_step<sc, opt, acc_t, TC>(p, t, phase); });
+               [&] { gru_fwd_persistent<sc, opt, acc_t, MM>(p, pl.w_bytes); },
+               [&](int64_t t, int phase) { gru_fwd_step<sc, opt, acc_t, MM>(p, t, phase); });
 }
 
 // launch_backward (gru_cuda.cu).
-template <typename sc, typename opt, typename acc_t, bool TC>
+template <typename sc, typename opt, typename acc_t, int MM>
 void backward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc* gy,
               const sc* ws, const sc* y, const sc* h0, sc* dgi, sc* dgh, sc* dh0) {
   const Plan pl = plan_layout(c.T, c.B, c.H, sizeof(opt), sizeof(acc_t), true);
@@ -229,12 +231,12 @@ void backward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc
   p.resets = seq.resets;
   p.reset_after = c.reset_after;
   launch_layer(pool, pl, c, true,
-               [&] { gru_bwd_persistent<sc, opt, acc_t, TC>(p, pl.w_bytes); },
-               [&](int64_t t, int phase) { gru_bwd_step<sc, opt, acc_t, TC>(p, t, phase); });
+               [&] { gru_bwd_persistent<sc, opt, acc_t, MM>(p, pl.w_bytes); },
+               [&](int64_t t, int phase) { gru_bwd_step<sc, opt, acc_t, MM>(p, t, phase); });
 }
 
 // gru_fwd, gru_infer, then gru_bwd on gru_fwd's y and ws.
-template <typename sc, typename opt, typename acc_t, bool TC>
+template <typename sc, typename opt, typename acc_t, int MM>
 Output run(const Case& c) {
   const int64_t N = c.N, B = c.B, H = c.H;
   const Plan pl = plan_layout(c.T, B, H, sizeof(opt), sizeof(acc_t), false);
@@ -248,18 +250,18 @@ Output run(const Case& c) {
 
   sc* y = poisoned<sc>(a, N * H);
   sc* ws = poisoned<sc>(a, N * 4 * H);
-  forward<sc, opt, acc_t, TC>(c, pool, a, gi, bhh, h0, y, ws);
+  forward<sc, opt, acc_t, MM>(c, pool, a, gi, bhh, h0, y, ws);
   out.add(y, N * H);
   out.add(ws, N * 4 * H);
 
   sc* y_inf = poisoned<sc>(a, N * H);
-  forward<sc, opt, acc_t, TC>(c, pool, a, gi, bhh, h0, y_inf, nullptr);
+  forward<sc, opt, acc_t, MM>(c, pool, a, gi, bhh, h0, y_inf, nullptr);
   out.add(y_inf, N * H);
 
   sc* dgh = poisoned<sc>(a, N * 3 * H);
   sc* dgi = c.reset_after ? poisoned<sc>(a, N * 3 * H) : dgh;  // one tensor when False
   sc* dh0 = poisoned<sc>(a, B * H);
-  backward<sc, opt, acc_t, TC>(c, pool, a, gy, ws, y, h0, dgi, dgh, dh0);
+  backward<sc, opt, acc_t, MM>(c, pool, a, gy, ws, y, h0, dgi, dgh, dh0);
   out.add(dgi, N * 3 * H);
   out.add(dgh, N * 3 * H);
   out.add(dh0, B * H);
@@ -273,7 +275,7 @@ Output run(const Case& c) {
 namespace {
 
 [[noreturn]] void usage(const char* why) {
-  std::fprintf(stderr, "gru_host: %s\nusage: gru_host f64|f32|tf32|f16|bf16 persistent|step "
+  std::fprintf(stderr, "gru_host: %s\nusage: gru_host f64|f32|f32x3|tf32|f16|bf16 persistent|step "
                "T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT [packed=N0,N1,...|resets=0110...]\n",
                why);
   std::exit(2);
@@ -292,7 +294,8 @@ int main(int argc, char** argv) {
   using namespace fusedgru::cuda_gru::host;
   if (argc == 4 && std::string(argv[1]) == "convert") {
     // The shim's roundings, for the test: each float64 of IN (read as float32) -> its
-    // __half, __nv_bfloat16 and __float_to_tf32 value, three float64 per input in OUT.
+    // __half, __nv_bfloat16 and __float_to_tf32 value (as the tensor core reads it: the 19
+    // upper bits), three float64 per input in OUT.
     FILE* in = std::fopen(argv[2], "rb");
     FILE* o = std::fopen(argv[3], "wb");
     if (!in || !o) usage("cannot open the files of convert");
@@ -300,7 +303,8 @@ int main(int argc, char** argv) {
     while (std::fread(&v, sizeof(double), 1, in) == 1) {
       const float f = static_cast<float>(v);
       const double r[3] = {to_double(__float2half_rn(f)), to_double(__float2bfloat16_rn(f)),
-                           nvcuda::wmma::__float_to_tf32(f)};
+                           nvcuda::wmma::detail::operand<nvcuda::wmma::precision::tf32>(
+                               nvcuda::wmma::__float_to_tf32(f))};
       std::fwrite(r, sizeof(double), 3, o);
     }
     std::fclose(in);
@@ -355,22 +359,52 @@ int main(int argc, char** argv) {
   c.grad_y = take(in, c.N * c.H);
   std::fclose(in);
 
-  Output out;
-  if (dtype == "f64") {
-    out = run<double, double, double, false>(c);
-#ifndef FUSEDGRU_HOST_F64_ONLY  // the mutation tests build float64 only (compile time)
-  } else if (dtype == "f32") {
-    out = run<float, float, float, false>(c);
-  } else if (dtype == "tf32") {
-    out = run<float, float, float, true>(c);
-  } else if (dtype == "f16") {
-    out = run<__half, __half, float, true>(c);
-  } else if (dtype == "bf16") {
-    out = run<__nv_bfloat16, __nv_bfloat16, float, true>(c);
+  // The mutation tests build one dtype (compile time): FUSEDGRU_HOST_F64_ONLY or
+  // FUSEDGRU_HOST_F32X3_ONLY.
+#if defined(FUSEDGRU_HOST_F64_ONLY)
+#define FUSEDGRU_HOST_F64 1
+#define FUSEDGRU_HOST_F32X3 0
+#define FUSEDGRU_HOST_REST 0
+#elif defined(FUSEDGRU_HOST_F32X3_ONLY)
+#define FUSEDGRU_HOST_F64 0
+#define FUSEDGRU_HOST_F32X3 1
+#define FUSEDGRU_HOST_REST 0
+#else
+#define FUSEDGRU_HOST_F64 1
+#define FUSEDGRU_HOST_F32X3 1
+#define FUSEDGRU_HOST_REST 1
 #endif
-  } else {
-    usage("unknown or not built DTYPE");
+  using namespace fusedgru::cuda_gru;  // kFma, kTc, k3xTf32
+  Output out;
+  bool built = false;
+#if FUSEDGRU_HOST_F64
+  if (dtype == "f64") {
+    out = run<double, double, double, kFma>(c);
+    built = true;
   }
+#endif
+#if FUSEDGRU_HOST_F32X3
+  if (dtype == "f32x3") {
+    out = run<float, float, float, k3xTf32>(c);
+    built = true;
+  }
+#endif
+#if FUSEDGRU_HOST_REST
+  if (dtype == "f32") {
+    out = run<float, float, float, kFma>(c);
+    built = true;
+  } else if (dtype == "tf32") {
+    out = run<float, float, float, kTc>(c);
+    built = true;
+  } else if (dtype == "f16") {
+    out = run<__half, __half, float, kTc>(c);
+    built = true;
+  } else if (dtype == "bf16") {
+    out = run<__nv_bfloat16, __nv_bfloat16, float, kTc>(c);
+    built = true;
+  }
+#endif
+  if (!built) usage("unknown or not built DTYPE");
   FILE* o = std::fopen(argv[10], "wb");
   if (!o || std::fwrite(out.data.data(), sizeof(double), out.data.size(), o) != out.data.size())
     usage("cannot write OUT");
