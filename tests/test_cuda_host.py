@@ -21,8 +21,12 @@ formulation x path under both sanitizers, against the reference run with the sam
 batch_sizes / resets.  test_mutant_is_caught builds mutated copies of the kernel source (a
 grid.sync() removed from the forward, one from the backward, a __syncthreads() removed, a
 loop bound off by one, the plan's shared memory one element short, the forward's reset mask
-dropped, the backward's dh carried across a reset, a packed step's rows ignored) and
-requires each to be caught by the sanitizer meant for it, or by the error budget.
+dropped, the backward's dh carried across a reset, a packed step's rows ignored, 3xTF32's
+a_lo b_hi product dropped, 3xTF32's hi used with the low bits __float_to_tf32 leaves) and
+requires each to be caught by the sanitizer meant for it, or by the error budget.  Strict
+float32 runs twice: on tensor cores in split precision (f32x3: 3xTF32, the default since
+issue 18) and on CUDA cores (f32: the FMA path behind fusedgru::_set_cuda_fp32_path(1)),
+both held to float32's budget.
 
 Builds are cached under build/cuda-host/ by the hash of the sources, flags and compiler, so
 each variant compiles once.  What this proves and what only a GPU can prove:
@@ -87,8 +91,11 @@ SANITIZER_ENV = {
 }
 RUN_TIMEOUT = 300
 
-DTYPES = {"f64": torch.float64, "f32": torch.float32, "tf32": torch.float32,
-          "f16": torch.float16, "bf16": torch.bfloat16}
+# f32: strict float32 on CUDA cores (the FMA path, fusedgru::_set_cuda_fp32_path(1));
+# f32x3: strict float32 on TF32 tensor cores in split precision (3xTF32, the default since
+# issue 18), held to float32's budget; tf32: float32 as TF32 (torch's default for RNNs).
+DTYPES = {"f64": torch.float64, "f32": torch.float32, "f32x3": torch.float32,
+          "tf32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------
@@ -533,6 +540,9 @@ def _resets(dt: str, path: str, ra: bool, shape) -> Spec:
 MUTANT_SPEC = Spec("f64", "persistent", 5, 17, 33, True)
 MUTANT_PACKED = _packed("f64", "persistent", True, PACKED[0])
 MUTANT_RESETS = _resets("f64", "persistent", True, RESETS[0])
+# The 3xTF32 mutants (wrong values only: the error budget must see them) run in float32
+# (built f32x3 only), on a case of the AddressSanitizer grid.
+MUTANT_3X = Spec("f32x3", "persistent", 5, 17, 33, True)
 
 
 def _asan_specs() -> List[Spec]:
@@ -552,24 +562,26 @@ def _asan_specs() -> List[Spec]:
         for k, (ra, path) in enumerate(COMBOS):
             specs.append(_packed(dt, path, ra, PACKED[(k + d) % len(PACKED)]))
             specs.append(_resets(dt, path, ra, RESETS[(k + d) % len(RESETS)]))
-    for m in (MUTANT_SPEC, MUTANT_PACKED, MUTANT_RESETS):
+    for m in (MUTANT_SPEC, MUTANT_PACKED, MUTANT_RESETS, MUTANT_3X):
         if m not in specs:
             specs.append(m)
     return specs
 
 
 def _tsan_specs() -> List[Spec]:
-    """ThreadSanitizer: races do not depend on the values, so the two code paths of the
-    GEMM (CUDA-core FMA: f32; wmma: bf16) x formulation x path on 3 blocks and 5 steps,
-    the 9-block K split, and the mutants' case."""
+    """ThreadSanitizer: races do not depend on the values, so the three code paths of the
+    GEMM (wmma: bf16; split-precision wmma, three fragments per operand pair: f32x3; CUDA-core
+    FMA: f32) x formulation x path: the two wmma paths dense on 3 blocks and 5 steps, the
+    FMA path (and f32x3 again) in the sequence-structure cases; the 9-block K split, and
+    the mutants' case."""
     specs = [Spec(dt, path, 5, 17, 33, ra, h0=(path == "step"))
-             for dt in ("f32", "bf16") for ra, path in COMBOS]
+             for dt in ("f32x3", "bf16") for ra, path in COMBOS]
     specs += [Spec("bf16", "persistent", 2, 3, 130, False), MUTANT_SPEC]
     # Sequence structure on 2 blocks: formulation x path, packed (19 -> 2 rows) and resets
-    # (random), the GEMM alternating between CUDA cores and wmma.
+    # (random), the GEMM alternating between CUDA cores and split-precision wmma.
     for k, (ra, path) in enumerate(COMBOS):
-        specs.append(_packed(("f32", "bf16")[k % 2], path, ra, TSAN_PACKED))
-        specs.append(_resets(("bf16", "f32")[k % 2], path, ra, TSAN_RESETS))
+        specs.append(_packed(("f32", "f32x3")[k % 2], path, ra, TSAN_PACKED))
+        specs.append(_resets(("f32x3", "f32")[k % 2], path, ra, TSAN_RESETS))
     return specs
 
 
@@ -726,15 +738,15 @@ MUTANTS = {
     # other): block A's h_t is read by block B while A overwrites the other ping-pong half.
     "grid-sync-removed": (
         "tsan",
-        "    fwd_phase<scalar_t, op_t, acc_t, TC>(p, Ws, acc, t, 0);\n    grid.sync();\n",
-        "    fwd_phase<scalar_t, op_t, acc_t, TC>(p, Ws, acc, t, 0);\n",
+        "    fwd_phase<scalar_t, op_t, acc_t, MM>(p, Ws, acc, t, 0);\n    grid.sync();\n",
+        "    fwd_phase<scalar_t, op_t, acc_t, MM>(p, Ws, acc, t, 0);\n",
         "WARNING: ThreadSanitizer: data race", MUTANT_SPEC),
     # The same in the backward: dgh of step t+1 is read while another block writes dgh of
     # step t-1 into the same ping-pong half.
     "backward-grid-sync-removed": (
         "tsan",
-        "    bwd_phase<scalar_t, op_t, acc_t, TC>(p, Ws, acc, t, 0);\n    grid.sync();\n",
-        "    bwd_phase<scalar_t, op_t, acc_t, TC>(p, Ws, acc, t, 0);\n",
+        "    bwd_phase<scalar_t, op_t, acc_t, MM>(p, Ws, acc, t, 0);\n    grid.sync();\n",
+        "    bwd_phase<scalar_t, op_t, acc_t, MM>(p, Ws, acc, t, 0);\n",
         "WARNING: ThreadSanitizer: data race", MUTANT_SPEC),
     # The barrier at the end of block_gemm: the elementwise threads read accumulator tiles
     # (shared memory) that other warps are still writing.
@@ -779,7 +791,25 @@ MUTANTS = {
         "const int64_t b_end = imin64(span.rows, static_cast<int64_t>(mt1) * 16);",
         "const int64_t b_end = imin64(B, static_cast<int64_t>(mt1) * 16);",
         "ERROR: AddressSanitizer: heap-buffer-overflow", MUTANT_PACKED),
+    # 3xTF32: the a_lo b_hi product (the low part of h_{t-1} / dgh) dropped: a 2xTF32 that
+    # keeps W's low part only; h is then rounded to TF32, ~1e-4 relative.
+    "3xtf32-lo-hi-term-dropped": (
+        "asan",
+        "      wmma::mma_sync(c_lh, a_lo, b, c_lh);\n",
+        "",
+        None, MUTANT_3X),
+    # 3xTF32: hi used as __float_to_tf32 returns it, its 13 low bits not cleared (the GPU
+    # leaves them; the shim models that): v - hi is then not v's low part.
+    "3xtf32-hi-not-masked": (
+        "asan",
+        "const float hi = __uint_as_float(__float_as_uint(nvcuda::wmma::__float_to_tf32(v)) &\n"
+        "                                     0xFFFFE000u);",
+        "const float hi = nvcuda::wmma::__float_to_tf32(v);",
+        None, MUTANT_3X),
 }
+
+# What a mutant build compiles: the dtype of its case only (a third of the compile time).
+_ONE_DTYPE = {"f64": "FUSEDGRU_HOST_F64_ONLY", "f32x3": "FUSEDGRU_HOST_F32X3_ONLY"}
 
 
 def mutant_source(name: str) -> bytes:
@@ -793,10 +823,10 @@ def mutant_source(name: str) -> bytes:
 
 @pytest.fixture(scope="session")
 def mutant_builds() -> Builds:
-    """The mutants, float64 only (a third of the compile time)."""
+    """The mutants, each built for its case's dtype only (float64, or f32x3)."""
     return Builds({n: functools.partial(_checked_build, MUTANTS[n][0],
                                         {"gru_kernels.cuh": mutant_source(n)},
-                                        ("FUSEDGRU_HOST_F64_ONLY",))
+                                        (_ONE_DTYPE[MUTANTS[n][4].dtype],))
                    for n in MUTANTS})
 
 
