@@ -8,6 +8,8 @@ default shapes are the first-contact subset (B = H = 1, odd H below and above 12
 128-row passes); the others (mark "exhaustive") run with --gpu-exhaustive.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -42,12 +44,44 @@ def cuda_path(request):
     torch.ops.fusedgru._set_cuda_path(prev)
 
 
-@pytest.fixture(params=[False, True], ids=["fp32-strict", "tf32"])
+@contextlib.contextmanager
+def fp32_precision(tf32: bool, fp32_path: int = 0):
+    """float32 as TF32 (True) or strict (False) for the kernels AND the baseline: the cuda
+    backend follows cuDNN's RNN setting (torch.backends.cudnn.rnn.fp32_precision, as nn.GRU
+    does); the reference it is measured against runs cuBLAS matmuls, which follow
+    torch.backends.cuda.matmul.  Strict float32 runs 3xTF32 (fp32_path 0) or the FMA path
+    (1: fusedgru::_set_cuda_fp32_path).  Everything restored afterwards."""
+    rnn, mm = torch.backends.cudnn.rnn, torch.backends.cuda.matmul
+    prev = (rnn.fp32_precision, mm.fp32_precision)
+    prev_path = torch.ops.fusedgru._set_cuda_fp32_path(fp32_path)
+    rnn.fp32_precision = mm.fp32_precision = "tf32" if tf32 else "ieee"
+    try:
+        yield
+    finally:
+        rnn.fp32_precision, mm.fp32_precision = prev
+        torch.ops.fusedgru._set_cuda_fp32_path(prev_path)
+
+
+_TORCH_DEFAULTS = {"test_cuda_float32_follows_cudnn_rnn_precision"}
+
+
+@pytest.fixture(autouse=True)
+def _strict_float32(request):
+    """Every test here runs float32 strict (kernels and baseline) unless it sets otherwise
+    (the tf32 fixture, fp32_precision) or is in _TORCH_DEFAULTS (it checks what torch's own
+    defaults select)."""
+    if request.node.originalname in _TORCH_DEFAULTS:
+        yield
+        return
+    with fp32_precision(False):
+        yield
+
+
+@pytest.fixture(params=[(False, 0), (False, 1), (True, 0)],
+                ids=["fp32-strict-3xtf32", "fp32-strict-fma", "tf32"])
 def tf32(request):
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = request.param
-    yield request.param
-    torch.backends.cuda.matmul.allow_tf32 = prev
+    with fp32_precision(*request.param):
+        yield request.param[0]
 
 
 EXH = pytest.mark.exhaustive  # the rest of the sweep (tests/conftest.py: --gpu-exhaustive)
@@ -174,16 +208,12 @@ def test_cuda_infer_matches_forward_and_reference(shape, dtype, allow_tf32, rese
     """gru_infer's y (poisoned beforehand) is bitwise gru_fwd's y (the same kernels, only
     the ws stores skipped) and within SPEC's budget of the float64 reference."""
     _ext_ready()
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    try:
+    with fp32_precision(allow_tf32):
         case = testing.make_layer_case(*shape, reset_after=reset_after, generator=gen)
         args = case.args("cuda", dtype)
         y = torch.ops.fusedgru.gru_infer(*args, reset_after)
         y_fwd, _ = torch.ops.fusedgru.gru_fwd(*args, reset_after)
         base, _ = reference.gru_layer_forward(*args, reset_after)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
     want, _ = reference.gru_layer_forward(*case.args(dtype=torch.float64), reset_after)
     assert y.shape == y_fwd.shape and y.dtype == dtype
     assert torch.equal(y, y_fwd)
@@ -311,15 +341,11 @@ SEQ_DTYPES = [pytest.param(torch.float64, False, id="fp64"),
 def _check_seq(case, dtype, allow_tf32, reset_after):
     """check_layer (gru_fwd + gru_bwd vs the float64 reference with the same batch_sizes /
     resets, on poisoned outputs), then gru_infer's y bitwise gru_fwd's."""
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    try:
+    with fp32_precision(allow_tf32):
         report = testing.check_layer("cuda", case, device="cuda", dtype=dtype)
         args, seq = case.args("cuda", dtype), case.seq_args("cuda")
         y = torch.ops.fusedgru.gru_infer(*args, reset_after, *seq)
         y_fwd, _ = torch.ops.fusedgru.gru_fwd(*args, reset_after, *seq)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
     assert report.ok, report.failures
     assert torch.equal(y, y_fwd)
 
@@ -399,3 +425,151 @@ def test_cuda_packed_backward_is_deterministic(gen):
     b = torch.ops.fusedgru.gru_bwd(gy, x, h0, w_ih, w_hh, y, ws, True, *seq)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 18: float32 follows the flag nn.GRU follows; strict float32 on 3xTF32 tensor cores
+# ---------------------------------------------------------------------------------------
+
+def _plan(dtype=torch.float32, H=256):
+    x = torch.empty(8, 16, 32, device="cuda", dtype=dtype)
+    return torch.ops.fusedgru._cuda_plan(x, torch.empty(3 * H, H, device="cuda", dtype=dtype),
+                                         True, False)
+
+
+def test_cuda_float32_follows_cudnn_rnn_precision():
+    """The kernels' float32 precision is cuDNN's RNN setting (what nn.GRU follows), not the
+    cuBLAS matmul setting: TF32 by default, 3xTF32 when strict, the FMA path only under
+    _set_cuda_fp32_path(1); "none" inherits cudnn's, then the global setting; the choice
+    always agrees with fusedgru.ops.rnn_tf32_allowed; other dtypes are unaffected."""
+    _ext_ready()
+    from fusedgru import ops
+
+    rnn, cudnn, mm = torch.backends.cudnn.rnn, torch.backends.cudnn, torch.backends.cuda.matmul
+    prev = (rnn.fp32_precision, cudnn.fp32_precision, mm.fp32_precision,
+            torch.backends.fp32_precision)
+    try:
+        # torch's defaults (every other test restores what it changes): TF32, like nn.GRU,
+        # while cuBLAS matmuls stay strict.
+        assert rnn.fp32_precision == "tf32" and ops.rnn_tf32_allowed()
+        assert _plan().endswith("tensor cores (TF32)"), _plan()
+        cases = [  # (rnn, cudnn, matmul, global) -> TF32?
+            (("ieee", "none", "tf32", "none"), False),
+            (("tf32", "none", "ieee", "none"), True),
+            (("none", "ieee", "tf32", "none"), False),
+            (("none", "tf32", "ieee", "none"), True),
+            (("none", "none", "ieee", "tf32"), True),
+            (("none", "none", "tf32", "ieee"), False),
+        ]
+        for setting, tf32 in cases:
+            rnn.fp32_precision, cudnn.fp32_precision = setting[0], setting[1]
+            mm.fp32_precision, torch.backends.fp32_precision = setting[2], setting[3]
+            assert ops.rnn_tf32_allowed() == tf32, setting
+            want = "tensor cores (TF32)" if tf32 else "tensor cores (3xTF32)"
+            assert _plan().endswith(want), (setting, _plan())
+        rnn.fp32_precision = "ieee"
+        prev_path = torch.ops.fusedgru._set_cuda_fp32_path(1)
+        try:
+            assert _plan().endswith("CUDA cores"), _plan()
+            rnn.fp32_precision = "tf32"  # TF32 allowed: the switch does not apply
+            assert _plan().endswith("tensor cores (TF32)"), _plan()
+        finally:
+            torch.ops.fusedgru._set_cuda_fp32_path(prev_path)
+        for setting in ("tf32", "ieee"):
+            rnn.fp32_precision = setting
+            assert _plan(torch.float64, 64).endswith("CUDA cores")
+            assert _plan(torch.bfloat16).endswith("tensor cores")
+            assert _plan(torch.float16).endswith("tensor cores")
+    finally:
+        (rnn.fp32_precision, cudnn.fp32_precision, mm.fp32_precision,
+         torch.backends.fp32_precision) = prev
+
+
+def test_cuda_fp32_path_switch():
+    """fusedgru::_set_cuda_fp32_path returns the previous mode and takes 0 (3xTF32) or 1
+    (FMA) only."""
+    _ext_ready()
+    prev = torch.ops.fusedgru._set_cuda_fp32_path(1)
+    try:
+        assert torch.ops.fusedgru._set_cuda_fp32_path(0) == 1
+        with pytest.raises(RuntimeError, match="mode must be 0"):
+            torch.ops.fusedgru._set_cuda_fp32_path(2)
+    finally:
+        torch.ops.fusedgru._set_cuda_fp32_path(prev)
+
+
+def _gru_pair(T, B, I, H, reset_after=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.nn.GRU(I, H).double()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) / H ** 0.5)
+    x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
+    h0 = torch.randn(1, B, H, generator=g, dtype=torch.float64)
+    gy = torch.randn(T, B, H, generator=g, dtype=torch.float64)
+    return ref, x, h0, gy
+
+
+def _run(model, x, h0, gy, dtype):
+    """y, h_n and the gradients of (x, h0, every parameter) in float64."""
+    x = x.detach().to("cuda", dtype).clone().requires_grad_()
+    h0 = h0.detach().to("cuda", dtype).clone().requires_grad_()
+    y, hn = model(x, h0)
+    y.backward(gy.to("cuda", dtype))
+    outs = [y, hn, x.grad, h0.grad] + [p.grad for p in model.parameters()]
+    return [o.detach().double().cpu() for o in outs]
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 64, 256), (8, 5, 24, 130)],
+                         ids=lambda s: "T%dB%dI%dH%d" % s)
+@pytest.mark.parametrize("fp32_path", [0, 1], ids=["3xtf32", "fma"])
+def test_cuda_float32_like_nn_gru(shape, fp32_path):
+    """FusedGRU(backend="cuda") in float32 against nn.GRU (cuDNN) in float32 under the same
+    setting, both measured against float64: strict ("ieee": 3xTF32, or the FMA path) within
+    SPEC's float32 budget (2 err(nn.GRU) + 1e-6) on y, h_n and every gradient; TF32 (torch's
+    default) within 2 err(nn.GRU in TF32) + 1e-6, and above the strict budget (it is TF32)."""
+    _ext_ready()
+    ref64, x, h0, gy = _gru_pair(*shape)
+    want = _run(ref64.cuda(), x, h0, gy, torch.float64)
+    names = ["y", "h_n", "dx", "dh0"] + [n for n, _ in ref64.named_parameters()]
+    errs = {}
+    for tf32 in (False, True):
+        with fp32_precision(tf32, fp32_path):
+            ref = torch.nn.GRU(shape[2], shape[3]).cuda()
+            ref.load_state_dict(ref64.state_dict())
+            fused = fusedgru.FusedGRU.from_torch(ref, backend="cuda")
+            got_ref = _run(ref.float(), x, h0, gy, torch.float32)
+            got = _run(fused.float(), x, h0, gy, torch.float32)
+        for n, a, b, w in zip(names, got, got_ref, want):
+            errs[(tf32, n)] = (testing.rel_err(a, w), testing.rel_err(b, w))
+    for n in names:
+        e, e_ref = errs[(False, n)]
+        assert e <= testing.budget(torch.float32, e_ref), ("strict", n, e, e_ref)
+        e_tf, e_ref_tf = errs[(True, n)]
+        assert e_tf <= testing.budget(torch.float32, e_ref_tf), ("tf32", n, e_tf, e_ref_tf)
+    # TF32 is really TF32 here (and strict really is not): y's error is far above float32's.
+    assert errs[(True, "y")][0] > testing.budget(torch.float32, errs[(False, "y")][1])
+
+
+def test_cuda_fp32_paths_differ_and_agree():
+    """The switch selects different arithmetic (3xTF32 and FMA give different bits) with
+    errors of the same size: both within the float32 budget of the float64 reference, on
+    both CUDA paths."""
+    _ext_ready()
+    case = testing.make_layer_case(6, 17, 12, 70, generator=torch.Generator().manual_seed(3))
+    args = case.args("cuda", torch.float32)
+    want, _ = reference.gru_layer_forward(*case.args(dtype=torch.float64), True)
+    base, _ = reference.gru_layer_forward(*args, True)
+    for path in (0, 2):
+        prev = torch.ops.fusedgru._set_cuda_path(path)
+        try:
+            ys = []
+            for fp32_path in (0, 1):
+                with fp32_precision(False, fp32_path):
+                    ys.append(torch.ops.fusedgru.gru_infer(*args, True))
+        finally:
+            torch.ops.fusedgru._set_cuda_path(prev)
+        assert not torch.equal(ys[0], ys[1]), "3xTF32 and FMA gave the same bits"
+        for y in ys:
+            err = testing.rel_err(y, want)
+            assert err <= testing.budget(torch.float32, testing.rel_err(base, want)), err
