@@ -2,7 +2,9 @@
 GPU architecture, with no GPU: lowering errors and shared-memory overflows show up in CI.
 
     python -m fusedgru.kernels.aot [--arch 90] [--level all|cover|ci] [--json FILE]
-        prints one row per configuration: shared memory, registers, spilled bytes
+                                   [--dtypes fp32,...] [--precisions tf32x3,...] [--dump DIR]
+        prints one row per configuration: shared memory, registers, spilled bytes (ptxas'
+        stack frame: SPILLS marks one), and with --dump writes TTGIR / PTX / SASS
 
 Uses triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)).  The signature
 format (name -> type string, constexprs by name) is the one of triton >= 3.3; what differs
@@ -34,9 +36,11 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 _TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
-# Precisions the dispatcher picks: (weight dtype, DOT_PREC).
-PRECISIONS = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float16, "ieee"),
-              (torch.bfloat16, "ieee")]
+# Precisions the dispatcher picks: (weight dtype, DOT_PREC).  float32: "tf32" (the RNN
+# flag allows TF32, torch's default), "tf32x3" (strict float32, split precision) and
+# "ieee" (the FMA path strict float32 can be forced to, gru.force_strict_fp32).
+PRECISIONS = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float32, "tf32x3"),
+              (torch.float16, "ieee"), (torch.bfloat16, "ieee")]
 
 
 @dataclass
@@ -101,7 +105,9 @@ SEQS = (0, 1, 2)
 # compiles (every kernel and strategy at the largest blocks: 12 per architecture); the
 # others are dense-only there (reset_after=False adds no construct the SEQ paths lower
 # differently; --level cover compiles it).
-CI_SEQ_PRECISION = (torch.float32, "ieee", True)  # (dtype, DOT_PREC, RESET_AFTER)
+# tf32x3: strict float32's default, what the packed / rollout benchmark cells run, and the
+# kernels' largest register and shared-memory use of the three float32 precisions.
+CI_SEQ_PRECISION = (torch.float32, "tf32x3", True)  # (dtype, DOT_PREC, RESET_AFTER)
 
 
 def dispatch_specs(level: str = "all") -> Iterator[KernelSpec]:
@@ -197,7 +203,12 @@ def _attrs(fn, signature, target):
 
 
 def _cuobjdump_usage(cubin: bytes):
-    """(registers, spill bytes) of a cubin, or (None, None) if cuobjdump cannot run."""
+    """(registers, spill bytes) of a cubin, or (None, None) if cuobjdump cannot run.
+
+    Spill bytes: the stack frame plus local memory (cuobjdump's STACK + LOCAL).  ptxas puts
+    register spills in the stack frame (its "N bytes stack frame, N bytes spill stores"),
+    not in LOCAL, and Triton kernels have nothing else there (no local arrays, no calls
+    with a stack ABI): a frame is a spill."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                         "cuobjdump")
     if not os.path.exists(tool):
@@ -212,7 +223,11 @@ def _cuobjdump_usage(cubin: bytes):
             return None, None
     reg = re.search(r"REG:(\d+)", out)
     local = re.search(r"LOCAL:(\d+)", out)
-    return (int(reg.group(1)) if reg else None, int(local.group(1)) if local else None)
+    stack = re.search(r"STACK:(\d+)", out)
+    if local is None and stack is None:
+        return (int(reg.group(1)) if reg else None, None)
+    spill = sum(int(m.group(1)) for m in (local, stack) if m)
+    return (int(reg.group(1)) if reg else None, spill)
 
 
 def _sass(cubin: bytes) -> Optional[str]:
@@ -228,6 +243,16 @@ def _sass(cubin: bytes) -> Optional[str]:
                                   timeout=120).stdout
         except (OSError, subprocess.SubprocessError):
             return None
+
+
+def instruction_counts(sass: str) -> Dict[str, int]:
+    """Per opcode (without its modifiers), how many SASS instructions a kernel has: the
+    tensor-core products (HMMA), the fp32 FMAs, local-memory traffic (LDL / STL) ..."""
+    counts: Dict[str, int] = {}
+    for m in re.finditer(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)",
+                         sass, re.M):
+        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return counts
 
 
 def barrier_facts(ptx: str, sass: Optional[str]) -> Dict[str, Optional[int]]:
@@ -247,9 +272,11 @@ def barrier_facts(ptx: str, sass: Optional[str]) -> Dict[str, Optional[int]]:
     }
 
 
-def compile_spec(spec: KernelSpec, arch: int = 90) -> KernelSpec:
+def compile_spec(spec: KernelSpec, arch: int = 90, dump: Optional[str] = None) -> KernelSpec:
     """Compiles ``spec`` for sm_<arch>; fills shared memory, registers and spills.
 
+    dump: a folder to write the kernel's TTGIR, PTX and SASS into (<label>.ttgir ...), and
+    its SASS instruction counts into spec.extra["sass_counts"].
     Raises on a lowering error; the caller checks spec.shared against SHARED_LIMIT[arch].
     """
     from triton.backends.compiler import GPUTarget
@@ -271,6 +298,17 @@ def compile_spec(spec: KernelSpec, arch: int = 90) -> KernelSpec:
     md = compiled.metadata
     spec.shared = int(md.shared if hasattr(md, "shared") else md["shared"])
     spec.registers, spec.spill_bytes = _cuobjdump_usage(compiled.asm["cubin"])
+    if dump is not None:
+        os.makedirs(dump, exist_ok=True)
+        stem = os.path.join(dump, re.sub(r"[^A-Za-z0-9_.=,-]+", "_", spec.label))
+        sass = _sass(compiled.asm["cubin"])
+        for ext, text in (("ttgir", compiled.asm.get("ttgir")), ("ptx", compiled.asm["ptx"]),
+                          ("sass", sass)):
+            if text is not None:
+                with open(f"{stem}.{ext}", "w") as f:
+                    f.write(text)
+        if sass is not None:
+            spec.extra["sass_counts"] = instruction_counts(sass)
     if spec.constexprs.get("PERSIST"):
         spec.extra["barrier"] = barrier_facts(compiled.asm["ptx"], _sass(compiled.asm["cubin"]))
         spec.extra["cooperative"] = bool(getattr(md, _gru_loaded.COOPERATIVE_LAUNCH))
@@ -284,6 +322,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="which configurations (see dispatch_specs)")
     ap.add_argument("--dtypes", default="fp32,fp16,bf16", help="comma-separated subset")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--precisions", default=None,
+                    help="comma-separated DOT_PREC subset (ieee,tf32,tf32x3; default all)")
+    ap.add_argument("--dump", default=None,
+                    help="write each kernel's TTGIR / PTX / SASS into this folder")
     args = ap.parse_args(argv)
     rows, bad = [], 0
     print(f"sm_{args.arch}, triton {triton.__version__}, shared limit "
@@ -293,14 +335,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     for spec in dispatch_specs(args.level):
         if _TY[spec.dtype] not in dtypes:
             continue
+        if args.precisions and spec.constexprs["DOT_PREC"] not in args.precisions.split(","):
+            continue
         try:
-            compile_spec(spec, args.arch)
+            compile_spec(spec, args.arch, args.dump)
         except Exception as exc:  # noqa: BLE001 - reported per configuration, then fails
             bad += 1
             rows.append({"label": spec.label, "error": f"{type(exc).__name__}: {exc}"})
             print(f"{spec.label:100s} LOWERING ERROR {type(exc).__name__}: {exc}")
             continue
         over = spec.shared > SHARED_LIMIT[args.arch]
+        spills = bool(spec.spill_bytes)
         bad += over
         rows.append({"label": spec.label, "kernel": spec.kernel, "dtype": _TY[spec.dtype],
                      "constexprs": {k: v for k, v in spec.constexprs.items()},
@@ -308,7 +353,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "registers": spec.registers, "spill_bytes": spec.spill_bytes,
                      "over_limit": bool(over), **spec.extra})
         print(f"{spec.label:100s} {spec.shared:8d} {spec.registers!s:>5s} "
-              f"{spec.spill_bytes!s:>6s}{'  OVER LIMIT' if over else ''}", flush=True)
+              f"{spec.spill_bytes!s:>6s}{'  OVER LIMIT' if over else ''}"
+              f"{'  SPILLS' if spills else ''}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"arch": args.arch, "triton": triton.__version__,

@@ -59,8 +59,24 @@ def test_every_configuration_compiles_within_shared_memory(aot_results, arch):
     assert {r["constexprs"]["PERSIST"] for r in rows if "PERSIST" in r["constexprs"]} == \
         {True, False}
     assert {r["constexprs"]["DOT_PREC"] for r in rows if r["dtype"] == "fp32"} == \
-        {"ieee", "tf32"}
+        {"ieee", "tf32", "tf32x3"}
     assert all(r["shared"] >= 0 for r in rows)
+
+
+@pytest.mark.parametrize("arch", [90])  # sm_80: 8-32 bytes in some persistent kernels
+def test_float32_kernels_do_not_spill(aot_results, arch):
+    """Strict float32's split-precision products (tf32x3: both operands split, three MMAs)
+    and the other float32 precisions at the dispatcher's blocks keep everything in
+    registers: no stack frame (ptxas' spill area) in any float32 CI configuration, packed
+    and resets included (the float32 split blocks are chosen for it: kernels/gru.py,
+    _split_blocks)."""
+    rows = [r for r in aot_results[arch][1]["rows"] if r.get("dtype") == "fp32"]
+    measured = [r for r in rows if r.get("spill_bytes") is not None]
+    if not measured:
+        pytest.skip("cuobjdump could not run: spills not measured")
+    assert any(r["constexprs"]["DOT_PREC"] == "tf32x3" for r in measured)
+    spilled = [f"{r['label']}: {r['spill_bytes']} bytes" for r in measured if r["spill_bytes"]]
+    assert not spilled, "float32 kernels spill:\n" + "\n".join(spilled)
 
 
 @pytest.mark.parametrize("arch", [a for a, _ in RUNS])
