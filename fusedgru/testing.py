@@ -4,11 +4,14 @@
     err(y)  = ||y - y64|| / ||y64||           (Frobenius, against the float64 oracle)
     budget  = 2 * err(baseline in the same dtype on the same inputs) + band(dtype)
 
-The baseline is the reference backend run in the kernel's dtype on the kernel's device.
+The baseline is the reference backend run in the kernel's dtype on the kernel's device,
+and for float32 on a GPU in the kernels' precision: TF32 when the flag torch.nn.GRU follows
+allows it (torch's default), strict float32 otherwise (_baseline_precision).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
@@ -16,7 +19,7 @@ import torch
 import torch.utils._python_dispatch
 from torch import Tensor
 
-from . import backends, reference
+from . import backends, ops, reference
 
 __all__ = ["BAND", "cpu_backend_dtypes", "rel_err", "budget", "LayerCase", "make_layer_case", "check_layer", "LayerReport",
            "OpLog"]
@@ -165,13 +168,33 @@ def _run(impl, case: LayerCase, device, dtype, backward: bool):
     return out
 
 
+@contextlib.contextmanager
+def _baseline_precision(device, dtype):
+    """The baseline in the precision the GPU kernels use for float32: TF32 when the flag
+    nn.GRU follows allows it (ops.rnn_tf32_allowed; torch's default), strict otherwise.
+    The reference's matmuls follow torch.backends.cuda.matmul, strict by default, which
+    would hold a TF32 kernel to a strict float32 budget."""
+    matmul = torch.backends.cuda.matmul
+    if (torch.device(device).type != "cuda" or dtype != torch.float32
+            or getattr(matmul, "fp32_precision", None) is None):
+        yield
+        return
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32" if ops.rnn_tf32_allowed() else "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
 def check_layer(backend: str, case: LayerCase, *, device="cpu", dtype=torch.float32,
                 backward: bool = True) -> LayerReport:
     """Runs ``backend`` on ``case`` and measures every output and gradient against the
     float64 reference, with SPEC's budget from the reference run in the same dtype."""
     impl = backends.get_backend(backend)
     oracle = _run(backends.get_backend("reference"), case, "cpu", torch.float64, backward)
-    baseline = _run(backends.get_backend("reference"), case, device, dtype, backward)
+    with _baseline_precision(device, dtype):
+        baseline = _run(backends.get_backend("reference"), case, device, dtype, backward)
     got = _run(impl, case, device, dtype, backward)
     report = LayerReport()
     for k, ref in oracle.items():

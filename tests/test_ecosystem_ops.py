@@ -231,3 +231,22 @@ def test_tf32_query_follows_both_torch_apis(restore_fp32_precision):
     assert ops.tf32_matmul_allowed() is True
     torch.backends.fp32_precision = "ieee"
     assert ops.tf32_matmul_allowed() is False
+
+
+def test_check_baseline_runs_in_the_kernels_precision(restore_rnn_precision,
+                                                      restore_fp32_precision):
+    """fusedgru check on a GPU: float32's baseline (the reference, whose matmuls follow the
+    matmul flag) runs in the precision the kernels take from nn.GRU's flag, TF32 by
+    default, so a TF32 kernel is not held to a strict budget; CPU and other dtypes untouched."""
+    from fusedgru.testing import _baseline_precision
+
+    matmul = torch.backends.cuda.matmul
+    matmul.fp32_precision = "ieee"
+    for rnn, want in (("tf32", "tf32"), ("ieee", "ieee")):
+        torch.backends.cudnn.rnn.fp32_precision = rnn
+        with _baseline_precision("cuda", torch.float32):
+            assert matmul.fp32_precision == want
+        assert matmul.fp32_precision == "ieee"
+        for device, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16)):
+            with _baseline_precision(device, dtype):
+                assert matmul.fp32_precision == "ieee"
