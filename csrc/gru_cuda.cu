@@ -1,7 +1,8 @@
 // fusedgru::gru_fwd / gru_infer / gru_bwd on CUDA: the "cuda" backend.
 //
 // STATUS: compiled for sm_80 / sm_90 and checked with ptxas (no spills, no stack), but
-// NEVER RUN ON A GPU at the time of writing (the 3xTF32 path of issue 18 included).  tests/test_extension_gpu.py is its first check.
+// NEVER RUN ON A GPU at the time of writing (the 3xTF32 path and the staged step variant of
+// issue 18 included).  tests/test_extension_gpu.py is its first check.
 //
 // Dimension legend: T timesteps, B batch, I input features, H hidden units, G = 3 gates
 // (r, z, n).  Padded sizes: Hp = H rounded up to 16 (units and K), Bp = B rounded up to 16.
@@ -120,10 +121,24 @@ void allow_dynamic_smem(const void* kern, int dev, int64_t bytes) {
   }
 }
 
+// Test / benchmark switch (fusedgru::_set_cuda_step_variant): how a step reads the MMA's A
+// operand (h_{t-1}; dgh_{t+1} in the backward): 0 from global memory inside the k loop (the
+// step before issue 18 part 2, the default until a GPU run has timed both), 1 staged in
+// shared memory once per pass (stage_a; benchmarks/NOTES-cuda-latency.md), where it fits.
+std::atomic<int64_t> g_step_variant{0};
+
+int64_t set_cuda_step_variant(int64_t mode) {
+  TORCH_CHECK(mode == 0 || mode == 1,
+              "fusedgru::_set_cuda_step_variant: mode must be 0 (A from global memory) or 1 "
+              "(A staged in shared memory), got ", mode);
+  return g_step_variant.exchange(mode);
+}
+
 // kern: the persistent kernel the plan would launch (for its occupancy).  The layout is
 // plan_layout's (gru_kernels.cuh, shared with the host build); this adds the device's limits.
+// fma: the products run on CUDA cores (MM == kFma: the staging buffer's padding differs).
 Plan make_plan(int64_t T, int64_t B, int64_t H, int64_t op_size, int64_t acc_size,
-               bool backward, const void* kern, int dev) {
+               bool backward, const void* kern, int dev, bool fma) {
   Plan pl = plan_layout(T, B, H, op_size, acc_size, backward);
   const DeviceInfo d = device_info(dev);
   const int mode = cuda_path_mode();
@@ -152,8 +167,33 @@ Plan make_plan(int64_t T, int64_t B, int64_t H, int64_t op_size, int64_t acc_siz
     why << "persistent: " << pl.NB << " blocks x " << kThreads << " threads, "
         << resident << " B shared memory (W slice " << pl.w_bytes << ")";
   }
+  TORCH_CHECK(pl.persistent || mode != 1, "fusedgru: persistent kernel requested but ",
+              why.str());
+  if (g_step_variant.load(std::memory_order_relaxed) == 1) {
+    // Staged A where it fits next to what the chosen kernel already holds (and, persistent,
+    // still leaves every block co-resident); else the old step.  Never fails.
+    Plan staged = pl;
+    bool ok = plan_staging(staged, pl.persistent, fma, op_size, d.smem_optin);
+    if (ok && pl.persistent) {
+      const int64_t bytes = staged.smem_bytes(true);
+      allow_dynamic_smem(kern, dev, bytes);
+      int occ2 = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &occ2, kern, kThreads, static_cast<size_t>(bytes)));
+      ok = static_cast<int64_t>(pl.NB) <= static_cast<int64_t>(occ2) * d.sms;
+    }
+    if (ok) {
+      pl = staged;
+      why << "; step variant 1: A staged in shared memory (" << pl.a_bytes << " B, "
+          << pl.smem_bytes(pl.persistent) << " B in all)";
+    } else {
+      int lds = 0;
+      why << "; step variant 1 -> old step: staging A (" << staging_bytes(pl, fma, op_size, &lds)
+          << " B) does not fit next to " << pl.smem_bytes(pl.persistent) << " B (limit "
+          << d.smem_optin << " B)";
+    }
+  }
   pl.why = why.str();
-  TORCH_CHECK(pl.persistent || mode != 1, "fusedgru: persistent kernel requested but ", pl.why);
   return pl;
 }
 
@@ -274,7 +314,7 @@ void launch_forward(const Dims& d, const Tensor& x, const std::optional<Tensor>&
   const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
   auto persistent = gru_fwd_persistent<sc, opt, acc_t, MM>;
   Plan pl = make_plan(d.T, d.B, d.H, sizeof(opt), sizeof(acc_t), false,
-                      reinterpret_cast<const void*>(persistent), dev);
+                      reinterpret_cast<const void*>(persistent), dev, MM == kFma);
   const Geom& g = pl.g;
   const Tensor wpack = pack_forward(w_hh, g, op_type);
   Tensor hstate = at::zeros({d.B, g.Hp}, x.options().dtype(acc_type));
@@ -382,7 +422,7 @@ void launch_backward(const Dims& d, const Tensor& grad_y, const Tensor& x,
   const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
   auto persistent = gru_bwd_persistent<sc, opt, acc_t, MM>;
   Plan pl = make_plan(d.T, d.B, d.H, sizeof(opt), sizeof(acc_t), true,
-                      reinterpret_cast<const void*>(persistent), dev);
+                      reinterpret_cast<const void*>(persistent), dev, MM == kFma);
   const Geom& g = pl.g;
   const Tensor wpack = pack_backward(w_hh, g, op_type);
   Tensor dhs = at::zeros({d.B, g.Hp}, x.options().dtype(acc_type));
@@ -462,7 +502,7 @@ void describe_plan(const Tensor& x, const Tensor& w_hh, bool reset_after, bool b
   const void* k = backward ? reinterpret_cast<const void*>(gru_bwd_persistent<sc, opt, acc_t, MM>)
                            : reinterpret_cast<const void*>(gru_fwd_persistent<sc, opt, acc_t, MM>);
   Plan pl = make_plan(x.size(0), x.size(1), w_hh.size(1), sizeof(opt), sizeof(acc_t), backward,
-                      k, x.get_device());
+                      k, x.get_device(), MM == kFma);
   const char* mm = MM == k3xTf32 ? ", tensor cores (3xTF32)"
                    : MM == kTc   ? (std::is_same_v<op_at, float> ? ", tensor cores (TF32)"
                                                                  : ", tensor cores")
@@ -485,6 +525,7 @@ std::string cuda_plan(const Tensor& x, const Tensor& w_hh, bool reset_after, boo
 
 TORCH_LIBRARY_FRAGMENT(fusedgru, m) {
   m.def("_set_cuda_fp32_path(int mode) -> int", &fusedgru::cuda_gru::set_cuda_fp32_path);
+  m.def("_set_cuda_step_variant(int mode) -> int", &fusedgru::cuda_gru::set_cuda_step_variant);
 }
 
 TORCH_LIBRARY_IMPL(fusedgru, CUDA, m) {

@@ -26,6 +26,7 @@
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <mma.h>
 #else
 #include "host/cuda_host_shim.h"
@@ -209,7 +210,41 @@ struct Geom {
   int Hp, Bp, MT;  // MT = Bp / 16 batch tiles
   int ldw;         // row stride of the packed W slice (K + 16 bytes: no bank conflicts)
   int nsplit;      // K split across warps when there are fewer tiles than warps
+  // The MMA's A operand staged in shared memory (fusedgru::_set_cuda_step_variant(1),
+  // plan_staging): row stride in elements, 0 = A read from global memory inside the k loop
+  // (the old step); a_off: byte offset of the staging buffer in dynamic shared memory.
+  int lds = 0;
+  int a_off = 0;
 };
+
+// Staging of A (the step variant 1; benchmarks/NOTES-cuda-latency.md): the pass's rows x
+// [0, K) of A copied once into shared memory by all threads (cp.async on sm_80+: 16-byte
+// units for the tensor-core paths, 8-byte units for the FMA paths, whose rows are padded by
+// 8 bytes instead of 16: see staging_bytes), one wait for the copies, one barrier.
+// Returns the staged rows (row stride g.lds).  The buffer is free to overwrite here: every
+// warp that read it (the previous block_gemm) passed the barrier that ends block_gemm.
+template <int MM>
+constexpr int stage_unit_bytes() { return MM == kFma ? 8 : 16; }
+
+template <typename op_t, int MM>
+__device__ __forceinline__ const op_t* stage_a(const Geom& g, const op_t* A, int lda, int rows,
+                                               int K) {
+  FUSEDGRU_DYNAMIC_SMEM(stage_smem);
+  op_t* As = reinterpret_cast<op_t*>(stage_smem + g.a_off);
+  constexpr int kUnit = stage_unit_bytes<MM>();
+  constexpr int kPer = kUnit / static_cast<int>(sizeof(op_t));
+  const int upr = K / kPer;  // K s is a multiple of 32 bytes
+  const int n = rows * upr;
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    const int r = i / upr, u = i - r * upr;
+    __pipeline_memcpy_async(As + r * g.lds + u * kPer,
+                            A + static_cast<int64_t>(r) * lda + u * kPer, kUnit);
+  }
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
+  __syncthreads();  // every thread's copies visible to every warp
+  return As;
+}
 
 // Block GEMM for batch tiles [mt0, mt1): NC column groups of 16 (W rows c*16.. at c*16*ldw),
 // K split into g.nsplit parts; partial tiles go to acc[((s * MTP + mt - mt0) * NC + c)].
@@ -221,13 +256,22 @@ __device__ __forceinline__ void block_gemm(const Geom& g, const op_t* A, int lda
   const int mtp = mt1 - mt0;
   const int units = g.nsplit * mtp * NC;
   const int kpart = ((K / 16 + g.nsplit - 1) / g.nsplit) * 16;
+  // Step variant 1: A's rows of this pass from shared memory (same values, same k order:
+  // the products are bitwise the old variant's).  Variant 0: from global memory.
+  const op_t* Ab = A;
+  int ald = lda, mb = 0;
+  if (g.lds > 0) {
+    Ab = stage_a<op_t, MM>(g, A + static_cast<int64_t>(mt0) * 16 * lda, lda, mtp * 16, K);
+    ald = g.lds;
+    mb = mt0;
+  }
   for (int u = warp; u < units; u += kWarps) {
     const int s = u / (mtp * NC), rem = u % (mtp * NC);
     const int mt = mt0 + rem / NC, c = rem % NC;
     const int k0 = s * kpart, k1 = min(K, k0 + kpart);
     acc_t* out = acc + static_cast<int64_t>((s * mtp + rem / NC) * NC + c) * kTileElems;
     if (k0 < k1) {
-      warp_tile<op_t, acc_t, MM>(A + static_cast<int64_t>(mt) * 16 * lda, lda,
+      warp_tile<op_t, acc_t, MM>(Ab + static_cast<int64_t>(mt - mb) * 16 * ald, ald,
                                  W + static_cast<int64_t>(c) * 16 * g.ldw, g.ldw, k0, k1, out);
     } else {
       for (int i = threadIdx.x & 31; i < kTileElems; i += 32) out[i] = acc_t(0);
@@ -588,14 +632,17 @@ struct Plan {
   Geom g;
   int NB = 0;
   int64_t w_bytes = 0, acc_bytes = 0;
+  int64_t a_bytes = 0;  // the staged A (plan_staging), 0 = not staged
+  bool backward = false;
   bool persistent = false;
   std::string why;
 
   // Dynamic shared memory of one block: the resident W slice + the accumulator tiles for the
   // persistent kernels (acc_region starts at w_bytes), the accumulator tiles alone for the
-  // per-step kernels (they read W from global memory).
+  // per-step kernels (they read W from global memory); then the staged A, if any (at
+  // g.a_off, set by plan_staging for the kind of kernel it was planned for).
   int64_t smem_bytes(bool persistent_kernel) const {
-    return persistent_kernel ? w_bytes + acc_bytes : acc_bytes;
+    return (persistent_kernel ? w_bytes + acc_bytes : acc_bytes) + a_bytes;
   }
 };
 
@@ -620,7 +667,37 @@ inline Plan plan_layout(int64_t T, int64_t B, int64_t H, int64_t op_size, int64_
   g.nsplit = std::max(1, std::min(kWarps / std::max(1, mtp * NC), std::max(1, g.Hp / 64)));
   pl.w_bytes = round_up(static_cast<int64_t>(rows) * g.ldw * op_size, 128);
   pl.acc_bytes = static_cast<int64_t>(g.nsplit) * mtp * NC * kTileElems * acc_size;
+  pl.backward = backward;
   return pl;
+}
+
+// The staging buffer of step variant 1 (stage_a): a pass's rows (up to 128) x lds elements,
+// lds = K + pad, K = Hp forward, 3 Hp backward (the largest K of any phase).  pad: 16 bytes
+// on the tensor-core paths (as the W slice: row r starts at word 4 r (2 m + 1) mod 32, so
+// any 8 rows start in 8 distinct 4-bank groups: the fragment loads are conflict-free), 8
+// bytes on the FMA paths (lanes read 16 rows at one k: a stride of 2 mod 4 words puts them
+// in 16 distinct banks, 16 distinct bank pairs in float64).  Bytes, 128-aligned.
+inline int64_t staging_bytes(const Plan& pl, bool fma, int64_t op_size, int* lds) {
+  const Geom& g = pl.g;
+  const int K = pl.backward ? 3 * g.Hp : g.Hp;
+  *lds = K + static_cast<int>((fma ? 8 : 16) / op_size);
+  const int rows = std::min(g.MT, kMaxMTilesPerPass) * 16;
+  return round_up(static_cast<int64_t>(rows) * *lds * op_size, 128);
+}
+
+// Adds the staging buffer to the plan of a persistent or a per-step launch when the block's
+// shared memory then stays within `cap` bytes; otherwise leaves the plan as it is (the old
+// step: A from global memory) and returns false.  Never fails.
+inline bool plan_staging(Plan& pl, bool persistent_kernel, bool fma, int64_t op_size,
+                         int64_t cap) {
+  int lds = 0;
+  const int64_t bytes = staging_bytes(pl, fma, op_size, &lds);
+  const int64_t base = (persistent_kernel ? pl.w_bytes + pl.acc_bytes : pl.acc_bytes);
+  if (base + bytes > cap) return false;
+  pl.g.lds = lds;
+  pl.g.a_off = static_cast<int>(base);
+  pl.a_bytes = bytes;
+  return true;
 }
 
 // The per-step path's launches in stream order, as launch(t, phase): the forward runs

@@ -15,6 +15,11 @@
 //                                             access, __float_to_tf32 (round to nearest, ties
 //                                             away: cvt.rna.tf32.f32, the 13 low bits left
 //                                             as the GPU leaves them, see below)
+//   __pipeline_memcpy_async, __pipeline_commit, __pipeline_wait_prior
+//                                             cp.async (cuda_pipeline.h): a copy is queued
+//                                             and made only when a wait covers its batch,
+//                                             the latest moment CUDA allows; a kernel that
+//                                             returns with copies not waited for aborts
 //   __float_as_uint, __uint_as_float          bit casts
 //   __half, __nv_bfloat16                     16-bit storage, conversions round to nearest even
 //   __global__ __device__ __forceinline__ __launch_bounds__ min int4
@@ -143,6 +148,16 @@ struct Launch {
   std::vector<unsigned> syncs, grid_syncs;           // per thread: barriers reached
 };
 
+// cp.async as cuda_pipeline.h exposes it: per thread, the copies issued since the last
+// commit, and the committed batches not yet waited for (oldest first).
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  size_t size;
+};
+inline thread_local std::vector<AsyncCopy> t_async_open;
+inline thread_local std::vector<std::vector<AsyncCopy>> t_async_batches;
+
 inline thread_local Launch* t_launch = nullptr;
 inline thread_local unsigned t_tid = 0;  // blockIdx.x * blockDim.x + threadIdx.x
 
@@ -254,6 +269,8 @@ void launch(ThreadPool& pool, unsigned grid, unsigned block, int64_t smem_bytes,
     blockDim = dim3{block, 1, 1};
     gridDim = dim3{grid, 1, 1};
     kernel();
+    if (!t_async_open.empty() || !t_async_batches.empty())
+      fail("a kernel returned with cp.async copies (__pipeline_memcpy_async) never waited for");
     l.block_bar[blockIdx.x]->arrive_and_drop();
     if (cooperative) l.grid_bar->arrive_and_drop();
     t_launch = nullptr;
@@ -277,6 +294,30 @@ void launch(ThreadPool& pool, unsigned grid, unsigned block, int64_t smem_bytes,
 }  // namespace fusedgru_host
 
 inline void __syncthreads() { fusedgru_host::syncthreads(); }
+
+// cp.async (cuda_pipeline_primitives.h): size 4, 8 or 16, both pointers aligned to it.
+inline void __pipeline_memcpy_async(void* __restrict__ dst_shared,
+                                    const void* __restrict__ src_global, size_t size_and_align,
+                                    size_t zfill = 0) {
+  if ((size_and_align != 4 && size_and_align != 8 && size_and_align != 16) || zfill != 0 ||
+      reinterpret_cast<uintptr_t>(dst_shared) % size_and_align != 0 ||
+      reinterpret_cast<uintptr_t>(src_global) % size_and_align != 0)
+    fusedgru_host::fail("__pipeline_memcpy_async: size must be 4, 8 or 16 bytes, both "
+                        "pointers aligned to it");
+  fusedgru_host::t_async_open.push_back({dst_shared, src_global, size_and_align});
+}
+inline void __pipeline_commit() {
+  fusedgru_host::t_async_batches.push_back(std::move(fusedgru_host::t_async_open));
+  fusedgru_host::t_async_open.clear();
+}
+// Completes (makes) the oldest committed batches until at most `prior` are pending.
+inline void __pipeline_wait_prior(size_t prior) {
+  auto& q = fusedgru_host::t_async_batches;
+  while (q.size() > prior) {
+    for (const auto& c : q.front()) std::memcpy(c.dst, c.src, c.size);
+    q.erase(q.begin());
+  }
+}
 
 // The kernels' `extern __shared__ unsigned char smem[]` (see gru_kernels.cuh).
 #define FUSEDGRU_DYNAMIC_SMEM(name) \

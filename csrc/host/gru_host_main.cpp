@@ -9,12 +9,18 @@
 // first in the process (LD_PRELOAD of libtsan into Python is fragile and reports Python's
 // own threads), and a crash or a deadlock in a kernel takes down only this process.
 //
-// usage: gru_host DTYPE PATH T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT [SEQ]
+// usage: gru_host DTYPE PATH T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT [OPTS...]
 //        gru_host convert IN OUT      (the shim's 16-bit and TF32 roundings, see main)
+//        gru_host plan DTYPE T B H BACKWARD PERSISTENT   (the shared-memory plan with
+//                                     staging: w_bytes acc_bytes a_bytes total staged)
 //   DTYPE  f64 | f32 (strict float32 on CUDA cores: FMA, _set_cuda_fp32_path(1)) |
 //          f32x3 (strict float32 on TF32 tensor cores, split precision 3xTF32: the default) |
 //          tf32 | f16 | bf16 (tensor cores, wmma)
 //   PATH   persistent (one cooperative launch) | step (one launch per step and phase)
+//   OPTS   after IN OUT, any of: stage=0|1 and SEQ.
+//            stage=1    step variant 1 (fusedgru::_set_cuda_step_variant(1)): the MMA's A
+//                       operand staged in shared memory (plan_staging, stage_a) where it
+//                       fits in kSmemCap; stage=0 (the default): the old step
 //   SEQ    the sequence structure (gru_common.h Layout), default dense:
 //            packed=N0,N1,...   batch_sizes (T values, non-increasing, N0 = B): the rows
 //                               below are then the N = sum(batch_sizes) packed rows
@@ -85,10 +91,15 @@ T* poisoned(Arena& a, int64_t n) {
   return filled<T>(a, n, std::numeric_limits<double>::quiet_NaN());
 }
 
+// The dynamic shared memory a block may use: sm_90's opt-in (cudaDevAttrMaxSharedMemory-
+// PerBlockOptin, H100 / H200); what decides whether the staged A fits (plan_staging).
+constexpr int64_t kSmemCap = 232448;
+
 struct Case {
   int64_t T, B, H;
   int64_t N;  // rows of gi / y / grad_y: T B dense, sum(batch_sizes) packed
   bool reset_after, has_h0, has_bias, persistent;
+  bool stage = false;  // step variant 1 (stage=1)
   std::vector<int64_t> batch_sizes;  // empty: dense
   std::vector<bool> resets;          // (T, B), or empty
   std::vector<double> gi, w_hh, b_hh, h0, grad_y;
@@ -155,7 +166,8 @@ void launch_layer(fusedgru_host::ThreadPool& pool, const Plan& pl, const Case& c
 template <typename sc, typename opt, typename acc_t, int MM>
 void forward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc* gi,
              const sc* bhh, const sc* h0, sc* y, sc* ws) {
-  const Plan pl = plan_layout(c.T, c.B, c.H, sizeof(opt), sizeof(acc_t), false);
+  Plan pl = plan_layout(c.T, c.B, c.H, sizeof(opt), sizeof(acc_t), false);
+  if (c.stage) plan_staging(pl, c.persistent, MM == kFma, sizeof(opt), kSmemCap);
   const Geom& g = pl.g;
   const int64_t H = c.H, B = c.B;
   // pack_forward: (NB, 3, 16, ldw), block nb / gate k / unit n holds W_hh[k H + 16 nb + n].
@@ -205,7 +217,8 @@ void forward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc*
 template <typename sc, typename opt, typename acc_t, int MM>
 void backward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc* gy,
               const sc* ws, const sc* y, const sc* h0, sc* dgi, sc* dgh, sc* dh0) {
-  const Plan pl = plan_layout(c.T, c.B, c.H, sizeof(opt), sizeof(acc_t), true);
+  Plan pl = plan_layout(c.T, c.B, c.H, sizeof(opt), sizeof(acc_t), true);
+  if (c.stage) plan_staging(pl, c.persistent, MM == kFma, sizeof(opt), kSmemCap);
   const Geom& g = pl.g;
   const int64_t H = c.H;
   // pack_backward: (NB, 16, ldw) with [nb][n][k Hp + r] = W_hh[k H + r, 16 nb + n].
@@ -276,7 +289,7 @@ namespace {
 
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr, "gru_host: %s\nusage: gru_host f64|f32|f32x3|tf32|f16|bf16 persistent|step "
-               "T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT [packed=N0,N1,...|resets=0110...]\n",
+               "T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT [stage=0|1] [packed=N0,N1,...|resets=0110...]\n",
                why);
   std::exit(2);
 }
@@ -311,7 +324,26 @@ int main(int argc, char** argv) {
     std::fclose(o);
     return 0;
   }
-  if (argc != 11 && argc != 12) usage("expected 10 or 11 arguments");
+  if (argc == 8 && std::string(argv[1]) == "plan") {
+    // The plan of one launch with staging (sizes only, nothing runs): for the fit table of
+    // benchmarks/NOTES-cuda-latency.md.
+    using namespace fusedgru::cuda_gru;
+    const std::string dt = argv[2];
+    const int64_t T = std::atoll(argv[3]), B = std::atoll(argv[4]), H = std::atoll(argv[5]);
+    const bool bwd = std::atoi(argv[6]) != 0, pers = std::atoi(argv[7]) != 0;
+    const int64_t op = dt == "f64" ? 8 : (dt == "f16" || dt == "bf16") ? 2 : 4;
+    const int64_t acc = dt == "f64" ? 8 : 4;
+    const bool fma = dt == "f64" || dt == "f32";
+    Plan pl = plan_layout(T, B, H, op, acc, bwd);
+    const bool staged = plan_staging(pl, pers, fma, op, kSmemCap);
+    int lds = 0;
+    std::printf("%lld %lld %lld %lld %d %d\n", static_cast<long long>(pl.w_bytes),
+                static_cast<long long>(pl.acc_bytes),
+                static_cast<long long>(staging_bytes(pl, fma, op, &lds)),
+                static_cast<long long>(pl.smem_bytes(pers)), staged ? 1 : 0, lds);
+    return 0;
+  }
+  if (argc < 11) usage("expected at least 10 arguments");
   const std::string dtype = argv[1], path = argv[2];
   Case c;
   c.T = std::atoll(argv[3]);
@@ -324,7 +356,14 @@ int main(int argc, char** argv) {
   c.persistent = path == "persistent";
   if (c.T < 1 || c.B < 1 || c.H < 1) usage("T, B, H must be >= 1");
   c.N = c.T * c.B;
-  const std::string seq = argc == 12 ? argv[11] : "dense";
+  std::string seq = "dense";
+  for (int i = 11; i < argc; ++i) {
+    const std::string opt = argv[i];
+    if (opt == "stage=0" || opt == "stage=1")
+      c.stage = opt == "stage=1";
+    else
+      seq = opt;
+  }
   if (seq.rfind("packed=", 0) == 0) {
     const char* s = seq.c_str() + 7;
     while (*s) {
