@@ -26,7 +26,12 @@ a_lo b_hi product dropped, 3xTF32's hi used with the low bits __float_to_tf32 le
 requires each to be caught by the sanitizer meant for it, or by the error budget.  Strict
 float32 runs twice: on tensor cores in split precision (f32x3: 3xTF32, the default since
 issue 18) and on CUDA cores (f32: the FMA path behind fusedgru::_set_cuda_fp32_path(1)),
-both held to float32's budget.
+both held to float32's budget.  The staged step (issue 18 part 2, step variant 1:
+fusedgru::_set_cuda_step_variant(1), the harness's stage=1: the MMA's A operand copied into
+shared memory with cp.async once per pass) runs on a subset of both grids, every dtype path,
+formulation and sequence structure, held to the budget AND bitwise equal to the old step's
+outputs; its mutants (the barrier after the copy removed, the wait for the copies removed)
+must be caught; test_staging_fits_or_falls_back checks the plan's fit table.
 
 Builds are cached under build/cuda-host/ by the hash of the sources, flags and compiler, so
 each variant compiles once.  What this proves and what only a GPU can prove:
@@ -278,9 +283,17 @@ class Spec:
     # The sequence structure (gru_common.h Layout), at most one of:
     lengths: Optional[Tuple[int, ...]] = None  # packed: B non-increasing lengths, first = T
     resets: Optional[str] = None  # dense with resets: a pattern of RESET_PATTERNS
+    # Step variant 1 (fusedgru::_set_cuda_step_variant(1)): A staged in shared memory.  The
+    # inputs are those of the same spec without it (seeded by data_id), so that the outputs
+    # can be compared bit for bit with the old step's.
+    stage: bool = False
 
     @property
     def id(self) -> str:
+        return self.data_id + ("-staged" if self.stage else "")
+
+    @property
+    def data_id(self) -> str:
         seq = ""
         if self.lengths is not None:  # run-length: 6x2.5.1 = lengths 6, 6, 5, 1
             runs = []
@@ -304,7 +317,7 @@ class Spec:
     def reset_mask(self) -> Optional[torch.Tensor]:
         if self.resets is None:
             return None
-        return RESET_PATTERNS[self.resets](self.T, self.B, zlib.crc32(self.id.encode()))
+        return RESET_PATTERNS[self.resets](self.T, self.B, zlib.crc32(self.data_id.encode()))
 
     def seq_arg(self) -> str:
         """The harness's SEQ argument (csrc/host/gru_host_main.cpp usage)."""
@@ -378,6 +391,7 @@ class Result:
     errors: Dict[str, float] = dataclasses.field(default_factory=dict)
     budgets: Dict[str, float] = dataclasses.field(default_factory=dict)
     infer_equal: Optional[bool] = None
+    digest: Optional[str] = None  # of every output value (float64), for bitwise comparisons
 
     @property
     def sanitizer_report(self) -> Optional[str]:
@@ -415,7 +429,7 @@ def case_inputs(spec: Spec):
     in its dtype, gi as forward_cuda computes it (one GEMM in the dtype)."""
     T, B, H, I = spec.T, spec.B, spec.H, 5
     dt = DTYPES[spec.dtype]
-    g = torch.Generator().manual_seed(zlib.crc32(spec.id.encode()))
+    g = torch.Generator().manual_seed(zlib.crc32(spec.data_id.encode()))
     case = testing.make_layer_case(T, B, I, H, reset_after=spec.reset_after, with_h0=spec.h0,
                                    bias=spec.bias, generator=g, lengths=spec.lengths,
                                    resets=spec.reset_mask())
@@ -432,7 +446,7 @@ def case_inputs(spec: Spec):
 def harness_cmd(exe: str, spec: Spec, fin: str, fout: str, seq: Optional[str] = None):
     return [exe, spec.dtype, spec.path, str(spec.T), str(spec.B), str(spec.H),
             str(int(spec.reset_after)), str(int(spec.h0)), str(int(spec.bias)), fin, fout,
-            seq if seq is not None else spec.seq_arg()]
+            seq if seq is not None else spec.seq_arg(), f"stage={int(spec.stage)}"]
 
 
 def run_case(variant: str, exe: str, spec: Spec, env_extra: Optional[Dict[str, str]] = None,
@@ -456,6 +470,7 @@ def run_case(variant: str, exe: str, spec: Spec, env_extra: Optional[Dict[str, s
         if not os.path.exists(fout):
             return res
         out = torch.from_numpy(np.fromfile(fout))
+    res.digest = hashlib.sha256(out.numpy().tobytes()).hexdigest()
     rows = (T, B) if batch_sizes is None else (N,)
     sizes = {"y": (*rows, H), "ws": (*rows, 4 * H), "y_infer": (*rows, H),
              "dgi": (*rows, 3 * H), "dgh": (*rows, 3 * H), "dh0": (B, H)}
@@ -543,6 +558,38 @@ MUTANT_RESETS = _resets("f64", "persistent", True, RESETS[0])
 # The 3xTF32 mutants (wrong values only: the error budget must see them) run in float32
 # (built f32x3 only), on a case of the AddressSanitizer grid.
 MUTANT_3X = Spec("f32x3", "persistent", 5, 17, 33, True)
+# The staged step (variant 1): the mutants' case with A staged in shared memory.
+MUTANT_STAGED = dataclasses.replace(MUTANT_SPEC, stage=True)
+
+
+def _staged_specs(specs: List[Spec], variant: str) -> List[Spec]:
+    """Step variant 1 (A staged in shared memory) on a subset of a grid's cases: the same
+    specs with stage=True, so each is also compared bit for bit with the old step's output.
+    asan: every dtype x formulation x path dense (one shape each, rotating), every dtype
+    packed and with resets, each in both formulations (the paths alternating), the two-pass
+    batch and the K split.  tsan: every formulation x path dense (bf16 / f32x3: both wmma
+    paths), one packed and one resets case (the FMA and the split wmma path), the 9-block K
+    split, and the mutants' case (f64, the FMA path)."""
+    out = []
+    if variant == "asan":
+        for d, dt in enumerate(DTYPES):
+            for k, (ra, path) in enumerate(COMBOS):
+                s = SHAPES[k] if (d + k) % 2 else SHAPES[(k + 2) % 4]
+                out.append(Spec(dt, path, s[0], s[1], s[2], ra, s[3], s[4], stage=True))
+                p = _packed(dt, path, ra, PACKED[(k + d) % len(PACKED)])
+                r = _resets(dt, path, ra, RESETS[(k + d) % len(RESETS)])
+                out.append(dataclasses.replace(p if (k + d) % 2 == 0 else r, stage=True))
+        out += [dataclasses.replace(s, stage=True) for s in specs if s.B == 130 or s.H == 130]
+    else:
+        out += [dataclasses.replace(s, stage=True) for s in specs
+                if s.lengths is None and s.resets is None and s.H == 33 and s.dtype != "f64"
+                and s.dtype == ("bf16", "f32x3")[COMBOS.index((s.reset_after, s.path)) % 2]]
+        out += [dataclasses.replace(s, stage=True) for s in specs
+                if (s.lengths is not None and s.reset_after and s.path == "persistent")
+                or (s.resets is not None and not s.reset_after and s.path == "persistent")
+                or s.H == 130]
+    out.append(MUTANT_STAGED)
+    return out
 
 
 def _asan_specs() -> List[Spec]:
@@ -565,7 +612,7 @@ def _asan_specs() -> List[Spec]:
     for m in (MUTANT_SPEC, MUTANT_PACKED, MUTANT_RESETS, MUTANT_3X):
         if m not in specs:
             specs.append(m)
-    return specs
+    return specs + _staged_specs(specs, "asan")
 
 
 def _tsan_specs() -> List[Spec]:
@@ -582,7 +629,7 @@ def _tsan_specs() -> List[Spec]:
     for k, (ra, path) in enumerate(COMBOS):
         specs.append(_packed(("f32", "f32x3")[k % 2], path, ra, TSAN_PACKED))
         specs.append(_resets(("f32x3", "f32")[k % 2], path, ra, TSAN_RESETS))
-    return specs
+    return specs + _staged_specs(specs, "tsan")
 
 
 GRIDS = {"asan": _asan_specs(), "tsan": _tsan_specs()}
@@ -618,16 +665,75 @@ def grid_results(harness, request):
     return result
 
 
+def _check_grid_case(variant: str, spec: Spec, grid_results):
+    res = grid_results(variant, spec)
+    assert not res.problems(), "\n".join(res.problems())
+    if spec.stage:  # the staged step changes where A is read from, not the arithmetic
+        old = grid_results(variant, dataclasses.replace(spec, stage=False))
+        assert res.digest == old.digest, (
+            f"{spec.id}: the staged step's outputs differ from the old step's (bitwise)")
+
+
 @pytest.mark.parametrize("spec", GRIDS["asan"], ids=lambda s: s.id)
 def test_asan_ubsan_and_error_budget(spec, grid_results):
-    res = grid_results("asan", spec)
-    assert not res.problems(), "\n".join(res.problems())
+    _check_grid_case("asan", spec, grid_results)
 
 
 @pytest.mark.parametrize("spec", GRIDS["tsan"], ids=lambda s: s.id)
 def test_tsan_and_error_budget(spec, grid_results):
-    res = grid_results("tsan", spec)
-    assert not res.problems(), "\n".join(res.problems())
+    _check_grid_case("tsan", spec, grid_results)
+
+
+def test_grids_cover_the_staged_step():
+    """Step variant 1 under both sanitizers: every dtype x formulation x path dense, every
+    dtype packed and with resets in both formulations (AddressSanitizer); every formulation
+    x path, packed, resets and the K split (ThreadSanitizer); and each staged case's
+    old-step twin is in the same grid (the bitwise comparison costs no extra run)."""
+    asan = [s for s in GRIDS["asan"] if s.stage]
+    for dt in DTYPES:
+        assert {(s.reset_after, s.path) for s in asan
+                if s.dtype == dt and _structure(s) == "dense"} == set(COMBOS), dt
+        for ra in (True, False):
+            assert {_structure(s) for s in asan if s.dtype == dt and s.reset_after == ra} == {
+                "dense", "packed", "resets"}, (dt, ra)
+    tsan = [s for s in GRIDS["tsan"] if s.stage]
+    assert {(s.reset_after, s.path) for s in tsan if _structure(s) == "dense"} == set(COMBOS)
+    assert {_structure(s) for s in tsan} == {"dense", "packed", "resets"}
+    assert any(s.H == 130 for s in tsan) and any(s.H == 130 for s in asan)
+    assert {s.dtype for s in tsan} >= {"bf16", "f32x3", "f32", "f64"}
+    for variant, specs in GRIDS.items():
+        for s in specs:
+            if s.stage:
+                assert dataclasses.replace(s, stage=False) in specs, (variant, s.id)
+
+
+# The fit table of benchmarks/NOTES-cuda-latency.md: (dtype, B, H, backward) -> W slice,
+# accumulators, staging buffer, whether the persistent kernel stages (sm_90's 232448 B).
+FIT_TABLE = {
+    ("bf16", 16, 768, False): (74496, 6144, 24832, True),
+    ("f32x3", 16, 768, False): (148224, 6144, 49408, True),
+    ("bf16", 16, 768, True): (73984, 8192, 73984, True),
+    ("f32x3", 16, 768, True): (147712, 8192, 147712, False),
+    ("bf16", 64, 1024, False): (99072, 12288, 132096, False),
+    ("f32x3", 64, 1024, False): (197376, 12288, 263168, False),
+    ("bf16", 64, 1024, True): (98560, 8192, 394240, False),
+    ("f32x3", 64, 1024, True): (196864, 8192, 787456, False),
+}
+
+
+@pytest.mark.parametrize("key", list(FIT_TABLE), ids=lambda k: f"{k[0]}-B{k[1]}H{k[2]}-"
+                         f"{'bwd' if k[3] else 'fwd'}")
+def test_staging_fits_or_falls_back(key, harness):
+    """plan_staging (the code gru_cuda.cu's make_plan runs) at the sizes of the prediction:
+    the staging buffer is added where it fits next to the W slice and the accumulators, and
+    the plan is left as it was (the old step) where it does not."""
+    dt, B, H, bwd = key
+    w, acc, a, staged = FIT_TABLE[key]
+    r = execute("asan", [harness["asan"], "plan", dt, "4", str(B), str(H), str(int(bwd)), "1"])
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr[-3000:]
+    got = [int(v) for v in r.stdout.split()]
+    assert got[:3] == [w, acc, a] and bool(got[4]) == staged, got
+    assert got[3] == w + acc + (a if staged else 0)
 
 
 def test_grids_cover_the_issue():
@@ -798,6 +904,22 @@ MUTANTS = {
         "      wmma::mma_sync(c_lh, a_lo, b, c_lh);\n",
         "",
         None, MUTANT_3X),
+    # Staged step: the barrier after the staging copy removed: warps read staged A rows
+    # that other threads are still writing.
+    "stage-syncthreads-removed": (
+        "tsan",
+        "  __pipeline_wait_prior(0);\n  __syncthreads();  // every thread's copies visible to "
+        "every warp\n",
+        "  __pipeline_wait_prior(0);\n",
+        "WARNING: ThreadSanitizer: data race", MUTANT_STAGED),
+    # Staged step: the wait for the copies removed: cp.async guarantees nothing before the
+    # wait (the shim copies at the wait, so the MMAs read poison), and the kernel returns
+    # with copies pending.
+    "stage-wait-removed": (
+        "asan",
+        "  __pipeline_commit();\n  __pipeline_wait_prior(0);\n",
+        "  __pipeline_commit();\n",
+        "cp.async copies (__pipeline_memcpy_async) never waited for", MUTANT_STAGED),
     # 3xTF32: hi used as __float_to_tf32 returns it, its 13 low bits not cleared (the GPU
     # leaves them; the shim models that): v - hi is then not v's low part.
     "3xtf32-hi-not-masked": (
