@@ -573,3 +573,116 @@ def test_cuda_fp32_paths_differ_and_agree():
         for y in ys:
             err = testing.rel_err(y, want)
             assert err <= testing.budget(torch.float32, testing.rel_err(base, want)), err
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 18 part 2: the staged step (the MMA's A operand, h_{t-1} / dgh_{t+1}, copied into
+# shared memory once per pass with cp.async) behind fusedgru::_set_cuda_step_variant
+# (benchmarks/NOTES-cuda-latency.md).  Same values, same k order: bitwise the old step.
+# ---------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def step_variant(mode: int):
+    prev = torch.ops.fusedgru._set_cuda_step_variant(mode)
+    try:
+        yield
+    finally:
+        torch.ops.fusedgru._set_cuda_step_variant(prev)
+
+
+def test_cuda_step_variant_switch():
+    """_set_cuda_step_variant returns the previous mode, takes 0 (old) or 1 (staged), and
+    the default is the old step."""
+    _ext_ready()
+    prev = torch.ops.fusedgru._set_cuda_step_variant(1)
+    try:
+        assert prev == 0, "the default step variant must stay the old one until measured"
+        assert torch.ops.fusedgru._set_cuda_step_variant(0) == 1
+        with pytest.raises(RuntimeError, match="mode must be 0"):
+            torch.ops.fusedgru._set_cuda_step_variant(2)
+    finally:
+        torch.ops.fusedgru._set_cuda_step_variant(prev)
+
+
+# (T, B, I, H, lengths, resets kind): 3 blocks x 2 tiles, the K split (H = 130), two
+# 128-row passes, packed, resets.
+STAGED_CASES = {
+    "dense": (5, 17, 6, 33, None, None),
+    "k-split": (3, 5, 8, 130, None, None),
+    "passes": (3, 130, 16, 40, None, None),
+    "packed": (6, 19, 5, 40, [6, 6, 5, 4, 4, 3, 3, 3] + [2] * 9 + [1, 1], None),
+    "resets": (5, 17, 6, 33, None, "random"),
+}
+# dtype, TF32 allowed, fp32 path (0 3xTF32, 1 FMA)
+STAGED_DTYPES = [pytest.param(torch.float64, False, 0, id="fp64"),
+                 pytest.param(torch.float32, False, 0, id="fp32-3xtf32"),
+                 pytest.param(torch.float32, False, 1, id="fp32-fma"),
+                 pytest.param(torch.float32, True, 0, id="tf32"),
+                 pytest.param(torch.bfloat16, False, 0, id="bf16"),
+                 pytest.param(torch.float16, False, 0, id="fp16")]
+
+
+def _all_outputs(case, dtype, reset_after):
+    args, seq = case.args("cuda", dtype), case.seq_args("cuda")
+    ops = torch.ops.fusedgru
+    y, ws = ops.gru_fwd(*args, reset_after, *seq)
+    y_inf = ops.gru_infer(*args, reset_after, *seq)
+    x, h0, w_ih, w_hh = args[:4]
+    grads = ops.gru_bwd(case.grad_y.to("cuda", dtype), x, h0, w_ih, w_hh, y, ws, reset_after,
+                        *seq)
+    return [y, ws, y_inf, *grads]
+
+
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+@pytest.mark.parametrize("name", list(STAGED_CASES))
+@pytest.mark.parametrize("dtype,allow_tf32,fp32_path", STAGED_DTYPES)
+def test_cuda_staged_step_is_the_old_step(name, dtype, allow_tf32, fp32_path, reset_after, gen,
+                                          poisoned, forced_path):
+    """Both step variants on both paths: the staged one within SPEC's budget against the
+    float64 reference, and every output (y, ws, gru_infer's y, the six gradients) bitwise
+    the old variant's."""
+    _ext_ready()
+    T, B, I, H, lengths, resets = STAGED_CASES[name]
+    case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, generator=gen,
+                                   lengths=lengths,
+                                   resets=_resets(resets, T, B, gen) if resets else None)
+    with fp32_precision(allow_tf32, fp32_path):
+        with step_variant(0):
+            old = _all_outputs(case, dtype, reset_after)
+        with step_variant(1):
+            for bwd in (False, True):
+                assert "A staged in shared memory" in torch.ops.fusedgru._cuda_plan(
+                    torch.empty(T, B, I, device="cuda", dtype=dtype),
+                    case.w_hh.to("cuda", dtype), reset_after, bwd)
+            new = _all_outputs(case, dtype, reset_after)
+            report = testing.check_layer("cuda", case, device="cuda", dtype=dtype)
+    assert report.ok, report.failures
+    for k, (a, b) in enumerate(zip(old, new)):
+        assert torch.equal(a, b), f"output {k} differs between the step variants"
+
+
+def _plan_for(dtype, B, H, backward):
+    x = torch.empty(4, B, 8, device="cuda", dtype=dtype)
+    return torch.ops.fusedgru._cuda_plan(x, torch.empty(3 * H, H, device="cuda", dtype=dtype),
+                                         True, backward)
+
+
+def test_cuda_staged_step_fits_or_falls_back(gen):
+    """The staged step only where its buffer fits next to the W slice (the fit table of
+    NOTES-cuda-latency.md, tests/test_cuda_host.py test_staging_fits_or_falls_back): at
+    B=16 H=768 bf16 it stages, at B=64 H=1024 it keeps the old step, and a call there runs
+    (never fails) with the old step's bits."""
+    _ext_ready()
+    optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    with fp32_precision(False), step_variant(1):
+        if optin >= 105472:
+            assert "A staged in shared memory" in _plan_for(torch.bfloat16, 16, 768, False)
+        for dt in (torch.bfloat16, torch.float32):
+            for bwd in (False, True):
+                assert "old step: staging A" in _plan_for(dt, 64, 1024, bwd), (dt, bwd)
+        case = testing.make_layer_case(2, 64, 8, 1024, generator=gen)
+        new = _all_outputs(case, torch.bfloat16, True)
+    with step_variant(0):
+        old = _all_outputs(case, torch.bfloat16, True)
+    for a, b in zip(old, new):
+        assert torch.equal(a, b)

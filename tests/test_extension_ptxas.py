@@ -42,6 +42,11 @@ def _include_dirs():
 
 
 def ptxas_report(arch: str) -> str:
+    return _compile(arch)[0]
+
+
+def _compile(arch: str):
+    """(ptxas report, path of the cubin), cached by source hash."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (set CUDA_HOME): cannot read the ptxas report")
@@ -54,11 +59,11 @@ def ptxas_report(arch: str) -> str:
             h.update(f.read())
     key = hashlib.sha256(h.digest() + arch.encode() + torch.__version__.encode()).hexdigest()[:16]
     cache = os.path.join(ROOT, "build", f"ptxas-{arch}-{key}.txt")
-    if os.path.exists(cache):
-        with open(cache) as f:
-            return f.read()
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
     out = cache + ".cubin"
+    if os.path.exists(cache) and os.path.exists(out):
+        with open(cache) as f:
+            return f.read(), out
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
     cmd = [nvcc, "-cubin", f"-arch={arch}", "-O3", "-Xptxas=-v", "-std=c++20",
            "--expt-relaxed-constexpr", "-DFUSEDGRU_WITH_CUDA=1",
            "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
@@ -66,10 +71,9 @@ def ptxas_report(arch: str) -> str:
            *[f"-I{d}" for d in _include_dirs()], SRC, "-o", out]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, f"nvcc failed:\n{r.stderr[-4000:]}"
-    os.remove(out)
     with open(cache, "w") as f:
         f.write(r.stderr)
-    return r.stderr
+    return r.stderr, out
 
 
 def parse(report: str):
@@ -108,3 +112,36 @@ def test_no_spills_no_stack(arch):
     assert not bad, f"spills or stack in: {bad}"
     for k, v in kernels.items():
         assert v["registers"] <= 255, (k, v)
+
+
+def sass_ops(arch: str):
+    """{kernel (mangled name): Counter of SASS opcodes} from cuobjdump of the cubin."""
+    import collections
+
+    cand = [os.path.join(os.path.dirname(_nvcc()), "cuobjdump"), shutil.which("cuobjdump")]
+    try:  # the copy Triton ships
+        import triton.backends.nvidia as tn
+
+        cand.append(os.path.join(os.path.dirname(tn.__file__), "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    cuobjdump = next((c for c in cand if c and os.path.exists(c)), None)
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found (next to nvcc, on PATH, or in Triton)")
+    r = subprocess.run([cuobjdump, "-sass", _compile(arch)[1]], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    parts = re.split(r"\n\s*Function : (\S+)\n", r.stdout)
+    return {parts[i]: collections.Counter(re.findall(
+        r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", parts[i + 1]))
+        for i in range(1, len(parts), 2)}
+
+
+def test_staged_step_compiles_to_cp_async():
+    """Step variant 1 (fusedgru::_set_cuda_step_variant(1), stage_a in gru_kernels.cuh):
+    every kernel copies its A operand to shared memory with cp.async (LDGSTS) and waits for
+    it (LDGDEPBAR + DEPBAR) on sm_90, not with a synchronous fallback copy."""
+    ops = sass_ops("sm_90")
+    assert len(ops) == 24, sorted(ops)
+    bad = {k: (v["LDGSTS"], v["LDGDEPBAR"], v["DEPBAR"]) for k, v in ops.items()
+           if not (v["LDGSTS"] and v["LDGDEPBAR"] and v["DEPBAR"])}
+    assert not bad, f"no cp.async staging in: {bad}"
