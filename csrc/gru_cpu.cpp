@@ -367,6 +367,49 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> small_weight_grads(
 // Forward
 // ---------------------------------------------------------------------------------------
 
+// One step's product by the path chosen for its R rows: panels (packed once per call),
+// the inline loops, or ATen's GEMM (which takes the rows as Tensors).
+enum class StepPath { kPanel, kSmall, kGemm };
+
+inline StepPath step_path(int64_t R, bool panels, int64_t panel_b, int64_t small_b) {
+  if (panels && R <= panel_b) return StepPath::kPanel;
+  return R <= small_b ? StepPath::kSmall : StepPath::kGemm;
+}
+
+// out[0:R] = a W^T: a (R, K) contiguous (a_rows the same rows as a Tensor, for the GEMM),
+// W (N, K) row-major (pack: its panels, w_t: its (K, N) transposed view), out (>= R, N).
+template <typename scalar_t>
+void step_nt(StepPath path, const scalar_t* a, const Tensor& a_rows, int64_t R, int64_t K,
+             const scalar_t* W, const Tensor& pack, const Tensor& w_t, int64_t N, Tensor& out) {
+  scalar_t* o = out.data_ptr<scalar_t>();
+  if (path == StepPath::kPanel) {
+    panel_gemm(a, K, R, K, pack.data_ptr<scalar_t>(), true, N, o, N, false);
+  } else if (path == StepPath::kSmall) {
+    small_nt(a, K, R, K, W, N, o, N, false);
+  } else {
+    Tensor out_r = out.narrow(0, 0, R);
+    at::mm_out(out_r, a_rows, w_t);
+  }
+}
+
+// out[0:R] (+)= a W: a (R, K) row stride lda (a_rows the same as a Tensor), W (K, N)
+// row-major (w the same as a Tensor), out (>= R, N) contiguous; add: accumulate.
+template <typename scalar_t>
+void step_nn(StepPath path, const scalar_t* a, int64_t lda, const Tensor& a_rows, int64_t R,
+             int64_t K, const scalar_t* W, const Tensor& w, int64_t N, Tensor& out, bool add) {
+  scalar_t* o = out.data_ptr<scalar_t>();
+  if (path == StepPath::kPanel) {
+    panel_gemm(a, lda, R, K, W, false, N, o, N, add);
+  } else if (path == StepPath::kSmall) {
+    if (!add) std::fill_n(o, R * N, scalar_t(0));
+    small_nn_add(a, lda, R, K, W, N, o);
+  } else {
+    Tensor out_r = out.narrow(0, 0, R);
+    if (add) out_r.addmm_(a_rows, w);
+    else at::mm_out(out_r, a_rows, w);
+  }
+}
+
 // The state entering step t of each of its R = lay.rows(t) rows, as a pointer to R
 // consecutive rows of H and (for ATen's GEMM) the same rows as a Tensor: h0 at t = 0, else
 // the first R rows of step t-1's outputs; rows that a reset restarts read zeros, from a
@@ -436,19 +479,10 @@ void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T +
     const Tensor wpack = panels ? pack_panels(w_p, 3 * H, H, gi.options()) : Tensor();
     for (int64_t t = 0; t < T; ++t) {
       const int64_t R = lay.rows(t), row0 = lay.first(t), ws0 = ws_first(t);
-      const bool panel = panels && R <= panel_b;
-      const bool small = panel || R <= small_b;
-      const auto state = before.at_step(t, !small);
+      const StepPath path = step_path(R, panels, panel_b, small_b);
+      const auto state = before.at_step(t, path == StepPath::kGemm);
       const scalar_t* hp_p = state.first;  // (a structured binding: not capturable in C++17)
-      const Tensor& hp = state.second;
-      if (panel) {
-        panel_gemm(hp_p, H, R, H, wpack.data_ptr<scalar_t>(), true, 3 * H, gh_p, 3 * H, false);
-      } else if (small) {
-        small_nt(hp_p, H, R, H, w_p, 3 * H, gh_p, 3 * H, false);
-      } else {
-        Tensor gh_r = gh.narrow(0, 0, R);
-        at::mm_out(gh_r, hp, w_t);
-      }
+      step_nt(path, hp_p, state.second, R, H, w_p, wpack, w_t, 3 * H, gh);
       for_rows_and_chunks(R, H, [&](int64_t b, int64_t j0, int64_t j1) {
         const int64_t row = row0 + b;
         const scalar_t* gir = gi_p + row * 3 * H;
@@ -487,19 +521,10 @@ void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T +
   const Tensor npack = panels ? pack_panels(w_p + 2 * H * H, H, H, gi.options()) : Tensor();
   for (int64_t t = 0; t < T; ++t) {
     const int64_t R = lay.rows(t), row0 = lay.first(t), ws0 = ws_first(t);
-    const bool panel = panels && R <= panel_b;
-    const bool small = panel || R <= small_b;
-    const auto state = before.at_step(t, !small);
+    const StepPath path = step_path(R, panels, panel_b, small_b);
+    const auto state = before.at_step(t, path == StepPath::kGemm);
     const scalar_t* hp_p = state.first;  // (a structured binding: not capturable in C++17)
-    const Tensor& hp = state.second;
-    if (panel) {
-      panel_gemm(hp_p, H, R, H, rzpack.data_ptr<scalar_t>(), true, 2 * H, grz_p, 2 * H, false);
-    } else if (small) {
-      small_nt(hp_p, H, R, H, w_p, 2 * H, grz_p, 2 * H, false);
-    } else {
-      Tensor grz_r = grz.narrow(0, 0, R);
-      at::mm_out(grz_r, hp, w_rz_t);
-    }
+    step_nt(path, hp_p, state.second, R, H, w_p, rzpack, w_rz_t, 2 * H, grz);
     for_rows_and_chunks(R, H, [&](int64_t b, int64_t j0, int64_t j1) {
       const int64_t row = row0 + b;
       const scalar_t* gir = gi_p + row * 3 * H;
@@ -514,14 +539,8 @@ void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T +
         st(z, wsr + H + j, n);
       });
     });
-    if (panel) {
-      panel_gemm(rh_p, H, R, H, npack.data_ptr<scalar_t>(), true, H, ghn_p, H, false);
-    } else if (small) {
-      small_nt(rh_p, H, R, H, w_p + 2 * H * H, H, ghn_p, H, false);
-    } else {
-      Tensor ghn_r = ghn.narrow(0, 0, R);
-      at::mm_out(ghn_r, rh.narrow(0, 0, R), w_n_t);
-    }
+    step_nt(path, rh_p, path == StepPath::kGemm ? rh.narrow(0, 0, R) : Tensor(), R, H,
+            w_p + 2 * H * H, npack, w_n_t, H, ghn);
     for_rows_and_chunks(R, H, [&](int64_t b, int64_t j0, int64_t j1) {
       const int64_t row = row0 + b;
       const scalar_t* gir = gi_p + row * 3 * H;
@@ -669,13 +688,10 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
         });
       });
       // dh = g * z + dgh_t W_hh   (B,3H) x (3H,H), in place
-      if (R <= panel_b) {
-        panel_gemm(dgh_p + row0 * 3 * H, 3 * H, R, 3 * H, w_p, false, H, dh_p, H, true);
-      } else if (R <= small_b) {
-        small_nn_add(dgh_p + row0 * 3 * H, 3 * H, R, 3 * H, w_hh.data_ptr<scalar_t>(), H, dh_p);
-      } else {
-        dh.narrow(0, 0, R).addmm_(dgh2.narrow(0, row0, R), w_hh);
-      }
+      const StepPath path = step_path(R, true, panel_b, small_b);
+      step_nn(path, dgh_p + row0 * 3 * H, 3 * H,
+              path == StepPath::kGemm ? dgh2.narrow(0, row0, R) : Tensor(), R, 3 * H, w_p, w_hh,
+              H, dh, true);
       stop_at_resets(t);
     }
     return dh;
@@ -706,17 +722,10 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
     });
     const Tensor dgt = dgh2.narrow(0, row0, R);
     const scalar_t* dgt_p = dgh_p + row0 * 3 * H;
-    const bool panel = R <= panel_b;
-    const bool small = panel || R <= small_b;
-    if (panel) {
-      panel_gemm(dgt_p + 2 * H, 3 * H, R, H, w_p + 2 * H * H, false, H, drh_p, H, false);
-    } else if (small) {
-      std::fill_n(drh_p, R * H, scalar_t(0));
-      small_nn_add(dgt_p + 2 * H, 3 * H, R, H, w_hh.data_ptr<scalar_t>() + 2 * H * H, H, drh_p);
-    } else {
-      Tensor drh_r = drh.narrow(0, 0, R);
-      at::mm_out(drh_r, dgt.narrow(1, 2 * H, H), w_n);
-    }
+    const StepPath path = step_path(R, true, panel_b, small_b);
+    const bool gemm = path == StepPath::kGemm;
+    step_nn(path, dgt_p + 2 * H, 3 * H, gemm ? dgt.narrow(1, 2 * H, H) : Tensor(), R, H,
+            w_p + 2 * H * H, w_n, H, drh, false);
     for_rows_and_chunks(R, H, [&](int64_t b, int64_t j0, int64_t j1) {
       const int64_t row = row0 + b;
       const scalar_t* wsr = ws_p + row * 4 * H;
@@ -732,13 +741,8 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
       });
     });
     // dh += [da_r, da_z] W_h[rz]
-    if (panel) {
-      panel_gemm(dgt_p, 3 * H, R, 2 * H, w_p, false, H, dh_p, H, true);
-    } else if (small) {
-      small_nn_add(dgt_p, 3 * H, R, 2 * H, w_hh.data_ptr<scalar_t>(), H, dh_p);
-    } else {
-      dh.narrow(0, 0, R).addmm_(dgt.narrow(1, 0, 2 * H), w_rz);
-    }
+    step_nn(path, dgt_p, 3 * H, gemm ? dgt.narrow(1, 0, 2 * H) : Tensor(), R, 2 * H, w_p, w_rz,
+            H, dh, true);
     stop_at_resets(t);
   }
   (void)dgi_p;
