@@ -341,6 +341,20 @@ def gru(
     resets_rev = (torch.cat([resets.new_zeros(1, B), resets.flip(0)[:-1]])
                   if resets is not None and D == 2 else None)
 
+    output, h_n_t = _run_layers(
+        x, hx, layers, num_layers, D, dropout, training, reset_after, name,
+        reverse=lambda t: t.flip(0), final=lambda y: y[-1],
+        seq=({"resets": resets}, {"resets": resets_rev}))
+    return _shape_outputs(output, h_n_t, unbatched, batch_first)
+
+
+def _run_layers(x: Tensor, hx: Optional[Tensor], layers, num_layers: int, D: int,
+                dropout: float, training: bool, reset_after: bool, name: str, *, reverse,
+                final, seq) -> Tuple[Tensor, Tensor]:
+    """The layers and directions over x's rows, dense (T, B, I) or packed (N, I):
+    reverse(t) puts rows in the reverse direction's order (its own inverse), final(y)
+    gives each sequence's state after a direction's last step, seq = (forward, reverse)
+    keywords of gru_layer (the sequence structure).  Returns (output, h_n (L*D, B, H))."""
     layer_input = x.contiguous()
     h_n: List[Tensor] = []
     for layer in range(num_layers):
@@ -348,18 +362,14 @@ def gru(
         for direction in range(D):
             w_ih, w_hh, b_ih, b_hh = layers[layer * D + direction]
             h0 = hx[layer * D + direction].contiguous() if hx is not None else None
-            xin = layer_input.flip(0) if direction else layer_input
-            y = gru_layer(xin, h0, w_ih, w_hh, b_ih, b_hh, reset_after, name,
-                          resets=resets_rev if direction else resets)
-            h_n.append(y[-1])
-            outputs.append(y.flip(0) if direction else y)
-        layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=2)
+            xin = reverse(layer_input) if direction else layer_input
+            y = gru_layer(xin, h0, w_ih, w_hh, b_ih, b_hh, reset_after, name, **seq[direction])
+            h_n.append(final(y))
+            outputs.append(reverse(y) if direction else y)
+        layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=-1)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, p=dropout, training=True)
-
-    output = layer_input
-    h_n_t = h_n[0].unsqueeze(0) if len(h_n) == 1 else torch.stack(h_n, 0)
-    return _shape_outputs(output, h_n_t, unbatched, batch_first)
+    return layer_input, (h_n[0].unsqueeze(0) if len(h_n) == 1 else torch.stack(h_n, 0))
 
 
 def _check_resets(resets, x: Tensor, unbatched: bool, batch_first: bool) -> Tensor:
@@ -423,23 +433,10 @@ def _gru_packed(input: PackedSequence, hx: Optional[Tensor], layers, H: int, num
     name = _layer_backend(backend, x, 1, H, I)  # B >= 1: a PackedSequence is never empty
     reverse, last = packing.packed_indices(input)
 
-    layer_input = x.contiguous()
-    h_n: List[Tensor] = []
-    for layer in range(num_layers):
-        outputs = []
-        for direction in range(D):
-            w_ih, w_hh, b_ih, b_hh = layers[layer * D + direction]
-            h0 = hx[layer * D + direction].contiguous() if hx is not None else None
-            xin = layer_input.index_select(0, reverse) if direction else layer_input
-            y = gru_layer(xin, h0, w_ih, w_hh, b_ih, b_hh, reset_after, name,
-                          batch_sizes=batch_sizes)
-            h_n.append(y.index_select(0, last))
-            outputs.append(y.index_select(0, reverse) if direction else y)
-        layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=1)
-        if dropout > 0 and training and layer < num_layers - 1:
-            layer_input = F.dropout(layer_input, p=dropout, training=True)
-
-    h_n_t = h_n[0].unsqueeze(0) if len(h_n) == 1 else torch.stack(h_n, 0)
+    layer_input, h_n_t = _run_layers(
+        x, hx, layers, num_layers, D, dropout, training, reset_after, name,
+        reverse=lambda t: t.index_select(0, reverse), final=lambda y: y.index_select(0, last),
+        seq=({"batch_sizes": batch_sizes},) * 2)
     if input.unsorted_indices is not None:  # back to the caller's order
         h_n_t = h_n_t.index_select(1, input.unsorted_indices)
     return PackedSequence(layer_input, batch_sizes, input.sorted_indices,
