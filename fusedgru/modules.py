@@ -166,8 +166,7 @@ class FusedGRU(nn.Module):
         (recurrent RL rollouts, streams of documents).  See fusedgru.functional.gru."""
         weights = self._flat_weights
         lean = self.__dict__.get("_lean")
-        if (lean is not None and resets is None
-                and lean[7] == (self.backend, self.reset_after, self.batch_first)):
+        if resets is None and _lean_serves(lean, self):
             out = _lean_gru_call(lean, weights, input, hx)
             if out is not None:
                 return out
@@ -186,8 +185,7 @@ class FusedGRU(nn.Module):
             resets=resets,
             _checked=checked,
         )
-        if (checked is not None and self.num_layers == 1 and not self.bidirectional
-                and (lean is None or any(a is not b for a, b in zip(lean[0], weights)))):
+        if checked is not None and _lean_stale(lean, self, weights):
             self.__dict__["_lean"] = _lean_plan(self, weights)
         return out
 
@@ -273,7 +271,7 @@ class FusedGRUCell(nn.Module):
         except KeyError:  # parametrized or otherwise moved weights
             w = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
         lean = self.__dict__.get("_lean")
-        if lean is not None and lean[7] == (self.backend, self.reset_after):
+        if _lean_serves(lean, self):
             h = _lean_cell_call(lean, w, input, hx)
             if h is not None:
                 return h
@@ -281,7 +279,7 @@ class FusedGRUCell(nn.Module):
         checked = _checked_weights(self, weights, 1, False)
         h = F_gru.gru_cell(input, hx, *w, reset_after=self.reset_after, backend=self.backend,
                            _checked=checked)
-        if checked is not None and (lean is None or any(a is not b for a, b in zip(lean[0], w))):
+        if checked is not None and _lean_stale(lean, self, w):
             self.__dict__["_lean"] = _lean_plan(self, w)
         return h
 
@@ -324,21 +322,38 @@ class FusedGRUCell(nn.Module):
 # transform, a (B, I) input and a (B, H) or absent hx of the weights' dtype and device)
 # call fusedgru::gru_infer directly.  Anything else (a bad input included, so that it gets
 # the general path's exception) returns None and takes the general path.
+#
+# A plan is (weights, what it assumed of the module, served); served is (dtype, device, I, H,
+# reset_after, op), or None where the lean call does not serve (another backend, an empty
+# size, more than one layer or direction): kept as well, so that a module the lean call
+# does not serve is not planned again at every call.
 
 
-def _lean_plan(module, w) -> Optional[tuple]:
-    """(weights, dtype, device, I, H, reset_after, op, what the plan assumed of the module),
-    or None where the lean call does not serve (another backend, an empty size)."""
-    if F_gru.layer_backend_name(module.backend, w[1]) != "cpu" or not hasattr(
-            torch.ops.fusedgru, "gru_infer"):
-        return None
+def _assumed(module) -> tuple:
+    return (module.backend, module.reset_after, getattr(module, "batch_first", None),
+            getattr(module, "num_layers", 1), getattr(module, "bidirectional", False))
+
+
+def _lean_serves(lean, module) -> bool:
+    return lean is not None and lean[2] is not None and lean[1] == _assumed(module)
+
+
+def _lean_stale(lean, module, w) -> bool:
+    """Whether the plan must be made again: new weight objects or module settings."""
+    return (lean is None or lean[1] != _assumed(module) or len(lean[0]) != len(w)
+            or any(a is not b for a, b in zip(lean[0], w)))
+
+
+def _lean_plan(module, w) -> tuple:
+    assumed = _assumed(module)
+    served = None
     I, H = w[0].shape[1], w[1].shape[1]
-    if I == 0 or H == 0:
-        return None
-    assumed = (module.backend, module.reset_after) + (
-        (module.batch_first,) if isinstance(module, FusedGRU) else ())
-    return (tuple(w), w[1].dtype, w[1].device, I, H, module.reset_after,
-            torch.ops.fusedgru.gru_infer.default, assumed)
+    if (assumed[3] == 1 and not assumed[4] and I > 0 and H > 0
+            and F_gru.layer_backend_name(module.backend, w[1]) == "cpu"
+            and hasattr(torch.ops.fusedgru, "gru_infer")):
+        served = (w[1].dtype, w[1].device, I, H, module.reset_after,
+                  torch.ops.fusedgru.gru_infer.default)
+    return tuple(w), assumed, served
 
 
 
@@ -346,7 +361,7 @@ def _lean_gru_call(lean, weights, input, hx) -> Optional[tuple]:
     """FusedGRU's lean call (one layer, one direction; see above): (output, h_n) or None."""
     if len(weights) != len(lean[0]) or type(input) is not Tensor or input.dim() != 3:
         return None
-    batch_first = lean[7][2]
+    batch_first = lean[1][2]
     x = input.transpose(0, 1) if batch_first else input
     if x.shape[0] == 0:
         return None
@@ -366,7 +381,7 @@ def _lean_gru_call(lean, weights, input, hx) -> Optional[tuple]:
 def _lean_cell_call(lean, w, input, hx, seq: bool = False) -> Optional[Tensor]:
     """h' of a cell call (input (B, I)), or with seq: y (T, B, H) of a sequence (input
     (T, B, I)); None where the general path must run."""
-    weights, dtype, device, I, H, reset_after, op, _ = lean
+    weights, _, (dtype, device, I, H, reset_after, op) = lean
     if (w[0] is not weights[0] or w[1] is not weights[1]
             or (len(weights) > 2 and (w[2] is not weights[2] or w[3] is not weights[3]))
             or (len(weights) == 2 and w[2] is not None) or type(input) is not Tensor):
