@@ -69,7 +69,8 @@ def gru_layer(
     args = (x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, batch_sizes, resets)
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return _run(impl, *args)
-    key = (str(backend), x.device, x.dtype, _batch(x, batch_sizes), w_hh.shape[1], reset_after)
+    key = (str(backend), x.device, x.dtype, ops.layout_batch(x, batch_sizes), w_hh.shape[1],
+           reset_after)
     route = _routes.get(key)
     if route is not None:  # this shape fell back before: straight to what worked
         return _run_route(route, *args)
@@ -84,11 +85,6 @@ def gru_layer(
                 f"{x.shape[1]}, H={w_hh.shape[1]}, {x.dtype} on {x.device}: {exc}. "
                 f"backend='auto' would fall back to a slower path instead") from exc
         return _fall_back(key, backend, exc, args)
-
-
-def _batch(x: Tensor, batch_sizes: Optional[Tensor]) -> int:
-    """B: x's batch, dense (T, B, I) or packed rows (B = batch_sizes[0])."""
-    return x.shape[1] if batch_sizes is None else int(batch_sizes[0])
 
 
 # (backend, device, dtype, B, H, reset_after) -> the route that ran that shape after its
@@ -142,7 +138,7 @@ class _PerStep:
     def _wrap(self, fn, x_index):
         # a: the op's arguments, all positional (the last two batch_sizes and resets)
         def call(*a):
-            with self.impl.per_step_path(_batch(a[x_index], a[-2])):
+            with self.impl.per_step_path(ops.layout_batch(a[x_index], a[-2])):
                 return fn(*a)
         return call
 

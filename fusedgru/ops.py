@@ -184,7 +184,8 @@ def _make_forward_formula(bwd_op):
             with autocast_off(x.device.type):
                 grads = bwd_op(gy, x, h0, w_ih, w_hh, y, ws, ra, batch_sizes, resets)
         else:  # ws is used downstream: differentiate the reference forward instead
-            h0_ = h0 if h0 is not None else x.new_zeros(_rows0(y, batch_sizes), w_hh.shape[1])
+            h0_ = (h0 if h0 is not None
+                   else x.new_zeros(layout_batch(y, batch_sizes), w_hh.shape[1]))
             b_ih_ = b_ih if b_ih is not None else w_hh.new_zeros(w_hh.shape[0])
             b_hh_ = b_hh if b_hh is not None else w_hh.new_zeros(w_hh.shape[0])
             out, vjp = torch.func.vjp(
@@ -199,9 +200,10 @@ def _make_forward_formula(bwd_op):
     return backward
 
 
-def _rows0(y: Tensor, batch_sizes: Optional[Tensor]) -> int:
-    """B: the rows of a step-0 state for y's layout."""
-    return y.shape[1] if batch_sizes is None else int(batch_sizes[0])
+def layout_batch(t: Tensor, batch_sizes: Optional[Tensor]) -> int:
+    """B for a tensor laid out as the ops' rows (x, y, ...): dense (T, B, .), or packed rows
+    whose B is batch_sizes[0]."""
+    return t.shape[1] if batch_sizes is None else int(batch_sizes[0])
 
 
 def _setup_backward(ctx, inputs, output):
@@ -216,7 +218,7 @@ def _backward_formula(ctx, *grads):
     grad_y, x, h0, w_ih, w_hh, y, ws = ctx.saved_tensors
     ra = ctx.reset_after
     batch_sizes, resets = ctx.seq
-    h0_ = h0 if h0 is not None else x.new_zeros(_rows0(y, batch_sizes), w_hh.shape[1])
+    h0_ = h0 if h0 is not None else x.new_zeros(layout_batch(y, batch_sizes), w_hh.shape[1])
     out, vjp = torch.func.vjp(
         lambda *a: reference.gru_layer_backward(*a, ra, batch_sizes, resets),
         grad_y, x, h0_, w_ih, w_hh, y, ws)
@@ -262,11 +264,16 @@ def _per_instance(op, info, in_dims, args):
     return stacked, (0,) * len(stacked)
 
 
+def _all_dims(in_dims, args) -> tuple:
+    """in_dims for every argument (a call that left out batch_sizes / resets has fewer)."""
+    return tuple(in_dims) + (None,) * (len(args) - len(in_dims))
+
+
 def _vmap_forward_rule(op):
     def rule(info, in_dims, x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, batch_sizes=None,
              resets=None):
         args = (x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, batch_sizes, resets)
-        in_dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
+        in_dims = _all_dims(in_dims, args)
         # Weights per instance, or a sequence structure (packed rows cannot fold into the
         # batch): the op once per instance.
         if (any(d is not None for d in in_dims[2:6]) or batch_sizes is not None
@@ -288,8 +295,7 @@ def _vmap_forward_rule(op):
 
 def _vmap_backward_rule(op):
     def rule(info, in_dims, *args):
-        return _per_instance(op, info, tuple(in_dims) + (None,) * (len(args) - len(in_dims)),
-                             args)
+        return _per_instance(op, info, _all_dims(in_dims, args), args)
 
     return rule
 
