@@ -392,3 +392,58 @@ def test_cpu_panel_products_match_reference(rows, dtype, reset_after, gen, poiso
                 assert report.ok, (T, B, I, H, kw, report.failures)
     finally:
         torch.ops.fusedgru._set_cpu_panel_rows(prev)
+
+
+@pytest.fixture(params=[True, False], ids=["fast-act", "sleef-act"])
+def activations(request):
+    """The forward's float32 activations: the fast routines (default) or ATen's SLEEF ones."""
+    prev = torch.ops.fusedgru._set_cpu_fast_activations(request.param)
+    yield request.param
+    torch.ops.fusedgru._set_cpu_fast_activations(prev)
+
+
+def _ulps(got, want64):
+    """|got - want| in units of float32's spacing at want (float64 want)."""
+    w = want64.float()
+    spacing = (torch.nextafter(w.abs(), torch.tensor(float("inf"))) - w.abs()).double()
+    return (got.double() - want64).abs() / spacing
+
+
+def test_cpu_activations_stay_within_3_ulp(activations):
+    """sigmoid and tanh as the cpu forward computes them, on every float32 of a dense sweep
+    of [-100, 100] and of 1e-40..10 (both signs): at most 3 ulp from float64 (SLEEF's own
+    sigmoid = 1 / (1 + exp(-x)) reaches 2.5 ulp); sigmoid's tail below -80, where the result
+    is subnormal or 0, within 1e-38; exact values at the special points."""
+    x = torch.cat([torch.linspace(-100, 100, 1_000_001), torch.logspace(-40, 1, 50_001),
+                   -torch.logspace(-40, 1, 50_001), torch.randn(100_000) * 4]).float()
+    sig, tanh = torch.ops.fusedgru._cpu_activations(x)
+    x64 = x.double()
+    normal = x > -80
+    assert _ulps(sig, torch.sigmoid(x64))[normal].max() <= 3.0
+    assert (sig.double() - torch.sigmoid(x64))[~normal].abs().max() <= 1e-38
+    assert _ulps(tanh, torch.tanh(x64)).max() <= 3.0
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45])
+    sig, tanh = torch.ops.fusedgru._cpu_activations(special)
+    assert sig[:3].tolist() == [0.5, 0.5, 1.0] and 0.0 <= sig[3].item() <= 1e-38
+    assert tanh[:4].tolist() == [0.0, 0.0, 1.0, -1.0]
+    assert torch.signbit(tanh[1]) and not torch.signbit(tanh[0])
+    assert sig[4].isnan() and tanh[4].isnan()
+    assert tanh[5].item() == special[5].item()  # the smallest subnormal: tanh(x) = x
+
+
+def test_cpu_activations_hook_rejects_other_dtypes():
+    with pytest.raises(RuntimeError, match="x must be a float32 CPU tensor"):
+        torch.ops.fusedgru._cpu_activations(torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+@pytest.mark.parametrize("shape", [(7, 5, 9, 17), (7, 3, 40, 63), (3, 33, 20, 100)],
+                         ids=lambda s: "T%dB%dI%dH%d" % s)
+def test_both_activation_paths_match_reference(shape, reset_after, activations, gen, poisoned):
+    """float32 layers with either activation routine (forward, inference, backward) are within
+    SPEC's budget against the float64 reference; the inputs reach the gates' saturated range
+    (pre-activations up to ~10) as well as the small-|x| range of tanh's series."""
+    case = testing.make_layer_case(*shape, reset_after=reset_after, generator=gen)
+    case.x.mul_(4.0)
+    report = testing.check_layer("cpu", case, dtype=torch.float32)
+    assert report.ok, report.failures
