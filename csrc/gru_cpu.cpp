@@ -33,13 +33,21 @@ using at::Tensor;
 constexpr int64_t kChunk = 64;
 // Work below ~16K elements per step runs on the calling thread: an OpenMP fork/join costs
 // a few microseconds, about what 16K fused gate evaluations take on one AVX2 core.
+// Switch for A/B timing: fusedgru::_set_cpu_inline_elems (the smallest per-task share).
 constexpr int64_t kInlineElems = 16384;
+std::atomic<int64_t> g_inline_elems{kInlineElems};
+
+int64_t set_inline_elems(int64_t n) {
+  TORCH_CHECK(n >= 1, "fusedgru::_set_cpu_inline_elems: n must be >= 1, got ", n);
+  return g_inline_elems.exchange(n);
+}
 
 // Runs f(b, j0, j1) for every row b < B and every chunk [j0, j1) of [0, H).
 template <typename F>
 inline void for_rows_and_chunks(int64_t B, int64_t H, const F& f) {
   const int64_t nch = (H + kChunk - 1) / kChunk;
-  const int64_t grain = std::max<int64_t>(1, kInlineElems / kChunk);
+  const int64_t grain =
+      std::max<int64_t>(1, g_inline_elems.load(std::memory_order_relaxed) / kChunk);
   at::parallel_for(0, B * nch, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / nch;
@@ -896,6 +904,7 @@ TORCH_LIBRARY_FRAGMENT(fusedgru, m) {
   m.def("_set_cpu_small_batch(int rows) -> int", &fusedgru::set_small_batch);
   m.def("_set_cpu_panel_rows(int rows) -> int", &fusedgru::set_panel_rows);
   m.def("_set_cpu_fast_activations(bool on) -> bool", &fusedgru::set_fast_activations);
+  m.def("_set_cpu_inline_elems(int n) -> int", &fusedgru::set_inline_elems);
   // Test hook: the forward's float32 activations (sigmoid, tanh) of x, as the kernels
   // compute them under the current switch.
   m.def("_cpu_activations(Tensor x) -> (Tensor, Tensor)", &fusedgru::cpu_activations);

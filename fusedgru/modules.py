@@ -318,15 +318,57 @@ class FusedGRUCell(nn.Module):
 # calls its GRU with T=1: its Python costs more than its kernel at small sizes).  After a
 # call through the general path, a module whose backend runs the CPU extension keeps
 # (weights, dtype, device, I, H, reset_after); later calls that need nothing the general
-# path adds (no gradient, no autocast, no tracer, compiler, exporter or torch.func
-# transform, a (B, I) input and a (B, H) or absent hx of the weights' dtype and device)
-# call fusedgru::gru_infer directly.  Anything else (a bad input included, so that it gets
-# the general path's exception) returns None and takes the general path.
+# path adds (no autocast, no tracer, compiler, exporter or torch.func transform, a (B, I)
+# input and a (B, H) or absent hx of the weights' dtype and device) call
+# fusedgru::gru_infer directly, or, when autograd records (a gradient to compute),
+# fusedgru::gru_fwd and later gru_bwd through _LeanTrain.  Anything else (a bad input
+# included, so that it gets the general path's exception) returns None and takes the
+# general path.
 #
 # A plan is (weights, what it assumed of the module, served); served is (dtype, device, I, H,
-# reset_after, op), or None where the lean call does not serve (another backend, an empty
-# size, more than one layer or direction): kept as well, so that a module the lean call
-# does not serve is not planned again at every call.
+# reset_after, (infer, fwd, bwd) ops), or None where the lean call does not serve (another
+# backend, an empty size, more than one layer or direction): kept as well, so that a module
+# the lean call does not serve is not planned again at every call.
+
+
+class _LeanTrain(torch.autograd.Function):
+    """A lean call that autograd records: fusedgru::gru_fwd, and gru_bwd in the backward,
+    both called below the autograd dispatch key.  Through the ops' registered autograd
+    formula (fusedgru/ops.py: the general path) each call also runs torch.library's Python
+    wrapper and re-dispatch, ~100 us per step of a FusedGRUCell loop at B=1 whose kernels
+    take ~15 us.  Same ops, same arguments: bitwise the general path's results.  A backward
+    that builds a graph (create_graph=True: double backward) differentiates the general op
+    instead, recomputing the forward, so that the gradient of the saved ws reaches the
+    inputs as it does there."""
+
+    @staticmethod
+    def forward(ctx, reset_after, fwd, bwd, x, h0, w_ih, w_hh, b_ih, b_hh):
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            y, ws = fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, None, None)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, y, ws)
+        ctx.reset_after, ctx.fwd, ctx.bwd = reset_after, fwd, bwd
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, h0, w_ih, w_hh, b_ih, b_hh, y, ws = ctx.saved_tensors
+        inputs = (x, h0, w_ih, w_hh, b_ih, b_hh)
+        if torch.is_grad_enabled():  # create_graph: through the general op's formulas
+            want = [k for k, t in enumerate(inputs) if t is not None and t.requires_grad]
+            y2 = ctx.fwd(*inputs, ctx.reset_after, None, None)[0]
+            got = torch.autograd.grad(y2, [inputs[k] for k in want], gy, create_graph=True,
+                                      allow_unused=True)
+            grads = [None] * 6
+            for k, g in zip(want, got):
+                grads[k] = g
+        else:
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                grads = list(ctx.bwd(gy.contiguous(), x, h0, w_ih, w_hh, y, ws,
+                                     ctx.reset_after, None, None))
+            for k in (1, 4, 5):  # no gradient for an absent hx or bias
+                if inputs[k] is None:
+                    grads[k] = None
+        return (None, None, None, *grads)
 
 
 def _assumed(module) -> tuple:
@@ -351,8 +393,9 @@ def _lean_plan(module, w) -> tuple:
     if (assumed[3] == 1 and not assumed[4] and I > 0 and H > 0
             and F_gru.layer_backend_name(module.backend, w[1]) == "cpu"
             and hasattr(torch.ops.fusedgru, "gru_infer")):
+        ops = torch.ops.fusedgru
         served = (w[1].dtype, w[1].device, I, H, module.reset_after,
-                  torch.ops.fusedgru.gru_infer.default)
+                  (ops.gru_infer.default, ops.gru_fwd.default, ops.gru_bwd.default))
     return tuple(w), assumed, served
 
 
@@ -381,7 +424,7 @@ def _lean_gru_call(lean, weights, input, hx) -> Optional[tuple]:
 def _lean_cell_call(lean, w, input, hx, seq: bool = False) -> Optional[Tensor]:
     """h' of a cell call (input (B, I)), or with seq: y (T, B, H) of a sequence (input
     (T, B, I)); None where the general path must run."""
-    weights, _, (dtype, device, I, H, reset_after, op) = lean
+    weights, _, (dtype, device, I, H, reset_after, (infer, fwd, bwd)) = lean
     if (w[0] is not weights[0] or w[1] is not weights[1]
             or (len(weights) > 2 and (w[2] is not weights[2] or w[3] is not weights[3]))
             or (len(weights) == 2 and w[2] is not None) or type(input) is not Tensor):
@@ -394,16 +437,17 @@ def _lean_cell_call(lean, w, input, hx, seq: bool = False) -> Optional[Tensor]:
     if hx is not None and (type(hx) is not Tensor or hx.shape != (input.shape[-2], H)
                            or hx.dtype != dtype or hx.device != device):
         return None
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or F_gru.lean_call_blocked(device)):
+        return None
+    x = input if seq else input.unsqueeze(0)
     if torch.is_grad_enabled() and (input.requires_grad or w[1].requires_grad or w[0].requires_grad
                                     or (hx is not None and hx.requires_grad)
                                     or (w[2] is not None and (w[2].requires_grad
                                                               or w[3].requires_grad))):
-        return None
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or F_gru.lean_call_blocked(device)):
-        return None
-    if seq:
-        return op(input, hx, w[0], w[1], w[2], w[3], reset_after)
-    return op(input.unsqueeze(0), hx, w[0], w[1], w[2], w[3], reset_after)[0]
+        y = _LeanTrain.apply(reset_after, fwd, bwd, x.contiguous(), hx, *w)
+    else:
+        y = infer(x, hx, w[0], w[1], w[2], w[3], reset_after)
+    return y if seq else y[0]
 
 
 def _factory(weight: Tensor, share: bool) -> dict:

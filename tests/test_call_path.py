@@ -10,6 +10,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from fusedgru import FusedGRU, FusedGRUCell
+from fusedgru.testing import OpLog
 
 F64 = torch.float64
 
@@ -113,8 +114,6 @@ def _cell_pair(dtype=torch.float32):
 
 
 def _ops_of(fn):
-    from fusedgru.testing import OpLog
-
     with OpLog() as log:
         out = fn()
     return out, log.names
@@ -246,3 +245,121 @@ def test_lean_gru_call_is_one_op_and_equal(batch_first, bias, gen):
     y, h_n = f(x)
     (y.sum() + h_n.sum()).backward()
     assert f.weight_hh_l0.grad is not None
+
+
+# ----------------------------------------------------------------------------------------
+# The lean call with a gradient: fusedgru::gru_fwd / gru_bwd below autograd (_LeanTrain)
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("kind", ["cell", "gru", "gru-bf"])
+@pytest.mark.parametrize("bias,with_h", [(True, True), (False, False), (True, False)],
+                         ids=["bias-h", "bare", "noh"])
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+def test_lean_training_call_is_one_op_pair_and_bitwise_the_general_path(kind, bias, with_h,
+                                                                         reset_after, dtype,
+                                                                         gen):
+    """With a gradient to compute, a planned module's call runs fusedgru::gru_fwd and its
+    backward gru_bwd, and nothing else of fusedgru's (no Python autograd wrapper between).
+    The output and every gradient are bitwise those of the general path (the functional
+    API, which never takes the lean call)."""
+    from fusedgru import backends, functional
+
+    if "cpu" not in backends.available_backends():
+        pytest.skip("the lean call serves the cpu backend, not built here")
+    bf = kind == "gru-bf"
+    torch.manual_seed(0)
+    if kind == "cell":
+        m = FusedGRUCell(5, 7, bias=bias, dtype=dtype, reset_after=reset_after, backend="cpu")
+        x = torch.randn(3, 5, generator=gen, dtype=dtype)
+        h = torch.randn(3, 7, generator=gen, dtype=dtype) if with_h else None
+    else:
+        m = FusedGRU(5, 7, bias=bias, batch_first=bf, dtype=dtype, reset_after=reset_after,
+                     backend="cpu")
+        x = torch.randn(*((3, 4) if bf else (4, 3)), 5, generator=gen, dtype=dtype)
+        h = torch.randn(1, 3, 7, generator=gen, dtype=dtype) if with_h else None
+    with torch.no_grad():
+        m(x, h)  # plans
+    assert m.__dict__["_lean"][2] is not None
+
+    def general(xx, hh):
+        w = list(m.parameters())
+        if kind == "cell":
+            return functional.gru_cell(xx, hh, *w, reset_after=reset_after, backend="cpu")
+        return functional.gru(xx, w, hh, batch_first=bf, reset_after=reset_after,
+                              backend="cpu")
+
+    def run(fn):
+        for p in m.parameters():
+            p.grad = None
+        xx = x.clone().requires_grad_()
+        hh = h.clone().requires_grad_() if h is not None else None
+        with OpLog() as log:
+            out = fn(xx, hh)
+            y, hn = (out, out) if kind == "cell" else out
+            (y.square().sum() + 2 * hn.sum()).backward()
+        grads = [xx.grad] + ([hh.grad] if hh is not None else [])
+        grads += [p.grad for p in m.parameters()]
+        return y, grads, [n for n in log.names if "fusedgru" in n]
+
+    y_g, grads_g, names_g = run(general)
+    y_l, grads_l, names_l = run(m)
+    assert names_l == ["fusedgru.gru_fwd.default", "fusedgru.gru_bwd.default"], names_l
+    assert names_g == names_l  # the same kernels, reached through the registered formula
+    assert torch.equal(y_l, y_g)
+    for a, b in zip(grads_l, grads_g):
+        assert a is not None and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+def test_lean_training_call_gradcheck_and_double_backward(reset_after, gen):
+    """float64 gradcheck and gradgradcheck through the lean call of a planned cell and GRU
+    (inputs and states); the double backward (create_graph) differentiates the general op's
+    formulas: the weights' second derivative equals the reference's."""
+    from fusedgru import backends, reference
+
+    if "cpu" not in backends.available_backends():
+        pytest.skip("the lean call serves the cpu backend, not built here")
+    torch.manual_seed(0)
+    cell = FusedGRUCell(3, 4, dtype=F64, reset_after=reset_after, backend="cpu")
+    gru = FusedGRU(3, 4, dtype=F64, reset_after=reset_after, backend="cpu")
+    x = torch.randn(2, 3, dtype=F64, generator=gen, requires_grad=True)
+    h = torch.randn(2, 4, dtype=F64, generator=gen, requires_grad=True)
+    xs = torch.randn(3, 2, 3, dtype=F64, generator=gen, requires_grad=True)
+    with torch.no_grad():
+        cell(x, h), gru(xs, h[None])
+    assert cell.__dict__["_lean"][2] is not None and gru.__dict__["_lean"][2] is not None
+    with OpLog() as log:
+        assert torch.autograd.gradcheck(lambda x, h: cell(x, h), (x, h))
+        assert torch.autograd.gradgradcheck(lambda x, h: cell(x, h), (x, h))
+        assert torch.autograd.gradcheck(lambda x, h: gru(x, h[None])[0], (xs, h))
+        assert torch.autograd.gradgradcheck(lambda x, h: gru(x, h[None])[1], (xs, h))
+    assert "fusedgru.gru_fwd.default" in log.names
+    w_ih, w_hh, b_ih, b_hh = cell.parameters()
+    (g,) = torch.autograd.grad(cell(x, h).square().sum(), w_hh, create_graph=True)
+    (gg,) = torch.autograd.grad(g.square().sum(), w_hh)
+    w_ref = w_hh.detach().clone().requires_grad_()
+    y_ref = reference.gru_layer_forward(x[None], h, w_ih, w_ref, b_ih, b_hh, reset_after)[0][0]
+    (g_ref,) = torch.autograd.grad(y_ref.square().sum(), w_ref, create_graph=True)
+    (gg_ref,) = torch.autograd.grad(g_ref.square().sum(), w_ref)
+    torch.testing.assert_close(g, g_ref)
+    torch.testing.assert_close(gg, gg_ref)
+
+
+def test_lean_training_call_sees_in_place_weight_updates(gen):
+    """A weight changed in place between the forward and the backward is refused, as
+    autograd refuses it on the general path (saved tensors' version counters)."""
+    from fusedgru import backends
+
+    if "cpu" not in backends.available_backends():
+        pytest.skip("the lean call serves the cpu backend, not built here")
+    cell = FusedGRUCell(3, 4, backend="cpu")
+    x = torch.randn(2, 3, generator=gen)
+    with torch.no_grad():
+        cell(x)
+    y = cell(x)
+    with torch.no_grad():
+        cell.weight_hh.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

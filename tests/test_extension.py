@@ -447,3 +447,28 @@ def test_both_activation_paths_match_reference(shape, reset_after, activations, 
     case.x.mul_(4.0)
     report = testing.check_layer("cpu", case, dtype=torch.float32)
     assert report.ok, report.failures
+
+
+def test_pointwise_loops_split_over_threads_match_reference(gen, poisoned):
+    """The per-step pointwise loops split into one task per (row, 64-unit chunk)
+    (fusedgru::_set_cpu_inline_elems(1); by default they split only above 16K units) over
+    2 threads: forward, inference and backward within SPEC's budget, dense, packed and with
+    resets."""
+    prev = torch.ops.fusedgru._set_cpu_inline_elems(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for T, B, I, H in [(3, 5, 7, 130), (4, 9, 3, 64)]:
+            for kw in ({}, {"lengths": sorted([T] + [1 + k % T for k in range(B - 1)],
+                                              reverse=True)},
+                       {"resets": torch.rand(T, B, generator=gen) < 0.3}):
+                for reset_after in (True, False):
+                    case = make_layer_case(T, B, I, H, reset_after=reset_after, generator=gen,
+                                           **kw)
+                    report = check_layer("cpu", case, dtype=torch.float32)
+                    assert report.ok, (T, B, I, H, kw, report.failures)
+    finally:
+        torch.ops.fusedgru._set_cpu_inline_elems(prev)
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="n must be >= 1"):
+        torch.ops.fusedgru._set_cpu_inline_elems(0)
