@@ -257,15 +257,37 @@ void small_nt(const scalar_t* a, int64_t lda, int64_t B, int64_t K, const scalar
 //      [N/kNR][K][kNR] (pack_panels), zero-padded, so every load is whole;
 //   NN (out += a W, W (K, N) row-major): W read in place, panel p = columns of W's rows
 //      (row stride N), the last panel's loads clipped to the columns that exist.
-// Rows up to g_panel_rows take them (0: off, the paths before them); switch:
-// fusedgru::_set_cpu_panel_rows.
+// Which products take them: g_panel_rows = -1 (the default, "auto"): the forward's per-step
+// product of more than small_b and at most kAutoPanelRows rows, in a call of at least
+// kAutoPanelSteps steps (W is packed once per call, a pass over W: worth it after a few
+// steps, not for a T=1 call); the backward never (its in-place panels stride through W,
+// slower at large H).  n >= 0: rows up to n in the forward and the backward (0: off, the
+// paths before them).  Switch: fusedgru::_set_cpu_panel_rows.  Measurements:
+// benchmarks/NOTES-cpu-cuda.md.
 constexpr int64_t kKC = 128;
 constexpr int kMR = 4;
-std::atomic<int64_t> g_panel_rows{0};
+constexpr int64_t kAutoPanelRows = 32;
+constexpr int64_t kAutoPanelSteps = 8;
+std::atomic<int64_t> g_panel_rows{-1};
 
 int64_t set_panel_rows(int64_t rows) {
-  TORCH_CHECK(rows >= 0, "fusedgru::_set_cpu_panel_rows: rows must be >= 0, got ", rows);
+  TORCH_CHECK(rows >= -1, "fusedgru::_set_cpu_panel_rows: rows must be >= -1 (-1: automatic), "
+              "got ", rows);
   return g_panel_rows.exchange(rows);
+}
+
+// The rows (lo, hi] whose per-step products take panels in a call of T steps (forward or
+// backward), under g_panel_rows.
+struct PanelRows {
+  int64_t lo = 0, hi = 0;
+  bool takes(int64_t R) const { return R > lo && R <= hi; }
+};
+
+inline PanelRows panel_rows_for(bool backward, int64_t T, int64_t small_b) {
+  const int64_t set = g_panel_rows.load(std::memory_order_relaxed);
+  if (set >= 0) return {0, set};
+  if (backward || T < kAutoPanelSteps) return {};
+  return {small_b, kAutoPanelRows};
 }
 
 template <typename scalar_t>
@@ -477,8 +499,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> small_weight_grads(
 // the inline loops, or ATen's GEMM (which takes the rows as Tensors).
 enum class StepPath { kPanel, kSmall, kGemm };
 
-inline StepPath step_path(int64_t R, bool panels, int64_t panel_b, int64_t small_b) {
-  if (panels && R <= panel_b) return StepPath::kPanel;
+inline StepPath step_path(int64_t R, const PanelRows& panels, int64_t small_b) {
+  if (panels.takes(R)) return StepPath::kPanel;
   return R <= small_b ? StepPath::kSmall : StepPath::kGemm;
 }
 
@@ -574,10 +596,11 @@ void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T +
   auto ws_first = [&](int64_t t) { return save_ws ? lay.first(t) : 0; };
 
   const int64_t small_b = g_small_b.load(std::memory_order_relaxed);
-  const int64_t panel_b = g_panel_rows.load(std::memory_order_relaxed);
+  const PanelRows prows = panel_rows_for(false, T, small_b);
   const Act<scalar_t> act{g_fast_act.load(std::memory_order_relaxed)};
-  // Panels of W_hh when some step (the last has the fewest rows) takes them.
-  const bool panels = panel_b > 0 && lay.rows(T - 1) <= panel_b;
+  // Panels of W_hh when some step takes them (rows never grow with t: the first step has
+  // the most, the last the fewest).
+  const bool panels = lay.rows(T - 1) <= prows.hi && lay.rows(0) > prows.lo;
   const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
   if (reset_after) {
     const Tensor w_t = w_hh.t();                 // (H, 3H) view, no copy
@@ -586,7 +609,7 @@ void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T +
     const Tensor wpack = panels ? pack_panels(w_p, 3 * H, H, gi.options()) : Tensor();
     for (int64_t t = 0; t < T; ++t) {
       const int64_t R = lay.rows(t), row0 = lay.first(t), ws0 = ws_first(t);
-      const StepPath path = step_path(R, panels, panel_b, small_b);
+      const StepPath path = step_path(R, prows, small_b);
       const auto state = before.at_step(t, path == StepPath::kGemm);
       const scalar_t* hp_p = state.first;  // (a structured binding: not capturable in C++17)
       step_nt(path, hp_p, state.second, R, H, w_p, wpack, w_t, 3 * H, gh);
@@ -628,7 +651,7 @@ void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T +
   const Tensor npack = panels ? pack_panels(w_p + 2 * H * H, H, H, gi.options()) : Tensor();
   for (int64_t t = 0; t < T; ++t) {
     const int64_t R = lay.rows(t), row0 = lay.first(t), ws0 = ws_first(t);
-    const StepPath path = step_path(R, panels, panel_b, small_b);
+    const StepPath path = step_path(R, prows, small_b);
     const auto state = before.at_step(t, path == StepPath::kGemm);
     const scalar_t* hp_p = state.first;  // (a structured binding: not capturable in C++17)
     step_nt(path, hp_p, state.second, R, H, w_p, rzpack, w_rz_t, 2 * H, grz);
@@ -762,7 +785,7 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
       if (resets[t * B + b]) std::fill_n(dh_p + b * H, H, scalar_t(0));
   };
   const int64_t small_b = g_small_b.load(std::memory_order_relaxed);
-  const int64_t panel_b = g_panel_rows.load(std::memory_order_relaxed);
+  const PanelRows prows = panel_rows_for(true, T, small_b);
   const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
   const Vec one(1);
 
@@ -795,7 +818,7 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
         });
       });
       // dh = g * z + dgh_t W_hh   (B,3H) x (3H,H), in place
-      const StepPath path = step_path(R, true, panel_b, small_b);
+      const StepPath path = step_path(R, prows, small_b);
       step_nn(path, dgh_p + row0 * 3 * H, 3 * H,
               path == StepPath::kGemm ? dgh2.narrow(0, row0, R) : Tensor(), R, 3 * H, w_p, w_hh,
               H, dh, true);
@@ -829,7 +852,7 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
     });
     const Tensor dgt = dgh2.narrow(0, row0, R);
     const scalar_t* dgt_p = dgh_p + row0 * 3 * H;
-    const StepPath path = step_path(R, true, panel_b, small_b);
+    const StepPath path = step_path(R, prows, small_b);
     const bool gemm = path == StepPath::kGemm;
     step_nn(path, dgt_p + 2 * H, 3 * H, gemm ? dgt.narrow(1, 2 * H, H) : Tensor(), R, H,
             w_p + 2 * H * H, w_n, H, drh, false);

@@ -472,3 +472,34 @@ def test_pointwise_loops_split_over_threads_match_reference(gen, poisoned):
         torch.set_num_threads(threads)
     with pytest.raises(RuntimeError, match="n must be >= 1"):
         torch.ops.fusedgru._set_cpu_inline_elems(0)
+
+
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+def test_cpu_automatic_panel_rule(reset_after, gen, poisoned):
+    """The default panel rule (fusedgru::_set_cpu_panel_rows(-1)): the forward's per-step
+    products of 9..32 rows in a call of at least 8 steps take the panels (their rounding
+    differs from ATen's GEMM: the outputs are not bitwise equal to the panels switched
+    off), other calls do not (bitwise equal); every case within SPEC's budget, dense,
+    packed (rows per step vary across the rule's bounds) and with resets."""
+    def y_of(case, rows):
+        prev = torch.ops.fusedgru._set_cpu_panel_rows(rows)
+        try:
+            return torch.ops.fusedgru.gru_infer(*case.args(dtype=torch.float32), reset_after,
+                                                *case.seq_args())
+        finally:
+            torch.ops.fusedgru._set_cpu_panel_rows(prev)
+
+    assert torch.ops.fusedgru._set_cpu_panel_rows(-1) == -1  # the default
+    small_b = torch.ops.fusedgru._set_cpu_small_batch(8)
+    torch.ops.fusedgru._set_cpu_small_batch(small_b)
+    # H > 128: the panels sum in blocks of 128 terms, an order ATen's GEMM does not use
+    for T, B, H in [(9, 20, 130), (8, 32, 150), (7, 20, 130), (9, 33, 130), (9, 8, 130)]:
+        for kw in ({}, {"lengths": sorted([T] + [1 + k % T for k in range(B - 1)],
+                                          reverse=True)},
+                   {"resets": torch.rand(T, B, generator=gen) < 0.3}):
+            case = make_layer_case(T, B, 6, H, reset_after=reset_after, generator=gen, **kw)
+            report = check_layer("cpu", case, dtype=torch.float32)
+            assert report.ok, (T, B, H, kw, report.failures)
+            rows = case.batch_sizes.tolist() if case.batch_sizes is not None else [B] * T
+            panels = T >= 8 and any(small_b < r <= 32 for r in rows)
+            assert torch.equal(y_of(case, -1), y_of(case, 0)) != panels, (T, B, H, kw)
