@@ -258,7 +258,8 @@ void small_nt(const scalar_t* a, int64_t lda, int64_t B, int64_t K, const scalar
 //   NN (out += a W, W (K, N) row-major): W read in place, panel p = columns of W's rows
 //      (row stride N), the last panel's loads clipped to the columns that exist.
 // Which products take them: g_panel_rows = -1 (the default, "auto"): the forward's per-step
-// product of more than small_b and at most kAutoPanelRows rows, in a call of at least
+// product of more than small_b (from 2 * kMR rows up when H <= kAutoPanelSmallH) and at most
+// kAutoPanelRows rows, in a call of at least
 // kAutoPanelSteps steps (W is packed once per call, a pass over W: worth it after a few
 // steps, not for a T=1 call); the backward never (its in-place panels stride through W,
 // slower at large H).  n >= 0: rows up to n in the forward and the backward (0: off, the
@@ -268,6 +269,7 @@ constexpr int64_t kKC = 128;
 constexpr int kMR = 4;
 constexpr int64_t kAutoPanelRows = 32;
 constexpr int64_t kAutoPanelSteps = 8;
+constexpr int64_t kAutoPanelSmallH = 512;
 std::atomic<int64_t> g_panel_rows{-1};
 
 int64_t set_panel_rows(int64_t rows) {
@@ -283,11 +285,14 @@ struct PanelRows {
   bool takes(int64_t R) const { return R > lo && R <= hi; }
 };
 
-inline PanelRows panel_rows_for(bool backward, int64_t T, int64_t small_b) {
+inline PanelRows panel_rows_for(bool backward, int64_t T, int64_t H, int64_t small_b) {
   const int64_t set = g_panel_rows.load(std::memory_order_relaxed);
   if (set >= 0) return {0, set};
   if (backward || T < kAutoPanelSteps) return {};
-  return {small_b, kAutoPanelRows};
+  // From 2 tiles (8 rows) up where W_hh is small enough to stay in cache between steps; at
+  // larger H the inline products' single pass over W per step wins up to small_b rows.
+  return {H <= kAutoPanelSmallH ? std::min<int64_t>(2 * kMR - 1, small_b) : small_b,
+          kAutoPanelRows};
 }
 
 template <typename scalar_t>
@@ -596,7 +601,7 @@ void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T +
   auto ws_first = [&](int64_t t) { return save_ws ? lay.first(t) : 0; };
 
   const int64_t small_b = g_small_b.load(std::memory_order_relaxed);
-  const PanelRows prows = panel_rows_for(false, T, small_b);
+  const PanelRows prows = panel_rows_for(false, T, H, small_b);
   const Act<scalar_t> act{g_fast_act.load(std::memory_order_relaxed)};
   // Panels of W_hh when some step takes them (rows never grow with t: the first step has
   // the most, the last the fewest).
@@ -785,7 +790,7 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
       if (resets[t * B + b]) std::fill_n(dh_p + b * H, H, scalar_t(0));
   };
   const int64_t small_b = g_small_b.load(std::memory_order_relaxed);
-  const PanelRows prows = panel_rows_for(true, T, small_b);
+  const PanelRows prows = panel_rows_for(true, T, H, small_b);
   const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
   const Vec one(1);
 
