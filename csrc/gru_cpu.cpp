@@ -203,6 +203,21 @@ int64_t set_small_batch(int64_t rows) {
   return g_small_b.exchange(rows);
 }
 
+// Multiply-adds per parallel task of small_nt: ~30 us of work on one AVX2 core.  Switch
+// fusedgru::_set_cpu_small_split, OFF by default: not yet measured (on 2026-12-02 this VM's
+// second vCPU gave no speed-up to any product, torch.mm included; benchmarks/
+// NOTES-cpu-cuda.md); off, small_nt runs on the calling thread alone.
+constexpr int64_t kSmallTaskMacs = 1 << 20;
+std::atomic<bool> g_small_split{false};
+
+bool set_small_split(bool on) { return g_small_split.exchange(on); }
+
+// small_nt takes batch rows two at a time (default) or one at a time: switch
+// fusedgru::_set_cpu_small_pairs, for A/B timing and tests.
+std::atomic<bool> g_small_pairs{true};
+
+bool set_small_pairs(bool on) { return g_small_pairs.exchange(on); }
+
 // out[b, o] (+)= sum_k a[b, k] * W[o, k] for b < B, o < O: a (B, K) row stride lda,
 // W (O, K) row-major, out row stride ldo.  add: accumulate into out instead of writing it.
 // Groups of 4 weight rows outside, batch rows inside: W is read from memory once per call
@@ -214,34 +229,74 @@ void small_nt(const scalar_t* a, int64_t lda, int64_t B, int64_t K, const scalar
   const auto sum = [](const Vec& v) {
     return at::vec::vec_reduce_all<scalar_t>([](Vec& x, Vec& y) { return x + y; }, v);
   };
-  int64_t o = 0;
-  for (; o + 4 <= O; o += 4) {
-    const scalar_t* w0 = W + o * K;
-    for (int64_t b = 0; b < B; ++b) {
-      const scalar_t* ab = a + b * lda;
-      scalar_t* ob = out + b * ldo;
-      Vec s0(0), s1(0), s2(0), s3(0);
-      for_vectors<Vec>(0, K, [&](int64_t k, int64_t n) {
-        const Vec x = ld<Vec>(ab + k, n);  // lanes past n load as 0
-        s0 = at::vec::fmadd(x, ld<Vec>(w0 + k, n), s0);
-        s1 = at::vec::fmadd(x, ld<Vec>(w0 + K + k, n), s1);
-        s2 = at::vec::fmadd(x, ld<Vec>(w0 + 2 * K + k, n), s2);
-        s3 = at::vec::fmadd(x, ld<Vec>(w0 + 3 * K + k, n), s3);
-      });
-      const scalar_t r[4] = {sum(s0), sum(s1), sum(s2), sum(s3)};
-      for (int i = 0; i < 4; ++i) ob[o + i] = add ? ob[o + i] + r[i] : r[i];
+  const bool pairs = g_small_pairs.load(std::memory_order_relaxed);
+  // Groups of 4 weight rows split over threads when a task gets at least kSmallTaskMacs
+  // multiply-adds (the calling thread alone below: a fork costs a few microseconds).  Each
+  // output's sum is the same whatever the split: bitwise the same results.
+  const int64_t ng = (O + 3) / 4;
+  const int64_t grain = g_small_split.load(std::memory_order_relaxed)
+                            ? std::max<int64_t>(1, kSmallTaskMacs / std::max<int64_t>(1, 4 * B * K))
+                            : ng;
+  at::parallel_for(0, ng, grain, [&](int64_t g0, int64_t g1) {
+    const int64_t o_end = std::min(O, 4 * g1);
+    int64_t o = 4 * g0;
+    for (; o + 4 <= o_end; o += 4) {
+      const scalar_t* w0 = W + o * K;
+      int64_t b = 0;
+      // Two batch rows at a time: 8 sums, 6 loads per 8 FMAs (one row: 5 loads per 4 FMAs,
+      // bound by the loads).  Each sum runs in the same order either way: bitwise the same.
+      for (; pairs && b + 2 <= B; b += 2) {
+        const scalar_t* ab = a + b * lda;
+        const scalar_t* ac = ab + lda;
+        Vec s0(0), s1(0), s2(0), s3(0), t0(0), t1(0), t2(0), t3(0);
+        for_vectors<Vec>(0, K, [&](int64_t k, int64_t n) {
+          const Vec x = ld<Vec>(ab + k, n), y = ld<Vec>(ac + k, n);
+          const Vec v0 = ld<Vec>(w0 + k, n), v1 = ld<Vec>(w0 + K + k, n);
+          const Vec v2 = ld<Vec>(w0 + 2 * K + k, n), v3 = ld<Vec>(w0 + 3 * K + k, n);
+          s0 = at::vec::fmadd(x, v0, s0);
+          s1 = at::vec::fmadd(x, v1, s1);
+          s2 = at::vec::fmadd(x, v2, s2);
+          s3 = at::vec::fmadd(x, v3, s3);
+          t0 = at::vec::fmadd(y, v0, t0);
+          t1 = at::vec::fmadd(y, v1, t1);
+          t2 = at::vec::fmadd(y, v2, t2);
+          t3 = at::vec::fmadd(y, v3, t3);
+        });
+        const scalar_t r[8] = {sum(s0), sum(s1), sum(s2), sum(s3),
+                               sum(t0), sum(t1), sum(t2), sum(t3)};
+        scalar_t* ob = out + b * ldo;
+        scalar_t* oc = ob + ldo;
+        for (int i = 0; i < 4; ++i) {
+          ob[o + i] = add ? ob[o + i] + r[i] : r[i];
+          oc[o + i] = add ? oc[o + i] + r[4 + i] : r[4 + i];
+        }
+      }
+      for (; b < B; ++b) {
+        const scalar_t* ab = a + b * lda;
+        scalar_t* ob = out + b * ldo;
+        Vec s0(0), s1(0), s2(0), s3(0);
+        for_vectors<Vec>(0, K, [&](int64_t k, int64_t n) {
+          const Vec x = ld<Vec>(ab + k, n);  // lanes past n load as 0
+          s0 = at::vec::fmadd(x, ld<Vec>(w0 + k, n), s0);
+          s1 = at::vec::fmadd(x, ld<Vec>(w0 + K + k, n), s1);
+          s2 = at::vec::fmadd(x, ld<Vec>(w0 + 2 * K + k, n), s2);
+          s3 = at::vec::fmadd(x, ld<Vec>(w0 + 3 * K + k, n), s3);
+        });
+        const scalar_t r[4] = {sum(s0), sum(s1), sum(s2), sum(s3)};
+        for (int i = 0; i < 4; ++i) ob[o + i] = add ? ob[o + i] + r[i] : r[i];
+      }
     }
-  }
-  for (; o < O; ++o) {
-    for (int64_t b = 0; b < B; ++b) {
-      const scalar_t* ab = a + b * lda;
-      Vec s(0);
-      for_vectors<Vec>(0, K, [&](int64_t k, int64_t n) {
-        s = at::vec::fmadd(ld<Vec>(ab + k, n), ld<Vec>(W + o * K + k, n), s);
-      });
-      out[b * ldo + o] = add ? out[b * ldo + o] + sum(s) : sum(s);
+    for (; o < o_end; ++o) {
+      for (int64_t b = 0; b < B; ++b) {
+        const scalar_t* ab = a + b * lda;
+        Vec s(0);
+        for_vectors<Vec>(0, K, [&](int64_t k, int64_t n) {
+          s = at::vec::fmadd(ld<Vec>(ab + k, n), ld<Vec>(W + o * K + k, n), s);
+        });
+        out[b * ldo + o] = add ? out[b * ldo + o] + sum(s) : sum(s);
+      }
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -933,6 +988,8 @@ TORCH_LIBRARY_FRAGMENT(fusedgru, m) {
   m.def("_set_cpu_panel_rows(int rows) -> int", &fusedgru::set_panel_rows);
   m.def("_set_cpu_fast_activations(bool on) -> bool", &fusedgru::set_fast_activations);
   m.def("_set_cpu_inline_elems(int n) -> int", &fusedgru::set_inline_elems);
+  m.def("_set_cpu_small_pairs(bool on) -> bool", &fusedgru::set_small_pairs);
+  m.def("_set_cpu_small_split(bool on) -> bool", &fusedgru::set_small_split);
   // Test hook: the forward's float32 activations (sigmoid, tanh) of x, as the kernels
   // compute them under the current switch.
   m.def("_cpu_activations(Tensor x) -> (Tensor, Tensor)", &fusedgru::cpu_activations);

@@ -506,3 +506,37 @@ def test_cpu_automatic_panel_rule(reset_after, gen, poisoned):
             lo = small_b if H > 512 else min(7, small_b)
             panels = T >= 8 and any(lo < r <= 32 for r in rows)
             assert torch.equal(y_of(case, -1), y_of(case, 0)) != panels, (T, B, H, kw)
+
+
+def test_inline_products_pairs_and_thread_split_are_bitwise_equal(gen, poisoned):
+    """small_nt's two batch rows at a time (fusedgru::_set_cpu_small_pairs) and its split of
+    weight rows over 2 threads (_set_cpu_small_split; a task gets >= 1M multiply-adds, so
+    H=600 with 5 rows splits; off by default, unmeasured) keep every output's sum in the same order: forward,
+    inference and backward bitwise equal across the four settings, odd batch sizes
+    included, and within SPEC's budget."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    pairs = torch.ops.fusedgru._set_cpu_small_pairs(True)
+    split = torch.ops.fusedgru._set_cpu_small_split(False)  # off by default
+    try:
+        for T, B, I, H in [(1, 5, 700, 600), (2, 8, 33, 600), (3, 7, 9, 17)]:
+            case = make_layer_case(T, B, I, H, generator=gen)
+            args = case.args(dtype=torch.float32)
+            outs = []
+            for p, s in [(False, False), (True, False), (False, True), (True, True)]:
+                torch.ops.fusedgru._set_cpu_small_pairs(p)
+                torch.ops.fusedgru._set_cpu_small_split(s)
+                y, ws = torch.ops.fusedgru.gru_fwd(*args, True)
+                gy = case.grad_y.float()
+                grads = torch.ops.fusedgru.gru_bwd(gy, args[0], args[1], args[2], args[3], y, ws,
+                                                   True)
+                outs.append((torch.ops.fusedgru.gru_infer(*args, True), y) + tuple(grads))
+                report = check_layer("cpu", case, dtype=torch.float32)
+                assert report.ok, (T, B, I, H, p, s, report.failures)
+            for other in outs[1:]:
+                for a, b in zip(outs[0], other):
+                    assert torch.equal(a, b), (T, B, I, H)
+    finally:
+        torch.ops.fusedgru._set_cpu_small_pairs(pairs)
+        torch.ops.fusedgru._set_cpu_small_split(split)
+        torch.set_num_threads(threads)
