@@ -203,12 +203,12 @@ int64_t set_small_batch(int64_t rows) {
   return g_small_b.exchange(rows);
 }
 
-// Multiply-adds per parallel task of small_nt: ~30 us of work on one AVX2 core.  Switch
-// fusedgru::_set_cpu_small_split, OFF by default: not yet measured (on 2026-12-02 this VM's
-// second vCPU gave no speed-up to any product, torch.mm included; benchmarks/
-// NOTES-cpu-cuda.md); off, small_nt runs on the calling thread alone.
-constexpr int64_t kSmallTaskMacs = 1 << 20;
-std::atomic<bool> g_small_split{false};
+// Multiply-adds per parallel task of small_nt: ~6 us of work on one AVX2 core.  Interleaved
+// A/B at 2 threads (benchmarks/NOTES-cpu-cuda.md), a FusedGRUCell call split vs on the
+// calling thread: B=8 H=1024 2.1x, B=1 H=1024 2.6x, B=4..8 H=256 1.3x, smaller products
+// unchanged (one task).  Switch fusedgru::_set_cpu_small_split (off: the calling thread).
+constexpr int64_t kSmallTaskMacs = 1 << 18;
+std::atomic<bool> g_small_split{true};
 
 bool set_small_split(bool on) { return g_small_split.exchange(on); }
 

@@ -510,14 +510,14 @@ def test_cpu_automatic_panel_rule(reset_after, gen, poisoned):
 
 def test_inline_products_pairs_and_thread_split_are_bitwise_equal(gen, poisoned):
     """small_nt's two batch rows at a time (fusedgru::_set_cpu_small_pairs) and its split of
-    weight rows over 2 threads (_set_cpu_small_split; a task gets >= 1M multiply-adds, so
-    H=600 with 5 rows splits; off by default, unmeasured) keep every output's sum in the same order: forward,
+    weight rows over 2 threads (_set_cpu_small_split; a task gets >= 256K multiply-adds, so
+    H=600 with 5 rows splits) keep every output's sum in the same order: forward,
     inference and backward bitwise equal across the four settings, odd batch sizes
     included, and within SPEC's budget."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     pairs = torch.ops.fusedgru._set_cpu_small_pairs(True)
-    split = torch.ops.fusedgru._set_cpu_small_split(False)  # off by default
+    split = torch.ops.fusedgru._set_cpu_small_split(True)
     try:
         for T, B, I, H in [(1, 5, 700, 600), (2, 8, 33, 600), (3, 7, 9, 17)]:
             case = make_layer_case(T, B, I, H, generator=gen)
