@@ -36,9 +36,10 @@
 #   racecheck     (sanitize_cases.py --first-contact), the two in parallel
 #   stream        (d) fusedgru bench --grid stream (B 1..64, H 256..1024,   150 s      150 s
 #                 T 1024; fp32, bf16; inference, train) vs nn.GRU
-#   ecosystem,    (e) the rest, while time is left: ecosystem GPU tests,    (what is left of
-#   large-h,      large-H strategies, batch/deep/d2l grids, torch.compile    the budget)
-#   bench-rest,   reference
+#   step-variants (e) the rest, while time is left: the cuda step variants  (what is left of
+#   ecosystem,    0..3 (issue 18, benchmarks/step_variants.py, ~20 s),        the budget)
+#   large-h,      ecosystem GPU tests, large-H strategies, batch/deep/d2l
+#   bench-rest,   grids, torch.compile reference
 #   bench-compile
 #                                                       predicted (a)-(d):  ~390 s     ~490 s
 #
@@ -56,6 +57,7 @@
 #   sanitizer.log         compute-sanitizer memcheck and racecheck reports
 #   results.json          `fusedgru bench` rows of the stream grid
 #   speedup.png           speed-up vs nn.GRU against batch size (stream grid)
+#   step_variants.json    the cuda backend's step variants 0..3 vs nn.GRU (if time)
 #   large_h.json          the Triton large-H strategies against nn.GRU (if time)
 #   rest/results.json     batch, deep, d2l grids, then the reference under torch.compile
 set -u -o pipefail
@@ -282,6 +284,14 @@ else
 fi
 
 # --- (e) the rest, while time is left ---------------------------------------------------
+# First the step variants of issue 18 (old and new persistent step side by side).
+if [ "$DRY" = 1 ]; then
+  run_step step-variants 60 20 "$LOG" "$PY" benchmarks/step_variants.py --dry-run \
+    --out "$OUT/step_variants.json"
+else
+  run_step step-variants 60 30 "$LOG" "$PY" benchmarks/step_variants.py \
+    --out "$OUT/step_variants.json" --time-budget 40
+fi
 if [ "$DRY" = 1 ]; then
   run_step ecosystem 60 20 "$LOG" "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs \
     tests/test_ecosystem_gpu.py

@@ -113,6 +113,26 @@ def _large_h_summary(path: Path) -> dict:
             "speedup_vs_nn_gru": cells, "fastest_triton_count": wins, "errors": errors[:20]}
 
 
+def _step_variants_summary(path: Path) -> dict:
+    """benchmarks/step_variants.py's verdict: per cell, us per step of each step variant,
+    its speed-up over variant 0 and nn.GRU, and whether its outputs were variant 0's bits."""
+    res, absent = _read_json(path)
+    if absent:
+        return absent
+    cells, problems = {}, []
+    for r in res.get("rows", []):
+        key = f"{r['dtype']} {r['mode']} B={r['B']} H={r['H']}"
+        if r.get("ms") is not None:
+            cells.setdefault(key, {})[r["provider"]] = {
+                "us_per_step": round(r["us_per_step"], 3),
+                "vs_nn_gru": round(r["speedup_vs_nn_gru"], 3),
+                "vs_variant_0": round(r["speedup_vs_variant_0"], 3)}
+        if r.get("status") != "ok":
+            problems.append(f"{key} {r.get('provider')}: {str(r.get('status'))[:200]}")
+    return {"file": path.name, "dry_run": bool(res.get("dry_run")), "cells": cells,
+            "problems": problems[:20]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", required=True)
@@ -149,6 +169,7 @@ def main(argv=None) -> int:
         "bench": _bench_summary(out / "results.json"),
         "bench_rest": _bench_summary(out / "rest" / "results.json"),
         "large_h": _large_h_summary(out / "large_h.json"),
+        "step_variants": _step_variants_summary(out / "step_variants.json"),
         "predicted_gpu_seconds": args.predicted,
         "budget_seconds": args.budget,
         "measured_seconds": sum(s["seconds"] for s in steps),
@@ -187,6 +208,14 @@ def main(argv=None) -> int:
             print(f"  {key:28} " + " ".join(f"{p}={v}" for p, v in by.items()))
     for e in lh.get("errors", [])[:10]:
         print(f"  ! large_h {e}")
+    sv = summary["step_variants"]
+    if sv.get("cells"):
+        print("\nstep variants (us per step, x vs variant 0):")
+        for key, by in sv["cells"].items():
+            print(f"  {key:28} " + " ".join(f"{p}={v['us_per_step']}us/{v['vs_variant_0']}x"
+                                              for p, v in by.items()))
+    for e in sv.get("problems", [])[:10]:
+        print(f"  ! step_variants {e}")
     print(f"\nfiles in {out}: {', '.join(summary['files'])}")
     if args.predicted is not None:
         print(f"predicted GPU time (steps env..stream, benchmarks/gpu_run.sh header): "

@@ -121,16 +121,20 @@ void allow_dynamic_smem(const void* kern, int dev, int64_t bytes) {
   }
 }
 
-// Test / benchmark switch (fusedgru::_set_cuda_step_variant): how a step reads the MMA's A
-// operand (h_{t-1}; dgh_{t+1} in the backward): 0 from global memory inside the k loop (the
-// step before issue 18 part 2, the default until a GPU run has timed both), 1 staged in
-// shared memory once per pass (stage_a; benchmarks/NOTES-cuda-latency.md), where it fits.
+// Test / benchmark switch (fusedgru::_set_cuda_step_variant): how a step runs, two bits
+// (benchmarks/NOTES-cuda-latency.md), 0 = the step before issue 18 part 2, the default until
+// a GPU run has timed them:
+//   bit 1: the MMA's A operand (h_{t-1}; dgh_{t+1} in the backward) staged in shared memory
+//          once per pass (stage_a), where it fits; else read from global memory in the k loop;
+//   bit 2: the persistent forward at B <= kSplitRows takes the split-barrier step
+//          (fwd_split_loop: state and biases in registers, gi of the next step loaded
+//          between the arrival at the grid barrier and the wait); else the old loop.
 std::atomic<int64_t> g_step_variant{0};
 
 int64_t set_cuda_step_variant(int64_t mode) {
-  TORCH_CHECK(mode == 0 || mode == 1,
-              "fusedgru::_set_cuda_step_variant: mode must be 0 (A from global memory) or 1 "
-              "(A staged in shared memory), got ", mode);
+  TORCH_CHECK(mode >= 0 && mode <= 3,
+              "fusedgru::_set_cuda_step_variant: mode must be 0 (the old step), 1 (A staged in "
+              "shared memory), 2 (the split-barrier forward) or 3 (both), got ", mode);
   return g_step_variant.exchange(mode);
 }
 
@@ -169,7 +173,8 @@ Plan make_plan(int64_t T, int64_t B, int64_t H, int64_t op_size, int64_t acc_siz
   }
   TORCH_CHECK(pl.persistent || mode != 1, "fusedgru: persistent kernel requested but ",
               why.str());
-  if (g_step_variant.load(std::memory_order_relaxed) == 1) {
+  const int64_t variant = g_step_variant.load(std::memory_order_relaxed);
+  if (variant & 1) {
     // Staged A where it fits next to what the chosen kernel already holds (and, persistent,
     // still leaves every block co-resident); else the old step.  Never fails.
     Plan staged = pl;
@@ -192,6 +197,13 @@ Plan make_plan(int64_t T, int64_t B, int64_t H, int64_t op_size, int64_t acc_siz
           << " B) does not fit next to " << pl.smem_bytes(pl.persistent) << " B (limit "
           << d.smem_optin << " B)";
     }
+  }
+  if (variant & 2) {
+    if (plan_split(pl, pl.persistent))
+      why << "; step variant 2: the split-barrier forward step";
+    else
+      why << "; step variant 2 -> old loop: the split-barrier step runs the persistent "
+             "forward at B <= " << kSplitRows << " only";
   }
   pl.why = why.str();
   return pl;

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #if defined(__CUDACC__)
 #include <cooperative_groups.h>
@@ -215,6 +216,9 @@ struct Geom {
   // (the old step); a_off: byte offset of the staging buffer in dynamic shared memory.
   int lds = 0;
   int a_off = 0;
+  // The persistent forward's split-barrier step (fusedgru::_set_cuda_step_variant bit 2,
+  // plan_split, fwd_split_loop): 1 = on, 0 = the old loop (fwd_phase per step).
+  int split = 0;
 };
 
 // Staging of A (the step variant 1; benchmarks/NOTES-cuda-latency.md): the pass's rows x
@@ -457,12 +461,145 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t slice = 3 * 16 * static_cast<int64_t>(p.g.ldw);
   copy_to_smem(Ws, p.wpack + blockIdx.x * slice, slice);
   cg::grid_group grid = cg::this_grid();
+  if (p.g.split) {
+    fwd_split_loop<scalar_t, op_t, acc_t, MM>(p, Ws, acc, grid);
+    return;
+  }
   for (int64_t t = 0; t < p.g.T; ++t) {
     fwd_phase<scalar_t, op_t, acc_t, MM>(p, Ws, acc, t, 0);
     grid.sync();
     if (!p.reset_after) {
       fwd_phase<scalar_t, op_t, acc_t, MM>(p, Ws, acc, t, 1);
       grid.sync();
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The split-barrier forward step (step variant bit 2; benchmarks/NOTES-cuda-latency.md,
+// "Split barrier").  The persistent forward at B <= kSplitRows (one pass of the batch):
+// - each thread owns fixed elements, unit jj = tid % 16 of the block's 16 and rows
+//   b_i = tid / 16 + 16 i (i < kSplitPer), as fwd_phase's (row, unit) loop assigns them
+//   (kThreads is a multiple of kUnits), so its biases, its rows' h_{t-1} and z (between the
+//   phases of reset_after=False) stay in registers across steps instead of being re-read
+//   from global memory each step;
+// - the grid barrier after step t is split into arrive and wait (grid.barrier_arrive /
+//   barrier_wait), and between the two each thread loads its gi of step t+1 into registers:
+//   the loads' latency is spent while the other blocks finish step t, not on step t+1's path.
+// The same expressions in the same order as fwd_phase: bitwise the old step's outputs.
+// ---------------------------------------------------------------------------------------
+constexpr int kSplitRows = 64;
+constexpr int kSplitPer = kSplitRows * kUnits / kThreads;  // rows per thread: 4
+
+template <typename scalar_t, typename op_t, typename acc_t, int MM>
+__device__ void fwd_split_loop(const FwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W,
+                               acc_t* acc, const cg::grid_group& grid) {
+  const Geom& g = p.g;
+  const int64_t B = g.B, H = g.H, Hp = g.Hp;
+  const int jj = static_cast<int>(threadIdx.x) % kUnits;
+  const int b0 = static_cast<int>(threadIdx.x) / kUnits;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kUnits + jj;
+  const bool own = j < H;
+  auto bias = [&](int64_t k) { return own && p.bhh ? acc_t(ldf(p.bhh + k)) : acc_t(0); };
+  const acc_t br = bias(j), bz = bias(H + j), bn = bias(2 * H + j);
+  acc_t hs[kSplitPer], zs[kSplitPer], gr[kSplitPer], gz[kSplitPer], gn[kSplitPer];
+  bool rs[kSplitPer];  // step t+1 restarts the row (resets): the state it stages is zeros
+#pragma unroll
+  for (int i = 0; i < kSplitPer; ++i) {
+    const int64_t b = b0 + 16 * i;
+    hs[i] = own && b < B ? p.hstate[b * Hp + j] : acc_t(0);
+    zs[i] = gr[i] = gz[i] = gn[i] = acc_t(0);
+    rs[i] = false;
+  }
+  // What step t reads from global memory besides h_{t-1}, for the rows it computes (a packed
+  // step's rows(t) <= B): gi of step t, and whether step t+1 restarts the row.
+  auto load_gi = [&](int64_t t) {
+    const StepSpan span = step_span(p.steps, t, B);
+    const bool* restart = p.resets && t + 1 < g.T ? p.resets + (t + 1) * B : nullptr;
+#pragma unroll
+    for (int i = 0; i < kSplitPer; ++i) {
+      const int64_t b = b0 + 16 * i;
+      if (own && b < span.rows) {
+        const scalar_t* gir = p.gi + (span.first + b) * 3 * H;
+        gr[i] = acc_t(ldf(gir + j));
+        gz[i] = acc_t(ldf(gir + H + j));
+        gn[i] = acc_t(ldf(gir + 2 * H + j));
+        rs[i] = restart && restart[b];
+      }
+    }
+  };
+  load_gi(0);
+  for (int64_t t = 0; t < g.T; ++t) {
+    const op_t* hin = p.hbuf + (t & 1) * static_cast<int64_t>(g.Bp) * Hp;
+    op_t* hout = p.hbuf + ((t + 1) & 1) * static_cast<int64_t>(g.Bp) * Hp;
+    const StepSpan span = step_span(p.steps, t, B);
+    const int MT = row_tiles(span.rows);
+    if (p.reset_after) {
+      block_gemm<op_t, acc_t, MM>(g, hin, Hp, W, 3, Hp, 0, MT, acc);
+#pragma unroll
+      for (int i = 0; i < kSplitPer; ++i) {
+        const int64_t b = b0 + 16 * i;
+        if (!own || b >= span.rows) continue;
+        const int64_t row = span.first + b;
+        const acc_t hr = tile_sum(g, acc, 0, MT, 3, b, 0, jj) + br;
+        const acc_t hz = tile_sum(g, acc, 0, MT, 3, b, 1, jj) + bz;
+        const acc_t hn = tile_sum(g, acc, 0, MT, 3, b, 2, jj) + bn;
+        const acc_t r = sigm(gr[i] + hr);
+        const acc_t z = sigm(gz[i] + hz);
+        const acc_t n = tanh_(gn[i] + r * hn);
+        const acc_t h = n + z * (hs[i] - n);
+        hs[i] = rs[i] ? acc_t(0) : h;
+        stf(p.y + row * H + j, h);
+        if (p.ws) {
+          scalar_t* wsr = p.ws + row * 4 * H;
+          stf(wsr + j, r);
+          stf(wsr + H + j, z);
+          stf(wsr + 2 * H + j, n);
+          stf(wsr + 3 * H + j, hn);
+        }
+        stf(hout + b * Hp + j, hs[i]);
+      }
+    } else {
+      block_gemm<op_t, acc_t, MM>(g, hin, Hp, W, 2, Hp, 0, MT, acc);
+#pragma unroll
+      for (int i = 0; i < kSplitPer; ++i) {
+        const int64_t b = b0 + 16 * i;
+        if (!own || b >= span.rows) continue;
+        const int64_t row = span.first + b;
+        const acc_t r = sigm(gr[i] + tile_sum(g, acc, 0, MT, 2, b, 0, jj) + br);
+        const acc_t z = sigm(gz[i] + tile_sum(g, acc, 0, MT, 2, b, 1, jj) + bz);
+        zs[i] = z;
+        stf(p.rhbuf + b * Hp + j, r * hs[i]);
+        if (p.ws) {
+          stf(p.ws + row * 4 * H + j, r);
+          stf(p.ws + row * 4 * H + H + j, z);
+        }
+      }
+      grid.sync();  // r (.) h_{t-1} of every block; acc free again
+      block_gemm<op_t, acc_t, MM>(g, p.rhbuf, Hp, W + 2 * 16 * g.ldw, 1, Hp, 0, MT, acc);
+#pragma unroll
+      for (int i = 0; i < kSplitPer; ++i) {
+        const int64_t b = b0 + 16 * i;
+        if (!own || b >= span.rows) continue;
+        const int64_t row = span.first + b;
+        const acc_t hn = tile_sum(g, acc, 0, MT, 1, b, 0, jj) + bn;
+        const acc_t n = tanh_(gn[i] + hn);
+        const acc_t h = n + zs[i] * (hs[i] - n);
+        hs[i] = rs[i] ? acc_t(0) : h;
+        stf(p.y + row * H + j, h);
+        if (p.ws) {
+          stf(p.ws + row * 4 * H + 2 * H + j, n);
+          stf(p.ws + row * 4 * H + 3 * H + j, hn);
+        }
+        stf(hout + b * Hp + j, hs[i]);
+      }
+    }
+    if (t + 1 < g.T) {
+      // Arrive (h_t published; this block's reads of acc done), load gi of step t+1 while
+      // the other blocks finish step t, then wait for them.  No arrival after the last step.
+      auto token = grid.barrier_arrive();
+      load_gi(t + 1);
+      grid.barrier_wait(std::move(token));
     }
   }
 }
@@ -697,6 +834,15 @@ inline bool plan_staging(Plan& pl, bool persistent_kernel, bool fma, int64_t op_
   pl.g.lds = lds;
   pl.g.a_off = static_cast<int>(base);
   pl.a_bytes = bytes;
+  return true;
+}
+
+// Step variant bit 2 (fwd_split_loop): the persistent forward of a batch of at most
+// kSplitRows rows takes the split-barrier step; anything else (the per-step kernels, the
+// backward, larger batches) keeps the old step.  Returns whether the plan took it.
+inline bool plan_split(Plan& pl, bool persistent_kernel) {
+  if (!persistent_kernel || pl.backward || pl.g.B > kSplitRows) return false;
+  pl.g.split = 1;
   return true;
 }
 

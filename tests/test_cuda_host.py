@@ -31,7 +31,11 @@ fusedgru::_set_cuda_step_variant(1), the harness's stage=1: the MMA's A operand 
 shared memory with cp.async once per pass) runs on a subset of both grids, every dtype path,
 formulation and sequence structure, held to the budget AND bitwise equal to the old step's
 outputs; its mutants (the barrier after the copy removed, the wait for the copies removed)
-must be caught; test_staging_fits_or_falls_back checks the plan's fit table.
+must be caught; test_staging_fits_or_falls_back checks the plan's fit table.  The
+split-barrier forward (step variant bit 2, the harness's split=1: the persistent forward at
+B <= 64 with its state in registers and gi of the next step loaded between the arrival at the
+grid barrier and the wait) likewise, alone and with the staged A; its mutants (the split
+barrier dropped, gi of the wrong step, its reset mask dropped) must be caught.
 
 Builds are cached under build/cuda-host/ by the hash of the sources, flags and compiler, so
 each variant compiles once.  What this proves and what only a GPU can prove:
@@ -287,10 +291,18 @@ class Spec:
     # inputs are those of the same spec without it (seeded by data_id), so that the outputs
     # can be compared bit for bit with the old step's.
     stage: bool = False
+    # Step variant bit 2 (_set_cuda_step_variant(2)): the persistent forward's split-barrier
+    # step where it applies (B <= 64); the same inputs again, the same bits expected.
+    split: bool = False
 
     @property
     def id(self) -> str:
-        return self.data_id + ("-staged" if self.stage else "")
+        return self.data_id + ("-staged" if self.stage else "") + ("-split" if self.split else "")
+
+    @property
+    def old_step(self) -> "Spec":
+        """The same case on the old step (no variant bit)."""
+        return dataclasses.replace(self, stage=False, split=False)
 
     @property
     def data_id(self) -> str:
@@ -446,7 +458,8 @@ def case_inputs(spec: Spec):
 def harness_cmd(exe: str, spec: Spec, fin: str, fout: str, seq: Optional[str] = None):
     return [exe, spec.dtype, spec.path, str(spec.T), str(spec.B), str(spec.H),
             str(int(spec.reset_after)), str(int(spec.h0)), str(int(spec.bias)), fin, fout,
-            seq if seq is not None else spec.seq_arg(), f"stage={int(spec.stage)}"]
+            seq if seq is not None else spec.seq_arg(), f"stage={int(spec.stage)}",
+            f"split={int(spec.split)}"]
 
 
 def run_case(variant: str, exe: str, spec: Spec, env_extra: Optional[Dict[str, str]] = None,
@@ -560,6 +573,9 @@ MUTANT_RESETS = _resets("f64", "persistent", True, RESETS[0])
 MUTANT_3X = Spec("f32x3", "persistent", 5, 17, 33, True)
 # The staged step (variant 1): the mutants' case with A staged in shared memory.
 MUTANT_STAGED = dataclasses.replace(MUTANT_SPEC, stage=True)
+# The split-barrier forward (variant 2): the mutants' cases on it.
+MUTANT_SPLIT = dataclasses.replace(MUTANT_SPEC, split=True)
+MUTANT_SPLIT_RESETS = dataclasses.replace(MUTANT_RESETS, split=True)
 
 
 def _staged_specs(specs: List[Spec], variant: str) -> List[Spec]:
@@ -592,6 +608,43 @@ def _staged_specs(specs: List[Spec], variant: str) -> List[Spec]:
     return out
 
 
+def _structure(s: Spec) -> str:
+    return "packed" if s.lengths is not None else "resets" if s.resets is not None else "dense"
+
+
+def _split_specs(specs: List[Spec], variant: str) -> List[Spec]:
+    """Step variant 2 (the split-barrier forward) on a subset of a grid's cases, each also
+    compared bit for bit with its old-step twin.  asan: every dtype x formulation on the
+    persistent path, dense, packed and with resets, alone and (every other one) with the
+    staged A; a per-step and a B = 130 case, where it must leave the old step in place.
+    tsan: both formulations dense on the two wmma paths, packed and resets on the FMA and
+    split-precision paths, the mutants' case."""
+    pers = [s for s in specs if s.path == "persistent" and not s.stage and not s.split]
+    out = []
+    if variant == "asan":
+        for d, dt in enumerate(DTYPES):
+            for ra in (True, False):
+                mine = [s for s in pers if s.dtype == dt and s.reset_after == ra]
+                for k, structure in enumerate(("dense", "packed", "resets")):
+                    cand = [s for s in mine if _structure(s) == structure]
+                    # where it applies and has a barrier to split: B <= 64, T > 1
+                    cand = [s for s in cand if s.B <= 64 and s.T > 1] or cand
+                    if cand:
+                        out.append(dataclasses.replace(cand[0], split=True,
+                                                       stage=(d + k) % 2 == 1))
+        out += [dataclasses.replace(s, split=True) for s in specs
+                if s.B == 130 and not s.stage][:2]
+    else:
+        out += [dataclasses.replace(s, split=True) for s in pers
+                if _structure(s) == "dense" and s.H == 33 and s.dtype in ("bf16", "f32x3")]
+        out += [dataclasses.replace(s, split=True) for s in pers if _structure(s) != "dense"]
+    # the mutants' cases (their old-step twins are in the grid that runs the mutant)
+    for m in (MUTANT_SPLIT, MUTANT_SPLIT_RESETS) if variant == "asan" else (MUTANT_SPLIT,):
+        if m not in out:
+            out.append(m)
+    return out
+
+
 def _asan_specs() -> List[Spec]:
     """AddressSanitizer + UBSan, and the numerical check: every dtype x formulation x path,
     each with two shapes (every shape meets every dtype twice), and the 128-row two-pass
@@ -612,7 +665,7 @@ def _asan_specs() -> List[Spec]:
     for m in (MUTANT_SPEC, MUTANT_PACKED, MUTANT_RESETS, MUTANT_3X):
         if m not in specs:
             specs.append(m)
-    return specs + _staged_specs(specs, "asan")
+    return specs + _staged_specs(specs, "asan") + _split_specs(specs, "asan")
 
 
 def _tsan_specs() -> List[Spec]:
@@ -629,7 +682,7 @@ def _tsan_specs() -> List[Spec]:
     for k, (ra, path) in enumerate(COMBOS):
         specs.append(_packed(("f32", "f32x3")[k % 2], path, ra, TSAN_PACKED))
         specs.append(_resets(("f32x3", "f32")[k % 2], path, ra, TSAN_RESETS))
-    return specs + _staged_specs(specs, "tsan")
+    return specs + _staged_specs(specs, "tsan") + _split_specs(specs, "tsan")
 
 
 GRIDS = {"asan": _asan_specs(), "tsan": _tsan_specs()}
@@ -668,10 +721,10 @@ def grid_results(harness, request):
 def _check_grid_case(variant: str, spec: Spec, grid_results):
     res = grid_results(variant, spec)
     assert not res.problems(), "\n".join(res.problems())
-    if spec.stage:  # the staged step changes where A is read from, not the arithmetic
-        old = grid_results(variant, dataclasses.replace(spec, stage=False))
+    if spec.stage or spec.split:  # where A is read from, when gi is loaded: not the arithmetic
+        old = grid_results(variant, spec.old_step)
         assert res.digest == old.digest, (
-            f"{spec.id}: the staged step's outputs differ from the old step's (bitwise)")
+            f"{spec.id}: the step variant's outputs differ from the old step's (bitwise)")
 
 
 @pytest.mark.parametrize("spec", GRIDS["asan"], ids=lambda s: s.id)
@@ -703,8 +756,26 @@ def test_grids_cover_the_staged_step():
     assert {s.dtype for s in tsan} >= {"bf16", "f32x3", "f32", "f64"}
     for variant, specs in GRIDS.items():
         for s in specs:
-            if s.stage:
-                assert dataclasses.replace(s, stage=False) in specs, (variant, s.id)
+            if s.stage or s.split:
+                assert s.old_step in specs, (variant, s.id)
+
+
+def test_grids_cover_the_split_step():
+    """Step variant 2 under both sanitizers: every dtype x formulation persistent dense,
+    packed and with resets, alone and with the staged A (AddressSanitizer); both
+    formulations, dense / packed / resets, the wmma and FMA paths (ThreadSanitizer); the
+    cases it must leave alone (per-step path in the grid's twins, B = 130)."""
+    asan = [s for s in GRIDS["asan"] if s.split]
+    for dt in DTYPES:
+        for ra in (True, False):
+            assert {_structure(s) for s in asan if s.dtype == dt and s.reset_after == ra} == {
+                "dense", "packed", "resets"}, (dt, ra)
+    assert any(s.stage for s in asan) and any(not s.stage for s in asan)
+    assert any(s.B == 130 for s in asan)
+    tsan = [s for s in GRIDS["tsan"] if s.split]
+    assert {(s.reset_after, _structure(s)) for s in tsan} >= {
+        (ra, st) for ra in (True, False) for st in ("dense", "packed", "resets")}
+    assert {s.dtype for s in tsan} >= {"bf16", "f32x3", "f32", "f64"}
 
 
 # The fit table of benchmarks/NOTES-cuda-latency.md: (dtype, B, H, backward) -> W slice,
@@ -748,10 +819,6 @@ def test_grids_cover_the_issue():
     assert {s.h0 for s in specs} == {True, False} and {s.bias for s in specs} == {True, False}
     for dt in DTYPES:
         assert {(s.reset_after, s.path) for s in specs if s.dtype == dt} == set(COMBOS), dt
-
-
-def _structure(s: Spec) -> str:
-    return "packed" if s.lengths is not None else "resets" if s.resets is not None else "dense"
 
 
 def test_grids_cover_the_sequence_structure():
@@ -920,6 +987,29 @@ MUTANTS = {
         "  __pipeline_commit();\n  __pipeline_wait_prior(0);\n",
         "  __pipeline_commit();\n",
         "cp.async copies (__pipeline_memcpy_async) never waited for", MUTANT_STAGED),
+    # Split-barrier forward: the barrier between its steps dropped (arrive, wait): block
+    # A's h_t is read by block B while A overwrites the other ping-pong half.
+    "split-barrier-removed": (
+        "tsan",
+        "      auto token = grid.barrier_arrive();\n      load_gi(t + 1);\n"
+        "      grid.barrier_wait(std::move(token));\n",
+        "      load_gi(t + 1);\n",
+        "WARNING: ThreadSanitizer: data race", MUTANT_SPLIT),
+    # Split-barrier forward: gi of the step just done loaded again instead of the next one's.
+    "split-gi-of-wrong-step": (
+        "asan",
+        "      load_gi(t + 1);\n",
+        "      load_gi(t);\n",
+        None, MUTANT_SPLIT),
+    # Split-barrier forward: the state carried in registers not zeroed where the next step
+    # restarts the row (resets).
+    "split-reset-mask-dropped": (
+        "asan",
+        "        hs[i] = rs[i] ? acc_t(0) : h;\n        stf(p.y + row * H + j, h);\n"
+        "        if (p.ws) {\n          scalar_t* wsr",
+        "        hs[i] = h;\n        stf(p.y + row * H + j, h);\n"
+        "        if (p.ws) {\n          scalar_t* wsr",
+        None, MUTANT_SPLIT_RESETS),
     # 3xTF32: hi used as __float_to_tf32 returns it, its 13 low bits not cleared (the GPU
     # leaves them; the shim models that): v - hi is then not v's low part.
     "3xtf32-hi-not-masked": (

@@ -591,15 +591,18 @@ def step_variant(mode: int):
 
 
 def test_cuda_step_variant_switch():
-    """_set_cuda_step_variant returns the previous mode, takes 0 (old) or 1 (staged), and
-    the default is the old step."""
+    """_set_cuda_step_variant returns the previous mode, takes 0 (old), 1 (staged), 2
+    (split-barrier forward) or 3 (both), and the default is the old step."""
     _ext_ready()
     prev = torch.ops.fusedgru._set_cuda_step_variant(1)
     try:
         assert prev == 0, "the default step variant must stay the old one until measured"
-        assert torch.ops.fusedgru._set_cuda_step_variant(0) == 1
-        with pytest.raises(RuntimeError, match="mode must be 0"):
-            torch.ops.fusedgru._set_cuda_step_variant(2)
+        assert torch.ops.fusedgru._set_cuda_step_variant(3) == 1
+        assert torch.ops.fusedgru._set_cuda_step_variant(2) == 3
+        assert torch.ops.fusedgru._set_cuda_step_variant(0) == 2
+        for bad in (4, -1):
+            with pytest.raises(RuntimeError, match="mode must be 0"):
+                torch.ops.fusedgru._set_cuda_step_variant(bad)
     finally:
         torch.ops.fusedgru._set_cuda_step_variant(prev)
 
@@ -659,6 +662,61 @@ def test_cuda_staged_step_is_the_old_step(name, dtype, allow_tf32, fp32_path, re
     assert report.ok, report.failures
     for k, (a, b) in enumerate(zip(old, new)):
         assert torch.equal(a, b), f"output {k} differs between the step variants"
+
+
+# The split-barrier forward (variant bit 2) where it applies (the persistent forward at
+# B <= 64): dense with 2 batch tiles and 3 blocks, the K split, packed, resets, B = 64.
+SPLIT_CASES = {k: STAGED_CASES[k] for k in ("dense", "k-split", "packed", "resets")}
+SPLIT_CASES["b64"] = (3, 64, 8, 40, None, None)
+
+
+@pytest.mark.parametrize("variant", [pytest.param(2, id="split", marks=EXH),
+                                     pytest.param(3, id="split+staged")])
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+@pytest.mark.parametrize("name", list(SPLIT_CASES))
+@pytest.mark.parametrize("dtype,allow_tf32,fp32_path", STAGED_DTYPES)
+def test_cuda_split_step_is_the_old_step(name, dtype, allow_tf32, fp32_path, reset_after,
+                                         variant, gen, poisoned):
+    """The split-barrier forward step (with the staged A; alone in the exhaustive sweep) on
+    the persistent path, where it applies: within SPEC's budget against the float64
+    reference, and every output bitwise the old step's (the backward keeps the old step)."""
+    _ext_ready()
+    prev_path = torch.ops.fusedgru._set_cuda_path(1)  # persistent, or an error
+    try:
+        _split_step_case(name, dtype, allow_tf32, fp32_path, reset_after, variant, gen)
+    finally:
+        torch.ops.fusedgru._set_cuda_path(prev_path)
+
+
+def _split_step_case(name, dtype, allow_tf32, fp32_path, reset_after, variant, gen):
+    T, B, I, H, lengths, resets = SPLIT_CASES[name]
+    case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, generator=gen,
+                                   lengths=lengths,
+                                   resets=_resets(resets, T, B, gen) if resets else None)
+    with fp32_precision(allow_tf32, fp32_path):
+        with step_variant(0):
+            old = _all_outputs(case, dtype, reset_after)
+        with step_variant(variant):
+            plan = torch.ops.fusedgru._cuda_plan(
+                torch.empty(T, B, I, device="cuda", dtype=dtype), case.w_hh.to("cuda", dtype),
+                reset_after, False)
+            assert "step variant 2: the split-barrier forward step" in plan, plan
+            new = _all_outputs(case, dtype, reset_after)
+            report = testing.check_layer("cuda", case, device="cuda", dtype=dtype)
+    assert report.ok, report.failures
+    for k, (a, b) in enumerate(zip(old, new)):
+        assert torch.equal(a, b), f"output {k} differs between the step variants"
+
+
+def test_cuda_split_step_applies_or_falls_back():
+    """Variant 2 takes the persistent forward at B <= 64 and leaves the rest (B > 64, the
+    backward) on the old loop, saying so in the plan."""
+    _ext_ready()
+    with step_variant(2):
+        assert "split-barrier forward step" in _plan_for(torch.bfloat16, 16, 768, False)
+        assert "split-barrier forward step" in _plan_for(torch.bfloat16, 64, 1024, False)
+        assert "2 -> old loop" in _plan_for(torch.bfloat16, 65, 256, False)
+        assert "2 -> old loop" in _plan_for(torch.bfloat16, 16, 768, True)
 
 
 def _plan_for(dtype, B, H, backward):

@@ -7,6 +7,12 @@
 //   __syncthreads()                           a barrier per block
 //   cooperative_groups::this_grid().sync()    a barrier over the grid (cooperative
 //                                             launches only; anything else aborts)
+//   this_grid().barrier_arrive() / barrier_wait(token)
+//                                             the same barrier split in two: arrive counts
+//                                             the thread in, wait returns once every thread
+//                                             of the grid has arrived; a wait without its
+//                                             arrival, a second arrival before the wait, or
+//                                             a kernel returning between the two aborts
 //   FUSEDGRU_DYNAMIC_SMEM(smem)               the block's dynamic shared memory, allocated at
 //                                             its exact size per launch, filled with 0xFF
 //                                             (NaN in every float type) like uninitialised
@@ -120,6 +126,18 @@ class Barrier {
     while (phase_.load(std::memory_order_acquire) == phase)
       phase_.wait(phase, std::memory_order_acquire);
   }
+  // arrive_and_wait in two halves (grid.barrier_arrive / barrier_wait): arrive returns the
+  // phase it joined, wait(phase) returns once that phase has completed.
+  uint32_t arrive() {
+    std::lock_guard<std::mutex> lock(mu_);
+    const uint32_t phase = phase_.load(std::memory_order_relaxed);
+    if (++arrived_ == expected_) complete(phase);
+    return phase;
+  }
+  void wait(uint32_t phase) {
+    while (phase_.load(std::memory_order_acquire) == phase)
+      phase_.wait(phase, std::memory_order_acquire);
+  }
   // Leaves the barrier for good (a thread whose kernel returned).
   void arrive_and_drop() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -160,6 +178,7 @@ inline thread_local std::vector<std::vector<AsyncCopy>> t_async_batches;
 
 inline thread_local Launch* t_launch = nullptr;
 inline thread_local unsigned t_tid = 0;  // blockIdx.x * blockDim.x + threadIdx.x
+inline thread_local bool t_grid_arrived = false;  // barrier_arrive not yet waited for
 
 inline void syncthreads() {
   Launch* l = t_launch;
@@ -171,8 +190,25 @@ inline void grid_sync() {
   Launch* l = t_launch;
   if (!l->cooperative)
     fail("grid.sync() in a kernel not launched cooperatively (cudaLaunchCooperativeKernel)");
+  if (t_grid_arrived) fail("grid.sync() between grid.barrier_arrive() and barrier_wait()");
   ++l->grid_syncs[t_tid];
   l->grid_bar->arrive_and_wait();
+}
+
+inline uint32_t grid_arrive() {
+  Launch* l = t_launch;
+  if (!l->cooperative)
+    fail("grid.barrier_arrive() in a kernel not launched cooperatively");
+  if (t_grid_arrived) fail("grid.barrier_arrive() twice without barrier_wait()");
+  t_grid_arrived = true;
+  ++l->grid_syncs[t_tid];
+  return l->grid_bar->arrive();
+}
+
+inline void grid_wait(uint32_t token) {
+  if (!t_grid_arrived) fail("grid.barrier_wait() without grid.barrier_arrive()");
+  t_grid_arrived = false;
+  t_launch->grid_bar->wait(token);
 }
 
 // A fixed set of OS threads, one per CUDA thread of the largest launch, reused by every
@@ -271,6 +307,7 @@ void launch(ThreadPool& pool, unsigned grid, unsigned block, int64_t smem_bytes,
     kernel();
     if (!t_async_open.empty() || !t_async_batches.empty())
       fail("a kernel returned with cp.async copies (__pipeline_memcpy_async) never waited for");
+    if (t_grid_arrived) fail("a kernel returned between grid.barrier_arrive() and barrier_wait()");
     l.block_bar[blockIdx.x]->arrive_and_drop();
     if (cooperative) l.grid_bar->arrive_and_drop();
     t_launch = nullptr;
@@ -325,7 +362,10 @@ inline void __pipeline_wait_prior(size_t prior) {
 
 namespace cooperative_groups {
 struct grid_group {
+  using arrival_token = unsigned int;
   void sync() const { fusedgru_host::grid_sync(); }
+  arrival_token barrier_arrive() const { return fusedgru_host::grid_arrive(); }
+  void barrier_wait(arrival_token&& token) const { fusedgru_host::grid_wait(token); }
 };
 inline grid_group this_grid() { return grid_group{}; }
 }  // namespace cooperative_groups

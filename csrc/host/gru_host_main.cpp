@@ -17,10 +17,13 @@
 //          f32x3 (strict float32 on TF32 tensor cores, split precision 3xTF32: the default) |
 //          tf32 | f16 | bf16 (tensor cores, wmma)
 //   PATH   persistent (one cooperative launch) | step (one launch per step and phase)
-//   OPTS   after IN OUT, any of: stage=0|1 and SEQ.
-//            stage=1    step variant 1 (fusedgru::_set_cuda_step_variant(1)): the MMA's A
-//                       operand staged in shared memory (plan_staging, stage_a) where it
+//   OPTS   after IN OUT, any of: stage=0|1, split=0|1 and SEQ.
+//            stage=1    step variant bit 1 (fusedgru::_set_cuda_step_variant(1)): the MMA's
+//                       A operand staged in shared memory (plan_staging, stage_a) where it
 //                       fits in kSmemCap; stage=0 (the default): the old step
+//            split=1    step variant bit 2 (_set_cuda_step_variant(2)): the persistent
+//                       forward's split-barrier step where it applies (plan_split,
+//                       fwd_split_loop); split=0 (the default): the old loop
 //   SEQ    the sequence structure (gru_common.h Layout), default dense:
 //            packed=N0,N1,...   batch_sizes (T values, non-increasing, N0 = B): the rows
 //                               below are then the N = sum(batch_sizes) packed rows
@@ -99,7 +102,8 @@ struct Case {
   int64_t T, B, H;
   int64_t N;  // rows of gi / y / grad_y: T B dense, sum(batch_sizes) packed
   bool reset_after, has_h0, has_bias, persistent;
-  bool stage = false;  // step variant 1 (stage=1)
+  bool stage = false;  // step variant bit 1 (stage=1)
+  bool split = false;  // step variant bit 2 (split=1)
   std::vector<int64_t> batch_sizes;  // empty: dense
   std::vector<bool> resets;          // (T, B), or empty
   std::vector<double> gi, w_hh, b_hh, h0, grad_y;
@@ -168,6 +172,7 @@ void forward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc*
              const sc* bhh, const sc* h0, sc* y, sc* ws) {
   Plan pl = plan_layout(c.T, c.B, c.H, sizeof(opt), sizeof(acc_t), false);
   if (c.stage) plan_staging(pl, c.persistent, MM == kFma, sizeof(opt), kSmemCap);
+  if (c.split) plan_split(pl, c.persistent);
   const Geom& g = pl.g;
   const int64_t H = c.H, B = c.B;
   // pack_forward: (NB, 3, 16, ldw), block nb / gate k / unit n holds W_hh[k H + 16 nb + n].
@@ -289,7 +294,7 @@ namespace {
 
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr, "gru_host: %s\nusage: gru_host f64|f32|f32x3|tf32|f16|bf16 persistent|step "
-               "T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT [stage=0|1] [packed=N0,N1,...|resets=0110...]\n",
+               "T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT [stage=0|1] [split=0|1] [packed=N0,N1,...|resets=0110...]\n",
                why);
   std::exit(2);
 }
@@ -361,6 +366,8 @@ int main(int argc, char** argv) {
     const std::string opt = argv[i];
     if (opt == "stage=0" || opt == "stage=1")
       c.stage = opt == "stage=1";
+    else if (opt == "split=0" || opt == "split=1")
+      c.split = opt == "split=1";
     else
       seq = opt;
   }
