@@ -126,15 +126,16 @@ void allow_dynamic_smem(const void* kern, int dev, int64_t bytes) {
 // a GPU run has timed them:
 //   bit 1: the MMA's A operand (h_{t-1}; dgh_{t+1} in the backward) staged in shared memory
 //          once per pass (stage_a), where it fits; else read from global memory in the k loop;
-//   bit 2: the persistent forward at B <= kSplitRows takes the split-barrier step
-//          (fwd_split_loop: state and biases in registers, gi of the next step loaded
-//          between the arrival at the grid barrier and the wait); else the old loop.
+//   bit 2: the persistent forward and backward at B <= kSplitRows take the split-barrier
+//          step (fwd_split_loop / bwd_split_loop: the carried state in registers, what the
+//          next step reads besides the MMA operand loaded between the arrival at the grid
+//          barrier and the wait); else the old loop.
 std::atomic<int64_t> g_step_variant{0};
 
 int64_t set_cuda_step_variant(int64_t mode) {
   TORCH_CHECK(mode >= 0 && mode <= 3,
               "fusedgru::_set_cuda_step_variant: mode must be 0 (the old step), 1 (A staged in "
-              "shared memory), 2 (the split-barrier forward) or 3 (both), got ", mode);
+              "shared memory), 2 (the split-barrier step) or 3 (both), got ", mode);
   return g_step_variant.exchange(mode);
 }
 
@@ -200,10 +201,10 @@ Plan make_plan(int64_t T, int64_t B, int64_t H, int64_t op_size, int64_t acc_siz
   }
   if (variant & 2) {
     if (plan_split(pl, pl.persistent))
-      why << "; step variant 2: the split-barrier forward step";
+      why << "; step variant 2: the split-barrier step";
     else
       why << "; step variant 2 -> old loop: the split-barrier step runs the persistent "
-             "forward at B <= " << kSplitRows << " only";
+             "kernels at B <= " << kSplitRows << " only";
   }
   pl.why = why.str();
   return pl;

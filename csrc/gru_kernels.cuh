@@ -730,6 +730,138 @@ __device__ void bwd_phase(const BwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
   }
 }
 
+// The split-barrier backward step (step variant bit 2, plan_split): the persistent backward
+// at B <= kSplitRows, as fwd_split_loop does the forward.  Each thread owns the elements
+// bwd_phase's loop gives it (unit tid % 16, rows tid / 16 + 16 i); the carried dh (dhs)
+// stays in registers, and what a step reads besides dgh_{t+1} (ws's r, z, n, hn, h_{t-1},
+// gy, whether the dh of step t+1 reaches the row) is loaded between the arrival at the
+// previous step's grid barrier and the wait.  The same expressions in the same order as
+// bwd_phase: bitwise the old step's outputs.
+template <typename scalar_t, typename op_t, typename acc_t, int MM>
+__device__ void bwd_split_loop(const BwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W,
+                               acc_t* acc, const cg::grid_group& grid) {
+  const Geom& g = p.g;
+  const int64_t B = g.B, H = g.H, Hp = g.Hp, T = g.T;
+  const int64_t buf = static_cast<int64_t>(g.Bp) * 3 * Hp;
+  const int lda = 3 * g.Hp;
+  const int Krec = p.reset_after ? 3 * g.Hp : 2 * g.Hp;
+  const int jj = static_cast<int>(threadIdx.x) % kUnits;
+  const int b0 = static_cast<int>(threadIdx.x) / kUnits;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kUnits + jj;
+  const bool own = j < H;
+  acc_t ds[kSplitPer], vr[kSplitPer], vz[kSplitPer], vn[kSplitPer], vhn[kSplitPer],
+      vh[kSplitPer], vgy[kSplitPer];
+  bool vc[kSplitPer];  // the dh carried from step t+1 reaches the row
+#pragma unroll
+  for (int i = 0; i < kSplitPer; ++i) {
+    const int64_t b = b0 + 16 * i;
+    ds[i] = own && b < B ? p.dhs[b * Hp + j] : acc_t(0);
+    vr[i] = vz[i] = vn[i] = vhn[i] = vh[i] = vgy[i] = acc_t(0);
+    vc[i] = false;
+  }
+  auto load_step = [&](int64_t t) {
+    const StepSpan span = step_span(p.steps, t, B);
+    const bool has_next = t + 1 < T;
+    const int64_t carry_rows = has_next ? step_span(p.steps, t + 1, B).rows : 0;
+    const int64_t prev_first = t > 0 ? step_span(p.steps, t - 1, B).first : 0;
+    const bool* carry_reset = p.resets && has_next ? p.resets + (t + 1) * B : nullptr;
+    const bool* fresh = p.resets ? p.resets + t * B : nullptr;
+#pragma unroll
+    for (int i = 0; i < kSplitPer; ++i) {
+      const int64_t b = b0 + 16 * i;
+      if (!own || b >= span.rows) continue;
+      const int64_t row = span.first + b;
+      const scalar_t* wsr = p.ws + row * 4 * H;
+      vr[i] = ldf(wsr + j);
+      vz[i] = ldf(wsr + H + j);
+      vn[i] = ldf(wsr + 2 * H + j);
+      vhn[i] = p.reset_after ? acc_t(ldf(wsr + 3 * H + j)) : acc_t(0);
+      vh[i] = fresh && fresh[b] ? acc_t(0)
+              : t > 0           ? acc_t(ldf(p.y + (prev_first + b) * H + j))
+                                : (p.h0 ? acc_t(ldf(p.h0 + b * H + j)) : acc_t(0));
+      vgy[i] = ldf(p.gy + row * H + j);
+      vc[i] = b < carry_rows && !(carry_reset && carry_reset[b]);
+    }
+  };
+  load_step(T - 1);
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const op_t* gin = p.gbuf + ((t + 1) & 1) * buf;  // dgh_{t+1}
+    op_t* gout = p.gbuf + (t & 1) * buf;              // dgh_t
+    const bool has_next = t + 1 < T;
+    const StepSpan span = step_span(p.steps, t, B);
+    const int MT = row_tiles(span.rows);
+    if (has_next) block_gemm<op_t, acc_t, MM>(g, gin, lda, W, 1, Krec, 0, MT, acc);
+#pragma unroll
+    for (int i = 0; i < kSplitPer; ++i) {
+      const int64_t b = b0 + 16 * i;
+      if (!own || b >= span.rows) continue;
+      const int64_t row = span.first + b;
+      const acc_t mm = has_next ? tile_sum(g, acc, 0, MT, 1, b, 0, jj) : acc_t(0);
+      const acc_t r = vr[i], z = vz[i], h = vh[i];
+      scalar_t* dghr = p.dgh + row * 3 * H;
+      op_t* go = gout + b * 3 * Hp;
+      const acc_t gy = vgy[i];
+      const acc_t gg = vc[i] ? gy + ds[i] + mm : gy;
+      const acc_t n = vn[i];
+      const acc_t da_n = gg * (acc_t(1) - z) * (acc_t(1) - n * n);
+      const acc_t da_z = gg * (h - n) * z * (acc_t(1) - z);
+      ds[i] = gg * z;
+      stf(dghr + H + j, da_z);
+      stf(go + Hp + j, da_z);
+      stf(go + 2 * Hp + j, da_n);  // reset_after=False: operand of phase 1
+      if (p.reset_after) {
+        const acc_t hn = vhn[i];
+        const acc_t da_r = da_n * hn * r * (acc_t(1) - r);
+        scalar_t* dgir = p.dgi + row * 3 * H;
+        stf(dgir + j, da_r);
+        stf(dgir + H + j, da_z);
+        stf(dgir + 2 * H + j, da_n);
+        stf(dghr + j, da_r);
+        stf(dghr + 2 * H + j, da_n * r);
+        stf(go + j, da_r);
+        stf(go + 2 * Hp + j, da_n * r);
+      } else {
+        stf(dghr + 2 * H + j, da_n);
+      }
+    }
+    if (!p.reset_after) {
+      grid.sync();  // da_n of every block in gout; acc free again
+      block_gemm<op_t, acc_t, MM>(g, gout + 2 * Hp, lda, W + 2 * Hp, 1, g.Hp, 0, MT, acc);
+#pragma unroll
+      for (int i = 0; i < kSplitPer; ++i) {
+        const int64_t b = b0 + 16 * i;
+        if (!own || b >= span.rows) continue;
+        const int64_t row = span.first + b;
+        const acc_t mm = tile_sum(g, acc, 0, MT, 1, b, 0, jj);
+        const acc_t r = vr[i], h = vh[i];
+        const acc_t da_r = mm * h * r * (acc_t(1) - r);
+        stf(p.dgh + row * 3 * H + j, da_r);
+        stf(gout + b * 3 * Hp + j, da_r);
+        ds[i] += mm * r;
+      }
+    }
+    if (t > 0) {
+      // Arrive (dgh_t published; acc read), load step t-1's operands, wait for the others.
+      auto token = grid.barrier_arrive();
+      load_step(t - 1);
+      grid.barrier_wait(std::move(token));
+    } else {
+      grid.sync();  // dgh_0 of every block, for dh0
+    }
+  }
+  // dh0 (bwd_phase's phase 2): dhs + dgh_0 W_hh where step 0 did not restart the row.
+  const int MT = row_tiles(B);
+  block_gemm<op_t, acc_t, MM>(g, p.gbuf, lda, W, 1, Krec, 0, MT, acc);
+#pragma unroll
+  for (int i = 0; i < kSplitPer; ++i) {
+    const int64_t b = b0 + 16 * i;
+    if (!own || b >= B) continue;
+    const acc_t mm = tile_sum(g, acc, 0, MT, 1, b, 0, jj);
+    const bool carried = !(p.resets && p.resets[b]);
+    stf(p.dh0 + b * H + j, carried ? ds[i] + mm : acc_t(0));
+  }
+}
+
 template <typename scalar_t, typename op_t, typename acc_t, int MM>
 __global__ void __launch_bounds__(kThreads, 1)
     gru_bwd_persistent(const BwdArgs<scalar_t, op_t, acc_t> p, int64_t w_bytes) {
@@ -739,6 +871,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t slice = 16 * static_cast<int64_t>(p.g.ldw);
   copy_to_smem(Ws, p.wpack + blockIdx.x * slice, slice);
   cg::grid_group grid = cg::this_grid();
+  if (p.g.split) {
+    bwd_split_loop<scalar_t, op_t, acc_t, MM>(p, Ws, acc, grid);
+    return;
+  }
   for (int64_t t = p.g.T - 1; t >= 0; --t) {
     bwd_phase<scalar_t, op_t, acc_t, MM>(p, Ws, acc, t, 0);
     grid.sync();
@@ -837,11 +973,11 @@ inline bool plan_staging(Plan& pl, bool persistent_kernel, bool fma, int64_t op_
   return true;
 }
 
-// Step variant bit 2 (fwd_split_loop): the persistent forward of a batch of at most
-// kSplitRows rows takes the split-barrier step; anything else (the per-step kernels, the
-// backward, larger batches) keeps the old step.  Returns whether the plan took it.
+// Step variant bit 2 (fwd_split_loop, bwd_split_loop): the persistent forward and backward
+// of a batch of at most kSplitRows rows take the split-barrier step; anything else (the
+// per-step kernels, larger batches) keeps the old step.  Returns whether the plan took it.
 inline bool plan_split(Plan& pl, bool persistent_kernel) {
-  if (!persistent_kernel || pl.backward || pl.g.B > kSplitRows) return false;
+  if (!persistent_kernel || pl.g.B > kSplitRows) return false;
   pl.g.split = 1;
   return true;
 }

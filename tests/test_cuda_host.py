@@ -32,10 +32,11 @@ shared memory with cp.async once per pass) runs on a subset of both grids, every
 formulation and sequence structure, held to the budget AND bitwise equal to the old step's
 outputs; its mutants (the barrier after the copy removed, the wait for the copies removed)
 must be caught; test_staging_fits_or_falls_back checks the plan's fit table.  The
-split-barrier forward (step variant bit 2, the harness's split=1: the persistent forward at
-B <= 64 with its state in registers and gi of the next step loaded between the arrival at the
-grid barrier and the wait) likewise, alone and with the staged A; its mutants (the split
-barrier dropped, gi of the wrong step, its reset mask dropped) must be caught.
+split-barrier step (step variant bit 2, the harness's split=1: the persistent forward and
+backward at B <= 64 with their carried state in registers and the next step's operands loaded
+between the arrival at the grid barrier and the wait) likewise, alone and with the staged A;
+its mutants (the split barrier dropped, the operands of the wrong step loaded, the reset
+masks dropped, forward and backward) must be caught.
 
 Builds are cached under build/cuda-host/ by the hash of the sources, flags and compiler, so
 each variant compiles once.  What this proves and what only a GPU can prove:
@@ -573,7 +574,7 @@ MUTANT_RESETS = _resets("f64", "persistent", True, RESETS[0])
 MUTANT_3X = Spec("f32x3", "persistent", 5, 17, 33, True)
 # The staged step (variant 1): the mutants' case with A staged in shared memory.
 MUTANT_STAGED = dataclasses.replace(MUTANT_SPEC, stage=True)
-# The split-barrier forward (variant 2): the mutants' cases on it.
+# The split-barrier step (variant 2): the mutants' cases on it.
 MUTANT_SPLIT = dataclasses.replace(MUTANT_SPEC, split=True)
 MUTANT_SPLIT_RESETS = dataclasses.replace(MUTANT_RESETS, split=True)
 
@@ -613,7 +614,7 @@ def _structure(s: Spec) -> str:
 
 
 def _split_specs(specs: List[Spec], variant: str) -> List[Spec]:
-    """Step variant 2 (the split-barrier forward) on a subset of a grid's cases, each also
+    """Step variant 2 (the split-barrier step) on a subset of a grid's cases, each also
     compared bit for bit with its old-step twin.  asan: every dtype x formulation on the
     persistent path, dense, packed and with resets, alone and (every other one) with the
     staged A; a per-step and a B = 130 case, where it must leave the old step in place.
@@ -1009,6 +1010,26 @@ MUTANTS = {
         "        if (p.ws) {\n          scalar_t* wsr",
         "        hs[i] = h;\n        stf(p.y + row * H + j, h);\n"
         "        if (p.ws) {\n          scalar_t* wsr",
+        None, MUTANT_SPLIT_RESETS),
+    # Split-barrier backward: the barrier between its steps dropped: dgh_{t+1} is read by
+    # one block while another writes dgh_{t-1} into the same ping-pong half.
+    "split-backward-barrier-removed": (
+        "tsan",
+        "      auto token = grid.barrier_arrive();\n      load_step(t - 1);\n"
+        "      grid.barrier_wait(std::move(token));\n",
+        "      load_step(t - 1);\n",
+        "WARNING: ThreadSanitizer: data race", MUTANT_SPLIT),
+    # Split-barrier backward: the operands of the step just done loaded again.
+    "split-backward-operands-of-wrong-step": (
+        "asan",
+        "      load_step(t - 1);\n",
+        "      load_step(t);\n",
+        None, MUTANT_SPLIT),
+    # Split-barrier backward: dh carried back across a restart (the reset mask dropped).
+    "split-backward-reset-carry-kept": (
+        "asan",
+        "      vc[i] = b < carry_rows && !(carry_reset && carry_reset[b]);",
+        "      vc[i] = b < carry_rows;",
         None, MUTANT_SPLIT_RESETS),
     # 3xTF32: hi used as __float_to_tf32 returns it, its 13 low bits not cleared (the GPU
     # leaves them; the shim models that): v - hi is then not v's low part.

@@ -592,7 +592,7 @@ def step_variant(mode: int):
 
 def test_cuda_step_variant_switch():
     """_set_cuda_step_variant returns the previous mode, takes 0 (old), 1 (staged), 2
-    (split-barrier forward) or 3 (both), and the default is the old step."""
+    (split-barrier step) or 3 (both), and the default is the old step."""
     _ext_ready()
     prev = torch.ops.fusedgru._set_cuda_step_variant(1)
     try:
@@ -664,7 +664,7 @@ def test_cuda_staged_step_is_the_old_step(name, dtype, allow_tf32, fp32_path, re
         assert torch.equal(a, b), f"output {k} differs between the step variants"
 
 
-# The split-barrier forward (variant bit 2) where it applies (the persistent forward at
+# The split-barrier step (variant bit 2) where it applies (the persistent kernels at
 # B <= 64): dense with 2 batch tiles and 3 blocks, the K split, packed, resets, B = 64.
 SPLIT_CASES = {k: STAGED_CASES[k] for k in ("dense", "k-split", "packed", "resets")}
 SPLIT_CASES["b64"] = (3, 64, 8, 40, None, None)
@@ -677,9 +677,9 @@ SPLIT_CASES["b64"] = (3, 64, 8, 40, None, None)
 @pytest.mark.parametrize("dtype,allow_tf32,fp32_path", STAGED_DTYPES)
 def test_cuda_split_step_is_the_old_step(name, dtype, allow_tf32, fp32_path, reset_after,
                                          variant, gen, poisoned):
-    """The split-barrier forward step (with the staged A; alone in the exhaustive sweep) on
-    the persistent path, where it applies: within SPEC's budget against the float64
-    reference, and every output bitwise the old step's (the backward keeps the old step)."""
+    """The split-barrier step (with the staged A; alone in the exhaustive sweep) on the
+    persistent path, where it applies (forward and backward): within SPEC's budget against
+    the float64 reference, and every output bitwise the old step's."""
     _ext_ready()
     prev_path = torch.ops.fusedgru._set_cuda_path(1)  # persistent, or an error
     try:
@@ -697,10 +697,11 @@ def _split_step_case(name, dtype, allow_tf32, fp32_path, reset_after, variant, g
         with step_variant(0):
             old = _all_outputs(case, dtype, reset_after)
         with step_variant(variant):
-            plan = torch.ops.fusedgru._cuda_plan(
-                torch.empty(T, B, I, device="cuda", dtype=dtype), case.w_hh.to("cuda", dtype),
-                reset_after, False)
-            assert "step variant 2: the split-barrier forward step" in plan, plan
+            for bwd in (False, True):
+                plan = torch.ops.fusedgru._cuda_plan(
+                    torch.empty(T, B, I, device="cuda", dtype=dtype),
+                    case.w_hh.to("cuda", dtype), reset_after, bwd)
+                assert "step variant 2: the split-barrier step" in plan, plan
             new = _all_outputs(case, dtype, reset_after)
             report = testing.check_layer("cuda", case, device="cuda", dtype=dtype)
     assert report.ok, report.failures
@@ -709,14 +710,19 @@ def _split_step_case(name, dtype, allow_tf32, fp32_path, reset_after, variant, g
 
 
 def test_cuda_split_step_applies_or_falls_back():
-    """Variant 2 takes the persistent forward at B <= 64 and leaves the rest (B > 64, the
-    backward) on the old loop, saying so in the plan."""
+    """Variant 2 takes the persistent forward and backward at B <= 64 and leaves larger
+    batches and the per-step kernels on the old loop, saying so in the plan."""
     _ext_ready()
     with step_variant(2):
-        assert "split-barrier forward step" in _plan_for(torch.bfloat16, 16, 768, False)
-        assert "split-barrier forward step" in _plan_for(torch.bfloat16, 64, 1024, False)
-        assert "2 -> old loop" in _plan_for(torch.bfloat16, 65, 256, False)
-        assert "2 -> old loop" in _plan_for(torch.bfloat16, 16, 768, True)
+        for bwd in (False, True):
+            assert "split-barrier step" in _plan_for(torch.bfloat16, 16, 768, bwd)
+            assert "split-barrier step" in _plan_for(torch.bfloat16, 64, 1024, bwd)
+            assert "2 -> old loop" in _plan_for(torch.bfloat16, 65, 256, bwd)
+        prev = torch.ops.fusedgru._set_cuda_path(2)  # the per-step kernels
+        try:
+            assert "2 -> old loop" in _plan_for(torch.bfloat16, 16, 256, False)
+        finally:
+            torch.ops.fusedgru._set_cuda_path(prev)
 
 
 def _plan_for(dtype, B, H, backward):

@@ -22,8 +22,8 @@
 //                       A operand staged in shared memory (plan_staging, stage_a) where it
 //                       fits in kSmemCap; stage=0 (the default): the old step
 //            split=1    step variant bit 2 (_set_cuda_step_variant(2)): the persistent
-//                       forward's split-barrier step where it applies (plan_split,
-//                       fwd_split_loop); split=0 (the default): the old loop
+//                       kernels' split-barrier step where it applies (plan_split,
+//                       fwd_split_loop, bwd_split_loop); split=0 (the default): the old loop
 //   SEQ    the sequence structure (gru_common.h Layout), default dense:
 //            packed=N0,N1,...   batch_sizes (T values, non-increasing, N0 = B): the rows
 //                               below are then the N = sum(batch_sizes) packed rows
@@ -224,6 +224,7 @@ void backward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc
               const sc* ws, const sc* y, const sc* h0, sc* dgi, sc* dgh, sc* dh0) {
   Plan pl = plan_layout(c.T, c.B, c.H, sizeof(opt), sizeof(acc_t), true);
   if (c.stage) plan_staging(pl, c.persistent, MM == kFma, sizeof(opt), kSmemCap);
+  if (c.split) plan_split(pl, c.persistent);
   const Geom& g = pl.g;
   const int64_t H = c.H;
   // pack_backward: (NB, 16, ldw) with [nb][n][k Hp + r] = W_hh[k H + r, 16 nb + n].
