@@ -129,13 +129,17 @@ void allow_dynamic_smem(const void* kern, int dev, int64_t bytes) {
 //   bit 2: the persistent forward and backward at B <= kSplitRows take the split-barrier
 //          step (fwd_split_loop / bwd_split_loop: the carried state in registers, what the
 //          next step reads besides the MMA operand loaded between the arrival at the grid
-//          barrier and the wait); else the old loop.
+//          barrier and the wait); else the old loop;
+//   bit 4: the K split of each block's GEMM balanced over its warps (plan_balance: the
+//          busiest warp's chain of k-steps as short as it gets), where the accumulators
+//          still fit; a different summation order, so not the old step's bits.
 std::atomic<int64_t> g_step_variant{0};
 
 int64_t set_cuda_step_variant(int64_t mode) {
-  TORCH_CHECK(mode >= 0 && mode <= 3,
-              "fusedgru::_set_cuda_step_variant: mode must be 0 (the old step), 1 (A staged in "
-              "shared memory), 2 (the split-barrier step) or 3 (both), got ", mode);
+  TORCH_CHECK(mode >= 0 && mode <= 7,
+              "fusedgru::_set_cuda_step_variant: mode must be 0 (the old step) or a sum of 1 (A "
+              "staged in shared memory), 2 (the split-barrier step) and 4 (the balanced K "
+              "split), got ", mode);
   return g_step_variant.exchange(mode);
 }
 
@@ -148,6 +152,9 @@ Plan make_plan(int64_t T, int64_t B, int64_t H, int64_t op_size, int64_t acc_siz
   const DeviceInfo d = device_info(dev);
   const int mode = cuda_path_mode();
   std::ostringstream why;
+  const int64_t variant = g_step_variant.load(std::memory_order_relaxed);
+  const int old_split = pl.g.nsplit;
+  const bool balanced = (variant & 4) && plan_balance(pl, acc_size, d.smem_optin);
   TORCH_CHECK(pl.acc_bytes <= d.smem_optin, "fusedgru: accumulator tiles (", pl.acc_bytes,
               " bytes) exceed shared memory");
   const int64_t resident = pl.smem_bytes(true);
@@ -174,7 +181,12 @@ Plan make_plan(int64_t T, int64_t B, int64_t H, int64_t op_size, int64_t acc_siz
   }
   TORCH_CHECK(pl.persistent || mode != 1, "fusedgru: persistent kernel requested but ",
               why.str());
-  const int64_t variant = g_step_variant.load(std::memory_order_relaxed);
+  if (variant & 4) {
+    if (balanced)
+      why << "; step variant 4: K split " << old_split << " -> " << pl.g.nsplit;
+    else
+      why << "; step variant 4: K split " << pl.g.nsplit << " kept";
+  }
   if (variant & 1) {
     // Staged A where it fits next to what the chosen kernel already holds (and, persistent,
     // still leaves every block co-resident); else the old step.  Never fails.

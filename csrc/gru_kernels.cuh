@@ -944,6 +944,46 @@ inline Plan plan_layout(int64_t T, int64_t B, int64_t H, int64_t op_size, int64_
   return pl;
 }
 
+// Step variant bit 4 (plan_balance): the K split chosen to shorten the busiest warp's
+// chain of k-steps.  A block's GEMM is `units` tiles (batch tiles x gate column groups),
+// each split into s parts of K / s, dealt round-robin to kWarps warps: the busiest warp
+// runs ceil(units s / kWarps) parts, K ceil(units s / kWarps) / s k-steps in a row.  The
+// old rule (plan_layout) only splits to fill idle warps (units < kWarps); this one takes
+// the s in [1, max_split] with the fewest k-steps for the busiest warp (ties: the smaller
+// s, fewer partial tiles to add up).  B=64 forward (12 units): s 1 -> 2, 2K -> 1.5K;
+// B=16 forward at H >= 512 (3 units): s 2 -> 8, K/2 -> 3K/8.  The same work in all: what
+// shrinks is the dependent chain, not the issue count per SM sub-partition.
+inline int balanced_split(int units, int max_split) {
+  int best = 1, best_rounds = (units + kWarps - 1) / kWarps;
+  for (int s = 2; s <= max_split; ++s) {
+    const int rounds = (units * s + kWarps - 1) / kWarps;
+    if (static_cast<int64_t>(rounds) * best < static_cast<int64_t>(best_rounds) * s) {
+      best = s;
+      best_rounds = rounds;
+    }
+  }
+  return best;
+}
+
+// Re-plans the K split as balanced_split says, if the accumulator tiles then still fit in
+// `cap` bytes next to what the block held (the W slice too where the persistent layout
+// fit): a balanced plan never moves a launch from the persistent kernels to the per-step
+// ones.  Before plan_staging (the staging buffer follows the accumulators).  Returns
+// whether the split changed.
+inline bool plan_balance(Plan& pl, int64_t acc_size, int64_t cap) {
+  Geom& g = pl.g;
+  const int mtp = std::min(g.MT, kMaxMTilesPerPass);
+  const int NC = pl.backward ? 1 : 3;
+  const int s = balanced_split(mtp * NC, std::max(1, g.Hp / 64));
+  if (s == g.nsplit) return false;
+  const int64_t acc = static_cast<int64_t>(s) * mtp * NC * kTileElems * acc_size;
+  const int64_t w = pl.w_bytes + pl.acc_bytes <= cap ? pl.w_bytes : 0;
+  if (w + acc > cap) return false;
+  g.nsplit = s;
+  pl.acc_bytes = acc;
+  return true;
+}
+
 // The staging buffer of step variant 1 (stage_a): a pass's rows (up to 128) x lds elements,
 // lds = K + pad, K = Hp forward, 3 Hp backward (the largest K of any phase).  pad: 16 bytes
 // on the tensor-core paths (as the W slice: row r starts at word 4 r (2 m + 1) mod 32, so

@@ -295,14 +295,19 @@ class Spec:
     # Step variant bit 2 (_set_cuda_step_variant(2)): the persistent forward's split-barrier
     # step where it applies (B <= 64); the same inputs again, the same bits expected.
     split: bool = False
+    # Step variant bit 4 (_set_cuda_step_variant(4)): the K split balanced over the warps
+    # (plan_balance).  A different summation order: held to the budget, not to the bits.
+    balance: bool = False
 
     @property
     def id(self) -> str:
-        return self.data_id + ("-staged" if self.stage else "") + ("-split" if self.split else "")
+        return (self.data_id + ("-staged" if self.stage else "") + ("-split" if self.split else "")
+                + ("-balanced" if self.balance else ""))
 
     @property
     def old_step(self) -> "Spec":
-        """The same case on the old step (no variant bit)."""
+        """The same case without the variants that must not change a bit (stage, split): the
+        old step, or the balanced plan's old step."""
         return dataclasses.replace(self, stage=False, split=False)
 
     @property
@@ -460,7 +465,7 @@ def harness_cmd(exe: str, spec: Spec, fin: str, fout: str, seq: Optional[str] = 
     return [exe, spec.dtype, spec.path, str(spec.T), str(spec.B), str(spec.H),
             str(int(spec.reset_after)), str(int(spec.h0)), str(int(spec.bias)), fin, fout,
             seq if seq is not None else spec.seq_arg(), f"stage={int(spec.stage)}",
-            f"split={int(spec.split)}"]
+            f"split={int(spec.split)}", f"balance={int(spec.balance)}"]
 
 
 def run_case(variant: str, exe: str, spec: Spec, env_extra: Optional[Dict[str, str]] = None,
@@ -577,6 +582,9 @@ MUTANT_STAGED = dataclasses.replace(MUTANT_SPEC, stage=True)
 # The split-barrier step (variant 2): the mutants' cases on it.
 MUTANT_SPLIT = dataclasses.replace(MUTANT_SPEC, split=True)
 MUTANT_SPLIT_RESETS = dataclasses.replace(MUTANT_RESETS, split=True)
+# The balanced K split (variant 4): B = 33 (9 tile units forward: split 1 -> 2) and H = 130
+# (9 k-steps of 16 per gate: parts of 5 and 4, 9 blocks), in float64.
+MUTANT_BALANCED = Spec("f64", "persistent", 2, 33, 130, True, balance=True)
 
 
 def _staged_specs(specs: List[Spec], variant: str) -> List[Spec]:
@@ -646,6 +654,28 @@ def _split_specs(specs: List[Spec], variant: str) -> List[Spec]:
     return out
 
 
+def _balance_specs(variant: str) -> List[Spec]:
+    """Step variant 4 (the balanced K split), where it changes the split: B = 33, H = 130
+    (forward: 9 tile units, split 1 -> 2 with parts of 5 and 4 k-steps).  asan: every dtype
+    x formulation, the paths alternating, and two with the split-barrier step on top
+    (bitwise their balanced twins); tsan: 3xTF32 both formulations on the persistent path,
+    one with the split-barrier step.  Held to the budget (a different summation order)."""
+    out = []
+    if variant == "asan":
+        for d, dt in enumerate(DTYPES):
+            for k, ra in enumerate((True, False)):
+                path = ("persistent", "step")[(d + k) % 2]
+                out.append(Spec(dt, path, 2, 33, 130, ra, h0=k == 0, balance=True))
+        out += [dataclasses.replace(s, split=True) for s in out
+                if s.path == "persistent" and s.dtype in ("bf16", "f32x3")]
+        if MUTANT_BALANCED not in out:
+            out.append(MUTANT_BALANCED)
+    else:
+        out = [Spec("f32x3", "persistent", 2, 33, 130, ra, balance=True) for ra in (True, False)]
+        out.append(dataclasses.replace(out[0], split=True))
+    return out
+
+
 def _asan_specs() -> List[Spec]:
     """AddressSanitizer + UBSan, and the numerical check: every dtype x formulation x path,
     each with two shapes (every shape meets every dtype twice), and the 128-row two-pass
@@ -666,7 +696,8 @@ def _asan_specs() -> List[Spec]:
     for m in (MUTANT_SPEC, MUTANT_PACKED, MUTANT_RESETS, MUTANT_3X):
         if m not in specs:
             specs.append(m)
-    return specs + _staged_specs(specs, "asan") + _split_specs(specs, "asan")
+    return (specs + _staged_specs(specs, "asan") + _split_specs(specs, "asan")
+            + _balance_specs("asan"))
 
 
 def _tsan_specs() -> List[Spec]:
@@ -683,7 +714,8 @@ def _tsan_specs() -> List[Spec]:
     for k, (ra, path) in enumerate(COMBOS):
         specs.append(_packed(("f32", "f32x3")[k % 2], path, ra, TSAN_PACKED))
         specs.append(_resets(("f32x3", "f32")[k % 2], path, ra, TSAN_RESETS))
-    return specs + _staged_specs(specs, "tsan") + _split_specs(specs, "tsan")
+    return (specs + _staged_specs(specs, "tsan") + _split_specs(specs, "tsan")
+            + _balance_specs("tsan"))
 
 
 GRIDS = {"asan": _asan_specs(), "tsan": _tsan_specs()}
@@ -806,6 +838,39 @@ def test_staging_fits_or_falls_back(key, harness):
     got = [int(v) for v in r.stdout.split()]
     assert got[:3] == [w, acc, a] and bool(got[4]) == staged, got
     assert got[3] == w + acc + (a if staged else 0)
+
+
+# plan_balance at the sizes of the prediction (benchmarks/NOTES-cuda-latency.md, "Balanced
+# K split"): (dtype, B, H, backward) -> (split of the old rule, balanced split).
+BALANCE_TABLE = {
+    ("bf16", 16, 768, False): (2, 8),
+    ("bf16", 64, 1024, False): (1, 2),
+    ("f32x3", 64, 1024, False): (1, 2),
+    ("bf16", 32, 512, False): (1, 4),
+    ("bf16", 64, 1024, True): (2, 2),
+    ("bf16", 16, 768, True): (8, 8),
+    ("bf16", 128, 1024, False): (1, 1),
+}
+
+
+@pytest.mark.parametrize("key", list(BALANCE_TABLE), ids=lambda k: f"{k[0]}-B{k[1]}H{k[2]}-"
+                         f"{'bwd' if k[3] else 'fwd'}")
+def test_balanced_split_plan(key, harness):
+    """plan_balance (make_plan runs it under _set_cuda_step_variant(4)): the K split that
+    gives the busiest warp the fewest k-steps in a row, and the accumulators sized for it;
+    where the old rule is already best (backward, B = 128) it is kept."""
+    dt, B, H, bwd = key
+    old, new = BALANCE_TABLE[key]
+    got = {}
+    for bal in (0, 1):
+        r = execute("asan", [harness["asan"], "plan", dt, "4", str(B), str(H), str(int(bwd)),
+                             "1", str(bal)])
+        assert r.returncode == 0 and not r.stderr.strip(), r.stderr[-3000:]
+        got[bal] = [int(v) for v in r.stdout.split()]
+    assert (got[0][6], got[1][6]) == (old, new), got
+    acc_size = 4  # float accumulators for these dtypes
+    units = min((B + 15) // 16, 8) * (1 if bwd else 3)
+    assert got[1][1] == new * units * 256 * acc_size, got
 
 
 def test_grids_cover_the_issue():
@@ -1031,6 +1096,13 @@ MUTANTS = {
         "      vc[i] = b < carry_rows && !(carry_reset && carry_reset[b]);",
         "      vc[i] = b < carry_rows;",
         None, MUTANT_SPLIT_RESETS),
+    # Balanced K split: the parts rounded down instead of up, so the last k-steps of a
+    # K that the split does not divide (H = 130: 9 k-steps in 2 parts) are dropped.
+    "balanced-split-parts-rounded-down": (
+        "asan",
+        "  const int kpart = ((K / 16 + g.nsplit - 1) / g.nsplit) * 16;",
+        "  const int kpart = ((K / 16) / g.nsplit) * 16;",
+        None, MUTANT_BALANCED),
     # 3xTF32: hi used as __float_to_tf32 returns it, its 13 low bits not cleared (the GPU
     # leaves them; the shim models that): v - hi is then not v's low part.
     "3xtf32-hi-not-masked": (

@@ -591,16 +591,18 @@ def step_variant(mode: int):
 
 
 def test_cuda_step_variant_switch():
-    """_set_cuda_step_variant returns the previous mode, takes 0 (old), 1 (staged), 2
-    (split-barrier step) or 3 (both), and the default is the old step."""
+    """_set_cuda_step_variant returns the previous mode, takes 0 (old) or any sum of 1
+    (staged), 2 (split-barrier step) and 4 (balanced K split), and the default is the old
+    step."""
     _ext_ready()
     prev = torch.ops.fusedgru._set_cuda_step_variant(1)
     try:
         assert prev == 0, "the default step variant must stay the old one until measured"
         assert torch.ops.fusedgru._set_cuda_step_variant(3) == 1
-        assert torch.ops.fusedgru._set_cuda_step_variant(2) == 3
-        assert torch.ops.fusedgru._set_cuda_step_variant(0) == 2
-        for bad in (4, -1):
+        assert torch.ops.fusedgru._set_cuda_step_variant(7) == 3
+        assert torch.ops.fusedgru._set_cuda_step_variant(4) == 7
+        assert torch.ops.fusedgru._set_cuda_step_variant(0) == 4
+        for bad in (8, -1):
             with pytest.raises(RuntimeError, match="mode must be 0"):
                 torch.ops.fusedgru._set_cuda_step_variant(bad)
     finally:
@@ -723,6 +725,26 @@ def test_cuda_split_step_applies_or_falls_back():
             assert "2 -> old loop" in _plan_for(torch.bfloat16, 16, 256, False)
         finally:
             torch.ops.fusedgru._set_cuda_path(prev)
+
+
+@pytest.mark.parametrize("variant", [pytest.param(4, id="balanced", marks=EXH),
+                                     pytest.param(7, id="all")])
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+@pytest.mark.parametrize("dtype,allow_tf32,fp32_path", STAGED_DTYPES)
+def test_cuda_balanced_split_within_budget(dtype, allow_tf32, fp32_path, reset_after, variant,
+                                           gen, poisoned, forced_path):
+    """The balanced K split (variant bit 4; with the staged A and the split-barrier step in
+    variant 7) at B = 33, H = 130 (forward split 1 -> 2, parts of 5 and 4 k-steps): within
+    SPEC's budget against the float64 reference on both paths, the plan saying so."""
+    _ext_ready()
+    T, B, I, H = 4, 33, 7, 130
+    case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, generator=gen)
+    with fp32_precision(allow_tf32, fp32_path), step_variant(variant):
+        plan = torch.ops.fusedgru._cuda_plan(torch.empty(T, B, I, device="cuda", dtype=dtype),
+                                             case.w_hh.to("cuda", dtype), reset_after, False)
+        assert "step variant 4: K split 1 -> 2" in plan, plan
+        report = testing.check_layer("cuda", case, device="cuda", dtype=dtype)
+    assert report.ok, report.failures
 
 
 def _plan_for(dtype, B, H, backward):

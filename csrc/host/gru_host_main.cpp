@@ -11,19 +11,22 @@
 //
 // usage: gru_host DTYPE PATH T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT [OPTS...]
 //        gru_host convert IN OUT      (the shim's 16-bit and TF32 roundings, see main)
-//        gru_host plan DTYPE T B H BACKWARD PERSISTENT   (the shared-memory plan with
-//                                     staging: w_bytes acc_bytes a_bytes total staged)
+//        gru_host plan DTYPE T B H BACKWARD PERSISTENT [BALANCE]   (the shared-memory plan
+//                                     with staging: w_bytes acc_bytes a_bytes total staged
+//                                     lds nsplit; BALANCE=1: after plan_balance)
 //   DTYPE  f64 | f32 (strict float32 on CUDA cores: FMA, _set_cuda_fp32_path(1)) |
 //          f32x3 (strict float32 on TF32 tensor cores, split precision 3xTF32: the default) |
 //          tf32 | f16 | bf16 (tensor cores, wmma)
 //   PATH   persistent (one cooperative launch) | step (one launch per step and phase)
-//   OPTS   after IN OUT, any of: stage=0|1, split=0|1 and SEQ.
+//   OPTS   after IN OUT, any of: stage=0|1, split=0|1, balance=0|1 and SEQ.
 //            stage=1    step variant bit 1 (fusedgru::_set_cuda_step_variant(1)): the MMA's
 //                       A operand staged in shared memory (plan_staging, stage_a) where it
 //                       fits in kSmemCap; stage=0 (the default): the old step
 //            split=1    step variant bit 2 (_set_cuda_step_variant(2)): the persistent
 //                       kernels' split-barrier step where it applies (plan_split,
 //                       fwd_split_loop, bwd_split_loop); split=0 (the default): the old loop
+//            balance=1  step variant bit 4 (_set_cuda_step_variant(4)): the K split balanced
+//                       over the warps (plan_balance) where the accumulators fit in kSmemCap
 //   SEQ    the sequence structure (gru_common.h Layout), default dense:
 //            packed=N0,N1,...   batch_sizes (T values, non-increasing, N0 = B): the rows
 //                               below are then the N = sum(batch_sizes) packed rows
@@ -104,6 +107,7 @@ struct Case {
   bool reset_after, has_h0, has_bias, persistent;
   bool stage = false;  // step variant bit 1 (stage=1)
   bool split = false;  // step variant bit 2 (split=1)
+  bool balance = false;  // step variant bit 4 (balance=1)
   std::vector<int64_t> batch_sizes;  // empty: dense
   std::vector<bool> resets;          // (T, B), or empty
   std::vector<double> gi, w_hh, b_hh, h0, grad_y;
@@ -171,6 +175,7 @@ template <typename sc, typename opt, typename acc_t, int MM>
 void forward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc* gi,
              const sc* bhh, const sc* h0, sc* y, sc* ws) {
   Plan pl = plan_layout(c.T, c.B, c.H, sizeof(opt), sizeof(acc_t), false);
+  if (c.balance) plan_balance(pl, sizeof(acc_t), kSmemCap);
   if (c.stage) plan_staging(pl, c.persistent, MM == kFma, sizeof(opt), kSmemCap);
   if (c.split) plan_split(pl, c.persistent);
   const Geom& g = pl.g;
@@ -223,6 +228,7 @@ template <typename sc, typename opt, typename acc_t, int MM>
 void backward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc* gy,
               const sc* ws, const sc* y, const sc* h0, sc* dgi, sc* dgh, sc* dh0) {
   Plan pl = plan_layout(c.T, c.B, c.H, sizeof(opt), sizeof(acc_t), true);
+  if (c.balance) plan_balance(pl, sizeof(acc_t), kSmemCap);
   if (c.stage) plan_staging(pl, c.persistent, MM == kFma, sizeof(opt), kSmemCap);
   if (c.split) plan_split(pl, c.persistent);
   const Geom& g = pl.g;
@@ -295,7 +301,7 @@ namespace {
 
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr, "gru_host: %s\nusage: gru_host f64|f32|f32x3|tf32|f16|bf16 persistent|step "
-               "T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT [stage=0|1] [split=0|1] [packed=N0,N1,...|resets=0110...]\n",
+               "T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT [stage=0|1] [split=0|1] [balance=0|1] [packed=N0,N1,...|resets=0110...]\n",
                why);
   std::exit(2);
 }
@@ -330,7 +336,7 @@ int main(int argc, char** argv) {
     std::fclose(o);
     return 0;
   }
-  if (argc == 8 && std::string(argv[1]) == "plan") {
+  if ((argc == 8 || argc == 9) && std::string(argv[1]) == "plan") {
     // The plan of one launch with staging (sizes only, nothing runs): for the fit table of
     // benchmarks/NOTES-cuda-latency.md.
     using namespace fusedgru::cuda_gru;
@@ -341,12 +347,13 @@ int main(int argc, char** argv) {
     const int64_t acc = dt == "f64" ? 8 : 4;
     const bool fma = dt == "f64" || dt == "f32";
     Plan pl = plan_layout(T, B, H, op, acc, bwd);
+    if (argc == 9 && std::atoi(argv[8]) != 0) plan_balance(pl, acc, kSmemCap);
     const bool staged = plan_staging(pl, pers, fma, op, kSmemCap);
     int lds = 0;
-    std::printf("%lld %lld %lld %lld %d %d\n", static_cast<long long>(pl.w_bytes),
+    std::printf("%lld %lld %lld %lld %d %d %d\n", static_cast<long long>(pl.w_bytes),
                 static_cast<long long>(pl.acc_bytes),
                 static_cast<long long>(staging_bytes(pl, fma, op, &lds)),
-                static_cast<long long>(pl.smem_bytes(pers)), staged ? 1 : 0, lds);
+                static_cast<long long>(pl.smem_bytes(pers)), staged ? 1 : 0, lds, pl.g.nsplit);
     return 0;
   }
   if (argc < 11) usage("expected at least 10 arguments");
@@ -369,6 +376,8 @@ int main(int argc, char** argv) {
       c.stage = opt == "stage=1";
     else if (opt == "split=0" || opt == "split=1")
       c.split = opt == "split=1";
+    else if (opt == "balance=0" || opt == "balance=1")
+      c.balance = opt == "balance=1";
     else
       seq = opt;
   }
