@@ -540,3 +540,65 @@ def test_torchrl_is_init_equals_resets(backend, gen):
         n for n, _ in loop.named_parameters()]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------
+# Interleaved timing rounds (fusedgru.bench.timing.time_rounds): every provider of a cell
+# is timed once per round, in turn, so that a burst of noise on a shared machine hits
+# every provider's figure alike.
+# ---------------------------------------------------------------------------------------
+
+def test_rows_record_their_rounds(tiny_run):
+    """Each timed row is the median of opts.rounds round medians (3 by default), all
+    recorded; the run's meta says how many rounds."""
+    _, _, res = tiny_run
+    assert res["meta"]["timing_rounds"] == 3
+    for r in res["rows"]:
+        rounds = r["timing"]["rounds_ms"]
+        assert len(rounds) == 3 and all(v > 0 for v in rounds)
+        assert r["median_ms"] == pytest.approx(sorted(rounds)[1])
+        assert "interleaved rounds" in r["timing"]["method"]
+
+
+def test_time_rounds_interleaves_and_isolates_a_failure():
+    """Round r times fn 0, then fn 1, then fn 2, before round r + 1 starts; a fn that raises
+    in round 2 is reported once and sits out round 3, the others are still timed."""
+    log = []
+
+    def make(i):
+        def fn():
+            log.append(i)
+        return fn
+
+    def bad():
+        log.append(2)
+        if _runs(log).count(2) >= 2:  # its first call of round 2
+            raise RuntimeError("out of memory (injected)")
+
+    errors = []
+    opts = bench.TimingOptions(quick=True, rounds=3)
+    res = bench.time_rounds([make(0), make(1), bad], CPU, opts,
+                            on_error=lambda i, exc: errors.append((i, str(exc))))
+    assert _runs(log)[:6] == [0, 1, 2, 0, 1, 2], _runs(log)
+    assert _runs(log)[6:] == [0, 1], "the failed fn must sit out the rounds after"
+    assert errors == [(2, "out of memory (injected)")]
+    assert res[2] is None
+    for ms, details in res[:2]:
+        assert ms > 0 and len(details["rounds_ms"]) == 3 and details["iqr_ms"] >= 0
+
+
+def _runs(log):
+    """The log with repeats collapsed: [0, 0, 1, 1, 0] -> [0, 1, 0]."""
+    return [x for k, x in enumerate(log) if k == 0 or log[k - 1] != x]
+
+
+def test_rounds_option(tmp_path, capsys):
+    """--rounds 1 times each provider once (the bench before rounds); --rounds 0 is refused
+    with exit status 2."""
+    assert bench.main(["--grid", "tiny", "--quick", "--backends", "reference", "--rounds", "1",
+                       "--out", str(tmp_path), "--no-progress", "--threads", "1"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["meta"]["timing_rounds"] == 1
+    assert all(len(r["timing"]["rounds_ms"]) == 1 for r in res["rows"])
+    assert bench.main(["--grid", "tiny", "--rounds", "0", "--out", str(tmp_path)]) == 2
+    assert "--rounds must be >= 1" in capsys.readouterr().err

@@ -36,7 +36,7 @@ from .grids import ALL, DTYPES, GRIDS, MODES, Case, grid_cases
 from .providers import BASELINE, Provider, discover_providers
 from .report import format_memory_table, format_table, write_plot
 from .results import _KEY, SCHEMA, _blank_row, _case_fields, _relative_to_baseline, load_results
-from .timing import TimingOptions, peak_memory, saved_activation_bytes, time_call
+from .timing import TimingOptions, peak_memory, saved_activation_bytes, time_call, time_rounds
 
 __all__ = ["main", "Case", "GRIDS", "grid_cases", "Provider", "discover_providers",
            "check_provider", "run_cell", "environment", "SCHEMA"]

@@ -31,7 +31,7 @@ from . import sequences
 from .grids import DTYPES, Case
 from .providers import CellLoop, Provider
 from .results import _blank_row, _relative_to_baseline
-from .timing import TimingOptions, peak_memory, saved_activation_bytes, spread, time_call
+from .timing import TimingOptions, peak_memory, saved_activation_bytes, spread, time_rounds
 
 
 @dataclass
@@ -246,9 +246,16 @@ class RunOptions:
 def run_cell(case: Case, providers: Sequence[Provider], device: torch.device,
              opts: RunOptions, on_provider: Callable[[str], None] = lambda name: None
              ) -> List[dict]:
-    """Checks, times and measures every provider on one cell; one row per provider."""
+    """Checks every provider on one cell, then times those that passed in interleaved
+    rounds (opts.timing.rounds; fusedgru.bench.timing.time_rounds), then measures their
+    memory; one row per provider."""
     data = make_cell_data(case, device, opts.seed)
     rows = []
+    timed = []  # (row, provider, module, fn) of the providers that passed their check
+
+    def fail(row, exc):
+        row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
+
     for p in providers:
         on_provider(p.name)
         row = _blank_row(case, p, opts.tf32 if device.type == "cuda" else None)
@@ -268,17 +275,25 @@ def run_cell(case: Case, providers: Sequence[Provider], device: torch.device,
                     f"{k}: {v}" for k, v in report.failures.items()))
                 continue
             module = p.module_for(case, _cast_gru(data.gru64, DTYPES[case.dtype]))
-            fn = _callable(module, case, data, p.layout)
-            ms, timing = time_call(fn, device, opts.timing)
-            row.update(median_ms=ms, us_per_step=ms * 1e3 / case.T, timing=timing,
-                       spread=spread(ms, timing.get("iqr_ms")))
+            timed.append((row, p, module, _callable(module, case, data, p.layout)))
+        except Exception as exc:  # noqa: BLE001 - one failing provider must not stop a run
+            fail(row, exc)
+    results = time_rounds([fn for _, _, _, fn in timed], device, opts.timing,
+                          on_error=lambda i, exc: fail(timed[i][0], exc))
+    for (row, p, module, fn), res in zip(timed, results):
+        if res is None:
+            continue
+        ms, timing = res
+        row.update(median_ms=ms, us_per_step=ms * 1e3 / case.T, timing=timing,
+                   spread=spread(ms, timing.get("iqr_ms")))
+        try:
             row["peak_mem_bytes"] = peak_memory(fn, device)
             if case.mode == "train":
                 row["saved_bytes"] = saved_activation_bytes(module, case, data, p.layout)
-            del module, fn
-        except Exception as exc:  # noqa: BLE001 - one failing provider must not stop a run
-            row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        except Exception as exc:  # noqa: BLE001
+            fail(row, exc)
+    del timed
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     _relative_to_baseline(rows)
     return rows

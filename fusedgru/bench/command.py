@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "stream with one; 'all' is SPEC's sequence grids, not calls, cells, "
                         "cell-loop, packed, rollout or tiny)")
     p.add_argument("--quick", action="store_true", help="a subset (about a minute)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved timing rounds per cell: each round times every provider "
+                        "once, in turn, with 1/rounds of the time budget; the figure is the "
+                        "median of the rounds' medians (default 3; 1: one timing each)")
     p.add_argument("--backends", default=None,
                    help="comma-separated providers to time besides nn.GRU: fusedgru backend "
                         "names, ref+compile, flashrnn, onnxruntime, torchrl (rollout cells: "
@@ -220,8 +224,11 @@ def _main(argv: Optional[List[str]]) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     tf32 = _set_tf32(args.tf32) if device.type == "cuda" else None
-    opts = RunOptions(check_steps=args.check_steps, timing=TimingOptions(quick=args.quick),
-                      tf32=tf32)
+    if args.rounds < 1:
+        print(f"fusedgru bench: --rounds must be >= 1, got {args.rounds}", file=sys.stderr)
+        return 2
+    opts = RunOptions(check_steps=args.check_steps,
+                      timing=TimingOptions(quick=args.quick, rounds=args.rounds), tf32=tf32)
     meta = environment(device)
     if any(c.call == "rollout" for c in cases):
         from .rollout import torchrl_version
@@ -229,6 +236,7 @@ def _main(argv: Optional[List[str]]) -> int:
         meta["torchrl"] = torchrl_version()
     meta.update(argv=list(sys.argv[:1]) + list(argv if argv is not None else sys.argv[1:]),
                 grids=grids, quick=args.quick, check_steps=args.check_steps, tf32_run=tf32,
+                timing_rounds=args.rounds,
                 providers=[p.name for p in providers], left_out=left_out, schema=SCHEMA)
     out.mkdir(parents=True, exist_ok=True)
     results = {"schema": SCHEMA, "meta": meta, "rows": []}

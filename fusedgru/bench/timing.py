@@ -12,9 +12,10 @@ recorded with every timing; above NOISY_SPREAD a timing is reported as too noisy
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +44,14 @@ def spread(median_ms: Optional[float], iqr_ms: Optional[float]) -> Optional[floa
 @dataclass
 class TimingOptions:
     quick: bool = False
+    # A cell's providers are timed in this many interleaved rounds (round r times every
+    # provider once, in turn), each round with 1 / rounds of the time budget below: a burst
+    # of noise on a shared machine then hits every provider's figure alike instead of one
+    # provider's whole measurement.  1: one timing per provider (the bench before rounds).
+    rounds: int = 3
+
+    def per_round(self) -> "RoundOptions":
+        return RoundOptions(self)
 
     @property
     def cpu_min_run_time(self) -> float:
@@ -64,14 +73,64 @@ class TimingOptions:
         return 40 if self.quick else 100
 
 
-def time_call(fn: Callable[[], None], device: torch.device, opts: TimingOptions):
+class RoundOptions:
+    """One round's share of a TimingOptions budget (the same interface time_call reads):
+    1 / rounds of the minimum run time and of do_bench's repetitions, at least 2 timed calls
+    (a median needs a few; over the rounds a provider gets at least cpu_min_runs)."""
+
+    def __init__(self, opts: TimingOptions):
+        self.rounds = max(1, opts.rounds)
+        self.cpu_min_run_time = opts.cpu_min_run_time / self.rounds
+        self.cpu_min_runs = max(2, -(-opts.cpu_min_runs // self.rounds))
+        self.gpu_warmup_ms = opts.gpu_warmup_ms
+        self.gpu_rep_ms = max(10, opts.gpu_rep_ms // self.rounds)
+
+
+def time_rounds(fns: Sequence[Callable[[], None]], device: torch.device, opts: TimingOptions,
+                on_error: Callable[[int, Exception], None] = None):
+    """Times every fn in opts.rounds interleaved rounds: [(median ms, details)] in fns'
+    order, None for one that raised (on_error(i, exc) told, and it sits out the rounds
+    after).  The median is the median of the rounds' medians; "iqr_ms" the median of the
+    rounds' interquartile ranges (the spread within a round); "rounds_ms" every round's
+    median, so that a drift between rounds shows."""
+    per = opts.per_round()
+    got: List[Optional[List[tuple]]] = [[] for _ in fns]
+    for _ in range(per.rounds):
+        for i, fn in enumerate(fns):
+            if got[i] is None:
+                continue
+            try:
+                got[i].append(time_call(fn, device, per, warm=len(got[i]) == 0))
+            except Exception as exc:  # noqa: BLE001 - one provider must not stop the others
+                got[i] = None
+                if on_error is not None:
+                    on_error(i, exc)
+    out = []
+    for res in got:
+        if not res:
+            out.append(None)
+            continue
+        meds = [ms for ms, _ in res]
+        details = dict(res[0][1])
+        details["method"] = (f"{details['method']}, median of {len(res)} interleaved rounds")
+        details["rounds_ms"] = meds
+        details["iqr_ms"] = statistics.median(d["iqr_ms"] for _, d in res)
+        if "runs" in details:
+            details["runs"] = sum(d["runs"] for _, d in res)
+        out.append((statistics.median(meds), details))
+    return out
+
+
+def time_call(fn: Callable[[], None], device: torch.device, opts: TimingOptions,
+              warm: bool = True):
     """(median ms, details, among them the interquartile range "iqr_ms").  No hand-written
     timing loop: do_bench on a GPU (median and quartiles, its own warm-up and L2 flush),
     torch.utils.benchmark on the CPU (and as the GPU fallback, which synchronises the device
     around each block)."""
     import torch.utils.benchmark as tbench
 
-    fn()  # first call: lazy initialisation, autotuning, compilation
+    if warm:
+        fn()  # first call: lazy initialisation, autotuning, compilation
     if device.type == "cuda":
         torch.cuda.synchronize()
         try:
