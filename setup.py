@@ -75,8 +75,10 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
     # onnx, onnxruntime and onnxscript: the ONNX export tests (the default exporter needs
-    # onnxscript) and the ONNX Runtime comparison.
-    extras_require={"test": ["pytest", "pytest-benchmark", "onnx", "onnxruntime", "onnxscript"],
+    # onnxscript) and the ONNX Runtime comparison; torchrl: its GRUModule's is_init resets
+    # checked equal to fusedgru's, and its rollout backends in the benchmark (issue 19).
+    extras_require={"test": ["pytest", "pytest-benchmark", "onnx", "onnxruntime", "onnxscript",
+                             "torchrl"],
                     "bench": ["tqdm", "matplotlib"]},
     entry_points={"console_scripts": ["fusedgru = fusedgru.cli:main"]},
     ext_modules=ext_modules,
