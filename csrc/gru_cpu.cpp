@@ -212,6 +212,28 @@ std::atomic<bool> g_small_split{true};
 
 bool set_small_split(bool on) { return g_small_split.exchange(on); }
 
+// The backward's own thresholds (test / benchmark switches fusedgru::_set_cpu_small_bwd_step
+// and _set_cpu_small_wgrad): the largest row count whose per-step dh product takes the
+// inline loops (small_nn_add), and the largest T*B whose weight gradients do
+// (small_weight_grads); -1 (the default): small_b, as the forward.
+std::atomic<int64_t> g_small_bwd_step{-1};
+std::atomic<int64_t> g_small_wgrad{-1};
+
+int64_t set_small_bwd_step(int64_t rows) {
+  TORCH_CHECK(rows >= -1, "fusedgru::_set_cpu_small_bwd_step: rows must be >= -1, got ", rows);
+  return g_small_bwd_step.exchange(rows);
+}
+
+int64_t set_small_wgrad(int64_t rows) {
+  TORCH_CHECK(rows >= -1, "fusedgru::_set_cpu_small_wgrad: rows must be >= -1, got ", rows);
+  return g_small_wgrad.exchange(rows);
+}
+
+inline int64_t small_rows(const std::atomic<int64_t>& own) {
+  const int64_t v = own.load(std::memory_order_relaxed);
+  return v >= 0 ? v : g_small_b.load(std::memory_order_relaxed);
+}
+
 // small_nt takes batch rows two at a time (default) or one at a time: switch
 // fusedgru::_set_cpu_small_pairs, for A/B timing and tests.
 std::atomic<bool> g_small_pairs{true};
@@ -844,7 +866,7 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
     for (int64_t b = 0; b < lay.rows(t); ++b)
       if (resets[t * B + b]) std::fill_n(dh_p + b * H, H, scalar_t(0));
   };
-  const int64_t small_b = g_small_b.load(std::memory_order_relaxed);
+  const int64_t small_b = small_rows(g_small_bwd_step);
   const PanelRows prows = panel_rows_for(true, T, H, small_b);
   const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
   const Vec one(1);
@@ -968,7 +990,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cpu(
   });
 
   Tensor dx, dw_ih, dw_hh, db_ih, db_hh;
-  if (lay.N <= g_small_b.load(std::memory_order_relaxed)) {
+  if (lay.N <= small_rows(g_small_wgrad)) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_bwd_cpu_small", [&] {
       std::tie(dx, dw_ih, dw_hh, db_ih, db_hh) =
           small_weight_grads<scalar_t>(dgi, dgh, x, w_ih, hprev, ws, reset_after);
@@ -985,6 +1007,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cpu(
 
 TORCH_LIBRARY_FRAGMENT(fusedgru, m) {
   m.def("_set_cpu_small_batch(int rows) -> int", &fusedgru::set_small_batch);
+  m.def("_set_cpu_small_bwd_step(int rows) -> int", &fusedgru::set_small_bwd_step);
+  m.def("_set_cpu_small_wgrad(int rows) -> int", &fusedgru::set_small_wgrad);
   m.def("_set_cpu_panel_rows(int rows) -> int", &fusedgru::set_panel_rows);
   m.def("_set_cpu_fast_activations(bool on) -> bool", &fusedgru::set_fast_activations);
   m.def("_set_cpu_inline_elems(int n) -> int", &fusedgru::set_inline_elems);

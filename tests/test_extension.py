@@ -77,6 +77,63 @@ def test_small_batch_switch_rejects_negative_counts():
         torch.ops.fusedgru._set_cpu_small_batch(-1)
 
 
+@pytest.mark.parametrize("step_rows,wgrad_rows", [(0, 1 << 20), (1 << 20, 0), (-1, -1)],
+                         ids=["step-gemm-wgrad-inline", "step-inline-wgrad-gemm", "follow"])
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+@pytest.mark.parametrize("shape", [(1, 8, 33, 100), (7, 5, 9, 17)], ids=lambda s: "T%dB%dI%dH%d" % s)
+def test_backward_small_switches_match_reference(shape, reset_after, step_rows, wgrad_rows,
+                                                 gen, poisoned):
+    """The backward's own thresholds (_set_cpu_small_bwd_step: the per-step dh product,
+    _set_cpu_small_wgrad: the weight gradients), each path forced apart from the other and
+    from the forward's, within SPEC's budget in float64; the switches return the previous
+    value, -1 (follow _set_cpu_small_batch) is the default, and below -1 is refused."""
+    ops = torch.ops.fusedgru
+    prev = (ops._set_cpu_small_bwd_step(step_rows), ops._set_cpu_small_wgrad(wgrad_rows))
+    try:
+        assert prev == (-1, -1), "the defaults must follow _set_cpu_small_batch"
+        case = testing.make_layer_case(*shape, reset_after=reset_after, generator=gen)
+        report = testing.check_layer("cpu", case, dtype=torch.float64)
+        assert report.ok, report.failures
+        for set_ in (ops._set_cpu_small_bwd_step, ops._set_cpu_small_wgrad):
+            with pytest.raises(RuntimeError, match="rows must be >= -1"):
+                set_(-2)
+    finally:
+        assert ops._set_cpu_small_bwd_step(prev[0]) == step_rows
+        assert ops._set_cpu_small_wgrad(prev[1]) == wgrad_rows
+
+
+def test_backward_small_switches_take_effect(gen):
+    """Each backward switch changes the path it names: the inline loops and ATen's GEMM sum
+    in different orders, so the gradient it governs changes in its last bits (and only
+    there), while the other gradient keeps its bits."""
+    from fusedgru import FusedGRU
+
+    ops = torch.ops.fusedgru
+    m = FusedGRU(33, 100, backend="cpu", dtype=torch.float64)
+    x = torch.randn(1, 8, 33, dtype=torch.float64, generator=gen, requires_grad=True)
+    h0 = torch.randn(1, 8, 100, dtype=torch.float64, generator=gen, requires_grad=True)
+    gy = torch.randn(1, 8, 100, dtype=torch.float64, generator=gen)
+
+    def grads(step_rows, wgrad_rows):
+        prev = (ops._set_cpu_small_bwd_step(step_rows), ops._set_cpu_small_wgrad(wgrad_rows))
+        try:
+            for t in (x, h0, *m.parameters()):
+                t.grad = None
+            m(x, h0)[0].backward(gy)
+            return h0.grad.clone(), m.weight_hh_l0.grad.clone()
+        finally:
+            ops._set_cpu_small_bwd_step(prev[0])
+            ops._set_cpu_small_wgrad(prev[1])
+
+    dh_in, dw_in = grads(1 << 20, 1 << 20)
+    dh_step, dw_step = grads(0, 1 << 20)   # the dh product on ATen's GEMM
+    dh_w, dw_w = grads(1 << 20, 0)         # the weight gradients on ATen's GEMM
+    assert not torch.equal(dh_in, dh_step) and torch.allclose(dh_in, dh_step, rtol=1e-12)
+    assert torch.equal(dw_in, dw_step)
+    assert not torch.equal(dw_in, dw_w) and torch.allclose(dw_in, dw_w, rtol=1e-12)
+    assert torch.equal(dh_in, dh_w)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%dB%dI%dH%d" % s)
