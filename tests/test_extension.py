@@ -565,29 +565,41 @@ def test_cpu_automatic_panel_rule(reset_after, gen, poisoned):
             assert torch.equal(y_of(case, -1), y_of(case, 0)) != panels, (T, B, H, kw)
 
 
-def test_inline_products_pairs_and_thread_split_are_bitwise_equal(gen, poisoned):
+AVX512 = EXT_ERROR is None and torch.ops.fusedgru._cpu_has_avx512()
+NO_AVX512 = "this CPU lacks AVX-512F (or ATEN_CPU_CAPABILITY names another level)"
+
+
+def _small_product_outputs(case):
+    """gru_infer, gru_fwd's y and gru_bwd's gradients of a layer case in float32."""
+    args = case.args(dtype=torch.float32)
+    y, ws = torch.ops.fusedgru.gru_fwd(*args, True)
+    grads = torch.ops.fusedgru.gru_bwd(case.grad_y.float(), args[0], args[1], args[2], args[3],
+                                       y, ws, True)
+    return (torch.ops.fusedgru.gru_infer(*args, True), y) + tuple(grads)
+
+
+@pytest.mark.parametrize("avx512", [False, pytest.param(
+    True, marks=pytest.mark.skipif(not AVX512, reason=NO_AVX512))])
+def test_inline_products_pairs_and_thread_split_are_bitwise_equal(gen, poisoned, avx512):
     """small_nt's two batch rows at a time (fusedgru::_set_cpu_small_pairs) and its split of
     weight rows over 2 threads (_set_cpu_small_split; a task gets >= 256K multiply-adds, so
     H=600 with 5 rows splits) keep every output's sum in the same order: forward,
     inference and backward bitwise equal across the four settings, odd batch sizes
-    included, and within SPEC's budget."""
+    included, and within SPEC's budget; in the AVX2 loops and in the AVX-512 ones
+    (_set_cpu_small_avx512, whose tiles take 4 batch rows at a time)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     pairs = torch.ops.fusedgru._set_cpu_small_pairs(True)
     split = torch.ops.fusedgru._set_cpu_small_split(True)
+    wide = torch.ops.fusedgru._set_cpu_small_avx512(avx512)
     try:
         for T, B, I, H in [(1, 5, 700, 600), (2, 8, 33, 600), (3, 7, 9, 17)]:
             case = make_layer_case(T, B, I, H, generator=gen)
-            args = case.args(dtype=torch.float32)
             outs = []
             for p, s in [(False, False), (True, False), (False, True), (True, True)]:
                 torch.ops.fusedgru._set_cpu_small_pairs(p)
                 torch.ops.fusedgru._set_cpu_small_split(s)
-                y, ws = torch.ops.fusedgru.gru_fwd(*args, True)
-                gy = case.grad_y.float()
-                grads = torch.ops.fusedgru.gru_bwd(gy, args[0], args[1], args[2], args[3], y, ws,
-                                                   True)
-                outs.append((torch.ops.fusedgru.gru_infer(*args, True), y) + tuple(grads))
+                outs.append(_small_product_outputs(case))
                 report = check_layer("cpu", case, dtype=torch.float32)
                 assert report.ok, (T, B, I, H, p, s, report.failures)
             for other in outs[1:]:
@@ -596,4 +608,62 @@ def test_inline_products_pairs_and_thread_split_are_bitwise_equal(gen, poisoned)
     finally:
         torch.ops.fusedgru._set_cpu_small_pairs(pairs)
         torch.ops.fusedgru._set_cpu_small_split(split)
+        torch.ops.fusedgru._set_cpu_small_avx512(wide)
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not AVX512, reason=NO_AVX512)
+def test_inline_products_avx512_within_budget(gen, poisoned):
+    """The AVX-512 small products (the default where the CPU has them) against the float64
+    reference, both formulations, dense, packed and with resets, at sizes that reach every
+    tile: batch rows 1..9 (tiles of 4 rows, then 3, 2 or 1), weight rows 3H with 3H mod 4 =
+    0..3 (the last rows one by one), and every k tail (K = 1, 6, 15, 16, 17, 31, 600: a
+    masked step alone, after whole steps, or none).  And they are taken: their bits differ
+    from the AVX2 loops' (16-lane partial sums instead of 8), within float32 rounding."""
+    assert torch.ops.fusedgru._set_cpu_small_avx512(True) is True  # the default here
+    try:
+        for T, B, I, H in [(3, 1, 1, 5), (2, 2, 15, 7), (2, 3, 16, 9), (2, 4, 17, 33),
+                           (2, 5, 31, 16), (1, 7, 600, 130), (2, 8, 64, 255), (2, 9, 7, 6)]:
+            lengths = sorted([T] + [1 + k % T for k in range(B - 1)], reverse=True)
+            for kw in ({}, {"lengths": lengths},
+                       {"resets": torch.rand(T, B, generator=gen) < 0.4}):
+                for reset_after in (True, False):
+                    case = make_layer_case(T, B, I, H, reset_after=reset_after,
+                                           generator=gen, **kw)
+                    report = check_layer("cpu", case, dtype=torch.float32)
+                    assert report.ok, (T, B, I, H, kw, reset_after, report.failures)
+        case = make_layer_case(2, 5, 600, 130, generator=gen)
+        wide = _small_product_outputs(case)
+        torch.ops.fusedgru._set_cpu_small_avx512(False)
+        narrow = _small_product_outputs(case)
+        assert not torch.equal(wide[0], narrow[0])
+        for a, b in zip(wide, narrow):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    finally:
+        torch.ops.fusedgru._set_cpu_small_avx512(True)
+
+
+def test_small_avx512_switch_follows_the_cpu_capability():
+    """ATEN_CPU_CAPABILITY=avx2 (torch's own way to cap the instruction set) turns the
+    AVX-512 products off, and asking for them then is refused with a message naming the
+    switch; results stay within budget on the AVX2 loops."""
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import torch, fusedgru.extension as e; e._load()\n"
+        "from fusedgru.testing import check_layer, make_layer_case\n"
+        "assert torch.ops.fusedgru._cpu_has_avx512() is False\n"
+        "assert torch.ops.fusedgru._set_cpu_small_avx512(False) is False\n"
+        "try:\n"
+        "    torch.ops.fusedgru._set_cpu_small_avx512(True)\n"
+        "    raise SystemExit('not refused')\n"
+        "except RuntimeError as err:\n"
+        "    assert '_set_cpu_small_avx512' in str(err), err\n"
+        "case = make_layer_case(2, 5, 17, 33, generator=torch.Generator().manual_seed(3))\n"
+        "assert check_layer('cpu', case, dtype=torch.float32).ok\n")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
