@@ -646,55 +646,121 @@ void panel_gemm(const scalar_t* a, int64_t lda, int64_t M, int64_t K, const scal
 // bring that to ~kSumBlock + 3H/kSumBlock, BLAS's order of magnitude.
 constexpr int64_t kSumBlock = 16;
 
+// Column vectors per tile of small_nn_add / small_outer: with 2 rows of sums (AVX2: 8 of
+// the 16 vector registers), each loaded weight vector feeds 2 FMAs and each broadcast 4.
+constexpr int64_t kColVecs = 4;
+
+// small_nn_add's tile: out[b, k0 .. k0 + NC*V) for the NB batch rows from b over the weight
+// rows [o0, o1): one block's partial sums in registers (the first row's product, then an
+// FMA per row in order), added into out at the end, as the untiled loop did: bitwise the
+// same order.  Every vector whole except the last when n < V (then NC = 1).
+template <typename Vec, int NB, int NC>
+inline void nn_tile(const typename Vec::value_type* a, int64_t lda, int64_t o0, int64_t o1,
+                    const typename Vec::value_type* W, int64_t K, int64_t k0, int64_t n,
+                    typename Vec::value_type* out) {
+  constexpr int64_t V = Vec::size();
+  Vec acc[NB][NC];
+  for (int i = 0; i < NB; ++i) {
+    const Vec ai(a[i * lda + o0]);
+    for (int c = 0; c < NC; ++c) acc[i][c] = ai * ld<Vec>(W + o0 * K + k0 + c * V, n);
+  }
+  for (int64_t o = o0 + 1; o < o1; ++o) {
+    Vec w[NC];
+    for (int c = 0; c < NC; ++c) w[c] = ld<Vec>(W + o * K + k0 + c * V, n);
+    for (int i = 0; i < NB; ++i) {
+      const Vec ai(a[i * lda + o]);
+      for (int c = 0; c < NC; ++c) acc[i][c] = at::vec::fmadd(ai, w[c], acc[i][c]);
+    }
+  }
+  for (int i = 0; i < NB; ++i)
+    for (int c = 0; c < NC; ++c) {
+      typename Vec::value_type* p = out + i * K + k0 + c * V;
+      st(ld<Vec>(p, n) + acc[i][c], p, n);
+    }
+}
+
 // out[b, k] += sum_o a[b, o] * W[o, k] for b < B, k < K: a (B, O) row stride lda,
-// W (O, K) row-major, out (B, K) contiguous.  Rows are streamed in order, a block of
-// kSumBlock rows at a time (W read from memory once, contiguously; the block stays in cache
-// while every batch row uses it), each block summed into a scratch row per batch row that
-// then joins out.
+// W (O, K) row-major, out (B, K) contiguous.  Column slabs of kColVecs vectors (split over
+// threads when a task gets at least kSmallTaskMacs multiply-adds: each output column is
+// summed by one task, in the same order whatever the split); in a slab, blocks of kSumBlock
+// weight rows in order (a block of the slab, <= 16 x 32 values, stays in L1 while every
+// batch row uses it), batch rows two at a time, the block's sums in registers, then added
+// into out.  Until 2026-12-03 the block's sums went through a scratch row in memory: a
+// load and a store per FMA besides the weight's load (3 memory operations per FMA).
 template <typename scalar_t>
 void small_nn_add(const scalar_t* a, int64_t lda, int64_t B, int64_t O, const scalar_t* W,
                   int64_t K, scalar_t* out) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  std::vector<scalar_t> part(K);
-  scalar_t* pp = part.data();
-  for (int64_t o0 = 0; o0 < O; o0 += kSumBlock) {
-    const int64_t o1 = std::min(O, o0 + kSumBlock);
-    for (int64_t b = 0; b < B; ++b) {
-      const scalar_t* ab = a + b * lda;
-      scalar_t* ob = out + b * K;
-      for_vectors<Vec>(0, K, [&](int64_t k, int64_t n) {
-        st(Vec(ab[o0]) * ld<Vec>(W + o0 * K + k, n), pp + k, n);
-      });
-      for (int64_t o = o0 + 1; o < o1; ++o) {
-        const Vec ao(ab[o]);
-        const scalar_t* wo = W + o * K;
-        for_vectors<Vec>(0, K, [&](int64_t k, int64_t n) {
-          st(at::vec::fmadd(ao, ld<Vec>(wo + k, n), ld<Vec>(pp + k, n)), pp + k, n);
-        });
+  constexpr int64_t V = Vec::size();
+  const int64_t full = K / (kColVecs * V);  // whole slabs; the columns left go vector by vector
+  const int64_t nslab = full + (K - full * kColVecs * V + V - 1) / V;
+  const int64_t grain =
+      g_small_split.load(std::memory_order_relaxed)
+          ? std::max<int64_t>(1, kSmallTaskMacs / std::max<int64_t>(1, B * O * kColVecs * V))
+          : nslab;
+  at::parallel_for(0, nslab, grain, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const bool whole = s < full;
+      const int64_t k0 = whole ? s * kColVecs * V : full * kColVecs * V + (s - full) * V;
+      const int64_t n = whole ? V : std::min(V, K - k0);
+      for (int64_t o0 = 0; o0 < O; o0 += kSumBlock) {
+        const int64_t o1 = std::min(O, o0 + kSumBlock);
+        int64_t b = 0;
+        for (; b + 2 <= B; b += 2) {
+          if (whole) nn_tile<Vec, 2, kColVecs>(a + b * lda, lda, o0, o1, W, K, k0, V, out + b * K);
+          else nn_tile<Vec, 2, 1>(a + b * lda, lda, o0, o1, W, K, k0, n, out + b * K);
+        }
+        if (b < B) {
+          if (whole) nn_tile<Vec, 1, kColVecs>(a + b * lda, lda, o0, o1, W, K, k0, V, out + b * K);
+          else nn_tile<Vec, 1, 1>(a + b * lda, lda, o0, o1, W, K, k0, n, out + b * K);
+        }
       }
-      for_vectors<Vec>(0, K, [&](int64_t k, int64_t n) {
-        st(ld<Vec>(ob + k, n) + ld<Vec>(pp + k, n), ob + k, n);
-      });
     }
-  }
+  });
 }
 
 // out[o, k] = sum_r a[r, o] * x[r, k] for o < O, k < K, over R rows: a (R, O) row stride
 // lda, x (R, K) row stride ldx, out (O, K) row stride ldo.  A weight gradient over a few
 // rows (a T*B <= small_b call): an outer product, written once (ATen's GEMM with an inner
-// dimension of 1-4 took ~4 ms for 3072 x 1024, twice what writing it costs).
+// dimension of 1-4 took ~4 ms for 3072 x 1024, twice what writing it costs).  Rows of out
+// two at a time (each loaded x vector feeds 2 FMAs), split over threads by rows when a
+// task gets at least kSmallTaskMacs multiply-adds; each output's sum runs over r in order
+// whatever the tiling or split.
 template <typename scalar_t>
 void small_outer(const scalar_t* a, int64_t lda, int64_t R, int64_t O, const scalar_t* x,
                  int64_t ldx, int64_t K, scalar_t* out, int64_t ldo) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  for (int64_t o = 0; o < O; ++o) {
-    scalar_t* oo = out + o * ldo;
-    for_vectors<Vec>(0, K, [&](int64_t k, int64_t n) {
-      Vec acc = Vec(a[o]) * ld<Vec>(x + k, n);
-      for (int64_t r = 1; r < R; ++r) acc = at::vec::fmadd(Vec(a[r * lda + o]), ld<Vec>(x + r * ldx + k, n), acc);
-      st(acc, oo + k, n);
-    });
-  }
+  const int64_t npair = (O + 1) / 2;
+  const int64_t grain =
+      g_small_split.load(std::memory_order_relaxed)
+          ? std::max<int64_t>(1, kSmallTaskMacs / std::max<int64_t>(1, 2 * R * K))
+          : npair;
+  at::parallel_for(0, npair, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t o = 2 * p0; o < std::min(O, 2 * p1); o += 2) {
+      scalar_t* o0 = out + o * ldo;
+      if (o + 1 < O) {
+        scalar_t* o1 = o0 + ldo;
+        for_vectors<Vec>(0, K, [&](int64_t k, int64_t n) {
+          const Vec x0 = ld<Vec>(x + k, n);
+          Vec acc0 = Vec(a[o]) * x0, acc1 = Vec(a[o + 1]) * x0;
+          for (int64_t r = 1; r < R; ++r) {
+            const Vec xr = ld<Vec>(x + r * ldx + k, n);
+            acc0 = at::vec::fmadd(Vec(a[r * lda + o]), xr, acc0);
+            acc1 = at::vec::fmadd(Vec(a[r * lda + o + 1]), xr, acc1);
+          }
+          st(acc0, o0 + k, n);
+          st(acc1, o1 + k, n);
+        });
+      } else {
+        for_vectors<Vec>(0, K, [&](int64_t k, int64_t n) {
+          Vec acc = Vec(a[o]) * ld<Vec>(x + k, n);
+          for (int64_t r = 1; r < R; ++r)
+            acc = at::vec::fmadd(Vec(a[r * lda + o]), ld<Vec>(x + r * ldx + k, n), acc);
+          st(acc, o0 + k, n);
+        });
+      }
+    }
+  });
 }
 
 // weight_grads (gru_common.h) for a call of T*B <= small_b rows: dx, dW_ih, dW_hh and the
