@@ -253,7 +253,7 @@ bool set_small_pairs(bool on) { return g_small_pairs.exchange(on); }
 //
 // The extension is built for AVX2 (16 vector registers).  Its dot-product tile of 4 weight
 // rows x 2 batch rows (8 sums, 6 loads per 8 FMAs, 14 registers in use) ran at ~25 GMAC/s
-// at B=8 H=256..1024 on one Zen 4 core (2026-12-03), where the core's FMA units allow ~2x
+// at B=8 H=256..1024 on one Zen 4 core (2026-12-02), where the core's FMA units allow ~2x
 // that, and ONNX Runtime's MLAS (AVX-512) reached 43 GMAC/s at B=8 H=1024.  With 32
 // registers a tile of 4 weight rows x 4 batch rows fits (16 sums, 8 loads per 16 FMAs of 16
 // lanes), so each loaded vector feeds twice the FMAs.  Compiled for AVX-512 by function
@@ -293,6 +293,33 @@ bool set_small_avx512(bool on) {
 }
 
 bool cpu_has_avx512() { return avx512_supported(); }
+
+// The forward's float32 products (x W_ih^T of a call's rows, h W_hh^T of a step's rows) of up
+// to this many rows take small_nt when it runs in AVX-512, where the panels do not take them:
+// at 9..64 rows its tile beat ATen's GEMM (MKL, which does not use AVX-512 on this AMD CPU)
+// in an interleaved A/B (1 thread, GRUCell calls, noisy host, 2026-12-02): B=64 H=256
+// 1.37 -> 0.89 ms, B=64 H=1024 12.7 -> 10.0 ms, B=64 H=64 92 -> 75 us; sequences (T=35)
+// B=16..64 H=256 within the noise (0.94-1.05x).  The backward keeps its own thresholds.
+// Switch: fusedgru::_set_cpu_small_wide (0: small_b for every dtype, the rule before).
+constexpr int64_t kWideRowsDefault = 64;
+std::atomic<int64_t> g_small_wide{kWideRowsDefault};
+
+int64_t set_small_wide(int64_t rows) {
+  TORCH_CHECK(rows >= 0, "fusedgru::_set_cpu_small_wide: rows must be >= 0, got ", rows);
+  return g_small_wide.exchange(rows);
+}
+
+// The forward's inline-product threshold for scalar_t: small_b, raised to the wide one for
+// float32 in AVX-512.  small_b = 0 (every product on ATen's GEMM) stays 0.
+template <typename scalar_t>
+int64_t fwd_small_rows() {
+  const int64_t b = g_small_b.load(std::memory_order_relaxed);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (b > 0 && g_small_avx512.load(std::memory_order_relaxed))
+      return std::max(b, g_small_wide.load(std::memory_order_relaxed));
+  }
+  return b;
+}
 
 #ifdef FUSEDGRU_AVX512_TARGET
 // Four sums of 16 lanes -> {sum(a), sum(b), sum(c), sum(d)}: halves added, then two rounds
@@ -680,13 +707,15 @@ inline void nn_tile(const typename Vec::value_type* a, int64_t lda, int64_t o0, 
 }
 
 // out[b, k] += sum_o a[b, o] * W[o, k] for b < B, k < K: a (B, O) row stride lda,
-// W (O, K) row-major, out (B, K) contiguous.  Column slabs of kColVecs vectors (split over
-// threads when a task gets at least kSmallTaskMacs multiply-adds: each output column is
-// summed by one task, in the same order whatever the split); in a slab, blocks of kSumBlock
-// weight rows in order (a block of the slab, <= 16 x 32 values, stays in L1 while every
-// batch row uses it), batch rows two at a time, the block's sums in registers, then added
-// into out.  Until 2026-12-03 the block's sums went through a scratch row in memory: a
-// load and a store per FMA besides the weight's load (3 memory operations per FMA).
+// W (O, K) row-major, out (B, K) contiguous.  Columns in slabs of kColVecs vectors, a task's
+// slabs (split over threads when a task gets at least kSmallTaskMacs multiply-adds: each
+// output column is summed by one task, in the same order whatever the split) within blocks
+// of kSumBlock weight rows in order: the block's rows are read as 16 sequential streams over
+// the task's columns (a slab outermost instead read W down its columns, 4 KB apart at
+// H=1024: a 1-thread B=1 H=1024 cell loop ran 1.5x slower).  A slab's block (<= 16 x 32
+// values) stays in L1 while the batch rows use it two at a time, the block's sums in
+// registers, then added into out.  Until 2026-12-02 the block's sums went through a scratch
+// row in memory: a load and a store per FMA besides the weight's load, on one thread.
 template <typename scalar_t>
 void small_nn_add(const scalar_t* a, int64_t lda, int64_t B, int64_t O, const scalar_t* W,
                   int64_t K, scalar_t* out) {
@@ -699,12 +728,12 @@ void small_nn_add(const scalar_t* a, int64_t lda, int64_t B, int64_t O, const sc
           ? std::max<int64_t>(1, kSmallTaskMacs / std::max<int64_t>(1, B * O * kColVecs * V))
           : nslab;
   at::parallel_for(0, nslab, grain, [&](int64_t s0, int64_t s1) {
-    for (int64_t s = s0; s < s1; ++s) {
-      const bool whole = s < full;
-      const int64_t k0 = whole ? s * kColVecs * V : full * kColVecs * V + (s - full) * V;
-      const int64_t n = whole ? V : std::min(V, K - k0);
-      for (int64_t o0 = 0; o0 < O; o0 += kSumBlock) {
-        const int64_t o1 = std::min(O, o0 + kSumBlock);
+    for (int64_t o0 = 0; o0 < O; o0 += kSumBlock) {
+      const int64_t o1 = std::min(O, o0 + kSumBlock);
+      for (int64_t s = s0; s < s1; ++s) {
+        const bool whole = s < full;
+        const int64_t k0 = whole ? s * kColVecs * V : full * kColVecs * V + (s - full) * V;
+        const int64_t n = whole ? V : std::min(V, K - k0);
         int64_t b = 0;
         for (; b + 2 <= B; b += 2) {
           if (whole) nn_tile<Vec, 2, kColVecs>(a + b * lda, lda, o0, o1, W, K, k0, V, out + b * K);
@@ -907,8 +936,9 @@ void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T +
   // 0 when it is one step's scratch (inference: r, z, n, hn stay in cache).
   auto ws_first = [&](int64_t t) { return save_ws ? lay.first(t) : 0; };
 
-  const int64_t small_b = g_small_b.load(std::memory_order_relaxed);
-  const PanelRows prows = panel_rows_for(false, T, H, small_b);
+  const int64_t small_b = fwd_small_rows<scalar_t>();
+  const PanelRows prows =
+      panel_rows_for(false, T, H, g_small_b.load(std::memory_order_relaxed));
   const Act<scalar_t> act{g_fast_act.load(std::memory_order_relaxed)};
   // Panels of W_hh when some step takes them (rows never grow with t: the first step has
   // the most, the last the fewest).
@@ -1027,7 +1057,8 @@ std::tuple<Tensor, Tensor> forward_cpu(const char* op, bool save_ws, const Tenso
   const Tensor x2 = x.view({lay.N, d.I});
   // gi = x W_ih^T + b_ih: one GEMM over all rows (T*B, or N packed: no padding); inline for
   // a few rows (T=1 calls).
-  const bool small_gi = lay.N <= g_small_b.load(std::memory_order_relaxed);
+  const bool small_gi = x.scalar_type() == at::kFloat ? lay.N <= fwd_small_rows<float>()
+                                                      : lay.N <= fwd_small_rows<double>();
   Tensor gi = small_gi ? at::empty({lay.N, 3 * d.H}, x.options())
               : (b_ih_.has_value() ? at::addmm(*b_ih_, x2, w_ih.t()) : at::mm(x2, w_ih.t()));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_fwd_cpu", [&] {
@@ -1246,6 +1277,7 @@ TORCH_LIBRARY_FRAGMENT(fusedgru, m) {
   m.def("_set_cpu_small_split(bool on) -> bool", &fusedgru::set_small_split);
   m.def("_set_cpu_small_avx512(bool on) -> bool", &fusedgru::set_small_avx512);
   m.def("_cpu_has_avx512() -> bool", &fusedgru::cpu_has_avx512);
+  m.def("_set_cpu_small_wide(int rows) -> int", &fusedgru::set_small_wide);
   // Test hook: the forward's float32 activations (sigmoid, tanh) of x, as the kernels
   // compute them under the current switch.
   m.def("_cpu_activations(Tensor x) -> (Tensor, Tensor)", &fusedgru::cpu_activations);

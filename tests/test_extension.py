@@ -667,3 +667,45 @@ def test_small_avx512_switch_follows_the_cpu_capability():
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
+
+
+@pytest.mark.skipif(not AVX512, reason=NO_AVX512)
+def test_small_wide_rows_take_the_avx512_products(gen, poisoned):
+    """Where small_nt runs in AVX-512, the forward's float32 products of up to
+    _set_cpu_small_wide rows (64 by default) take it instead of ATen's GEMM: within SPEC's
+    budget at 9..64 rows (dense, packed, resets, both formulations, training included), and
+    the switch changes exactly what it says: float32 calls of <= 64 rows, not 65 rows, not
+    float64, not when _set_cpu_small_batch(0) puts every product on ATen's GEMM."""
+    ops = torch.ops.fusedgru
+    assert ops._set_cpu_small_wide(64) == 64  # the default
+    try:
+        for T, B, I, H in [(1, 9, 20, 33), (1, 64, 7, 130), (2, 30, 9, 17), (3, 21, 5, 40)]:
+            lengths = sorted([T] + [1 + k % T for k in range(B - 1)], reverse=True)
+            for kw in ({}, {"lengths": lengths},
+                       {"resets": torch.rand(T, B, generator=gen) < 0.3}):
+                for reset_after in (True, False):
+                    case = make_layer_case(T, B, I, H, reset_after=reset_after,
+                                           generator=gen, **kw)
+                    report = check_layer("cpu", case, dtype=torch.float32)
+                    assert report.ok, (T, B, I, H, kw, reset_after, report.failures)
+
+        def y_of(case, dtype, wide, small_b=8):
+            prev = (ops._set_cpu_small_wide(wide), ops._set_cpu_small_batch(small_b))
+            try:
+                return ops.gru_infer(*case.args(dtype=dtype), True)
+            finally:
+                ops._set_cpu_small_wide(prev[0])
+                ops._set_cpu_small_batch(prev[1])
+
+        for B, dtype, small_b, moves in [(40, torch.float32, 8, True),
+                                         (64, torch.float32, 8, True),
+                                         (65, torch.float32, 8, False),
+                                         (40, torch.float64, 8, False),
+                                         (40, torch.float32, 0, False)]:
+            case = make_layer_case(1, B, 50, 70, generator=gen)
+            same = torch.equal(y_of(case, dtype, 64, small_b), y_of(case, dtype, 0, small_b))
+            assert same != moves, (B, dtype, small_b)
+        with pytest.raises(RuntimeError, match="rows must be >= 0"):
+            ops._set_cpu_small_wide(-1)
+    finally:
+        ops._set_cpu_small_wide(64)
