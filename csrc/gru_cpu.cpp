@@ -568,19 +568,32 @@ constexpr int64_t panel_cols() {
   return 2 * at::vec::Vectorized<scalar_t>::size();
 }
 
-// W (N, K) row-major -> panels [ceil(N / kNR)][K][kNR], columns past N zero.
+// W (N, K) row-major -> panels [ceil(N / NR)][K][NR], columns past N zero.  NR: kNR
+// (panel_cols, the AVX2 micro-kernel) or kNR512 (wide: the AVX-512 one, float32).
 template <typename scalar_t>
-Tensor pack_panels(const scalar_t* W, int64_t N, int64_t K, const at::TensorOptions& opt) {
-  constexpr int64_t NR = panel_cols<scalar_t>();
+Tensor pack_panels(const scalar_t* W, int64_t N, int64_t K, const at::TensorOptions& opt,
+                   bool wide = false) {
+  const int64_t NR = wide ? 32 : panel_cols<scalar_t>();
   const int64_t np = (N + NR - 1) / NR;
   Tensor packed = at::empty({np * K * NR}, opt);
   scalar_t* p = packed.data_ptr<scalar_t>();
-  for (int64_t q = 0; q < np; ++q) {
-    scalar_t* pq = p + q * K * NR;
-    const int64_t n0 = q * NR, nc = std::min(NR, N - n0);
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t j = 0; j < NR; ++j) pq[k * NR + j] = j < nc ? W[(n0 + j) * K + k] : scalar_t(0);
-  }
+  // Panels split over threads (a 3072 x 1024 W is 3M elements, ~ms on one core).  Per k the
+  // NR rows' values: NR read streams, each line used over the next k's (NR lines in L1).
+  at::parallel_for(0, np, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * NR)),
+                   [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      scalar_t* pq = p + q * K * NR;
+      const int64_t n0 = q * NR, nc = std::min(NR, N - n0);
+      const scalar_t* wq = W + n0 * K;
+      if (nc == NR) {
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t j = 0; j < NR; ++j) pq[k * NR + j] = wq[j * K + k];
+      } else {
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t j = 0; j < NR; ++j) pq[k * NR + j] = j < nc ? wq[j * K + k] : scalar_t(0);
+      }
+    }
+  });
   return packed;
 }
 
@@ -666,6 +679,152 @@ void panel_gemm(const scalar_t* a, int64_t lda, int64_t M, int64_t K, const scal
     }
   });
 }
+
+// ---------------------------------------------------------------------------------------
+// The panel products in AVX-512 (float32, packed W only: out = a W^T)
+// ---------------------------------------------------------------------------------------
+//
+// Panels of kNR512 = 32 columns (2 zmm vectors), tiles of 8 rows: 16 sums in registers, per
+// k 2 panel loads and 8 broadcasts for 16 FMAs of 16 lanes (the AVX2 tile: 4 rows x 2
+// vectors of 8, 8 sums).  Each output's sum runs over blocks of kKC terms in k order, each
+// block started from zero and added into out, as panel_tile does: bitwise the AVX2 panels'
+// results.  Where they serve: the forward's per-step panel products (use_wide_panels), and
+// gi = x W_ih^T + b_ih of more than the wide rows (_set_cpu_wide_gi), where ATen's GEMM
+// (MKL) ran at ~36 GMAC/s on one core: a B=32 H=256 T=35 inference call spent 6.0 of its
+// 14.0 ms there (2026-12-02, noisy host), and was 0.77-0.80x ONNX Runtime.
+#ifdef FUSEDGRU_AVX512_TARGET
+constexpr int64_t kNR512 = 32;
+constexpr int kMR512 = 8;
+constexpr int64_t kRowBlock512 = 128;  // rows of a task (gi of many rows: tasks split rows too)
+
+template <int MR, bool WHOLE>
+FUSEDGRU_AVX512_INLINE void panel_tile_avx512(const float* a, int64_t lda, int64_t kc,
+                                              const float* b, float* out, int64_t ldo,
+                                              __mmask16 m0, __mmask16 m1, bool add) {
+  __m512 s0[MR], s1[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) s0[r] = s1[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 w0 = _mm512_loadu_ps(b + k * kNR512);
+    const __m512 w1 = _mm512_loadu_ps(b + k * kNR512 + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r * lda + k]);
+      s0[r] = _mm512_fmadd_ps(x, w0, s0[r]);
+      s1[r] = _mm512_fmadd_ps(x, w1, s1[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    float* o = out + r * ldo;
+    if (WHOLE) {
+      if (add) {
+        s0[r] = _mm512_add_ps(s0[r], _mm512_loadu_ps(o));
+        s1[r] = _mm512_add_ps(s1[r], _mm512_loadu_ps(o + 16));
+      }
+      _mm512_storeu_ps(o, s0[r]);
+      _mm512_storeu_ps(o + 16, s1[r]);
+    } else {
+      if (add) {
+        s0[r] = _mm512_add_ps(s0[r], _mm512_maskz_loadu_ps(m0, o));
+        s1[r] = _mm512_add_ps(s1[r], _mm512_maskz_loadu_ps(m1, o + 16));
+      }
+      _mm512_mask_storeu_ps(o, m0, s0[r]);
+      _mm512_mask_storeu_ps(o + 16, m1, s1[r]);
+    }
+  }
+}
+
+// Rows [m0, m1) of one panel q (nc <= 32 of its columns exist), every k block.
+template <bool WHOLE>
+FUSEDGRU_AVX512 void panel_block_avx512(const float* a, int64_t lda, int64_t m0, int64_t m1,
+                                        int64_t K, const float* bq, int64_t nc, float* oq,
+                                        int64_t ldo, bool add) {
+  const auto mask = [](int64_t n) {
+    return n >= 16 ? static_cast<__mmask16>(0xFFFF)
+                   : static_cast<__mmask16>(n > 0 ? (1u << n) - 1u : 0u);
+  };
+  const __mmask16 mk0 = mask(nc), mk1 = mask(nc - 16);
+  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+    const int64_t kc = std::min(kKC, K - k0);
+    const bool acc = add || k0 > 0;
+    const float* ak = a + k0;
+    const float* bk = bq + k0 * kNR512;
+    int64_t m = m0;
+    for (; m + kMR512 <= m1; m += kMR512)
+      panel_tile_avx512<kMR512, WHOLE>(ak + m * lda, lda, kc, bk, oq + m * ldo, ldo, mk0, mk1, acc);
+    const float* am = ak + m * lda;
+    float* om = oq + m * ldo;
+    switch (m1 - m) {
+      case 7: panel_tile_avx512<7, WHOLE>(am, lda, kc, bk, om, ldo, mk0, mk1, acc); break;
+      case 6: panel_tile_avx512<6, WHOLE>(am, lda, kc, bk, om, ldo, mk0, mk1, acc); break;
+      case 5: panel_tile_avx512<5, WHOLE>(am, lda, kc, bk, om, ldo, mk0, mk1, acc); break;
+      case 4: panel_tile_avx512<4, WHOLE>(am, lda, kc, bk, om, ldo, mk0, mk1, acc); break;
+      case 3: panel_tile_avx512<3, WHOLE>(am, lda, kc, bk, om, ldo, mk0, mk1, acc); break;
+      case 2: panel_tile_avx512<2, WHOLE>(am, lda, kc, bk, om, ldo, mk0, mk1, acc); break;
+      case 1: panel_tile_avx512<1, WHOLE>(am, lda, kc, bk, om, ldo, mk0, mk1, acc); break;
+      default: break;
+    }
+  }
+}
+
+// out (M, N) row stride ldo (+)= a (M, K) row stride lda times W^T, W packed by
+// pack_panels(..., wide=true).  Tasks: (row block of kRowBlock512, panel), panels fastest
+// (a task's rows of a stay in L2 while the next panels use them), split over threads when
+// the product is large enough (panel_gemm's rule).  One task per output: bitwise the same
+// whatever the split.
+void panel_gemm_avx512(const float* a, int64_t lda, int64_t M, int64_t K, const float* P,
+                       int64_t N, float* out, int64_t ldo, bool add) {
+  const int64_t np = (N + kNR512 - 1) / kNR512;
+  const int64_t nrb = (M + kRowBlock512 - 1) / kRowBlock512;
+  const int64_t per = std::min(M, kRowBlock512) * K * kNR512;
+  const int64_t grain = std::max<int64_t>(1, (1 << 17) / std::max<int64_t>(1, per));
+  at::parallel_for(0, np * nrb, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t q = t % np, rb = t / np;
+      const int64_t m0 = rb * kRowBlock512, m1 = std::min(M, m0 + kRowBlock512);
+      const int64_t nc = std::min(kNR512, N - q * kNR512);
+      const float* bq = P + q * K * kNR512;
+      if (nc == kNR512)
+        panel_block_avx512<true>(a, lda, m0, m1, K, bq, nc, out + q * kNR512, ldo, add);
+      else
+        panel_block_avx512<false>(a, lda, m0, m1, K, bq, nc, out + q * kNR512, ldo, add);
+    }
+  });
+}
+#endif
+
+// Whether this call's panels are the AVX-512 ones (float32 where small_nt runs in AVX-512).
+template <typename scalar_t>
+bool use_wide_panels() {
+#ifdef FUSEDGRU_AVX512_TARGET
+  if constexpr (std::is_same_v<scalar_t, float>)
+    return g_small_avx512.load(std::memory_order_relaxed);
+#endif
+  return false;
+}
+
+// panel_gemm over a packed W, by the micro-kernel its panels were packed for.
+template <typename scalar_t>
+void panel_gemm_packed(const scalar_t* a, int64_t lda, int64_t M, int64_t K, const scalar_t* P,
+                       bool wide, int64_t N, scalar_t* out, int64_t ldo, bool add) {
+#ifdef FUSEDGRU_AVX512_TARGET
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (wide) {
+      panel_gemm_avx512(a, lda, M, K, P, N, out, ldo, add);
+      return;
+    }
+  }
+#endif
+  TORCH_INTERNAL_ASSERT(!wide, "wide panels are float32 AVX-512 only");
+  panel_gemm(a, lda, M, K, P, true, N, out, ldo, add);
+}
+
+// gi = x W_ih^T + b_ih of more than the wide rows on the AVX-512 panels (float32) instead of
+// ATen's GEMM: test / benchmark switch fusedgru::_set_cpu_wide_gi (default on).
+std::atomic<bool> g_wide_gi{true};
+
+bool set_wide_gi(bool on) { return g_wide_gi.exchange(on); }
 
 // Rows summed into one partial sum before it joins the total (small_nn_add): a sum of 3H
 // terms in one running accumulator loses ~3H roundings' worth of accuracy (a 32-step
@@ -846,13 +1005,15 @@ inline StepPath step_path(int64_t R, const PanelRows& panels, int64_t small_b) {
 }
 
 // out[0:R] = a W^T: a (R, K) contiguous (a_rows the same rows as a Tensor, for the GEMM),
-// W (N, K) row-major (pack: its panels, w_t: its (K, N) transposed view), out (>= R, N).
+// W (N, K) row-major (pack: its panels, AVX-512 ones when wide; w_t: its (K, N) transposed
+// view), out (>= R, N).
 template <typename scalar_t>
 void step_nt(StepPath path, const scalar_t* a, const Tensor& a_rows, int64_t R, int64_t K,
-             const scalar_t* W, const Tensor& pack, const Tensor& w_t, int64_t N, Tensor& out) {
+             const scalar_t* W, const Tensor& pack, bool wide, const Tensor& w_t, int64_t N,
+             Tensor& out) {
   scalar_t* o = out.data_ptr<scalar_t>();
   if (path == StepPath::kPanel) {
-    panel_gemm(a, K, R, K, pack.data_ptr<scalar_t>(), true, N, o, N, false);
+    panel_gemm_packed(a, K, R, K, pack.data_ptr<scalar_t>(), wide, N, o, N, false);
   } else if (path == StepPath::kSmall) {
     small_nt(a, K, R, K, W, N, o, N, false);
   } else {
@@ -943,18 +1104,19 @@ void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T +
   // Panels of W_hh when some step takes them (rows never grow with t: the first step has
   // the most, the last the fewest).
   const bool panels = lay.rows(T - 1) <= prows.hi && lay.rows(0) > prows.lo;
+  const bool wide = panels && use_wide_panels<scalar_t>();  // read once: packing and use agree
   const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
   if (reset_after) {
     const Tensor w_t = w_hh.t();                 // (H, 3H) view, no copy
     Tensor gh = at::empty({B, 3 * H}, gi.options());  // h W_hh^T, reused every step
     scalar_t* gh_p = gh.data_ptr<scalar_t>();
-    const Tensor wpack = panels ? pack_panels(w_p, 3 * H, H, gi.options()) : Tensor();
+    const Tensor wpack = panels ? pack_panels(w_p, 3 * H, H, gi.options(), wide) : Tensor();
     for (int64_t t = 0; t < T; ++t) {
       const int64_t R = lay.rows(t), row0 = lay.first(t), ws0 = ws_first(t);
       const StepPath path = step_path(R, prows, small_b);
       const auto state = before.at_step(t, path == StepPath::kGemm);
       const scalar_t* hp_p = state.first;  // (a structured binding: not capturable in C++17)
-      step_nt(path, hp_p, state.second, R, H, w_p, wpack, w_t, 3 * H, gh);
+      step_nt(path, hp_p, state.second, R, H, w_p, wpack, wide, w_t, 3 * H, gh);
       for_rows_and_chunks(R, H, [&](int64_t b, int64_t j0, int64_t j1) {
         const int64_t row = row0 + b;
         const scalar_t* gir = gi_p + row * 3 * H;
@@ -989,14 +1151,15 @@ void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T +
   scalar_t* grz_p = grz.data_ptr<scalar_t>();
   scalar_t* rh_p = rh.data_ptr<scalar_t>();
   scalar_t* ghn_p = ghn.data_ptr<scalar_t>();
-  const Tensor rzpack = panels ? pack_panels(w_p, 2 * H, H, gi.options()) : Tensor();
-  const Tensor npack = panels ? pack_panels(w_p + 2 * H * H, H, H, gi.options()) : Tensor();
+  const Tensor rzpack = panels ? pack_panels(w_p, 2 * H, H, gi.options(), wide) : Tensor();
+  const Tensor npack =
+      panels ? pack_panels(w_p + 2 * H * H, H, H, gi.options(), wide) : Tensor();
   for (int64_t t = 0; t < T; ++t) {
     const int64_t R = lay.rows(t), row0 = lay.first(t), ws0 = ws_first(t);
     const StepPath path = step_path(R, prows, small_b);
     const auto state = before.at_step(t, path == StepPath::kGemm);
     const scalar_t* hp_p = state.first;  // (a structured binding: not capturable in C++17)
-    step_nt(path, hp_p, state.second, R, H, w_p, rzpack, w_rz_t, 2 * H, grz);
+    step_nt(path, hp_p, state.second, R, H, w_p, rzpack, wide, w_rz_t, 2 * H, grz);
     for_rows_and_chunks(R, H, [&](int64_t b, int64_t j0, int64_t j1) {
       const int64_t row = row0 + b;
       const scalar_t* gir = gi_p + row * 3 * H;
@@ -1012,7 +1175,7 @@ void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T +
       });
     });
     step_nt(path, rh_p, path == StepPath::kGemm ? rh.narrow(0, 0, R) : Tensor(), R, H,
-            w_p + 2 * H * H, npack, w_n_t, H, ghn);
+            w_p + 2 * H * H, npack, wide, w_n_t, H, ghn);
     for_rows_and_chunks(R, H, [&](int64_t b, int64_t j0, int64_t j1) {
       const int64_t row = row0 + b;
       const scalar_t* gir = gi_p + row * 3 * H;
@@ -1057,12 +1220,28 @@ std::tuple<Tensor, Tensor> forward_cpu(const char* op, bool save_ws, const Tenso
   const Tensor x2 = x.view({lay.N, d.I});
   // gi = x W_ih^T + b_ih: one GEMM over all rows (T*B, or N packed: no padding); inline for
   // a few rows (T=1 calls).
-  const bool small_gi = x.scalar_type() == at::kFloat ? lay.N <= fwd_small_rows<float>()
-                                                      : lay.N <= fwd_small_rows<double>();
-  Tensor gi = small_gi ? at::empty({lay.N, 3 * d.H}, x.options())
-              : (b_ih_.has_value() ? at::addmm(*b_ih_, x2, w_ih.t()) : at::mm(x2, w_ih.t()));
+  const bool is_f32 = x.scalar_type() == at::kFloat;
+  const bool small_gi = is_f32 ? lay.N <= fwd_small_rows<float>()
+                               : lay.N <= fwd_small_rows<double>();
+  const bool panel_gi = !small_gi && is_f32 && use_wide_panels<float>() &&
+                        g_wide_gi.load(std::memory_order_relaxed);
+  Tensor gi = small_gi || panel_gi
+                  ? at::empty({lay.N, 3 * d.H}, x.options())
+                  : (b_ih_.has_value() ? at::addmm(*b_ih_, x2, w_ih.t()) : at::mm(x2, w_ih.t()));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_fwd_cpu", [&] {
-    if (small_gi) {
+    if (panel_gi) {
+      scalar_t* gi_p = gi.data_ptr<scalar_t>();
+      const int64_t G = 3 * d.H;
+      if (b_ih_.has_value()) {
+        const Tensor b = b_ih_->contiguous();
+        at::parallel_for(0, lay.N, 64, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) std::copy_n(b.data_ptr<scalar_t>(), G, gi_p + r * G);
+        });
+      }
+      const Tensor pack = pack_panels(w_ih.data_ptr<scalar_t>(), G, d.I, x.options(), true);
+      panel_gemm_packed(x2.data_ptr<scalar_t>(), d.I, lay.N, d.I, pack.data_ptr<scalar_t>(),
+                        true, G, gi_p, G, b_ih_.has_value());
+    } else if (small_gi) {
       scalar_t* gi_p = gi.data_ptr<scalar_t>();
       const int64_t rows = lay.N, G = 3 * d.H;
       if (b_ih_.has_value()) {
@@ -1278,6 +1457,7 @@ TORCH_LIBRARY_FRAGMENT(fusedgru, m) {
   m.def("_set_cpu_small_avx512(bool on) -> bool", &fusedgru::set_small_avx512);
   m.def("_cpu_has_avx512() -> bool", &fusedgru::cpu_has_avx512);
   m.def("_set_cpu_small_wide(int rows) -> int", &fusedgru::set_small_wide);
+  m.def("_set_cpu_wide_gi(bool on) -> bool", &fusedgru::set_wide_gi);
   // Test hook: the forward's float32 activations (sigmoid, tanh) of x, as the kernels
   // compute them under the current switch.
   m.def("_cpu_activations(Tensor x) -> (Tensor, Tensor)", &fusedgru::cpu_activations);

@@ -709,3 +709,61 @@ def test_small_wide_rows_take_the_avx512_products(gen, poisoned):
             ops._set_cpu_small_wide(-1)
     finally:
         ops._set_cpu_small_wide(64)
+
+
+@pytest.mark.skipif(not AVX512, reason=NO_AVX512)
+def test_avx512_panels_are_bitwise_the_avx2_panels(gen, poisoned):
+    """The forward's per-step panel products in AVX-512 (8 rows x 32 columns) sum every
+    output in the AVX2 micro-kernel's order (blocks of 128 terms, each from zero, added into
+    out): bitwise the same y, h_n and ws, in both formulations, at row tails (9..31 rows: 8-row
+    tiles, then 1..7), column tails (3H = 27, 390: panels of 32 not full) and k tails
+    (H = 130: a block of 128 then 2).  Dense calls of T >= 8 (the panels' rule) with the
+    AVX-512 input projection off, so that nothing else differs."""
+    ops = torch.ops.fusedgru
+    prev = ops._set_cpu_wide_gi(False)
+    try:
+        for T, B, I, H in [(8, 9, 5, 9), (9, 20, 7, 130), (8, 31, 3, 64), (10, 16, 40, 17)]:
+            for reset_after in (True, False):
+                case = make_layer_case(T, B, I, H, reset_after=reset_after, generator=gen)
+                args = case.args(dtype=torch.float32)
+                outs = []
+                for on in (True, False):
+                    ops._set_cpu_small_avx512(on)
+                    outs.append(ops.gru_fwd(*args, reset_after) +
+                                (ops.gru_infer(*args, reset_after),))
+                ops._set_cpu_small_avx512(True)
+                for a, b in zip(*outs):
+                    assert torch.equal(a, b), (T, B, I, H, reset_after)
+                assert check_layer("cpu", case, dtype=torch.float32).ok
+    finally:
+        ops._set_cpu_small_avx512(True)
+        ops._set_cpu_wide_gi(prev)
+
+
+@pytest.mark.skipif(not AVX512, reason=NO_AVX512)
+def test_avx512_input_projection_within_budget(gen, poisoned):
+    """gi = x W_ih^T + b_ih of more than 64 rows on the AVX-512 panels (_set_cpu_wide_gi, on
+    by default) instead of ATen's GEMM: within SPEC's budget, dense, packed and with resets,
+    both formulations, with and without biases, at odd sizes (3H = 21, 390; I = 1, 130: k
+    tails of the 128-term blocks; rows 65..300: 128-row tasks and 8-row tiles with tails);
+    and taken: y differs from the GEMM's bits, within float32 rounding."""
+    ops = torch.ops.fusedgru
+    assert ops._set_cpu_wide_gi(True) is True  # the default
+    for T, B, I, H in [(5, 13, 130, 7), (3, 33, 1, 130), (10, 30, 33, 20)]:
+        lengths = sorted([T] + [1 + k % T for k in range(B - 1)], reverse=True)
+        for kw in ({}, {"lengths": lengths}, {"resets": torch.rand(T, B, generator=gen) < 0.3}):
+            for reset_after in (True, False):
+                for bias in (True, False):
+                    case = make_layer_case(T, B, I, H, reset_after=reset_after, bias=bias,
+                                           generator=gen, **kw)
+                    report = check_layer("cpu", case, dtype=torch.float32)
+                    assert report.ok, (T, B, I, H, kw, reset_after, bias, report.failures)
+    case = make_layer_case(5, 13, 130, 7, generator=gen)
+    wide = ops.gru_infer(*case.args(dtype=torch.float32), True)
+    ops._set_cpu_wide_gi(False)
+    try:
+        gemm = ops.gru_infer(*case.args(dtype=torch.float32), True)
+    finally:
+        ops._set_cpu_wide_gi(True)
+    assert not torch.equal(wide, gemm)
+    torch.testing.assert_close(wide, gemm, rtol=1e-4, atol=1e-5)
