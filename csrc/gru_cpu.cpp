@@ -688,8 +688,9 @@ void panel_gemm(const scalar_t* a, int64_t lda, int64_t M, int64_t K, const scal
 // k 2 panel loads and 8 broadcasts for 16 FMAs of 16 lanes (the AVX2 tile: 4 rows x 2
 // vectors of 8, 8 sums).  Each output's sum runs over blocks of kKC terms in k order, each
 // block started from zero and added into out, as panel_tile does: bitwise the AVX2 panels'
-// results.  Where they serve: the forward's per-step panel products (use_wide_panels), and
-// gi = x W_ih^T + b_ih of more than the wide rows (_set_cpu_wide_gi), where ATen's GEMM
+// results.  Where they serve: the forward's per-step panel products (use_wide_panels), and,
+// under _set_cpu_wide_gi (off by default), gi = x W_ih^T + b_ih of more than the wide rows,
+// where ATen's GEMM
 // (MKL) ran at ~36 GMAC/s on one core: a B=32 H=256 T=35 inference call spent 6.0 of its
 // 14.0 ms there (2026-12-02, noisy host), and was 0.77-0.80x ONNX Runtime.
 #ifdef FUSEDGRU_AVX512_TARGET
@@ -821,8 +822,11 @@ void panel_gemm_packed(const scalar_t* a, int64_t lda, int64_t M, int64_t K, con
 }
 
 // gi = x W_ih^T + b_ih of more than the wide rows on the AVX-512 panels (float32) instead of
-// ATen's GEMM: test / benchmark switch fusedgru::_set_cpu_wide_gi (default on).
-std::atomic<bool> g_wide_gi{true};
+// ATen's GEMM: test / benchmark switch fusedgru::_set_cpu_wide_gi, default OFF.  Measured
+// (2026-12-02, noisy host, 9 interleaved rounds): at 1 thread 0.90-1.07x MKL over 35..1120
+// rows; at 2 threads 0.34-1.00x, the packing and the product adding fork / join points
+// where a descheduled second thread stalls the call.  Kept for an A/B on a quiet machine.
+std::atomic<bool> g_wide_gi{false};
 
 bool set_wide_gi(bool on) { return g_wide_gi.exchange(on); }
 
@@ -1234,9 +1238,7 @@ std::tuple<Tensor, Tensor> forward_cpu(const char* op, bool save_ws, const Tenso
       const int64_t G = 3 * d.H;
       if (b_ih_.has_value()) {
         const Tensor b = b_ih_->contiguous();
-        at::parallel_for(0, lay.N, 64, [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r) std::copy_n(b.data_ptr<scalar_t>(), G, gi_p + r * G);
-        });
+        for (int64_t r = 0; r < lay.N; ++r) std::copy_n(b.data_ptr<scalar_t>(), G, gi_p + r * G);
       }
       const Tensor pack = pack_panels(w_ih.data_ptr<scalar_t>(), G, d.I, x.options(), true);
       panel_gemm_packed(x2.data_ptr<scalar_t>(), d.I, lay.N, d.I, pack.data_ptr<scalar_t>(),

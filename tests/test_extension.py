@@ -742,28 +742,28 @@ def test_avx512_panels_are_bitwise_the_avx2_panels(gen, poisoned):
 
 @pytest.mark.skipif(not AVX512, reason=NO_AVX512)
 def test_avx512_input_projection_within_budget(gen, poisoned):
-    """gi = x W_ih^T + b_ih of more than 64 rows on the AVX-512 panels (_set_cpu_wide_gi, on
+    """gi = x W_ih^T + b_ih of more than 64 rows on the AVX-512 panels (_set_cpu_wide_gi, off
     by default) instead of ATen's GEMM: within SPEC's budget, dense, packed and with resets,
     both formulations, with and without biases, at odd sizes (3H = 21, 390; I = 1, 130: k
     tails of the 128-term blocks; rows 65..300: 128-row tasks and 8-row tiles with tails);
     and taken: y differs from the GEMM's bits, within float32 rounding."""
     ops = torch.ops.fusedgru
-    assert ops._set_cpu_wide_gi(True) is True  # the default
-    for T, B, I, H in [(5, 13, 130, 7), (3, 33, 1, 130), (10, 30, 33, 20)]:
-        lengths = sorted([T] + [1 + k % T for k in range(B - 1)], reverse=True)
-        for kw in ({}, {"lengths": lengths}, {"resets": torch.rand(T, B, generator=gen) < 0.3}):
-            for reset_after in (True, False):
-                for bias in (True, False):
-                    case = make_layer_case(T, B, I, H, reset_after=reset_after, bias=bias,
-                                           generator=gen, **kw)
-                    report = check_layer("cpu", case, dtype=torch.float32)
-                    assert report.ok, (T, B, I, H, kw, reset_after, bias, report.failures)
-    case = make_layer_case(5, 13, 130, 7, generator=gen)
-    wide = ops.gru_infer(*case.args(dtype=torch.float32), True)
-    ops._set_cpu_wide_gi(False)
+    assert ops._set_cpu_wide_gi(True) is False  # off by default (not faster than MKL here)
     try:
-        gemm = ops.gru_infer(*case.args(dtype=torch.float32), True)
+        for T, B, I, H in [(5, 13, 130, 7), (3, 33, 1, 130), (10, 30, 33, 20)]:
+            lengths = sorted([T] + [1 + k % T for k in range(B - 1)], reverse=True)
+            for kw in ({}, {"lengths": lengths},
+                       {"resets": torch.rand(T, B, generator=gen) < 0.3}):
+                for reset_after in (True, False):
+                    for bias in (True, False):
+                        case = make_layer_case(T, B, I, H, reset_after=reset_after, bias=bias,
+                                               generator=gen, **kw)
+                        report = check_layer("cpu", case, dtype=torch.float32)
+                        assert report.ok, (T, B, I, H, kw, reset_after, bias, report.failures)
+        case = make_layer_case(5, 13, 130, 7, generator=gen)
+        wide = ops.gru_infer(*case.args(dtype=torch.float32), True)
     finally:
-        ops._set_cpu_wide_gi(True)
+        ops._set_cpu_wide_gi(False)
+    gemm = ops.gru_infer(*case.args(dtype=torch.float32), True)
     assert not torch.equal(wide, gemm)
     torch.testing.assert_close(wide, gemm, rtol=1e-4, atol=1e-5)
