@@ -11,14 +11,18 @@ can time the old and the new step together:
     3   1 and 2 together
     4   the K split balanced over the warps (a different summation order)
     7   all three
+    8   the batch tiles split over groups of blocks (B > 16: twice the blocks at H=1024 on an
+        H200; the K split re-planned for a group's tiles, so at H >= 128 another summation
+        order)
+    15  all four
 
 The predictions these figures are to confirm or refute: benchmarks/NOTES-cuda-latency.md.
 Cells: B=16 H=768 and B=64 H=1024 (the issue's targets), bf16 and float32 (at nn.GRU's
 default precision: TF32 where cuDNN's RNN may use it), inference and training, T=256.
 Per cell the variants and nn.GRU are timed in interleaved rounds (fusedgru.bench.time_call:
 triton.testing.do_bench's median on a GPU); every variant's outputs (y, and in training
-the gradients) are checked bitwise equal to variant 0's first (variants with bit 4, which
-sums in another order: their largest relative difference is recorded), and each row
+the gradients) are checked bitwise equal to variant 0's first (variants with bit 4 or 8,
+which may sum in another order: their largest relative difference is recorded), and each row
 records the plan the launch took (``_cuda_plan``: whether the variant applied or fell back).
 
     python benchmarks/step_variants.py [--out FILE.json] [--quick] [--time-budget S]
@@ -38,7 +42,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-VARIANTS = (0, 1, 2, 3, 4, 7)
+VARIANTS = (0, 1, 2, 3, 4, 7, 8, 15)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 T = 256
 
@@ -108,7 +112,7 @@ def run_cell(cell: dict, rounds: int, opts) -> List[dict]:
             row["max_rel_diff_vs_variant_0"] = max(
                 float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
                 for a, b in zip(got, want))
-            if not row["bitwise_equal_to_variant_0"] and not v & 4:
+            if not row["bitwise_equal_to_variant_0"] and not v & 12:
                 row["status"] = "error: outputs differ from variant 0's (bitwise)"
             rows[name] = row
             fns[name] = fn
@@ -170,7 +174,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         prev = _set_variant(0)
         seen = [_set_variant(v) for v in VARIANTS[1:] + (prev,)]
         assert seen == list(VARIANTS), seen
-        for bad in (-1, 8):
+        for bad in (-1, 16):
             try:
                 _set_variant(bad)
             except RuntimeError:

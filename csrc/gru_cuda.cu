@@ -132,14 +132,18 @@ void allow_dynamic_smem(const void* kern, int dev, int64_t bytes) {
 //          barrier and the wait); else the old loop;
 //   bit 4: the K split of each block's GEMM balanced over its warps (plan_balance: the
 //          busiest warp's chain of k-steps as short as it gets), where the accumulators
-//          still fit; a different summation order, so not the old step's bits.
+//          still fit; a different summation order, so not the old step's bits;
+//   bit 8: the batch tiles split over groups of blocks (plan_groups: as many groups as the
+//          SMs left idle allow, each group the Hp / 16 unit blocks again), where every
+//          block stays co-resident; the K split re-planned for a group's tiles (other
+//          partial sums where it changes).
 std::atomic<int64_t> g_step_variant{0};
 
 int64_t set_cuda_step_variant(int64_t mode) {
-  TORCH_CHECK(mode >= 0 && mode <= 7,
+  TORCH_CHECK(mode >= 0 && mode <= 15,
               "fusedgru::_set_cuda_step_variant: mode must be 0 (the old step) or a sum of 1 (A "
-              "staged in shared memory), 2 (the split-barrier step) and 4 (the balanced K "
-              "split), got ", mode);
+              "staged in shared memory), 2 (the split-barrier step), 4 (the balanced K "
+              "split) and 8 (batch groups of blocks), got ", mode);
   return g_step_variant.exchange(mode);
 }
 
@@ -153,6 +157,26 @@ Plan make_plan(int64_t T, int64_t B, int64_t H, int64_t op_size, int64_t acc_siz
   const int mode = cuda_path_mode();
   std::ostringstream why;
   const int64_t variant = g_step_variant.load(std::memory_order_relaxed);
+  // Bit 8: batch groups first (the K split, balanced or not, is planned for a group's
+  // tiles); kept only if every block of the grouped launch is still co-resident (checked
+  // below; else the plan without groups).
+  int groups = 1;
+  if (variant & 8) {
+    Plan grouped = pl;
+    if (plan_groups(grouped, d.sms / std::max(1, pl.g.nbu), acc_size)) {
+      const int64_t bytes = grouped.smem_bytes(true);
+      int occg = 0;
+      if (bytes <= d.smem_optin) {
+        allow_dynamic_smem(kern, dev, bytes);
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &occg, kern, kThreads, static_cast<size_t>(bytes)));
+      }
+      if (static_cast<int64_t>(grouped.NB) <= static_cast<int64_t>(occg) * d.sms) {
+        groups = grouped.NB / grouped.g.nbu;
+        pl = grouped;
+      }
+    }
+  }
   const int old_split = pl.g.nsplit;
   const bool balanced = (variant & 4) && plan_balance(pl, acc_size, d.smem_optin);
   TORCH_CHECK(pl.acc_bytes <= d.smem_optin, "fusedgru: accumulator tiles (", pl.acc_bytes,
@@ -181,6 +205,14 @@ Plan make_plan(int64_t T, int64_t B, int64_t H, int64_t op_size, int64_t acc_siz
   }
   TORCH_CHECK(pl.persistent || mode != 1, "fusedgru: persistent kernel requested but ",
               why.str());
+  if (variant & 8) {
+    if (groups > 1)
+      why << "; step variant 8: " << groups << " batch groups of " << pl.g.nbu << " blocks ("
+          << pl.g.mtg << " tiles each)";
+    else
+      why << "; step variant 8: one group (" << pl.g.MT << " batch tiles, " << pl.g.nbu
+          << " blocks of " << d.sms << " SMs)";
+  }
   if (variant & 4) {
     if (balanced)
       why << "; step variant 4: K split " << old_split << " -> " << pl.g.nsplit;

@@ -219,7 +219,33 @@ struct Geom {
   // The persistent forward's split-barrier step (fusedgru::_set_cuda_step_variant bit 2,
   // plan_split, fwd_split_loop): 1 = on, 0 = the old loop (fwd_phase per step).
   int split = 0;
+  // Batch groups (step variant bit 8, plan_groups): the launch's blocks are ngroups x nbu,
+  // block = group * nbu + unit block; the nbu unit blocks each own 16 hidden units (their W
+  // slice) as before, and group gr computes batch tiles [gr * mtg, (gr + 1) * mtg) only.
+  // plan_layout: nbu = Hp / 16, mtg = MT (one group: every block does every batch tile).
+  int nbu = 0;
+  int mtg = 0;
 };
+
+// Batch tiles of one pass of a block's GEMM: a group's tiles, at most kMaxMTilesPerPass.
+inline int pass_tiles(const Geom& g) { return std::min(g.mtg, kMaxMTilesPerPass); }
+
+// Where the block sits in the grid (bit 8): its unit block ub (its 16 hidden units,
+// j0 = 16 ub, and its W slice) and its group's first batch tile t0 (0 with one group).
+struct BlockPos {
+  int ub, t0;
+};
+__device__ __forceinline__ BlockPos block_pos(const Geom& g) {
+  const int grp = static_cast<int>(blockIdx.x) / g.nbu;
+  return BlockPos{static_cast<int>(blockIdx.x) - grp * g.nbu, grp * g.mtg};
+}
+__device__ __forceinline__ int unit_block(const Geom& g) { return block_pos(g).ub; }
+// The end of the block's batch tiles at a step of `rows` rows (t0 when the group has none
+// of them: a packed step's later rows, or a batch that leaves the last groups empty).
+__device__ __forceinline__ int group_tile_end(const Geom& g, int t0, int64_t rows) {
+  const int end = min(static_cast<int>((rows + 15) / 16), t0 + g.mtg);
+  return end > t0 ? end : t0;
+}
 
 // Staging of A (the step variant 1; benchmarks/NOTES-cuda-latency.md): the pass's rows x
 // [0, K) of A copied once into shared memory by all threads (cp.async on sm_80+: 16-byte
@@ -347,17 +373,18 @@ __device__ void fwd_phase(const FwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
                           int64_t t, int phase) {
   const Geom& g = p.g;
   const int64_t B = g.B, H = g.H, Hp = g.Hp;
-  const int j0 = blockIdx.x * kUnits;
+  const BlockPos pos = block_pos(g);
+  const int j0 = pos.ub * kUnits;
   const op_t* hin = p.hbuf + (t & 1) * static_cast<int64_t>(g.Bp) * Hp;
   op_t* hout = p.hbuf + ((t + 1) & 1) * static_cast<int64_t>(g.Bp) * Hp;
   auto bias = [&](int64_t k) { return p.bhh ? acc_t(ldf(p.bhh + k)) : acc_t(0); };
   const StepSpan span = step_span(p.steps, t, B);
-  const int MT = row_tiles(span.rows);
+  const int MT = group_tile_end(g, pos.t0, span.rows);  // this block's tiles: [pos.t0, MT)
   // The state this step publishes for row b: h, or zeros where step t+1 restarts row b.
   const bool* restart = p.resets && t + 1 < g.T ? p.resets + (t + 1) * B : nullptr;
   auto staged = [&](int64_t b, acc_t h) { return restart && restart[b] ? acc_t(0) : h; };
 
-  for (int mt0 = 0; mt0 < MT; mt0 += kMaxMTilesPerPass) {
+  for (int mt0 = pos.t0; mt0 < MT; mt0 += kMaxMTilesPerPass) {
     const int mt1 = min(MT, mt0 + kMaxMTilesPerPass), mtp = mt1 - mt0;
     const int64_t b_end = imin64(span.rows, static_cast<int64_t>(mt1) * 16);
     const int64_t b_beg = static_cast<int64_t>(mt0) * 16;
@@ -459,7 +486,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   op_t* Ws = reinterpret_cast<op_t*>(smem);
   acc_t* acc = acc_region<op_t, acc_t>(smem, w_bytes);
   const int64_t slice = 3 * 16 * static_cast<int64_t>(p.g.ldw);
-  copy_to_smem(Ws, p.wpack + blockIdx.x * slice, slice);
+  copy_to_smem(Ws, p.wpack + unit_block(p.g) * slice, slice);
   cg::grid_group grid = cg::this_grid();
   if (p.g.split) {
     fwd_split_loop<scalar_t, op_t, acc_t, MM>(p, Ws, acc, grid);
@@ -497,8 +524,11 @@ __device__ void fwd_split_loop(const FwdArgs<scalar_t, op_t, acc_t>& p, const op
   const Geom& g = p.g;
   const int64_t B = g.B, H = g.H, Hp = g.Hp;
   const int jj = static_cast<int>(threadIdx.x) % kUnits;
-  const int b0 = static_cast<int>(threadIdx.x) / kUnits;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kUnits + jj;
+  const BlockPos pos = block_pos(g);
+  const int gt0 = pos.t0;  // the block's group's first batch tile (bit 8)
+  const int b0 = gt0 * 16 + static_cast<int>(threadIdx.x) / kUnits;
+  const int64_t b_lim = static_cast<int64_t>(gt0 + g.mtg) * 16;  // the group's rows end here
+  const int64_t j = static_cast<int64_t>(pos.ub) * kUnits + jj;
   const bool own = j < H;
   auto bias = [&](int64_t k) { return own && p.bhh ? acc_t(ldf(p.bhh + k)) : acc_t(0); };
   const acc_t br = bias(j), bz = bias(H + j), bn = bias(2 * H + j);
@@ -507,7 +537,7 @@ __device__ void fwd_split_loop(const FwdArgs<scalar_t, op_t, acc_t>& p, const op
 #pragma unroll
   for (int i = 0; i < kSplitPer; ++i) {
     const int64_t b = b0 + 16 * i;
-    hs[i] = own && b < B ? p.hstate[b * Hp + j] : acc_t(0);
+    hs[i] = own && b < B && b < b_lim ? p.hstate[b * Hp + j] : acc_t(0);
     zs[i] = gr[i] = gz[i] = gn[i] = acc_t(0);
     rs[i] = false;
   }
@@ -519,7 +549,7 @@ __device__ void fwd_split_loop(const FwdArgs<scalar_t, op_t, acc_t>& p, const op
 #pragma unroll
     for (int i = 0; i < kSplitPer; ++i) {
       const int64_t b = b0 + 16 * i;
-      if (own && b < span.rows) {
+      if (own && b < span.rows && b < b_lim) {
         const scalar_t* gir = p.gi + (span.first + b) * 3 * H;
         gr[i] = acc_t(ldf(gir + j));
         gz[i] = acc_t(ldf(gir + H + j));
@@ -533,17 +563,17 @@ __device__ void fwd_split_loop(const FwdArgs<scalar_t, op_t, acc_t>& p, const op
     const op_t* hin = p.hbuf + (t & 1) * static_cast<int64_t>(g.Bp) * Hp;
     op_t* hout = p.hbuf + ((t + 1) & 1) * static_cast<int64_t>(g.Bp) * Hp;
     const StepSpan span = step_span(p.steps, t, B);
-    const int MT = row_tiles(span.rows);
+    const int MT = group_tile_end(g, gt0, span.rows), mtp = MT - gt0;
     if (p.reset_after) {
-      block_gemm<op_t, acc_t, MM>(g, hin, Hp, W, 3, Hp, 0, MT, acc);
+      block_gemm<op_t, acc_t, MM>(g, hin, Hp, W, 3, Hp, gt0, MT, acc);
 #pragma unroll
       for (int i = 0; i < kSplitPer; ++i) {
         const int64_t b = b0 + 16 * i;
-        if (!own || b >= span.rows) continue;
+        if (!own || b >= span.rows || b >= b_lim) continue;
         const int64_t row = span.first + b;
-        const acc_t hr = tile_sum(g, acc, 0, MT, 3, b, 0, jj) + br;
-        const acc_t hz = tile_sum(g, acc, 0, MT, 3, b, 1, jj) + bz;
-        const acc_t hn = tile_sum(g, acc, 0, MT, 3, b, 2, jj) + bn;
+        const acc_t hr = tile_sum(g, acc, gt0, mtp, 3, b, 0, jj) + br;
+        const acc_t hz = tile_sum(g, acc, gt0, mtp, 3, b, 1, jj) + bz;
+        const acc_t hn = tile_sum(g, acc, gt0, mtp, 3, b, 2, jj) + bn;
         const acc_t r = sigm(gr[i] + hr);
         const acc_t z = sigm(gz[i] + hz);
         const acc_t n = tanh_(gn[i] + r * hn);
@@ -560,14 +590,14 @@ __device__ void fwd_split_loop(const FwdArgs<scalar_t, op_t, acc_t>& p, const op
         stf(hout + b * Hp + j, hs[i]);
       }
     } else {
-      block_gemm<op_t, acc_t, MM>(g, hin, Hp, W, 2, Hp, 0, MT, acc);
+      block_gemm<op_t, acc_t, MM>(g, hin, Hp, W, 2, Hp, gt0, MT, acc);
 #pragma unroll
       for (int i = 0; i < kSplitPer; ++i) {
         const int64_t b = b0 + 16 * i;
-        if (!own || b >= span.rows) continue;
+        if (!own || b >= span.rows || b >= b_lim) continue;
         const int64_t row = span.first + b;
-        const acc_t r = sigm(gr[i] + tile_sum(g, acc, 0, MT, 2, b, 0, jj) + br);
-        const acc_t z = sigm(gz[i] + tile_sum(g, acc, 0, MT, 2, b, 1, jj) + bz);
+        const acc_t r = sigm(gr[i] + tile_sum(g, acc, gt0, mtp, 2, b, 0, jj) + br);
+        const acc_t z = sigm(gz[i] + tile_sum(g, acc, gt0, mtp, 2, b, 1, jj) + bz);
         zs[i] = z;
         stf(p.rhbuf + b * Hp + j, r * hs[i]);
         if (p.ws) {
@@ -576,13 +606,13 @@ __device__ void fwd_split_loop(const FwdArgs<scalar_t, op_t, acc_t>& p, const op
         }
       }
       grid.sync();  // r (.) h_{t-1} of every block; acc free again
-      block_gemm<op_t, acc_t, MM>(g, p.rhbuf, Hp, W + 2 * 16 * g.ldw, 1, Hp, 0, MT, acc);
+      block_gemm<op_t, acc_t, MM>(g, p.rhbuf, Hp, W + 2 * 16 * g.ldw, 1, Hp, gt0, MT, acc);
 #pragma unroll
       for (int i = 0; i < kSplitPer; ++i) {
         const int64_t b = b0 + 16 * i;
-        if (!own || b >= span.rows) continue;
+        if (!own || b >= span.rows || b >= b_lim) continue;
         const int64_t row = span.first + b;
-        const acc_t hn = tile_sum(g, acc, 0, MT, 1, b, 0, jj) + bn;
+        const acc_t hn = tile_sum(g, acc, gt0, mtp, 1, b, 0, jj) + bn;
         const acc_t n = tanh_(gn[i] + hn);
         const acc_t h = n + zs[i] * (hs[i] - n);
         hs[i] = rs[i] ? acc_t(0) : h;
@@ -605,13 +635,18 @@ __device__ void fwd_split_loop(const FwdArgs<scalar_t, op_t, acc_t>& p, const op
 }
 
 // Fallback: one launch per step (and phase); the W slice is read from global memory / L2.
+// __launch_bounds__(kThreads, 1), as the persistent kernels: a launch is Hp / 16 blocks (x
+// the batch groups), about one per SM, so occupancy asks nothing of the registers.  With
+// the bound of kThreads alone, ptxas held the per-step kernels to 64 registers on sm_90 and,
+// once the batch groups (bit 8) added their block position, spilled 12-24 bytes in two of
+// them.
 template <typename scalar_t, typename op_t, typename acc_t, int MM>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     gru_fwd_step(const FwdArgs<scalar_t, op_t, acc_t> p, int64_t t, int phase) {
   FUSEDGRU_DYNAMIC_SMEM(smem);
   acc_t* acc = reinterpret_cast<acc_t*>(smem);
   const int64_t slice = 3 * 16 * static_cast<int64_t>(p.g.ldw);
-  fwd_phase<scalar_t, op_t, acc_t, MM>(p, p.wpack + blockIdx.x * slice, acc, t, phase);
+  fwd_phase<scalar_t, op_t, acc_t, MM>(p, p.wpack + unit_block(p.g) * slice, acc, t, phase);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -648,7 +683,8 @@ __device__ void bwd_phase(const BwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
   const int64_t B = g.B, H = g.H, Hp = g.Hp, T = g.T;
   const int64_t buf = static_cast<int64_t>(g.Bp) * 3 * Hp;
   const int lda = 3 * g.Hp;
-  const int j0 = blockIdx.x * kUnits;
+  const BlockPos pos = block_pos(g);
+  const int j0 = pos.ub * kUnits;
   const int Krec = p.reset_after ? 3 * g.Hp : 2 * g.Hp;  // K of the product that yields dh
   const op_t* gin = p.gbuf + ((t + 1) & 1) * buf;          // dgh_{t+1}
   op_t* gout = p.gbuf + (t & 1) * buf;                      // dgh_t
@@ -660,9 +696,9 @@ __device__ void bwd_phase(const BwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
   const int64_t prev_first = t > 0 ? step_span(p.steps, t - 1, B).first : 0;
   const bool* carry_reset = p.resets && has_next ? p.resets + tn * B : nullptr;
   const bool* fresh = p.resets && phase != 2 ? p.resets + t * B : nullptr;  // h_{t-1} = 0
-  const int MT = row_tiles(span.rows);
+  const int MT = group_tile_end(g, pos.t0, span.rows);  // this block's tiles: [pos.t0, MT)
 
-  for (int mt0 = 0; mt0 < MT; mt0 += kMaxMTilesPerPass) {
+  for (int mt0 = pos.t0; mt0 < MT; mt0 += kMaxMTilesPerPass) {
     const int mt1 = min(MT, mt0 + kMaxMTilesPerPass), mtp = mt1 - mt0;
     const int64_t b_end = imin64(span.rows, static_cast<int64_t>(mt1) * 16);
     const int64_t b_beg = static_cast<int64_t>(mt0) * 16;
@@ -746,8 +782,11 @@ __device__ void bwd_split_loop(const BwdArgs<scalar_t, op_t, acc_t>& p, const op
   const int lda = 3 * g.Hp;
   const int Krec = p.reset_after ? 3 * g.Hp : 2 * g.Hp;
   const int jj = static_cast<int>(threadIdx.x) % kUnits;
-  const int b0 = static_cast<int>(threadIdx.x) / kUnits;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kUnits + jj;
+  const BlockPos pos = block_pos(g);
+  const int gt0 = pos.t0;  // the block's group's first batch tile (bit 8)
+  const int b0 = gt0 * 16 + static_cast<int>(threadIdx.x) / kUnits;
+  const int64_t b_lim = static_cast<int64_t>(gt0 + g.mtg) * 16;  // the group's rows end here
+  const int64_t j = static_cast<int64_t>(pos.ub) * kUnits + jj;
   const bool own = j < H;
   acc_t ds[kSplitPer], vr[kSplitPer], vz[kSplitPer], vn[kSplitPer], vhn[kSplitPer],
       vh[kSplitPer], vgy[kSplitPer];
@@ -755,7 +794,7 @@ __device__ void bwd_split_loop(const BwdArgs<scalar_t, op_t, acc_t>& p, const op
 #pragma unroll
   for (int i = 0; i < kSplitPer; ++i) {
     const int64_t b = b0 + 16 * i;
-    ds[i] = own && b < B ? p.dhs[b * Hp + j] : acc_t(0);
+    ds[i] = own && b < B && b < b_lim ? p.dhs[b * Hp + j] : acc_t(0);
     vr[i] = vz[i] = vn[i] = vhn[i] = vh[i] = vgy[i] = acc_t(0);
     vc[i] = false;
   }
@@ -769,7 +808,7 @@ __device__ void bwd_split_loop(const BwdArgs<scalar_t, op_t, acc_t>& p, const op
 #pragma unroll
     for (int i = 0; i < kSplitPer; ++i) {
       const int64_t b = b0 + 16 * i;
-      if (!own || b >= span.rows) continue;
+      if (!own || b >= span.rows || b >= b_lim) continue;
       const int64_t row = span.first + b;
       const scalar_t* wsr = p.ws + row * 4 * H;
       vr[i] = ldf(wsr + j);
@@ -789,14 +828,14 @@ __device__ void bwd_split_loop(const BwdArgs<scalar_t, op_t, acc_t>& p, const op
     op_t* gout = p.gbuf + (t & 1) * buf;              // dgh_t
     const bool has_next = t + 1 < T;
     const StepSpan span = step_span(p.steps, t, B);
-    const int MT = row_tiles(span.rows);
-    if (has_next) block_gemm<op_t, acc_t, MM>(g, gin, lda, W, 1, Krec, 0, MT, acc);
+    const int MT = group_tile_end(g, gt0, span.rows), mtp = MT - gt0;
+    if (has_next) block_gemm<op_t, acc_t, MM>(g, gin, lda, W, 1, Krec, gt0, MT, acc);
 #pragma unroll
     for (int i = 0; i < kSplitPer; ++i) {
       const int64_t b = b0 + 16 * i;
-      if (!own || b >= span.rows) continue;
+      if (!own || b >= span.rows || b >= b_lim) continue;
       const int64_t row = span.first + b;
-      const acc_t mm = has_next ? tile_sum(g, acc, 0, MT, 1, b, 0, jj) : acc_t(0);
+      const acc_t mm = has_next ? tile_sum(g, acc, gt0, mtp, 1, b, 0, jj) : acc_t(0);
       const acc_t r = vr[i], z = vz[i], h = vh[i];
       scalar_t* dghr = p.dgh + row * 3 * H;
       op_t* go = gout + b * 3 * Hp;
@@ -826,13 +865,13 @@ __device__ void bwd_split_loop(const BwdArgs<scalar_t, op_t, acc_t>& p, const op
     }
     if (!p.reset_after) {
       grid.sync();  // da_n of every block in gout; acc free again
-      block_gemm<op_t, acc_t, MM>(g, gout + 2 * Hp, lda, W + 2 * Hp, 1, g.Hp, 0, MT, acc);
+      block_gemm<op_t, acc_t, MM>(g, gout + 2 * Hp, lda, W + 2 * Hp, 1, g.Hp, gt0, MT, acc);
 #pragma unroll
       for (int i = 0; i < kSplitPer; ++i) {
         const int64_t b = b0 + 16 * i;
-        if (!own || b >= span.rows) continue;
+        if (!own || b >= span.rows || b >= b_lim) continue;
         const int64_t row = span.first + b;
-        const acc_t mm = tile_sum(g, acc, 0, MT, 1, b, 0, jj);
+        const acc_t mm = tile_sum(g, acc, gt0, mtp, 1, b, 0, jj);
         const acc_t r = vr[i], h = vh[i];
         const acc_t da_r = mm * h * r * (acc_t(1) - r);
         stf(p.dgh + row * 3 * H + j, da_r);
@@ -850,13 +889,13 @@ __device__ void bwd_split_loop(const BwdArgs<scalar_t, op_t, acc_t>& p, const op
     }
   }
   // dh0 (bwd_phase's phase 2): dhs + dgh_0 W_hh where step 0 did not restart the row.
-  const int MT = row_tiles(B);
-  block_gemm<op_t, acc_t, MM>(g, p.gbuf, lda, W, 1, Krec, 0, MT, acc);
+  const int MT = group_tile_end(g, gt0, B), mtp = MT - gt0;
+  block_gemm<op_t, acc_t, MM>(g, p.gbuf, lda, W, 1, Krec, gt0, MT, acc);
 #pragma unroll
   for (int i = 0; i < kSplitPer; ++i) {
     const int64_t b = b0 + 16 * i;
-    if (!own || b >= B) continue;
-    const acc_t mm = tile_sum(g, acc, 0, MT, 1, b, 0, jj);
+    if (!own || b >= B || b >= b_lim) continue;
+    const acc_t mm = tile_sum(g, acc, gt0, mtp, 1, b, 0, jj);
     const bool carried = !(p.resets && p.resets[b]);
     stf(p.dh0 + b * H + j, carried ? ds[i] + mm : acc_t(0));
   }
@@ -869,7 +908,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   op_t* Ws = reinterpret_cast<op_t*>(smem);
   acc_t* acc = acc_region<op_t, acc_t>(smem, w_bytes);
   const int64_t slice = 16 * static_cast<int64_t>(p.g.ldw);
-  copy_to_smem(Ws, p.wpack + blockIdx.x * slice, slice);
+  copy_to_smem(Ws, p.wpack + unit_block(p.g) * slice, slice);
   cg::grid_group grid = cg::this_grid();
   if (p.g.split) {
     bwd_split_loop<scalar_t, op_t, acc_t, MM>(p, Ws, acc, grid);
@@ -887,12 +926,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 template <typename scalar_t, typename op_t, typename acc_t, int MM>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     gru_bwd_step(const BwdArgs<scalar_t, op_t, acc_t> p, int64_t t, int phase) {
   FUSEDGRU_DYNAMIC_SMEM(smem);
   acc_t* acc = reinterpret_cast<acc_t*>(smem);
   const int64_t slice = 16 * static_cast<int64_t>(p.g.ldw);
-  bwd_phase<scalar_t, op_t, acc_t, MM>(p, p.wpack + blockIdx.x * slice, acc, t, phase);
+  bwd_phase<scalar_t, op_t, acc_t, MM>(p, p.wpack + unit_block(p.g) * slice, acc, t, phase);
 }
 
 
@@ -921,6 +960,17 @@ struct Plan {
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// plan_layout's K split for a block's pass of pass_tiles(g) batch tiles: split K over the
+// warps a step would leave idle, keeping >= 4 k-steps of 16 per part; and the accumulator
+// tiles it needs.
+inline void plan_split_rule(Plan& pl, int64_t acc_size) {
+  Geom& g = pl.g;
+  const int mtp = pass_tiles(g);
+  const int NC = pl.backward ? 1 : 3;
+  g.nsplit = std::max(1, std::min(kWarps / std::max(1, mtp * NC), std::max(1, g.Hp / 64)));
+  pl.acc_bytes = static_cast<int64_t>(g.nsplit) * mtp * NC * kTileElems * acc_size;
+}
+
 // Sizes, block count and shared-memory layout of a launch (backward: the reverse-time loop).
 inline Plan plan_layout(int64_t T, int64_t B, int64_t H, int64_t op_size, int64_t acc_size,
                         bool backward) {
@@ -930,18 +980,35 @@ inline Plan plan_layout(int64_t T, int64_t B, int64_t H, int64_t op_size, int64_
   g.Hp = static_cast<int>(round_up(H, 16));
   g.Bp = static_cast<int>(round_up(std::max<int64_t>(B, 1), 16));
   g.MT = g.Bp / 16;
-  pl.NB = g.Hp / kUnits;
+  g.nbu = g.Hp / kUnits;
+  g.mtg = g.MT;
+  pl.NB = g.nbu;
   const int K = backward ? 3 * g.Hp : g.Hp;
   const int rows = backward ? 16 : 48;
-  const int NC = backward ? 1 : 3;
   g.ldw = K + static_cast<int>(16 / op_size);
-  const int mtp = std::min(g.MT, kMaxMTilesPerPass);
-  // Split K over the warps a step would leave idle, keeping >= 4 k-steps of 16 per part.
-  g.nsplit = std::max(1, std::min(kWarps / std::max(1, mtp * NC), std::max(1, g.Hp / 64)));
   pl.w_bytes = round_up(static_cast<int64_t>(rows) * g.ldw * op_size, 128);
-  pl.acc_bytes = static_cast<int64_t>(g.nsplit) * mtp * NC * kTileElems * acc_size;
   pl.backward = backward;
+  plan_split_rule(pl, acc_size);
   return pl;
+}
+
+// Step variant bit 8 (plan_groups): the batch tiles split over `groups` groups of blocks,
+// each group the nbu unit blocks again (the same W slices: shared memory per block is
+// unchanged but for the accumulators, which shrink with the tiles), so a large batch runs
+// on groups x nbu blocks instead of nbu.  B=64 H=1024: 64 blocks doing 4 tiles x 3 gates
+// each -> 128 blocks doing 2 x 3 (benchmarks/NOTES-cuda-latency.md, "More blocks at large
+// B").  The K split is re-planned by plan_layout's rule for the group's tiles.  groups is
+// clamped to [1, MT] and rounded so no group is empty; returns whether the plan changed.
+inline bool plan_groups(Plan& pl, int groups, int64_t acc_size) {
+  Geom& g = pl.g;
+  groups = std::max(1, std::min(groups, g.MT));
+  const int mtg = (g.MT + groups - 1) / groups;
+  groups = (g.MT + mtg - 1) / mtg;
+  if (groups <= 1) return false;
+  g.mtg = mtg;
+  pl.NB = g.nbu * groups;
+  plan_split_rule(pl, acc_size);
+  return true;
 }
 
 // Step variant bit 4 (plan_balance): the K split chosen to shorten the busiest warp's
@@ -972,7 +1039,7 @@ inline int balanced_split(int units, int max_split) {
 // whether the split changed.
 inline bool plan_balance(Plan& pl, int64_t acc_size, int64_t cap) {
   Geom& g = pl.g;
-  const int mtp = std::min(g.MT, kMaxMTilesPerPass);
+  const int mtp = pass_tiles(g);
   const int NC = pl.backward ? 1 : 3;
   const int s = balanced_split(mtp * NC, std::max(1, g.Hp / 64));
   if (s == g.nsplit) return false;
@@ -994,7 +1061,7 @@ inline int64_t staging_bytes(const Plan& pl, bool fma, int64_t op_size, int* lds
   const Geom& g = pl.g;
   const int K = pl.backward ? 3 * g.Hp : g.Hp;
   *lds = K + static_cast<int>((fma ? 8 : 16) / op_size);
-  const int rows = std::min(g.MT, kMaxMTilesPerPass) * 16;
+  const int rows = pass_tiles(g) * 16;
   return round_up(static_cast<int64_t>(rows) * *lds * op_size, 128);
 }
 

@@ -298,17 +298,23 @@ class Spec:
     # Step variant bit 4 (_set_cuda_step_variant(4)): the K split balanced over the warps
     # (plan_balance).  A different summation order: held to the budget, not to the bits.
     balance: bool = False
+    # Step variant bit 8 (_set_cuda_step_variant(8)): the batch tiles split over this many
+    # groups of blocks (plan_groups).  Below H = 128 the K split cannot change (Hp / 64 <= 1)
+    # and the outputs must be the one-group launch's bits; from H = 128 on, the budget.
+    groups: int = 1
 
     @property
     def id(self) -> str:
         return (self.data_id + ("-staged" if self.stage else "") + ("-split" if self.split else "")
-                + ("-balanced" if self.balance else ""))
+                + ("-balanced" if self.balance else "")
+                + (f"-groups{self.groups}" if self.groups > 1 else ""))
 
     @property
     def old_step(self) -> "Spec":
-        """The same case without the variants that must not change a bit (stage, split): the
-        old step, or the balanced plan's old step."""
-        return dataclasses.replace(self, stage=False, split=False)
+        """The same case without the variants that must not change a bit (stage, split; groups
+        below H = 128): the old step, or the balanced (grouped) plan's old step."""
+        return dataclasses.replace(self, stage=False, split=False,
+                                   groups=self.groups if self.H >= 128 else 1)
 
     @property
     def data_id(self) -> str:
@@ -465,7 +471,7 @@ def harness_cmd(exe: str, spec: Spec, fin: str, fout: str, seq: Optional[str] = 
     return [exe, spec.dtype, spec.path, str(spec.T), str(spec.B), str(spec.H),
             str(int(spec.reset_after)), str(int(spec.h0)), str(int(spec.bias)), fin, fout,
             seq if seq is not None else spec.seq_arg(), f"stage={int(spec.stage)}",
-            f"split={int(spec.split)}", f"balance={int(spec.balance)}"]
+            f"split={int(spec.split)}", f"balance={int(spec.balance)}", f"groups={spec.groups}"]
 
 
 def run_case(variant: str, exe: str, spec: Spec, env_extra: Optional[Dict[str, str]] = None,
@@ -585,6 +591,8 @@ MUTANT_SPLIT_RESETS = dataclasses.replace(MUTANT_RESETS, split=True)
 # The balanced K split (variant 4): B = 33 (9 tile units forward: split 1 -> 2) and H = 130
 # (9 k-steps of 16 per gate: parts of 5 and 4, 9 blocks), in float64.
 MUTANT_BALANCED = Spec("f64", "persistent", 2, 33, 130, True, balance=True)
+MUTANT_GROUPS = dataclasses.replace(MUTANT_SPEC, groups=2)  # B = 17: 2 groups of 1 tile
+MUTANT_GROUPS_SPLIT = dataclasses.replace(MUTANT_GROUPS, split=True)
 
 
 def _staged_specs(specs: List[Spec], variant: str) -> List[Spec]:
@@ -676,6 +684,58 @@ def _balance_specs(variant: str) -> List[Spec]:
     return out
 
 
+def _groups_specs(specs: List[Spec], variant: str) -> List[Spec]:
+    """Step variant 8 (batch groups of blocks) on cases of the grid with 2 or 3 batch tiles
+    (B = 17..33; 130: 9 tiles, 2 groups of 5, a pass that differs from the old 8 + 1), whose
+    one-group twins are in the grid: below H = 128 the K split cannot change and the
+    outputs must be the twin's bits.  asan: every dtype x formulation dense (2 or 3
+    groups), packed and resets in both formulations, the B = 130 cases, the split-barrier
+    step and the staged A on top; H = 130 (budget), with the balanced split and the
+    split-barrier step.  tsan: every formulation x path dense, packed and resets, one with
+    the split-barrier step."""
+    base = [s for s in specs if s.B >= 17 and not (s.stage or s.split or s.balance)
+            and s.groups == 1]
+    out: List[Spec] = []
+    if variant == "asan":
+        for d, dt in enumerate(DTYPES):
+            for k, ra in enumerate((True, False)):
+                cand = [s for s in base if s.dtype == dt and s.reset_after == ra
+                        and _structure(s) == "dense" and s.B <= 64]
+                cand.sort(key=lambda s: s.path != ("persistent", "step")[(d + k) % 2])
+                if cand:
+                    out.append(dataclasses.replace(cand[0], groups=2 + (d + k) % 2))
+        for ra in (True, False):
+            for st in ("packed", "resets"):
+                cand = [s for s in base if s.reset_after == ra and _structure(s) == st
+                        and s.B <= 64]
+                if cand:
+                    out.append(dataclasses.replace(cand[0], groups=2))
+        out += [dataclasses.replace(s, groups=2) for s in base
+                if s.B == 130 and _structure(s) == "dense"]
+        pers = [s for s in out if s.path == "persistent" and s.B <= 64
+                and _structure(s) == "dense"]
+        out += [dataclasses.replace(pers[0], split=True),
+                dataclasses.replace(pers[1], split=True, stage=True)]
+        out += [Spec("f32x3", "persistent", 2, 33, 130, True, groups=2),
+                Spec("bf16", "persistent", 2, 33, 130, False, groups=3, balance=True),
+                Spec("bf16", "persistent", 2, 33, 130, False, groups=3, balance=True,
+                     split=True)]
+        if MUTANT_GROUPS not in out:
+            out.append(MUTANT_GROUPS)
+    else:
+        for k, (ra, path) in enumerate(COMBOS):
+            cand = [s for s in base if s.reset_after == ra and s.path == path]
+            dense = [s for s in cand if _structure(s) == "dense"]
+            if dense:
+                out.append(dataclasses.replace(dense[k % len(dense)], groups=2))
+            other = [s for s in cand if _structure(s) == ("packed", "resets")[k % 2]]
+            if other:
+                out.append(dataclasses.replace(other[0], groups=2))
+        pers = [s for s in out if s.path == "persistent" and _structure(s) == "dense"]
+        out.append(dataclasses.replace(pers[0], split=True))
+    return out
+
+
 def _asan_specs() -> List[Spec]:
     """AddressSanitizer + UBSan, and the numerical check: every dtype x formulation x path,
     each with two shapes (every shape meets every dtype twice), and the 128-row two-pass
@@ -696,8 +756,9 @@ def _asan_specs() -> List[Spec]:
     for m in (MUTANT_SPEC, MUTANT_PACKED, MUTANT_RESETS, MUTANT_3X):
         if m not in specs:
             specs.append(m)
-    return (specs + _staged_specs(specs, "asan") + _split_specs(specs, "asan")
-            + _balance_specs("asan"))
+    out = (specs + _staged_specs(specs, "asan") + _split_specs(specs, "asan")
+           + _balance_specs("asan"))
+    return out + [s for s in _groups_specs(specs, "asan") if s not in out]
 
 
 def _tsan_specs() -> List[Spec]:
@@ -714,8 +775,9 @@ def _tsan_specs() -> List[Spec]:
     for k, (ra, path) in enumerate(COMBOS):
         specs.append(_packed(("f32", "f32x3")[k % 2], path, ra, TSAN_PACKED))
         specs.append(_resets(("f32x3", "f32")[k % 2], path, ra, TSAN_RESETS))
-    return (specs + _staged_specs(specs, "tsan") + _split_specs(specs, "tsan")
-            + _balance_specs("tsan"))
+    out = (specs + _staged_specs(specs, "tsan") + _split_specs(specs, "tsan")
+           + _balance_specs("tsan"))
+    return out + [s for s in _groups_specs(specs, "tsan") if s not in out]
 
 
 GRIDS = {"asan": _asan_specs(), "tsan": _tsan_specs()}
@@ -754,7 +816,8 @@ def grid_results(harness, request):
 def _check_grid_case(variant: str, spec: Spec, grid_results):
     res = grid_results(variant, spec)
     assert not res.problems(), "\n".join(res.problems())
-    if spec.stage or spec.split:  # where A is read from, when gi is loaded: not the arithmetic
+    if spec.old_step != spec:  # where A is read from, when gi is loaded, which block does a
+        # batch tile: not the arithmetic
         old = grid_results(variant, spec.old_step)
         assert res.digest == old.digest, (
             f"{spec.id}: the step variant's outputs differ from the old step's (bitwise)")
@@ -871,6 +934,60 @@ def test_balanced_split_plan(key, harness):
     acc_size = 4  # float accumulators for these dtypes
     units = min((B + 15) // 16, 8) * (1 if bwd else 3)
     assert got[1][1] == new * units * 256 * acc_size, got
+
+
+# plan_groups at the sizes of the prediction (benchmarks/NOTES-cuda-latency.md, "More blocks
+# at large B"): (dtype, B, H, backward, groups asked) -> (NB, tiles per group, K split).
+GROUPS_TABLE = {
+    ("bf16", 64, 1024, False, 2): (128, 2, 1),   # 4 tiles: 2 groups of 2; 6 units a block
+    ("bf16", 64, 1024, True, 2): (128, 2, 4),    # backward: 2 units, split 2 -> 4
+    ("bf16", 64, 768, False, 2): (96, 2, 1),
+    ("f32x3", 48, 1024, False, 2): (128, 2, 1),  # 3 tiles: groups of 2 and 1
+    ("bf16", 16, 768, False, 2): (48, 1, 2),     # one tile: nothing to split, plan unchanged
+    ("bf16", 130, 512, False, 3): (96, 3, 1),    # 9 tiles: 3 groups of 3
+    ("bf16", 130, 512, False, 4): (96, 3, 1),    # 4 asked: groups of 3 -> 3 groups, none empty
+}
+
+
+@pytest.mark.parametrize("key", list(GROUPS_TABLE), ids=lambda k: f"{k[0]}-B{k[1]}H{k[2]}-"
+                         f"{'bwd' if k[3] else 'fwd'}-g{k[4]}")
+def test_groups_plan(key, harness):
+    """plan_groups (make_plan runs it under _set_cuda_step_variant(8), with the groups the
+    SMs left idle allow: 132 // 64 = 2 at H = 1024 on an H200): the launch's blocks, the
+    batch tiles of a group, the K split re-planned for them and the accumulators sized for
+    a group's pass; one batch tile leaves the plan as it was."""
+    dt, B, H, bwd, groups = key
+    nb, mtg, split = GROUPS_TABLE[key]
+    r = execute("asan", [harness["asan"], "plan", dt, "4", str(B), str(H), str(int(bwd)),
+                         "1", "0", str(groups)])
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr[-3000:]
+    got = [int(v) for v in r.stdout.split()]
+    assert (got[7], got[8], got[6]) == (nb, mtg, split), got
+    units = min(mtg, 8) * (1 if bwd else 3)
+    assert got[1] == split * units * 256 * 4, got  # float accumulators for these dtypes
+
+
+def test_grids_cover_the_groups():
+    """Step variant 8 under both sanitizers: every dtype x formulation (AddressSanitizer),
+    both paths, dense / packed / resets in both formulations, with the split-barrier step
+    and the staged A on top, H below 128 (bitwise the one-group launch: the twin is in the
+    grid) and above (budget); 2 and 3 groups."""
+    asan = [s for s in GRIDS["asan"] if s.groups > 1]
+    assert {s.dtype for s in asan} == set(DTYPES)
+    assert {(s.reset_after, s.path) for s in asan} == set(COMBOS)
+    for ra in (True, False):
+        assert {_structure(s) for s in asan if s.reset_after == ra} == {
+            "dense", "packed", "resets"}, ra
+    assert any(s.split for s in asan) and any(s.stage for s in asan)
+    assert any(s.H >= 128 for s in asan) and any(s.H < 128 for s in asan)
+    assert {s.groups for s in asan} == {2, 3}
+    tsan = [s for s in GRIDS["tsan"] if s.groups > 1]
+    assert {s.path for s in tsan} == {"persistent", "step"} and any(s.split for s in tsan)
+    assert {_structure(s) for s in tsan} == {"dense", "packed", "resets"}
+    for variant, specs in GRIDS.items():
+        for s in specs:
+            if s.old_step != s:
+                assert s.old_step in specs, (variant, s.id)
 
 
 def test_grids_cover_the_issue():
@@ -1103,6 +1220,21 @@ MUTANTS = {
         "  const int kpart = ((K / 16 + g.nsplit - 1) / g.nsplit) * 16;",
         "  const int kpart = ((K / 16) / g.nsplit) * 16;",
         None, MUTANT_BALANCED),
+    # Batch groups, split-barrier forward: a thread's rows not limited to its group's, so
+    # the last row of group 0's reach (row 16 at B = 17) is also computed and stored by
+    # group 1's block of the same units: two blocks write the same y, ws and h elements.
+    "groups-split-rows-of-another-group": (
+        "tsan",
+        "        if (!own || b >= span.rows || b >= b_lim) continue;",
+        "        if (!own || b >= span.rows) continue;",
+        "WARNING: ThreadSanitizer: data race", MUTANT_GROUPS_SPLIT),
+    # Batch groups: a group's tiles end one tile early, so the last tile of every group but
+    # the last is never computed (its rows keep the poison): the error budget.
+    "groups-last-tile-dropped": (
+        "asan",
+        "  const int end = min(static_cast<int>((rows + 15) / 16), t0 + g.mtg);",
+        "  const int end = min(static_cast<int>((rows + 15) / 16), t0 + g.mtg - 1);",
+        None, MUTANT_GROUPS),
     # 3xTF32: hi used as __float_to_tf32 returns it, its 13 low bits not cleared (the GPU
     # leaves them; the shim models that): v - hi is then not v's low part.
     "3xtf32-hi-not-masked": (

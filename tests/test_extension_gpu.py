@@ -592,8 +592,8 @@ def step_variant(mode: int):
 
 def test_cuda_step_variant_switch():
     """_set_cuda_step_variant returns the previous mode, takes 0 (old) or any sum of 1
-    (staged), 2 (split-barrier step) and 4 (balanced K split), and the default is the old
-    step."""
+    (staged), 2 (split-barrier step), 4 (balanced K split) and 8 (batch groups of blocks),
+    and the default is the old step."""
     _ext_ready()
     prev = torch.ops.fusedgru._set_cuda_step_variant(1)
     try:
@@ -601,8 +601,10 @@ def test_cuda_step_variant_switch():
         assert torch.ops.fusedgru._set_cuda_step_variant(3) == 1
         assert torch.ops.fusedgru._set_cuda_step_variant(7) == 3
         assert torch.ops.fusedgru._set_cuda_step_variant(4) == 7
-        assert torch.ops.fusedgru._set_cuda_step_variant(0) == 4
-        for bad in (8, -1):
+        assert torch.ops.fusedgru._set_cuda_step_variant(15) == 4
+        assert torch.ops.fusedgru._set_cuda_step_variant(8) == 15
+        assert torch.ops.fusedgru._set_cuda_step_variant(0) == 8
+        for bad in (16, -1):
             with pytest.raises(RuntimeError, match="mode must be 0"):
                 torch.ops.fusedgru._set_cuda_step_variant(bad)
     finally:
@@ -745,6 +747,41 @@ def test_cuda_balanced_split_within_budget(dtype, allow_tf32, fp32_path, reset_a
         assert "step variant 4: K split 1 -> 2" in plan, plan
         report = testing.check_layer("cuda", case, device="cuda", dtype=dtype)
     assert report.ok, report.failures
+
+
+@pytest.mark.parametrize("variant", [pytest.param(8, id="groups"),
+                                     pytest.param(15, id="all", marks=EXH)])
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+@pytest.mark.parametrize("dtype,allow_tf32,fp32_path", STAGED_DTYPES)
+def test_cuda_batch_groups_within_budget(dtype, allow_tf32, fp32_path, reset_after, variant,
+                                         gen, poisoned, forced_path):
+    """Batch groups of blocks (variant bit 8): at B = 33 (3 tiles) the plan splits them over
+    groups (as many as the SMs left idle allow), within SPEC's budget on both paths, packed
+    and with resets too; at H = 33 (the K split cannot change) bitwise the one-group
+    launch's outputs; at H = 1024 B = 64 on an H100 / H200 (132 SMs), 2 groups."""
+    _ext_ready()
+    T, B, I = 4, 33, 7
+    lengths = sorted([T] + [1 + k % T for k in range(B - 1)], reverse=True)
+    for H in (33, 130):
+        for kw in ({}, {"lengths": lengths},
+                   {"resets": torch.rand(T, B, generator=gen) < 0.3}):
+            case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, generator=gen,
+                                           **kw)
+            with fp32_precision(allow_tf32, fp32_path), step_variant(variant):
+                plan = _plan_for(dtype, B, H, False)
+                assert "step variant 8: " in plan and "batch groups of" in plan, plan
+                report = testing.check_layer("cuda", case, device="cuda", dtype=dtype)
+                assert report.ok, (H, kw, report.failures)
+                new = _all_outputs(case, dtype, reset_after) if H == 33 else None
+            if new is not None and variant == 8:
+                with fp32_precision(allow_tf32, fp32_path), step_variant(0):
+                    old = _all_outputs(case, dtype, reset_after)
+                for a, b in zip(old, new):
+                    assert torch.equal(a, b), (H, kw)
+    if torch.cuda.get_device_properties(0).multi_processor_count >= 128:
+        with step_variant(variant):
+            assert "step variant 8: 2 batch groups of 64 blocks" in _plan_for(
+                torch.bfloat16, 64, 1024, False)
 
 
 def _plan_for(dtype, B, H, backward):

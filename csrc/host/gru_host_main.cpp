@@ -11,14 +11,15 @@
 //
 // usage: gru_host DTYPE PATH T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT [OPTS...]
 //        gru_host convert IN OUT      (the shim's 16-bit and TF32 roundings, see main)
-//        gru_host plan DTYPE T B H BACKWARD PERSISTENT [BALANCE]   (the shared-memory plan
-//                                     with staging: w_bytes acc_bytes a_bytes total staged
-//                                     lds nsplit; BALANCE=1: after plan_balance)
+//        gru_host plan DTYPE T B H BACKWARD PERSISTENT [BALANCE [GROUPS]]   (the
+//                                     shared-memory plan with staging: w_bytes acc_bytes
+//                                     a_bytes total staged lds nsplit NB mtg; BALANCE=1:
+//                                     after plan_balance; GROUPS: plan_groups first)
 //   DTYPE  f64 | f32 (strict float32 on CUDA cores: FMA, _set_cuda_fp32_path(1)) |
 //          f32x3 (strict float32 on TF32 tensor cores, split precision 3xTF32: the default) |
 //          tf32 | f16 | bf16 (tensor cores, wmma)
 //   PATH   persistent (one cooperative launch) | step (one launch per step and phase)
-//   OPTS   after IN OUT, any of: stage=0|1, split=0|1, balance=0|1 and SEQ.
+//   OPTS   after IN OUT, any of: stage=0|1, split=0|1, balance=0|1, groups=N and SEQ.
 //            stage=1    step variant bit 1 (fusedgru::_set_cuda_step_variant(1)): the MMA's
 //                       A operand staged in shared memory (plan_staging, stage_a) where it
 //                       fits in kSmemCap; stage=0 (the default): the old step
@@ -27,6 +28,9 @@
 //                       fwd_split_loop, bwd_split_loop); split=0 (the default): the old loop
 //            balance=1  step variant bit 4 (_set_cuda_step_variant(4)): the K split balanced
 //                       over the warps (plan_balance) where the accumulators fit in kSmemCap
+//            groups=N   step variant bit 8 (_set_cuda_step_variant(8)): the batch tiles split
+//                       over N groups of blocks (plan_groups; make_plan takes N from the SMs
+//                       left idle); groups=1 (the default): one group
 //   SEQ    the sequence structure (gru_common.h Layout), default dense:
 //            packed=N0,N1,...   batch_sizes (T values, non-increasing, N0 = B): the rows
 //                               below are then the N = sum(batch_sizes) packed rows
@@ -108,6 +112,7 @@ struct Case {
   bool stage = false;  // step variant bit 1 (stage=1)
   bool split = false;  // step variant bit 2 (split=1)
   bool balance = false;  // step variant bit 4 (balance=1)
+  int groups = 1;        // step variant bit 8 (groups=N)
   std::vector<int64_t> batch_sizes;  // empty: dense
   std::vector<bool> resets;          // (T, B), or empty
   std::vector<double> gi, w_hh, b_hh, h0, grad_y;
@@ -155,6 +160,17 @@ T* copy_in(Arena& a, const std::vector<double>& v) {
   return p;
 }
 
+// make_plan (gru_cuda.cu) for the harness's options, in its order: groups, the balanced
+// split, staging, the split-barrier step.
+inline Plan plan_of(const Case& c, int64_t op_size, int64_t acc_size, bool backward, bool fma) {
+  Plan pl = plan_layout(c.T, c.B, c.H, op_size, acc_size, backward);
+  if (c.groups > 1) plan_groups(pl, c.groups, acc_size);
+  if (c.balance) plan_balance(pl, acc_size, kSmemCap);
+  if (c.stage) plan_staging(pl, c.persistent, fma, op_size, kSmemCap);
+  if (c.split) plan_split(pl, c.persistent);
+  return pl;
+}
+
 // launch_forward (gru_cuda.cu): the same buffers, initial values and launches.
 // The launches of one layer in gru_cuda.cu's order: one cooperative launch of the
 // persistent kernel, or a launch per phase of every step (for_each_step_launch).
@@ -174,15 +190,12 @@ void launch_layer(fusedgru_host::ThreadPool& pool, const Plan& pl, const Case& c
 template <typename sc, typename opt, typename acc_t, int MM>
 void forward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc* gi,
              const sc* bhh, const sc* h0, sc* y, sc* ws) {
-  Plan pl = plan_layout(c.T, c.B, c.H, sizeof(opt), sizeof(acc_t), false);
-  if (c.balance) plan_balance(pl, sizeof(acc_t), kSmemCap);
-  if (c.stage) plan_staging(pl, c.persistent, MM == kFma, sizeof(opt), kSmemCap);
-  if (c.split) plan_split(pl, c.persistent);
+  const Plan pl = plan_of(c, sizeof(opt), sizeof(acc_t), false, MM == kFma);
   const Geom& g = pl.g;
   const int64_t H = c.H, B = c.B;
   // pack_forward: (NB, 3, 16, ldw), block nb / gate k / unit n holds W_hh[k H + 16 nb + n].
-  opt* wpack = filled<opt>(a, static_cast<int64_t>(pl.NB) * 3 * 16 * g.ldw, 0.0);
-  for (int nb = 0; nb < pl.NB; ++nb)
+  opt* wpack = filled<opt>(a, static_cast<int64_t>(g.nbu) * 3 * 16 * g.ldw, 0.0);
+  for (int nb = 0; nb < g.nbu; ++nb)
     for (int gate = 0; gate < 3; ++gate)
       for (int n = 0; n < 16; ++n) {
         const int64_t j = 16 * nb + n;
@@ -227,10 +240,7 @@ void forward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc*
 template <typename sc, typename opt, typename acc_t, int MM>
 void backward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc* gy,
               const sc* ws, const sc* y, const sc* h0, sc* dgi, sc* dgh, sc* dh0) {
-  Plan pl = plan_layout(c.T, c.B, c.H, sizeof(opt), sizeof(acc_t), true);
-  if (c.balance) plan_balance(pl, sizeof(acc_t), kSmemCap);
-  if (c.stage) plan_staging(pl, c.persistent, MM == kFma, sizeof(opt), kSmemCap);
-  if (c.split) plan_split(pl, c.persistent);
+  const Plan pl = plan_of(c, sizeof(opt), sizeof(acc_t), true, MM == kFma);
   const Geom& g = pl.g;
   const int64_t H = c.H;
   // pack_backward: (NB, 16, ldw) with [nb][n][k Hp + r] = W_hh[k H + r, 16 nb + n].
@@ -264,8 +274,10 @@ void backward(const Case& c, fusedgru_host::ThreadPool& pool, Arena& a, const sc
 template <typename sc, typename opt, typename acc_t, int MM>
 Output run(const Case& c) {
   const int64_t N = c.N, B = c.B, H = c.H;
-  const Plan pl = plan_layout(c.T, B, H, sizeof(opt), sizeof(acc_t), false);
-  fusedgru_host::ThreadPool pool(static_cast<unsigned>(pl.NB) * kThreads);
+  // Threads for the larger of the two launches' grids (groups: the backward's may differ).
+  const int nb = std::max(plan_of(c, sizeof(opt), sizeof(acc_t), false, MM == kFma).NB,
+                          plan_of(c, sizeof(opt), sizeof(acc_t), true, MM == kFma).NB);
+  fusedgru_host::ThreadPool pool(static_cast<unsigned>(nb) * kThreads);
   Arena a;
   const sc* gi = copy_in<sc>(a, c.gi);
   const sc* bhh = c.has_bias ? copy_in<sc>(a, c.b_hh) : nullptr;
@@ -301,7 +313,7 @@ namespace {
 
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr, "gru_host: %s\nusage: gru_host f64|f32|f32x3|tf32|f16|bf16 persistent|step "
-               "T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT [stage=0|1] [split=0|1] [balance=0|1] [packed=N0,N1,...|resets=0110...]\n",
+               "T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT [stage=0|1] [split=0|1] [balance=0|1] [groups=N] [packed=N0,N1,...|resets=0110...]\n",
                why);
   std::exit(2);
 }
@@ -336,7 +348,7 @@ int main(int argc, char** argv) {
     std::fclose(o);
     return 0;
   }
-  if ((argc == 8 || argc == 9) && std::string(argv[1]) == "plan") {
+  if (argc >= 8 && argc <= 10 && std::string(argv[1]) == "plan") {
     // The plan of one launch with staging (sizes only, nothing runs): for the fit table of
     // benchmarks/NOTES-cuda-latency.md.
     using namespace fusedgru::cuda_gru;
@@ -347,13 +359,15 @@ int main(int argc, char** argv) {
     const int64_t acc = dt == "f64" ? 8 : 4;
     const bool fma = dt == "f64" || dt == "f32";
     Plan pl = plan_layout(T, B, H, op, acc, bwd);
-    if (argc == 9 && std::atoi(argv[8]) != 0) plan_balance(pl, acc, kSmemCap);
+    if (argc == 10) plan_groups(pl, std::atoi(argv[9]), acc);
+    if (argc >= 9 && std::atoi(argv[8]) != 0) plan_balance(pl, acc, kSmemCap);
     const bool staged = plan_staging(pl, pers, fma, op, kSmemCap);
     int lds = 0;
-    std::printf("%lld %lld %lld %lld %d %d %d\n", static_cast<long long>(pl.w_bytes),
+    std::printf("%lld %lld %lld %lld %d %d %d %d %d\n", static_cast<long long>(pl.w_bytes),
                 static_cast<long long>(pl.acc_bytes),
                 static_cast<long long>(staging_bytes(pl, fma, op, &lds)),
-                static_cast<long long>(pl.smem_bytes(pers)), staged ? 1 : 0, lds, pl.g.nsplit);
+                static_cast<long long>(pl.smem_bytes(pers)), staged ? 1 : 0, lds, pl.g.nsplit,
+                pl.NB, pl.g.mtg);
     return 0;
   }
   if (argc < 11) usage("expected at least 10 arguments");
@@ -378,6 +392,10 @@ int main(int argc, char** argv) {
       c.split = opt == "split=1";
     else if (opt == "balance=0" || opt == "balance=1")
       c.balance = opt == "balance=1";
+    else if (opt.rfind("groups=", 0) == 0) {
+      c.groups = std::atoi(opt.c_str() + 7);
+      if (c.groups < 1) usage("groups=: expected a count >= 1");
+    }
     else
       seq = opt;
   }
