@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <type_traits>
@@ -918,10 +919,38 @@ void small_nn_add(const scalar_t* a, int64_t lda, int64_t B, int64_t O, const sc
 // two at a time (each loaded x vector feeds 2 FMAs), split over threads by rows when a
 // task gets at least kSmallTaskMacs multiply-adds; each output's sum runs over r in order
 // whatever the tiling or split.
+// small_outer's output written with non-temporal stores when it is at least kOuterNtBytes
+// (switch fusedgru::_set_cpu_outer_nt): a store that misses the cache first reads the line
+// (write-allocate), so a 12 MB dW (H = 1024) cost 24 MB of DRAM traffic per step.
+constexpr int64_t kOuterNtBytes = int64_t(4) << 20;
+std::atomic<bool> g_outer_nt{true};
+
+bool set_outer_nt(bool on) { return g_outer_nt.exchange(on); }
+
+template <typename Vec>
+inline void st_out(const Vec& v, typename Vec::value_type* p, int64_t n, bool nt) {
+#if defined(__AVX__)
+  using T = typename Vec::value_type;
+  if (nt && n == Vec::size() && reinterpret_cast<uintptr_t>(p) % 32 == 0) {
+    if constexpr (std::is_same_v<T, float> && Vec::size() == 8) {
+      _mm256_stream_ps(p, static_cast<__m256>(v));
+      return;
+    } else if constexpr (std::is_same_v<T, double> && Vec::size() == 4) {
+      _mm256_stream_pd(p, static_cast<__m256d>(v));
+      return;
+    }
+  }
+#endif
+  (void)nt;
+  st(v, p, n);
+}
+
 template <typename scalar_t>
 void small_outer(const scalar_t* a, int64_t lda, int64_t R, int64_t O, const scalar_t* x,
                  int64_t ldx, int64_t K, scalar_t* out, int64_t ldo) {
   using Vec = at::vec::Vectorized<scalar_t>;
+  const bool nt = g_outer_nt.load(std::memory_order_relaxed) &&
+                  O * K * static_cast<int64_t>(sizeof(scalar_t)) >= kOuterNtBytes;
   const int64_t npair = (O + 1) / 2;
   const int64_t grain =
       g_small_split.load(std::memory_order_relaxed)
@@ -940,18 +969,21 @@ void small_outer(const scalar_t* a, int64_t lda, int64_t R, int64_t O, const sca
             acc0 = at::vec::fmadd(Vec(a[r * lda + o]), xr, acc0);
             acc1 = at::vec::fmadd(Vec(a[r * lda + o + 1]), xr, acc1);
           }
-          st(acc0, o0 + k, n);
-          st(acc1, o1 + k, n);
+          st_out(acc0, o0 + k, n, nt);
+          st_out(acc1, o1 + k, n, nt);
         });
       } else {
         for_vectors<Vec>(0, K, [&](int64_t k, int64_t n) {
           Vec acc = Vec(a[o]) * ld<Vec>(x + k, n);
           for (int64_t r = 1; r < R; ++r)
             acc = at::vec::fmadd(Vec(a[r * lda + o]), ld<Vec>(x + r * ldx + k, n), acc);
-          st(acc, o0 + k, n);
+          st_out(acc, o0 + k, n, nt);
         });
       }
     }
+#if defined(__SSE2__)
+    if (nt) _mm_sfence();  // the streamed lines visible before the task ends
+#endif
   });
 }
 
@@ -1460,6 +1492,7 @@ TORCH_LIBRARY_FRAGMENT(fusedgru, m) {
   m.def("_cpu_has_avx512() -> bool", &fusedgru::cpu_has_avx512);
   m.def("_set_cpu_small_wide(int rows) -> int", &fusedgru::set_small_wide);
   m.def("_set_cpu_wide_gi(bool on) -> bool", &fusedgru::set_wide_gi);
+  m.def("_set_cpu_outer_nt(bool on) -> bool", &fusedgru::set_outer_nt);
   // Test hook: the forward's float32 activations (sigmoid, tanh) of x, as the kernels
   // compute them under the current switch.
   m.def("_cpu_activations(Tensor x) -> (Tensor, Tensor)", &fusedgru::cpu_activations);

@@ -767,3 +767,29 @@ def test_avx512_input_projection_within_budget(gen, poisoned):
     gemm = ops.gru_infer(*case.args(dtype=torch.float32), True)
     assert not torch.equal(wide, gemm)
     torch.testing.assert_close(wide, gemm, rtol=1e-4, atol=1e-5)
+
+
+def test_weight_gradients_streamed_are_bitwise_the_same(gen, poisoned):
+    """small_outer's non-temporal stores (_set_cpu_outer_nt, on by default, for a weight
+    gradient of >= 4 MB: 3H x I floats with H = 600, I = 700 is 5 MB) change where the
+    values go, not the values: dW_ih and dW_hh bitwise equal with them off, aligned rows
+    (I = 704) and unaligned ones (I = 700, H = 600: rows of 2800 and 2400 bytes, a mix)."""
+    ops = torch.ops.fusedgru
+    assert ops._set_cpu_outer_nt(True) is True  # the default
+    try:
+        for T, B, I, H in [(1, 2, 700, 600), (1, 1, 704, 608)]:
+            case = make_layer_case(T, B, I, H, generator=gen)
+            args = case.args(dtype=torch.float32)
+            outs = []
+            for on in (True, False):
+                ops._set_cpu_outer_nt(on)
+                y, ws = ops.gru_fwd(*args, True)
+                outs.append(ops.gru_bwd(case.grad_y.float(), args[0], args[1], args[2], args[3],
+                                        y, ws, True))
+            for a, b in zip(*outs):
+                if a is not None:
+                    assert torch.equal(a, b), (T, B, I, H)
+            ops._set_cpu_outer_nt(True)
+            assert check_layer("cpu", case, dtype=torch.float32).ok
+    finally:
+        ops._set_cpu_outer_nt(True)
