@@ -147,6 +147,17 @@ int64_t set_cuda_step_variant(int64_t mode) {
   return g_step_variant.exchange(mode);
 }
 
+// Blocks of the persistent kernel `kern` that fit on one SM with `bytes` of dynamic shared
+// memory; 0 when `bytes` is over the device's opt-in limit.
+int resident_blocks(const void* kern, int dev, const DeviceInfo& d, int64_t bytes) {
+  if (bytes > d.smem_optin) return 0;
+  allow_dynamic_smem(kern, dev, bytes);
+  int occ = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kern, kThreads,
+                                                               static_cast<size_t>(bytes)));
+  return occ;
+}
+
 // kern: the persistent kernel the plan would launch (for its occupancy).  The layout is
 // plan_layout's (gru_kernels.cuh, shared with the host build); this adds the device's limits.
 // fma: the products run on CUDA cores (MM == kFma: the staging buffer's padding differs).
@@ -164,13 +175,7 @@ Plan make_plan(int64_t T, int64_t B, int64_t H, int64_t op_size, int64_t acc_siz
   if (variant & 8) {
     Plan grouped = pl;
     if (plan_groups(grouped, d.sms / std::max(1, pl.g.nbu), acc_size)) {
-      const int64_t bytes = grouped.smem_bytes(true);
-      int occg = 0;
-      if (bytes <= d.smem_optin) {
-        allow_dynamic_smem(kern, dev, bytes);
-        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &occg, kern, kThreads, static_cast<size_t>(bytes)));
-      }
+      const int occg = resident_blocks(kern, dev, d, grouped.smem_bytes(true));
       if (static_cast<int64_t>(grouped.NB) <= static_cast<int64_t>(occg) * d.sms) {
         groups = grouped.NB / grouped.g.nbu;
         pl = grouped;
@@ -182,12 +187,7 @@ Plan make_plan(int64_t T, int64_t B, int64_t H, int64_t op_size, int64_t acc_siz
   TORCH_CHECK(pl.acc_bytes <= d.smem_optin, "fusedgru: accumulator tiles (", pl.acc_bytes,
               " bytes) exceed shared memory");
   const int64_t resident = pl.smem_bytes(true);
-  int occ = 0;
-  if (resident <= d.smem_optin) {
-    allow_dynamic_smem(kern, dev, resident);
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &occ, kern, kThreads, static_cast<size_t>(resident)));
-  }
+  const int occ = resident_blocks(kern, dev, d, resident);
   if (mode == 2) {
     why << "per-step kernels forced (fusedgru::_set_cuda_path(2))";
   } else if (!d.coop) {
@@ -225,11 +225,7 @@ Plan make_plan(int64_t T, int64_t B, int64_t H, int64_t op_size, int64_t acc_siz
     Plan staged = pl;
     bool ok = plan_staging(staged, pl.persistent, fma, op_size, d.smem_optin);
     if (ok && pl.persistent) {
-      const int64_t bytes = staged.smem_bytes(true);
-      allow_dynamic_smem(kern, dev, bytes);
-      int occ2 = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          &occ2, kern, kThreads, static_cast<size_t>(bytes)));
+      const int occ2 = resident_blocks(kern, dev, d, staged.smem_bytes(true));
       ok = static_cast<int64_t>(pl.NB) <= static_cast<int64_t>(occ2) * d.sms;
     }
     if (ok) {
