@@ -45,9 +45,15 @@ constexpr int64_t kChunk = 64;
 constexpr int64_t kInlineElems = 16384;
 std::atomic<int64_t> g_inline_elems{kInlineElems};
 
+// The integer switches' setter: refuses a value below `lo` ("fusedgru::<what> must be >= lo,
+// got v"), else stores it and returns the previous one.
+int64_t exchange_at_least(std::atomic<int64_t>& knob, int64_t v, int64_t lo, const char* what) {
+  TORCH_CHECK(v >= lo, "fusedgru::", what, " must be >= ", lo, ", got ", v);
+  return knob.exchange(v);
+}
+
 int64_t set_inline_elems(int64_t n) {
-  TORCH_CHECK(n >= 1, "fusedgru::_set_cpu_inline_elems: n must be >= 1, got ", n);
-  return g_inline_elems.exchange(n);
+  return exchange_at_least(g_inline_elems, n, 1, "_set_cpu_inline_elems: n");
 }
 
 // Runs f(b, j0, j1) for every row b < B and every chunk [j0, j1) of [0, H).
@@ -207,8 +213,7 @@ std::atomic<int64_t> g_small_b{kSmallBDefault};
 // Test / benchmark switch (fusedgru::_set_cpu_small_batch): the largest row count that takes
 // the inline products (0: always ATen's GEMM, the path before them).  Returns the previous.
 int64_t set_small_batch(int64_t rows) {
-  TORCH_CHECK(rows >= 0, "fusedgru::_set_cpu_small_batch: rows must be >= 0, got ", rows);
-  return g_small_b.exchange(rows);
+  return exchange_at_least(g_small_b, rows, 0, "_set_cpu_small_batch: rows");
 }
 
 // Multiply-adds per parallel task of small_nt: ~6 us of work on one AVX2 core.  Interleaved
@@ -228,13 +233,11 @@ std::atomic<int64_t> g_small_bwd_step{-1};
 std::atomic<int64_t> g_small_wgrad{-1};
 
 int64_t set_small_bwd_step(int64_t rows) {
-  TORCH_CHECK(rows >= -1, "fusedgru::_set_cpu_small_bwd_step: rows must be >= -1, got ", rows);
-  return g_small_bwd_step.exchange(rows);
+  return exchange_at_least(g_small_bwd_step, rows, -1, "_set_cpu_small_bwd_step: rows");
 }
 
 int64_t set_small_wgrad(int64_t rows) {
-  TORCH_CHECK(rows >= -1, "fusedgru::_set_cpu_small_wgrad: rows must be >= -1, got ", rows);
-  return g_small_wgrad.exchange(rows);
+  return exchange_at_least(g_small_wgrad, rows, -1, "_set_cpu_small_wgrad: rows");
 }
 
 inline int64_t small_rows(const std::atomic<int64_t>& own) {
@@ -306,8 +309,7 @@ constexpr int64_t kWideRowsDefault = 64;
 std::atomic<int64_t> g_small_wide{kWideRowsDefault};
 
 int64_t set_small_wide(int64_t rows) {
-  TORCH_CHECK(rows >= 0, "fusedgru::_set_cpu_small_wide: rows must be >= 0, got ", rows);
-  return g_small_wide.exchange(rows);
+  return exchange_at_least(g_small_wide, rows, 0, "_set_cpu_small_wide: rows");
 }
 
 // The forward's inline-product threshold for scalar_t: small_b, raised to the wide one for
@@ -569,12 +571,15 @@ constexpr int64_t panel_cols() {
   return 2 * at::vec::Vectorized<scalar_t>::size();
 }
 
+// Columns of a panel of the AVX-512 micro-kernel (2 zmm vectors of float32).
+constexpr int64_t kNR512 = 32;
+
 // W (N, K) row-major -> panels [ceil(N / NR)][K][NR], columns past N zero.  NR: kNR
 // (panel_cols, the AVX2 micro-kernel) or kNR512 (wide: the AVX-512 one, float32).
 template <typename scalar_t>
 Tensor pack_panels(const scalar_t* W, int64_t N, int64_t K, const at::TensorOptions& opt,
                    bool wide = false) {
-  const int64_t NR = wide ? 32 : panel_cols<scalar_t>();
+  const int64_t NR = wide ? kNR512 : panel_cols<scalar_t>();
   const int64_t np = (N + NR - 1) / NR;
   Tensor packed = at::empty({np * K * NR}, opt);
   scalar_t* p = packed.data_ptr<scalar_t>();
@@ -691,11 +696,9 @@ void panel_gemm(const scalar_t* a, int64_t lda, int64_t M, int64_t K, const scal
 // block started from zero and added into out, as panel_tile does: bitwise the AVX2 panels'
 // results.  Where they serve: the forward's per-step panel products (use_wide_panels), and,
 // under _set_cpu_wide_gi (off by default), gi = x W_ih^T + b_ih of more than the wide rows,
-// where ATen's GEMM
-// (MKL) ran at ~36 GMAC/s on one core: a B=32 H=256 T=35 inference call spent 6.0 of its
-// 14.0 ms there (2026-12-02, noisy host), and was 0.77-0.80x ONNX Runtime.
+// where ATen's GEMM (MKL) ran at ~36 GMAC/s on one core: a B=32 H=256 T=35 inference call
+// spent 6.0 of its 14.0 ms there (2026-12-02, noisy host), and was 0.77-0.80x ONNX Runtime.
 #ifdef FUSEDGRU_AVX512_TARGET
-constexpr int64_t kNR512 = 32;
 constexpr int kMR512 = 8;
 constexpr int64_t kRowBlock512 = 128;  // rows of a task (gi of many rows: tasks split rows too)
 
@@ -912,13 +915,6 @@ void small_nn_add(const scalar_t* a, int64_t lda, int64_t B, int64_t O, const sc
   });
 }
 
-// out[o, k] = sum_r a[r, o] * x[r, k] for o < O, k < K, over R rows: a (R, O) row stride
-// lda, x (R, K) row stride ldx, out (O, K) row stride ldo.  A weight gradient over a few
-// rows (a T*B <= small_b call): an outer product, written once (ATen's GEMM with an inner
-// dimension of 1-4 took ~4 ms for 3072 x 1024, twice what writing it costs).  Rows of out
-// two at a time (each loaded x vector feeds 2 FMAs), split over threads by rows when a
-// task gets at least kSmallTaskMacs multiply-adds; each output's sum runs over r in order
-// whatever the tiling or split.
 // small_outer's output written with non-temporal stores when it is at least kOuterNtBytes
 // (switch fusedgru::_set_cpu_outer_nt): a store that misses the cache first reads the line
 // (write-allocate), so a 12 MB dW (H = 1024) cost 24 MB of DRAM traffic per step.
@@ -945,6 +941,13 @@ inline void st_out(const Vec& v, typename Vec::value_type* p, int64_t n, bool nt
   st(v, p, n);
 }
 
+// out[o, k] = sum_r a[r, o] * x[r, k] for o < O, k < K, over R rows: a (R, O) row stride
+// lda, x (R, K) row stride ldx, out (O, K) row stride ldo.  A weight gradient over a few
+// rows (a T*B <= small_b call): an outer product, written once (ATen's GEMM with an inner
+// dimension of 1-4 took ~4 ms for 3072 x 1024, twice what writing it costs).  Rows of out
+// two at a time (each loaded x vector feeds 2 FMAs), split over threads by rows when a
+// task gets at least kSmallTaskMacs multiply-adds; each output's sum runs over r in order
+// whatever the tiling or split.
 template <typename scalar_t>
 void small_outer(const scalar_t* a, int64_t lda, int64_t R, int64_t O, const scalar_t* x,
                  int64_t ldx, int64_t K, scalar_t* out, int64_t ldo) {
