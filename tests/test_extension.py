@@ -612,6 +612,22 @@ def test_inline_products_pairs_and_thread_split_are_bitwise_equal(gen, poisoned,
         torch.set_num_threads(threads)
 
 
+def _within_budget_in_every_structure(shapes, gen, resets_p, biases=(True,)):
+    """Each (T, B, I, H) in float32 against the float64 reference: dense, packed (lengths
+    T, then 1 + k % T) and with random resets (probability resets_p), both formulations,
+    with and without biases as `biases` says."""
+    for T, B, I, H in shapes:
+        lengths = sorted([T] + [1 + k % T for k in range(B - 1)], reverse=True)
+        for kw in ({}, {"lengths": lengths},
+                   {"resets": torch.rand(T, B, generator=gen) < resets_p}):
+            for reset_after in (True, False):
+                for bias in biases:
+                    case = make_layer_case(T, B, I, H, reset_after=reset_after, bias=bias,
+                                           generator=gen, **kw)
+                    report = check_layer("cpu", case, dtype=torch.float32)
+                    assert report.ok, (T, B, I, H, kw, reset_after, bias, report.failures)
+
+
 @pytest.mark.skipif(not AVX512, reason=NO_AVX512)
 def test_inline_products_avx512_within_budget(gen, poisoned):
     """The AVX-512 small products (the default where the CPU has them) against the float64
@@ -622,16 +638,9 @@ def test_inline_products_avx512_within_budget(gen, poisoned):
     from the AVX2 loops' (16-lane partial sums instead of 8), within float32 rounding."""
     assert torch.ops.fusedgru._set_cpu_small_avx512(True) is True  # the default here
     try:
-        for T, B, I, H in [(3, 1, 1, 5), (2, 2, 15, 7), (2, 3, 16, 9), (2, 4, 17, 33),
-                           (2, 5, 31, 16), (1, 7, 600, 130), (2, 8, 64, 255), (2, 9, 7, 6)]:
-            lengths = sorted([T] + [1 + k % T for k in range(B - 1)], reverse=True)
-            for kw in ({}, {"lengths": lengths},
-                       {"resets": torch.rand(T, B, generator=gen) < 0.4}):
-                for reset_after in (True, False):
-                    case = make_layer_case(T, B, I, H, reset_after=reset_after,
-                                           generator=gen, **kw)
-                    report = check_layer("cpu", case, dtype=torch.float32)
-                    assert report.ok, (T, B, I, H, kw, reset_after, report.failures)
+        _within_budget_in_every_structure(
+            [(3, 1, 1, 5), (2, 2, 15, 7), (2, 3, 16, 9), (2, 4, 17, 33), (2, 5, 31, 16),
+             (1, 7, 600, 130), (2, 8, 64, 255), (2, 9, 7, 6)], gen, 0.4)
         case = make_layer_case(2, 5, 600, 130, generator=gen)
         wide = _small_product_outputs(case)
         torch.ops.fusedgru._set_cpu_small_avx512(False)
@@ -679,15 +688,8 @@ def test_small_wide_rows_take_the_avx512_products(gen, poisoned):
     ops = torch.ops.fusedgru
     assert ops._set_cpu_small_wide(64) == 64  # the default
     try:
-        for T, B, I, H in [(1, 9, 20, 33), (1, 64, 7, 130), (2, 30, 9, 17), (3, 21, 5, 40)]:
-            lengths = sorted([T] + [1 + k % T for k in range(B - 1)], reverse=True)
-            for kw in ({}, {"lengths": lengths},
-                       {"resets": torch.rand(T, B, generator=gen) < 0.3}):
-                for reset_after in (True, False):
-                    case = make_layer_case(T, B, I, H, reset_after=reset_after,
-                                           generator=gen, **kw)
-                    report = check_layer("cpu", case, dtype=torch.float32)
-                    assert report.ok, (T, B, I, H, kw, reset_after, report.failures)
+        _within_budget_in_every_structure(
+            [(1, 9, 20, 33), (1, 64, 7, 130), (2, 30, 9, 17), (3, 21, 5, 40)], gen, 0.3)
 
         def y_of(case, dtype, wide, small_b=8):
             prev = (ops._set_cpu_small_wide(wide), ops._set_cpu_small_batch(small_b))
@@ -750,16 +752,8 @@ def test_avx512_input_projection_within_budget(gen, poisoned):
     ops = torch.ops.fusedgru
     assert ops._set_cpu_wide_gi(True) is False  # off by default (not faster than MKL here)
     try:
-        for T, B, I, H in [(5, 13, 130, 7), (3, 33, 1, 130), (10, 30, 33, 20)]:
-            lengths = sorted([T] + [1 + k % T for k in range(B - 1)], reverse=True)
-            for kw in ({}, {"lengths": lengths},
-                       {"resets": torch.rand(T, B, generator=gen) < 0.3}):
-                for reset_after in (True, False):
-                    for bias in (True, False):
-                        case = make_layer_case(T, B, I, H, reset_after=reset_after, bias=bias,
-                                               generator=gen, **kw)
-                        report = check_layer("cpu", case, dtype=torch.float32)
-                        assert report.ok, (T, B, I, H, kw, reset_after, bias, report.failures)
+        _within_budget_in_every_structure(
+            [(5, 13, 130, 7), (3, 33, 1, 130), (10, 30, 33, 20)], gen, 0.3, biases=(True, False))
         case = make_layer_case(5, 13, 130, 7, generator=gen)
         wide = ops.gru_infer(*case.args(dtype=torch.float32), True)
     finally:
