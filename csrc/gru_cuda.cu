@@ -84,7 +84,7 @@ using at::Tensor;
 // ---------------------------------------------------------------------------------------
 
 struct DeviceInfo {
-  int sms = 0, smem_optin = 0, coop = 0;
+  int sms = 0, smem_optin = 0, coop = 0, major = 0;
 };
 
 DeviceInfo device_info(int dev) {
@@ -98,6 +98,7 @@ DeviceInfo device_info(int dev) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.coop, cudaDevAttrCooperativeLaunch, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev));
     cache[dev] = d;
     known[dev] = true;
   }
@@ -137,14 +138,95 @@ void allow_dynamic_smem(const void* kern, int dev, int64_t bytes) {
 //          SMs left idle allow, each group the Hp / 16 unit blocks again), where every
 //          block stays co-resident; the K split re-planned for a group's tiles (other
 //          partial sums where it changes).
+//   bit 16: the forward as ONE thread block cluster (sm_90+: plan_cluster, fwd_cluster_loop;
+//          h_t exchanged through distributed shared memory, a cluster barrier per step
+//          instead of a grid barrier), where it fits in 16 blocks (8 where the device
+//          refuses non-portable cluster sizes) and the device can schedule the cluster;
+//          else the other bits as usual.  Bits 1, 2 and 8 do not apply to it; bit 4 does.
+//          The backward is not a cluster launch.
 std::atomic<int64_t> g_step_variant{0};
 
 int64_t set_cuda_step_variant(int64_t mode) {
-  TORCH_CHECK(mode >= 0 && mode <= 15,
+  TORCH_CHECK(mode >= 0 && mode <= 31,
               "fusedgru::_set_cuda_step_variant: mode must be 0 (the old step) or a sum of 1 (A "
               "staged in shared memory), 2 (the split-barrier step), 4 (the balanced K "
-              "split) and 8 (batch groups of blocks), got ", mode);
+              "split), 8 (batch groups of blocks) and 16 (the cluster forward), got ", mode);
   return g_step_variant.exchange(mode);
+}
+
+// The cluster forward's launch configuration: ONE cluster of pl.NB blocks.
+struct ClusterLaunch {
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute attr[1];
+  ClusterLaunch(const Plan& pl, cudaStream_t stream) {
+    cfg.gridDim = dim3(pl.NB);
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = static_cast<size_t>(pl.smem_bytes(true));
+    cfg.stream = stream;
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(pl.NB);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+};
+
+// The largest cluster the kernel may be launched in: 16 where the device accepts
+// non-portable cluster sizes for it (H100 / H200 do), else the portable 8.
+int cluster_limit(const void* kern) {
+  static std::mutex mu;
+  static std::map<const void*, int> known;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(kern);
+  if (it != known.end()) return it->second;
+  int lim = 8;
+  if (cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
+      cudaSuccess)
+    lim = kMaxCluster;
+  else
+    (void)cudaGetLastError();  // not sticky: clear it
+  known[kern] = lim;
+  return lim;
+}
+
+// Step variant bit 16: the cluster plan for the forward on sm_90+, or why not (in `why`).
+// Checked with the occupancy API that the device can schedule one such cluster (its blocks'
+// shared memory on distinct SMs of one GPC); a refused query is a plan not taken.
+bool cluster_plan(Plan& pl, int64_t T, int64_t B, int64_t H, int64_t op_size, int64_t acc_size,
+                  bool reset_after, bool fma, bool balance, const void* kern, int dev,
+                  const DeviceInfo& d, std::ostringstream& why) {
+  if (d.major < 9) {
+    why << "; step variant 16 -> grid kernels: thread block clusters need sm_90";
+    return false;
+  }
+  Plan c = plan_layout(T, B, H, op_size, acc_size, false);
+  const int lim = cluster_limit(kern);
+  if (!plan_cluster(c, lim, reset_after, fma, op_size, acc_size, d.smem_optin, balance)) {
+    why << "; step variant 16 -> grid kernels: does not fit one cluster of " << lim
+        << " blocks (B x 16 q <= " << kClusterPer * kThreads << ", shared memory <= "
+        << d.smem_optin << " B)";
+    return false;
+  }
+  allow_dynamic_smem(kern, dev, c.smem_bytes(true));
+  ClusterLaunch cl(c, nullptr);
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kern, &cl.cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    clusters = 0;
+  }
+  if (clusters < 1) {
+    why << "; step variant 16 -> grid kernels: the device cannot schedule a cluster of "
+        << c.NB << " blocks with " << c.smem_bytes(true) << " B shared memory each";
+    return false;
+  }
+  c.persistent = true;
+  pl = c;
+  why << "cluster: 1 cluster of " << c.NB << " blocks x " << kThreads << " threads, " << c.g.q
+      << " unit blocks (" << 16 * c.g.q << " units) each, " << c.smem_bytes(true)
+      << " B shared memory (W slices " << c.w_bytes << ", h buffers " << c.h_bytes
+      << "), K split " << c.g.nsplit << " (step variant 16)";
+  return true;
 }
 
 // Blocks of the persistent kernel `kern` that fit on one SM with `bytes` of dynamic shared
@@ -161,13 +243,22 @@ int resident_blocks(const void* kern, int dev, const DeviceInfo& d, int64_t byte
 // kern: the persistent kernel the plan would launch (for its occupancy).  The layout is
 // plan_layout's (gru_kernels.cuh, shared with the host build); this adds the device's limits.
 // fma: the products run on CUDA cores (MM == kFma: the staging buffer's padding differs).
+// reset_after: the cluster forward's plan (bit 16) holds an r (.) h buffer when false.
 Plan make_plan(int64_t T, int64_t B, int64_t H, int64_t op_size, int64_t acc_size,
-               bool backward, const void* kern, int dev, bool fma) {
+               bool backward, const void* kern, int dev, bool fma, bool reset_after) {
   Plan pl = plan_layout(T, B, H, op_size, acc_size, backward);
   const DeviceInfo d = device_info(dev);
   const int mode = cuda_path_mode();
   std::ostringstream why;
   const int64_t variant = g_step_variant.load(std::memory_order_relaxed);
+  // Bit 16 first: where the cluster forward is taken it is the whole plan.
+  std::ostringstream cluster_why;
+  if ((variant & 16) && !backward && mode != 2 &&
+      cluster_plan(pl, T, B, H, op_size, acc_size, reset_after, fma, (variant & 4) != 0, kern,
+                   dev, d, cluster_why)) {
+    pl.why = cluster_why.str();
+    return pl;
+  }
   // Bit 8: batch groups first (the K split, balanced or not, is planned for a group's
   // tiles); kept only if every block of the grouped launch is still co-resident (checked
   // below; else the plan without groups).
@@ -245,6 +336,14 @@ Plan make_plan(int64_t T, int64_t B, int64_t H, int64_t op_size, int64_t acc_siz
     else
       why << "; step variant 2 -> old loop: the split-barrier step runs the persistent "
              "kernels at B <= " << kSplitRows << " only";
+  }
+  if ((variant & 16) && !backward) {
+    if (mode == 2)
+      why << "; step variant 16 -> per-step kernels forced";
+    else
+      why << cluster_why.str();
+  } else if (variant & 16) {
+    why << "; step variant 16: the backward is not a cluster launch";
   }
   pl.why = why.str();
   return pl;
@@ -367,7 +466,7 @@ void launch_forward(const Dims& d, const Tensor& x, const std::optional<Tensor>&
   const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
   auto persistent = gru_fwd_persistent<sc, opt, acc_t, MM>;
   Plan pl = make_plan(d.T, d.B, d.H, sizeof(opt), sizeof(acc_t), false,
-                      reinterpret_cast<const void*>(persistent), dev, MM == kFma);
+                      reinterpret_cast<const void*>(persistent), dev, MM == kFma, reset_after);
   const Geom& g = pl.g;
   const Tensor wpack = pack_forward(w_hh, g, op_type);
   Tensor hstate = at::zeros({d.B, g.Hp}, x.options().dtype(acc_type));
@@ -396,7 +495,10 @@ void launch_forward(const Dims& d, const Tensor& x, const std::optional<Tensor>&
   p.steps = seq.steps_ptr;
   p.resets = seq.resets_ptr;
   p.reset_after = reset_after;
-  if (pl.persistent) {
+  if (pl.g.cluster) {  // step variant 16: one thread block cluster, not cooperative
+    ClusterLaunch cl(pl, stream);
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cl.cfg, persistent, p, pl.w_bytes));
+  } else if (pl.persistent) {
     int64_t w_bytes = pl.w_bytes;
     void* args[] = {&p, &w_bytes};
     C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(persistent),
@@ -475,7 +577,7 @@ void launch_backward(const Dims& d, const Tensor& grad_y, const Tensor& x,
   const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
   auto persistent = gru_bwd_persistent<sc, opt, acc_t, MM>;
   Plan pl = make_plan(d.T, d.B, d.H, sizeof(opt), sizeof(acc_t), true,
-                      reinterpret_cast<const void*>(persistent), dev, MM == kFma);
+                      reinterpret_cast<const void*>(persistent), dev, MM == kFma, reset_after);
   const Geom& g = pl.g;
   const Tensor wpack = pack_backward(w_hh, g, op_type);
   Tensor dhs = at::zeros({d.B, g.Hp}, x.options().dtype(acc_type));
@@ -555,7 +657,7 @@ void describe_plan(const Tensor& x, const Tensor& w_hh, bool reset_after, bool b
   const void* k = backward ? reinterpret_cast<const void*>(gru_bwd_persistent<sc, opt, acc_t, MM>)
                            : reinterpret_cast<const void*>(gru_fwd_persistent<sc, opt, acc_t, MM>);
   Plan pl = make_plan(x.size(0), x.size(1), w_hh.size(1), sizeof(opt), sizeof(acc_t), backward,
-                      k, x.get_device(), MM == kFma);
+                      k, x.get_device(), MM == kFma, reset_after);
   const char* mm = MM == k3xTf32 ? ", tensor cores (3xTF32)"
                    : MM == kTc   ? (std::is_same_v<op_at, float> ? ", tensor cores (TF32)"
                                                                  : ", tensor cores")

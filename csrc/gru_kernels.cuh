@@ -225,6 +225,16 @@ struct Geom {
   // plan_layout: nbu = Hp / 16, mtg = MT (one group: every block does every batch tile).
   int nbu = 0;
   int mtg = 0;
+  // The cluster forward (step variant bit 16, plan_cluster, fwd_cluster_loop): the launch is
+  // ONE thread block cluster of `cluster` blocks (0 = not a cluster launch), block `rank`
+  // owning q unit blocks (units [16 q rank, 16 q rank + 16 q), the last block fewer) and
+  // their W slices; h_{t-1} lives in every block's shared memory, ldh elements a row, at
+  // byte offset h_off (2 ping-pong buffers of Bp rows, then r (.) h_{t-1} for
+  // reset_after=False).
+  int cluster = 0;
+  int q = 0;
+  int ldh = 0;
+  int h_off = 0;
 };
 
 // Batch tiles of one pass of a block's GEMM: a group's tiles, at most kMaxMTilesPerPass.
@@ -278,10 +288,13 @@ __device__ __forceinline__ const op_t* stage_a(const Geom& g, const op_t* A, int
 
 // Block GEMM for batch tiles [mt0, mt1): NC column groups of 16 (W rows c*16.. at c*16*ldw),
 // K split into g.nsplit parts; partial tiles go to acc[((s * MTP + mt - mt0) * NC + c)].
+// per > 0 (the cluster forward, whose block holds the W slices of several unit blocks, 3
+// gates each): column group c is gate c % per of unit block c / per, at
+// ((c / per) 3 + c % per) 16 ldw; per = 0: contiguous, as above.
 template <typename op_t, typename acc_t, int MM>
 __device__ __forceinline__ void block_gemm(const Geom& g, const op_t* A, int lda,
                                            const op_t* W, int NC, int K, int mt0, int mt1,
-                                           acc_t* acc) {
+                                           acc_t* acc, int per = 0) {
   const int warp = threadIdx.x >> 5;
   const int mtp = mt1 - mt0;
   const int units = g.nsplit * mtp * NC;
@@ -300,9 +313,10 @@ __device__ __forceinline__ void block_gemm(const Geom& g, const op_t* A, int lda
     const int mt = mt0 + rem / NC, c = rem % NC;
     const int k0 = s * kpart, k1 = min(K, k0 + kpart);
     acc_t* out = acc + static_cast<int64_t>((s * mtp + rem / NC) * NC + c) * kTileElems;
+    const int wc = per > 0 ? (c / per) * 3 + c % per : c;
     if (k0 < k1) {
       warp_tile<op_t, acc_t, MM>(Ab + static_cast<int64_t>(mt - mb) * 16 * ald, ald,
-                                 W + static_cast<int64_t>(c) * 16 * g.ldw, g.ldw, k0, k1, out);
+                                 W + static_cast<int64_t>(wc) * 16 * g.ldw, g.ldw, k0, k1, out);
     } else {
       for (int i = threadIdx.x & 31; i < kTileElems; i += 32) out[i] = acc_t(0);
     }
@@ -483,6 +497,10 @@ template <typename scalar_t, typename op_t, typename acc_t, int MM>
 __global__ void __launch_bounds__(kThreads, 1)
     gru_fwd_persistent(const FwdArgs<scalar_t, op_t, acc_t> p, int64_t w_bytes) {
   FUSEDGRU_DYNAMIC_SMEM(smem);
+  if (p.g.cluster) {  // step variant bit 16: launched as one thread block cluster
+    fwd_cluster_loop<scalar_t, op_t, acc_t, MM>(p, smem, w_bytes);
+    return;
+  }
   op_t* Ws = reinterpret_cast<op_t*>(smem);
   acc_t* acc = acc_region<op_t, acc_t>(smem, w_bytes);
   const int64_t slice = 3 * 16 * static_cast<int64_t>(p.g.ldw);
@@ -632,6 +650,227 @@ __device__ void fwd_split_loop(const FwdArgs<scalar_t, op_t, acc_t>& p, const op
       grid.barrier_wait(std::move(token));
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------
+// The cluster forward (step variant bit 16; Hopper: sm_90 and later, thread block clusters
+// and distributed shared memory; benchmarks/NOTES-cuda-latency.md, "Thread block cluster").
+// The whole launch is ONE cluster of g.cluster blocks (at most kMaxCluster, one per SM)
+// that together hold all of W_hh: block `rank` keeps the W slices of unit blocks
+// [q rank, q rank + nq) (nq = q but in the last block), 3 gates each, in shared memory.
+// Every block also keeps its own copy of h_{t-1} (Bp x Hp in the operand type, row stride
+// ldh) in shared memory, so the MMA's operands never leave the SM.  Per step:
+//   - the block's product h_{t-1} W^T for its 3 nq column groups (block_gemm);
+//   - the gates and the update of its B x U elements (U = 16 nq): each thread owns fixed
+//     (row, unit) elements e = tid + 256 i (i < kClusterPer, so B U <= 1024): its biases,
+//     h_{t-1} and z stay in registers, as in fwd_split_loop;
+//   - h_t of its units written into its own buffer, then copied in 16-byte chunks (8 on
+//     the FMA paths, whose rows are padded by 8 bytes) to the same place in the other
+//     blocks' buffers (cluster.map_shared_rank: stores over the SM-to-SM network);
+//   - the cluster barrier (barrier.cluster.arrive.release / wait.acquire), split: gi of
+//     step t+1 is loaded between the arrival and the wait.
+// No grid barrier, and nothing from global memory on a step's dependency chain (gi is
+// prefetched; y and ws are stores).  reset_after=False exchanges r (.) h_{t-1} the same way,
+// with a second cluster barrier per step.
+// Ping-pong: block A writes h_t into buffer (t+1) & 1 of block B only after the barrier that
+// ends step t-1, which B reaches after its last read of that buffer (step t-1's product read
+// buffer (t-1) & 1).  The r (.) h buffer is read in phase 1 of step t, before the barrier
+// ending step t, and written in phase 0 of step t+1, after it.  Nothing is written to another
+// block after the last barrier: no block exits while another may still use its shared memory.
+// The products are block_gemm's with 3 nq (2 nq, nq) column groups: where the K split is
+// the grid kernels' (always below H = 128, where it is 1) the outputs are bitwise theirs;
+// elsewhere another summation order, within the budget.
+// ---------------------------------------------------------------------------------------
+constexpr int kClusterPer = 4;   // elements (row, unit) a thread owns: B x U <= 1024
+constexpr int kMaxCluster = 16;  // blocks of a cluster (8 portable, 16 non-portable)
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define FUSEDGRU_HAS_CLUSTERS 0  // sm_80 has no clusters; make_plan takes bit 16 on sm_90+ only
+#else
+#define FUSEDGRU_HAS_CLUSTERS 1
+#endif
+
+// The unit of the cluster forward's buffer copies: 16 bytes, 8 on the FMA paths (their rows
+// are padded by 8 bytes: staging_bytes).
+template <int MM>
+using ClusterChunk = std::conditional_t<MM == kFma, unsigned long long, int4>;
+
+template <typename scalar_t, typename op_t, typename acc_t, int MM>
+__device__ void fwd_cluster_loop(const FwdArgs<scalar_t, op_t, acc_t>& p, unsigned char* smem,
+                                 int64_t w_bytes) {
+#if FUSEDGRU_HAS_CLUSTERS
+  using chunk_t = ClusterChunk<MM>;
+  constexpr int kPer = static_cast<int>(sizeof(chunk_t) / sizeof(op_t));  // elements a chunk
+  const Geom& g = p.g;
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int C = g.cluster;
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int ub0 = rank * g.q;            // the block's first unit block
+  const int nq = min(g.q, g.nbu - ub0);  // and how many it owns
+  const int U = nq * kUnits;
+  const int64_t B = g.B, H = g.H, Hp = g.Hp;
+  const int64_t j0 = static_cast<int64_t>(ub0) * kUnits;
+  const int ldh = g.ldh;
+  const int tid = static_cast<int>(threadIdx.x);
+  op_t* Ws = reinterpret_cast<op_t*>(smem);
+  acc_t* acc = acc_region<op_t, acc_t>(smem, w_bytes);
+  op_t* hb = reinterpret_cast<op_t*>(smem + g.h_off);
+  const int64_t hsz = static_cast<int64_t>(g.Bp) * ldh;  // elements of one buffer
+  op_t* rh = hb + 2 * hsz;                                 // reset_after=False only
+
+  // The block's W slices: nq unit blocks x 3 gates x 16 rows, contiguous in wpack.
+  const int64_t slice = 3 * 16 * static_cast<int64_t>(g.ldw);
+  copy_to_smem(Ws, p.wpack + ub0 * slice, nq * slice);
+  // The h buffers: zeros (padding rows and columns are MMA operands: they must be finite),
+  // then h0 (hbuf[0], zero padded as launch_forward stages it) into buffer 0.
+  {
+    chunk_t* z = reinterpret_cast<chunk_t*>(hb);
+    const int64_t n = (p.reset_after ? 2 : 3) * hsz / kPer;
+    for (int64_t i = tid; i < n; i += kThreads) z[i] = chunk_t{};
+    __syncthreads();
+    const int cpr = static_cast<int>(Hp / kPer);
+    const chunk_t* src = reinterpret_cast<const chunk_t*>(p.hbuf);
+    for (int64_t i = tid; i < static_cast<int64_t>(g.Bp) * cpr; i += kThreads) {
+      const int64_t r = i / cpr;
+      reinterpret_cast<chunk_t*>(hb + r * ldh)[i - r * cpr] = src[i];
+    }
+  }
+  // The thread's elements: row eb[i] (-1: none) and unit eu[i] of the block's U.
+  int eb[kClusterPer], eu[kClusterPer];
+  acc_t hs[kClusterPer], zs[kClusterPer], gr[kClusterPer], gz[kClusterPer], gn[kClusterPer];
+  acc_t br[kClusterPer], bz[kClusterPer], bn[kClusterPer];
+  bool rs[kClusterPer];  // step t+1 restarts the row (resets): the state it stages is zeros
+#pragma unroll
+  for (int i = 0; i < kClusterPer; ++i) {
+    const int e = tid + kThreads * i;
+    const int b = e / U, u = e - b * U;
+    const int64_t j = j0 + u;
+    const bool own = b < B && j < H;
+    eb[i] = own ? b : -1;
+    eu[i] = u;
+    hs[i] = own ? p.hstate[b * Hp + j] : acc_t(0);
+    br[i] = own && p.bhh ? acc_t(ldf(p.bhh + j)) : acc_t(0);
+    bz[i] = own && p.bhh ? acc_t(ldf(p.bhh + H + j)) : acc_t(0);
+    bn[i] = own && p.bhh ? acc_t(ldf(p.bhh + 2 * H + j)) : acc_t(0);
+    zs[i] = gr[i] = gz[i] = gn[i] = acc_t(0);
+    rs[i] = false;
+  }
+  // What step t reads from global memory for the rows it computes: gi, and whether step
+  // t+1 restarts the row.
+  auto load_gi = [&](int64_t t) {
+    const StepSpan span = step_span(p.steps, t, B);
+    const bool* restart = p.resets && t + 1 < g.T ? p.resets + (t + 1) * B : nullptr;
+#pragma unroll
+    for (int i = 0; i < kClusterPer; ++i) {
+      const int b = eb[i];
+      if (b >= 0 && b < span.rows) {
+        const scalar_t* gir = p.gi + (span.first + b) * 3 * H + j0 + eu[i];
+        gr[i] = acc_t(ldf(gir));
+        gz[i] = acc_t(ldf(gir + H));
+        gn[i] = acc_t(ldf(gir + 2 * H));
+        rs[i] = restart && restart[b];
+      }
+    }
+  };
+  // Copies the block's columns of rows [0, rows) of `buf` (written by its threads) to the
+  // same place in every other block of the cluster.
+  auto publish = [&](op_t* buf, int64_t rows) {
+    __syncthreads();
+    const int cpr = U / kPer;
+    const int per_rank = static_cast<int>(rows) * cpr;
+    for (int i = tid; i < per_rank * (C - 1); i += kThreads) {
+      const int d = i / per_rank, rem = i - d * per_rank;
+      const int r = rem / cpr;
+      chunk_t* mine = reinterpret_cast<chunk_t*>(buf + static_cast<int64_t>(r) * ldh + j0) +
+                      (rem - r * cpr);
+      *cluster.map_shared_rank(mine, d + (d >= rank ? 1 : 0)) = *mine;
+    }
+  };
+  cluster.sync();  // every block's buffers initialised before another block's first copy
+  load_gi(0);
+  for (int64_t t = 0; t < g.T; ++t) {
+    const op_t* hin = hb + (t & 1) * hsz;
+    op_t* hout = hb + ((t + 1) & 1) * hsz;
+    const StepSpan span = step_span(p.steps, t, B);
+    const int MT = row_tiles(span.rows);
+    const bool last = t + 1 == g.T;
+    if (p.reset_after) {
+      block_gemm<op_t, acc_t, MM>(g, hin, ldh, Ws, 3 * nq, g.Hp, 0, MT, acc);
+#pragma unroll
+      for (int i = 0; i < kClusterPer; ++i) {
+        const int b = eb[i];
+        if (b < 0 || b >= span.rows) continue;
+        const int c = (eu[i] >> 4) * 3, jj = eu[i] & 15;
+        const int64_t j = j0 + eu[i], row = span.first + b;
+        const acc_t hr = tile_sum(g, acc, 0, MT, 3 * nq, b, c, jj) + br[i];
+        const acc_t hz = tile_sum(g, acc, 0, MT, 3 * nq, b, c + 1, jj) + bz[i];
+        const acc_t hn = tile_sum(g, acc, 0, MT, 3 * nq, b, c + 2, jj) + bn[i];
+        const acc_t r = sigm(gr[i] + hr);
+        const acc_t z = sigm(gz[i] + hz);
+        const acc_t n = tanh_(gn[i] + r * hn);
+        const acc_t h = n + z * (hs[i] - n);
+        hs[i] = rs[i] ? acc_t(0) : h;
+        stf(p.y + row * H + j, h);
+        if (p.ws) {
+          scalar_t* wsr = p.ws + row * 4 * H;
+          stf(wsr + j, r);
+          stf(wsr + H + j, z);
+          stf(wsr + 2 * H + j, n);
+          stf(wsr + 3 * H + j, hn);
+        }
+        stf(hout + b * ldh + j, hs[i]);
+      }
+    } else {
+      block_gemm<op_t, acc_t, MM>(g, hin, ldh, Ws, 2 * nq, g.Hp, 0, MT, acc, 2);
+#pragma unroll
+      for (int i = 0; i < kClusterPer; ++i) {
+        const int b = eb[i];
+        if (b < 0 || b >= span.rows) continue;
+        const int c = (eu[i] >> 4) * 2, jj = eu[i] & 15;
+        const int64_t j = j0 + eu[i], row = span.first + b;
+        const acc_t r = sigm(gr[i] + tile_sum(g, acc, 0, MT, 2 * nq, b, c, jj) + br[i]);
+        const acc_t z = sigm(gz[i] + tile_sum(g, acc, 0, MT, 2 * nq, b, c + 1, jj) + bz[i]);
+        zs[i] = z;
+        stf(rh + b * ldh + j, r * hs[i]);
+        if (p.ws) {
+          stf(p.ws + row * 4 * H + j, r);
+          stf(p.ws + row * 4 * H + H + j, z);
+        }
+      }
+      publish(rh, span.rows);
+      cluster.sync();  // every block's r (.) h_{t-1} in every block; acc free again
+      block_gemm<op_t, acc_t, MM>(g, rh, ldh, Ws + 2 * 16 * g.ldw, nq, g.Hp, 0, MT, acc, 1);
+#pragma unroll
+      for (int i = 0; i < kClusterPer; ++i) {
+        const int b = eb[i];
+        if (b < 0 || b >= span.rows) continue;
+        const int jj = eu[i] & 15;
+        const int64_t j = j0 + eu[i], row = span.first + b;
+        const acc_t hn = tile_sum(g, acc, 0, MT, nq, b, eu[i] >> 4, jj) + bn[i];
+        const acc_t n = tanh_(gn[i] + hn);
+        const acc_t h = n + zs[i] * (hs[i] - n);
+        hs[i] = rs[i] ? acc_t(0) : h;
+        stf(p.y + row * H + j, h);
+        if (p.ws) {
+          stf(p.ws + row * 4 * H + 2 * H + j, n);
+          stf(p.ws + row * 4 * H + 3 * H + j, hn);
+        }
+        stf(hout + b * ldh + j, hs[i]);
+      }
+    }
+    if (!last) {
+      // h_t of the block's units to every block; arrive (h_t published, this block's reads
+      // of acc and of the buffers done), load gi of step t+1 while the others finish step
+      // t, then wait for them.
+      publish(hout, span.rows);
+      auto token = cluster.barrier_arrive();
+      load_gi(t + 1);
+      cluster.barrier_wait(std::move(token));
+    }
+  }
+#else
+  __trap();
+#endif
 }
 
 // Fallback: one launch per step (and phase); the W slice is read from global memory / L2.
@@ -945,6 +1184,7 @@ struct Plan {
   int NB = 0;
   int64_t w_bytes = 0, acc_bytes = 0;
   int64_t a_bytes = 0;  // the staged A (plan_staging), 0 = not staged
+  int64_t h_bytes = 0;  // the cluster forward's h (and r (.) h) buffers (plan_cluster)
   bool backward = false;
   bool persistent = false;
   std::string why;
@@ -954,7 +1194,7 @@ struct Plan {
   // per-step kernels (they read W from global memory); then the staged A, if any (at
   // g.a_off, set by plan_staging for the kind of kernel it was planned for).
   int64_t smem_bytes(bool persistent_kernel) const {
-    return (persistent_kernel ? w_bytes + acc_bytes : acc_bytes) + a_bytes;
+    return (persistent_kernel ? w_bytes + acc_bytes + h_bytes : acc_bytes) + a_bytes;
   }
 };
 
@@ -963,10 +1203,16 @@ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // plan_layout's K split for a block's pass of pass_tiles(g) batch tiles: split K over the
 // warps a step would leave idle, keeping >= 4 k-steps of 16 per part; and the accumulator
 // tiles it needs.
+// Column groups of 16 of a block's largest product: 1 backward, 3 forward (3 q in the
+// cluster forward, whose blocks own q unit blocks).
+inline int plan_columns(const Plan& pl) {
+  return pl.backward ? 1 : 3 * std::max(1, pl.g.cluster ? pl.g.q : 1);
+}
+
 inline void plan_split_rule(Plan& pl, int64_t acc_size) {
   Geom& g = pl.g;
   const int mtp = pass_tiles(g);
-  const int NC = pl.backward ? 1 : 3;
+  const int NC = plan_columns(pl);
   g.nsplit = std::max(1, std::min(kWarps / std::max(1, mtp * NC), std::max(1, g.Hp / 64)));
   pl.acc_bytes = static_cast<int64_t>(g.nsplit) * mtp * NC * kTileElems * acc_size;
 }
@@ -1040,11 +1286,11 @@ inline int balanced_split(int units, int max_split) {
 inline bool plan_balance(Plan& pl, int64_t acc_size, int64_t cap) {
   Geom& g = pl.g;
   const int mtp = pass_tiles(g);
-  const int NC = pl.backward ? 1 : 3;
+  const int NC = plan_columns(pl);
   const int s = balanced_split(mtp * NC, std::max(1, g.Hp / 64));
   if (s == g.nsplit) return false;
   const int64_t acc = static_cast<int64_t>(s) * mtp * NC * kTileElems * acc_size;
-  const int64_t w = pl.w_bytes + pl.acc_bytes <= cap ? pl.w_bytes : 0;
+  const int64_t w = pl.w_bytes + pl.acc_bytes + pl.h_bytes <= cap ? pl.w_bytes + pl.h_bytes : 0;
   if (w + acc > cap) return false;
   g.nsplit = s;
   pl.acc_bytes = acc;
@@ -1077,6 +1323,44 @@ inline bool plan_staging(Plan& pl, bool persistent_kernel, bool fma, int64_t op_
   pl.g.lds = lds;
   pl.g.a_off = static_cast<int>(base);
   pl.a_bytes = bytes;
+  return true;
+}
+
+// Step variant bit 16 (fwd_cluster_loop): the forward as ONE thread block cluster of at most
+// max_cluster blocks, where it fits.  From plan_layout's forward plan: q = ceil(nbu /
+// max_cluster) unit blocks per block (the fewest that fit the cluster), C = ceil(nbu / q)
+// blocks; the K split by plan_layout's rule for a block's 3 q column groups (balanced by
+// plan_balance's rule when `balance`: step variant bit 4); then, after the W slices and the
+// accumulators, the h buffers: 2 (3 for reset_after=False: r (.) h) of Bp rows x ldh, ldh =
+// Hp + 16 bytes (8 on the FMA paths, as staging_bytes pads).  Taken when a thread's
+// elements fit (B x 16 q <= kClusterPer x kThreads) and the block's shared memory fits in
+// `cap`; else the plan is left as it was and the answer is false.
+inline bool plan_cluster(Plan& pl, int max_cluster, bool reset_after, bool fma,
+                         int64_t op_size, int64_t acc_size, int64_t cap, bool balance) {
+  if (pl.backward || max_cluster < 1 || pl.g.cluster) return false;
+  Plan c = pl;
+  Geom& g = c.g;
+  g.q = (g.nbu + max_cluster - 1) / max_cluster;
+  g.cluster = (g.nbu + g.q - 1) / g.q;
+  if (g.B * 16 * g.q > static_cast<int64_t>(kClusterPer) * kThreads) return false;
+  g.mtg = g.MT;
+  g.lds = 0;
+  g.a_off = 0;
+  g.split = 0;
+  c.NB = g.cluster;
+  c.a_bytes = 0;
+  c.w_bytes = round_up(static_cast<int64_t>(48) * g.q * g.ldw * op_size, 128);
+  plan_split_rule(c, acc_size);
+  if (balance) {
+    g.nsplit = balanced_split(pass_tiles(g) * plan_columns(c), std::max(1, g.Hp / 64));
+    c.acc_bytes = static_cast<int64_t>(g.nsplit) * pass_tiles(g) * plan_columns(c) *
+                  kTileElems * acc_size;
+  }
+  g.ldh = g.Hp + static_cast<int>((fma ? 8 : 16) / op_size);
+  g.h_off = static_cast<int>(c.w_bytes + c.acc_bytes);
+  c.h_bytes = round_up((reset_after ? 2 : 3) * static_cast<int64_t>(g.Bp) * g.ldh * op_size, 128);
+  if (c.smem_bytes(true) > cap) return false;
+  pl = c;
   return true;
 }
 

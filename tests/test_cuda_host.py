@@ -302,19 +302,26 @@ class Spec:
     # groups of blocks (plan_groups).  Below H = 128 the K split cannot change (Hp / 64 <= 1)
     # and the outputs must be the one-group launch's bits; from H = 128 on, the budget.
     groups: int = 1
+    # Step variant bit 16 (_set_cuda_step_variant(16)): the persistent forward as one thread
+    # block cluster of at most this many blocks (plan_cluster), 0 = not; the backward is the
+    # grid kernels'.  Below H = 128 the K split is 1 in both and the outputs must be the grid
+    # kernels' bits; from H = 128 on, the budget.
+    cluster: int = 0
 
     @property
     def id(self) -> str:
         return (self.data_id + ("-staged" if self.stage else "") + ("-split" if self.split else "")
                 + ("-balanced" if self.balance else "")
-                + (f"-groups{self.groups}" if self.groups > 1 else ""))
+                + (f"-groups{self.groups}" if self.groups > 1 else "")
+                + (f"-cluster{self.cluster}" if self.cluster else ""))
 
     @property
     def old_step(self) -> "Spec":
         """The same case without the variants that must not change a bit (stage, split; groups
-        below H = 128): the old step, or the balanced (grouped) plan's old step."""
+        and cluster below H = 128): the old step, or the balanced (grouped) plan's old step."""
         return dataclasses.replace(self, stage=False, split=False,
-                                   groups=self.groups if self.H >= 128 else 1)
+                                   groups=self.groups if self.H >= 128 else 1,
+                                   cluster=self.cluster if self.H >= 128 else 0)
 
     @property
     def data_id(self) -> str:
@@ -471,7 +478,8 @@ def harness_cmd(exe: str, spec: Spec, fin: str, fout: str, seq: Optional[str] = 
     return [exe, spec.dtype, spec.path, str(spec.T), str(spec.B), str(spec.H),
             str(int(spec.reset_after)), str(int(spec.h0)), str(int(spec.bias)), fin, fout,
             seq if seq is not None else spec.seq_arg(), f"stage={int(spec.stage)}",
-            f"split={int(spec.split)}", f"balance={int(spec.balance)}", f"groups={spec.groups}"]
+            f"split={int(spec.split)}", f"balance={int(spec.balance)}", f"groups={spec.groups}",
+            f"cluster={spec.cluster}"]
 
 
 def run_case(variant: str, exe: str, spec: Spec, env_extra: Optional[Dict[str, str]] = None,
@@ -593,6 +601,9 @@ MUTANT_SPLIT_RESETS = dataclasses.replace(MUTANT_RESETS, split=True)
 MUTANT_BALANCED = Spec("f64", "persistent", 2, 33, 130, True, balance=True)
 MUTANT_GROUPS = dataclasses.replace(MUTANT_SPEC, groups=2)  # B = 17: 2 groups of 1 tile
 MUTANT_GROUPS_SPLIT = dataclasses.replace(MUTANT_GROUPS, split=True)
+# The cluster forward (variant 16): H = 33 in clusters of at most 2 blocks: 2 unit blocks in
+# block 0, 1 in block 1 (the ragged last block), 2 batch tiles, 5 steps.
+MUTANT_CLUSTER = dataclasses.replace(MUTANT_SPEC, cluster=2)
 
 
 def _staged_specs(specs: List[Spec], variant: str) -> List[Spec]:
@@ -736,6 +747,53 @@ def _groups_specs(specs: List[Spec], variant: str) -> List[Spec]:
     return out
 
 
+def _cluster_specs(specs: List[Spec], variant: str) -> List[Spec]:
+    """Step variant 16 (the cluster forward) on persistent cases of the grid with T > 1 (a
+    cluster barrier per step) whose twins without it are in the grid: below H = 128 the
+    outputs must be the twin's bits.  Clusters of at most 2 blocks (H = 33: 2 + 1 unit
+    blocks, the last block ragged) and 16 (one unit block each), alternating.  asan: every
+    dtype x formulation once, the structure rotating (dense, packed, resets); B = 130 (does
+    not fit: the grid kernels, bitwise); the per-step path (not a cluster launch); H = 130
+    in clusters of 4 (3 unit blocks each, 9 column groups: another K split, the budget),
+    with the balanced split.  tsan: both formulations dense on the two wmma paths, packed
+    and resets on the FMA and split-precision paths, H = 130."""
+    base = [s for s in specs if not (s.stage or s.split or s.balance) and s.groups == 1
+            and s.cluster == 0 and s.T > 1]
+    pers = [s for s in base if s.path == "persistent"]
+    out: List[Spec] = []
+    if variant == "asan":
+        for d, dt in enumerate(DTYPES):
+            for k, ra in enumerate((True, False)):
+                st = ("dense", "packed", "resets")[(2 * d + k) % 3]
+                cand = [s for s in pers if s.dtype == dt and s.reset_after == ra
+                        and _structure(s) == st and s.B <= 64]
+                cand = cand or [s for s in pers if s.dtype == dt and s.reset_after == ra
+                                and s.B <= 64]
+                if cand:
+                    out.append(dataclasses.replace(cand[0], cluster=(2, 16)[(d + k) % 2]))
+        out += [dataclasses.replace(s, cluster=16) for s in pers if s.B == 130][:1]
+        out += [dataclasses.replace(s, cluster=16) for s in base if s.path == "step"][:1]
+        out += [Spec("bf16", "persistent", 3, 5, 130, True, cluster=4),
+                Spec("f32x3", "persistent", 3, 5, 130, False, cluster=4, balance=True)]
+        if MUTANT_CLUSTER not in out:
+            out.append(MUTANT_CLUSTER)
+    else:
+        for k, ra in enumerate((True, False)):
+            for dt in ("bf16", "f32x3"):
+                cand = [s for s in pers if s.dtype == dt and s.reset_after == ra
+                        and _structure(s) == "dense"]
+                if cand:
+                    out.append(dataclasses.replace(cand[0], cluster=2))
+            for st in ("packed", "resets"):
+                cand = [s for s in pers if s.reset_after == ra and _structure(s) == st]
+                if cand:
+                    out.append(dataclasses.replace(cand[0], cluster=(2, 16)[k]))
+        out.append(Spec("f32", "persistent", 3, 5, 130, False, cluster=4))
+        if MUTANT_CLUSTER not in out:
+            out.append(MUTANT_CLUSTER)
+    return out
+
+
 def _asan_specs() -> List[Spec]:
     """AddressSanitizer + UBSan, and the numerical check: every dtype x formulation x path,
     each with two shapes (every shape meets every dtype twice), and the 128-row two-pass
@@ -758,7 +816,8 @@ def _asan_specs() -> List[Spec]:
             specs.append(m)
     out = (specs + _staged_specs(specs, "asan") + _split_specs(specs, "asan")
            + _balance_specs("asan"))
-    return out + [s for s in _groups_specs(specs, "asan") if s not in out]
+    out += [s for s in _groups_specs(specs, "asan") if s not in out]
+    return out + [s for s in _cluster_specs(specs, "asan") if s not in out]
 
 
 def _tsan_specs() -> List[Spec]:
@@ -777,7 +836,8 @@ def _tsan_specs() -> List[Spec]:
         specs.append(_resets(("f32x3", "f32")[k % 2], path, ra, TSAN_RESETS))
     out = (specs + _staged_specs(specs, "tsan") + _split_specs(specs, "tsan")
            + _balance_specs("tsan"))
-    return out + [s for s in _groups_specs(specs, "tsan") if s not in out]
+    out += [s for s in _groups_specs(specs, "tsan") if s not in out]
+    return out + [s for s in _cluster_specs(specs, "tsan") if s not in out]
 
 
 GRIDS = {"asan": _asan_specs(), "tsan": _tsan_specs()}
@@ -984,6 +1044,70 @@ def test_grids_cover_the_groups():
     tsan = [s for s in GRIDS["tsan"] if s.groups > 1]
     assert {s.path for s in tsan} == {"persistent", "step"} and any(s.split for s in tsan)
     assert {_structure(s) for s in tsan} == {"dense", "packed", "resets"}
+    for variant, specs in GRIDS.items():
+        for s in specs:
+            if s.old_step != s:
+                assert s.old_step in specs, (variant, s.id)
+
+
+# plan_cluster at the sizes of the prediction (benchmarks/NOTES-cuda-latency.md, "Thread block
+# cluster"): (dtype, B, H, reset_after, max cluster) -> (fits, q, C, W slices, h buffers,
+# total bytes, K split); sm_90's 232448 B opt-in.
+CLUSTER_TABLE = {
+    ("bf16", 16, 512, True, 16): (1, 2, 16, 99840, 33280, 139264, 1),
+    ("bf16", 16, 512, False, 16): (1, 2, 16, 99840, 49920, 155904, 1),
+    ("bf16", 16, 576, True, 16): (1, 3, 12, 168192, 37376, 214784, 1),   # 3 + 9 x 3 unit blocks
+    ("bf16", 16, 576, False, 16): (0, 0, 0, 56064, 0, 62208, 2),          # r (.) h: too big
+    ("bf16", 16, 768, True, 16): (0, 0, 0, 74496, 0, 80640, 2),           # W alone 221 KB
+    ("bf16", 16, 512, True, 8): (0, 0, 0, 49920, 0, 56064, 2),            # portable 8: too big
+    ("bf16", 16, 256, True, 16): (1, 1, 16, 25344, 16896, 48384, 2),
+    ("bf16", 64, 256, True, 16): (1, 1, 16, 25344, 67584, 105216, 1),
+    ("bf16", 64, 384, True, 16): (0, 0, 0, 37632, 0, 49920, 1),           # 64 x 32 > 1024
+    ("tf32", 16, 384, True, 16): (1, 2, 12, 148992, 49664, 204800, 1),
+    ("tf32", 16, 448, True, 16): (0, 0, 0, 86784, 0, 92928, 2),
+    ("f64", 16, 256, True, 16): (1, 1, 16, 99072, 65792, 177152, 2),      # 8-byte row pad
+}
+
+
+@pytest.mark.parametrize("key", list(CLUSTER_TABLE), ids=lambda k: f"{k[0]}-B{k[1]}H{k[2]}-"
+                         f"{'after' if k[3] else 'before'}-max{k[4]}")
+def test_cluster_plan(key, harness):
+    """plan_cluster (make_plan runs it under _set_cuda_step_variant(16) on sm_90, with 16 blocks
+    at most where the device allows non-portable cluster sizes): the fewest unit blocks per
+    block that fit the cluster, the W slices, the accumulators and the h buffers (2, or 3 for
+    reset_after=False) within sm_90's shared memory; where they do not fit, or a thread would
+    own more than kClusterPer elements, the plan is left as it was."""
+    dt, B, H, ra, maxc = key
+    fits, q, C, w, h, total, split = CLUSTER_TABLE[key]
+    r = execute("asan", [harness["asan"], "cplan", dt, str(B), str(H), str(int(ra)), str(maxc),
+                         "0"])
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr[-3000:]
+    got = [int(v) for v in r.stdout.split()]
+    assert (got[0], got[1], got[2], got[3], got[5], got[6], got[7]) == (
+        fits, q, C, w, h, total, split), got
+    assert got[6] == got[3] + got[4] + got[5]
+
+
+def test_grids_cover_the_cluster():
+    """Step variant 16 under both sanitizers: every dtype x formulation (AddressSanitizer),
+    dense, packed and resets, clusters with a ragged last block (2 + 1 unit blocks) and with
+    one unit block per block, H below 128 (bitwise the grid kernels: the twin is in the
+    grid) and above (budget), with the balanced split, and where it must not apply (B = 130,
+    the per-step path); ThreadSanitizer: both formulations, dense / packed / resets, the
+    wmma and the FMA paths."""
+    asan = [s for s in GRIDS["asan"] if s.cluster]
+    assert {s.dtype for s in asan} == set(DTYPES)
+    for dt in DTYPES:
+        assert {s.reset_after for s in asan if s.dtype == dt} == {True, False}, dt
+    assert {_structure(s) for s in asan} == {"dense", "packed", "resets"}
+    assert {s.cluster for s in asan} >= {2, 4, 16}
+    assert any(s.H >= 128 for s in asan) and any(s.H < 128 for s in asan)
+    assert any(s.balance for s in asan)
+    assert any(s.B == 130 for s in asan) and any(s.path == "step" for s in asan)
+    tsan = [s for s in GRIDS["tsan"] if s.cluster]
+    assert {(s.reset_after, _structure(s)) for s in tsan} == {
+        (ra, st) for ra in (True, False) for st in ("dense", "packed", "resets")}
+    assert {s.dtype for s in tsan} >= {"bf16", "f32x3", "f32", "f64"}
     for variant, specs in GRIDS.items():
         for s in specs:
             if s.old_step != s:
@@ -1235,6 +1359,29 @@ MUTANTS = {
         "  const int end = min(static_cast<int>((rows + 15) / 16), t0 + g.mtg);",
         "  const int end = min(static_cast<int>((rows + 15) / 16), t0 + g.mtg - 1);",
         None, MUTANT_GROUPS),
+    # The cluster forward: each block's h_t copied to ranks 0 .. C-2 instead of every rank
+    # but its own: the last block never receives the others' units, block 0 overwrites its
+    # own copy with itself.  Wrong values only: the error budget.
+    "cluster-copy-skips-the-last-rank": (
+        "asan",
+        "      *cluster.map_shared_rank(mine, d + (d >= rank ? 1 : 0)) = *mine;",
+        "      *cluster.map_shared_rank(mine, d) = *mine;",
+        None, MUTANT_CLUSTER),
+    # The cluster forward without the cluster barrier after the buffers' initialisation:
+    # block A's copy of h_0 into block B's buffer 1 races with B zeroing it.
+    "cluster-sync-after-init-removed": (
+        "tsan",
+        "  cluster.sync();  // every block's buffers initialised before another block's first copy\n",
+        "",
+        "WARNING: ThreadSanitizer: data race", MUTANT_CLUSTER),
+    # The cluster forward without the barrier between the steps: block A's h_t lands in the
+    # ping-pong half that block B may still be reading as h_{t-2} in step t-1.
+    "cluster-step-barrier-removed": (
+        "tsan",
+        "      auto token = cluster.barrier_arrive();\n      load_gi(t + 1);\n"
+        "      cluster.barrier_wait(std::move(token));\n",
+        "      load_gi(t + 1);\n",
+        "WARNING: ThreadSanitizer: data race", MUTANT_CLUSTER),
     # 3xTF32: hi used as __float_to_tf32 returns it, its 13 low bits not cleared (the GPU
     # leaves them; the shim models that): v - hi is then not v's low part.
     "3xtf32-hi-not-masked": (

@@ -592,8 +592,8 @@ def step_variant(mode: int):
 
 def test_cuda_step_variant_switch():
     """_set_cuda_step_variant returns the previous mode, takes 0 (old) or any sum of 1
-    (staged), 2 (split-barrier step), 4 (balanced K split) and 8 (batch groups of blocks),
-    and the default is the old step."""
+    (staged), 2 (split-barrier step), 4 (balanced K split), 8 (batch groups of blocks) and
+    16 (the cluster forward), and the default is the old step."""
     _ext_ready()
     prev = torch.ops.fusedgru._set_cuda_step_variant(1)
     try:
@@ -603,8 +603,10 @@ def test_cuda_step_variant_switch():
         assert torch.ops.fusedgru._set_cuda_step_variant(4) == 7
         assert torch.ops.fusedgru._set_cuda_step_variant(15) == 4
         assert torch.ops.fusedgru._set_cuda_step_variant(8) == 15
-        assert torch.ops.fusedgru._set_cuda_step_variant(0) == 8
-        for bad in (16, -1):
+        assert torch.ops.fusedgru._set_cuda_step_variant(16) == 8
+        assert torch.ops.fusedgru._set_cuda_step_variant(31) == 16
+        assert torch.ops.fusedgru._set_cuda_step_variant(0) == 31
+        for bad in (32, -1):
             with pytest.raises(RuntimeError, match="mode must be 0"):
                 torch.ops.fusedgru._set_cuda_step_variant(bad)
     finally:
@@ -784,10 +786,54 @@ def test_cuda_batch_groups_within_budget(dtype, allow_tf32, fp32_path, reset_aft
                 torch.bfloat16, 64, 1024, False)
 
 
-def _plan_for(dtype, B, H, backward):
+@pytest.mark.parametrize("variant", [pytest.param(16, id="cluster"),
+                                     pytest.param(20, id="cluster-balanced", marks=EXH)])
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+@pytest.mark.parametrize("dtype,allow_tf32,fp32_path", STAGED_DTYPES)
+def test_cuda_cluster_forward_within_budget(dtype, allow_tf32, fp32_path, reset_after, variant,
+                                            gen, poisoned, forced_path):
+    """The cluster forward (variant bit 16, sm_90+): at B = 17 the forward runs as one
+    thread block cluster (the plan says so), within SPEC's budget in training and
+    inference, dense, packed and with resets; at H = 33 (K split 1 in both) bitwise the grid
+    kernels' outputs; at H = 130 (9 blocks) the budget; B = 130 does not fit (B x 16 >
+    1024) and falls back to the grid kernels, bitwise.  On a
+    GPU without clusters (sm_80) the plan says why and the outputs are the old step's."""
+    _ext_ready()
+    sm90 = torch.cuda.get_device_capability(0)[0] >= 9
+    T, I = 4, 7
+    for B, H in ((17, 33), (17, 130), (130, 33)):
+        lengths = sorted([T] + [1 + k % T for k in range(B - 1)], reverse=True)
+        for kw in ({}, {"lengths": lengths},
+                   {"resets": torch.rand(T, B, generator=gen) < 0.3}):
+            case = testing.make_layer_case(T, B, I, H, reset_after=reset_after, generator=gen,
+                                           **kw)
+            with fp32_precision(allow_tf32, fp32_path), step_variant(variant):
+                plan = _plan_for(dtype, B, H, False, reset_after)
+                if sm90 and B <= 64:
+                    assert plan.startswith("cluster: 1 cluster of "), plan
+                else:
+                    assert "step variant 16 -> grid kernels" in plan, plan
+                report = testing.check_layer("cuda", case, device="cuda", dtype=dtype)
+                assert report.ok, (B, H, kw, report.failures)
+                new = _all_outputs(case, dtype, reset_after) if H == 33 else None
+            if new is not None and variant == 16:
+                with fp32_precision(allow_tf32, fp32_path), step_variant(0):
+                    old = _all_outputs(case, dtype, reset_after)
+                for a, b in zip(old, new):
+                    assert torch.equal(a, b), (B, H, kw)
+    if sm90:
+        with step_variant(variant):
+            # the sizes of the prediction (benchmarks/NOTES-cuda-latency.md, "Thread block
+            # cluster"): bf16 B=16 H=512 in 16 blocks of 2 unit blocks; H=768 does not fit
+            assert _plan_for(torch.bfloat16, 16, 512, False).startswith(
+                "cluster: 1 cluster of 16 blocks"), _plan_for(torch.bfloat16, 16, 512, False)
+            assert "step variant 16 -> grid kernels" in _plan_for(torch.bfloat16, 16, 768, False)
+
+
+def _plan_for(dtype, B, H, backward, reset_after=True):
     x = torch.empty(4, B, 8, device="cuda", dtype=dtype)
     return torch.ops.fusedgru._cuda_plan(x, torch.empty(3 * H, H, device="cuda", dtype=dtype),
-                                         True, backward)
+                                         reset_after, backward)
 
 
 def test_cuda_staged_step_fits_or_falls_back(gen):

@@ -13,6 +13,15 @@
 //                                             of the grid has arrived; a wait without its
 //                                             arrival, a second arrival before the wait, or
 //                                             a kernel returning between the two aborts
+//   this_cluster(): sync(), barrier_arrive() / barrier_wait(token), block_rank(),
+//                   num_blocks(), map_shared_rank(p, rank)
+//                                             thread block clusters (launch(..., cluster)):
+//                                             a barrier over the cluster's threads, split as
+//                                             the grid's is; map_shared_rank maps an address
+//                                             in the calling block's dynamic shared memory to
+//                                             the same offset in block `rank` of its cluster
+//                                             (an address outside it, a rank outside the
+//                                             cluster or a launch without clusters aborts)
 //   FUSEDGRU_DYNAMIC_SMEM(smem)               the block's dynamic shared memory, allocated at
 //                                             its exact size per launch, filled with 0xFF
 //                                             (NaN in every float type) like uninitialised
@@ -159,11 +168,14 @@ class Barrier {
 // One kernel launch: its grid, its barriers and its blocks' shared memory.
 struct Launch {
   unsigned grid = 0, block = 0;
+  unsigned cluster = 0;  // blocks per thread block cluster, 0 = launched without clusters
   bool cooperative = false;
-  std::vector<std::unique_ptr<Barrier>> block_bar;  // one per block
-  std::unique_ptr<Barrier> grid_bar;                 // cooperative launches only
-  std::vector<unsigned char*> smem;                  // one per block, exact size
-  std::vector<unsigned> syncs, grid_syncs;           // per thread: barriers reached
+  int64_t smem_bytes = 0;
+  std::vector<std::unique_ptr<Barrier>> block_bar;    // one per block
+  std::unique_ptr<Barrier> grid_bar;                   // cooperative launches only
+  std::vector<std::unique_ptr<Barrier>> cluster_bar;  // one per cluster
+  std::vector<unsigned char*> smem;                    // one per block, exact size
+  std::vector<unsigned> syncs, grid_syncs, cluster_syncs;  // per thread: barriers reached
 };
 
 // cp.async as cuda_pipeline.h exposes it: per thread, the copies issued since the last
@@ -179,6 +191,7 @@ inline thread_local std::vector<std::vector<AsyncCopy>> t_async_batches;
 inline thread_local Launch* t_launch = nullptr;
 inline thread_local unsigned t_tid = 0;  // blockIdx.x * blockDim.x + threadIdx.x
 inline thread_local bool t_grid_arrived = false;  // barrier_arrive not yet waited for
+inline thread_local bool t_cluster_arrived = false;  // the cluster's, likewise
 
 inline void syncthreads() {
   Launch* l = t_launch;
@@ -209,6 +222,53 @@ inline void grid_wait(uint32_t token) {
   if (!t_grid_arrived) fail("grid.barrier_wait() without grid.barrier_arrive()");
   t_grid_arrived = false;
   t_launch->grid_bar->wait(token);
+}
+
+inline Launch* cluster_launch(const char* what) {
+  Launch* l = t_launch;
+  if (l->cluster == 0) {
+    std::fprintf(stderr, "cuda_host: %s in a kernel launched without thread block clusters\n",
+                 what);
+    std::abort();
+  }
+  return l;
+}
+
+inline void cluster_sync() {
+  Launch* l = cluster_launch("cluster.sync()");
+  if (t_cluster_arrived) fail("cluster.sync() between cluster.barrier_arrive() and barrier_wait()");
+  ++l->cluster_syncs[t_tid];
+  l->cluster_bar[blockIdx.x / l->cluster]->arrive_and_wait();
+}
+
+inline uint32_t cluster_arrive() {
+  Launch* l = cluster_launch("cluster.barrier_arrive()");
+  if (t_cluster_arrived) fail("cluster.barrier_arrive() twice without barrier_wait()");
+  t_cluster_arrived = true;
+  ++l->cluster_syncs[t_tid];
+  return l->cluster_bar[blockIdx.x / l->cluster]->arrive();
+}
+
+inline void cluster_wait(uint32_t token) {
+  Launch* l = cluster_launch("cluster.barrier_wait()");
+  if (!t_cluster_arrived) fail("cluster.barrier_wait() without cluster.barrier_arrive()");
+  t_cluster_arrived = false;
+  l->cluster_bar[blockIdx.x / l->cluster]->wait(token);
+}
+
+// cluster.map_shared_rank(p, rank): p must point into the calling block's dynamic shared
+// memory (the only shared memory the kernels have); the same offset in block `rank` of the
+// cluster.
+inline void* map_shared_rank(const void* p, int rank) {
+  Launch* l = cluster_launch("cluster.map_shared_rank()");
+  if (rank < 0 || static_cast<unsigned>(rank) >= l->cluster)
+    fail("cluster.map_shared_rank(): rank outside the cluster");
+  const unsigned char* own = l->smem[blockIdx.x];
+  const auto* q = static_cast<const unsigned char*>(p);
+  if (q < own || q >= own + l->smem_bytes)
+    fail("cluster.map_shared_rank(): the address is not in the block's dynamic shared memory");
+  const unsigned first = blockIdx.x / l->cluster * l->cluster;
+  return l->smem[first + static_cast<unsigned>(rank)] + (q - own);
 }
 
 // A fixed set of OS threads, one per CUDA thread of the largest launch, reused by every
@@ -274,18 +334,29 @@ class ThreadPool {
 // every thread of a block reached the same number of __syncthreads() and every thread of
 // the grid the same number of grid.sync() (a divergent barrier hangs or corrupts a GPU;
 // here a thread leaving early drops out of the barriers instead of hanging the run).
+// cluster > 0: launched in thread block clusters of `cluster` blocks (cudaLaunchKernelEx with
+// cudaLaunchAttributeClusterDimension); grid must be a multiple of it, at most 16 (the
+// non-portable limit; 8 portable), and not cooperative (the kernels' cluster launches are
+// not).  Every thread of a cluster must reach the same number of cluster barriers.
 template <typename K>
 void launch(ThreadPool& pool, unsigned grid, unsigned block, int64_t smem_bytes,
-            bool cooperative, K kernel) {
+            bool cooperative, K kernel, unsigned cluster = 0) {
   if (grid == 0 || block == 0 || block > 1024) fail("invalid launch configuration");
   if (smem_bytes < 0) fail("negative dynamic shared memory size");
+  if (cluster > 0 && (cluster > 16 || grid % cluster != 0 || cooperative))
+    fail("invalid cluster launch (grid a multiple of the cluster size <= 16, not cooperative)");
   Launch l;
   l.grid = grid;
   l.block = block;
+  l.cluster = cluster;
   l.cooperative = cooperative;
+  l.smem_bytes = smem_bytes;
   const unsigned n = grid * block;
   l.syncs.assign(n, 0);
   l.grid_syncs.assign(n, 0);
+  l.cluster_syncs.assign(n, 0);
+  for (unsigned c = 0; cluster > 0 && c < grid / cluster; ++c)
+    l.cluster_bar.push_back(std::make_unique<Barrier>(cluster * block));
   for (unsigned b = 0; b < grid; ++b) {
     l.block_bar.push_back(std::make_unique<Barrier>(block));
     // Exact size (AddressSanitizer catches the first byte past it), 128-byte aligned as the
@@ -308,8 +379,11 @@ void launch(ThreadPool& pool, unsigned grid, unsigned block, int64_t smem_bytes,
     if (!t_async_open.empty() || !t_async_batches.empty())
       fail("a kernel returned with cp.async copies (__pipeline_memcpy_async) never waited for");
     if (t_grid_arrived) fail("a kernel returned between grid.barrier_arrive() and barrier_wait()");
+    if (t_cluster_arrived)
+      fail("a kernel returned between cluster.barrier_arrive() and barrier_wait()");
     l.block_bar[blockIdx.x]->arrive_and_drop();
     if (cooperative) l.grid_bar->arrive_and_drop();
+    if (cluster > 0) l.cluster_bar[blockIdx.x / cluster]->arrive_and_drop();
     t_launch = nullptr;
   });
   for (unsigned i = 0; i < n; ++i) {
@@ -317,6 +391,12 @@ void launch(ThreadPool& pool, unsigned grid, unsigned block, int64_t smem_bytes,
     if (l.syncs[i] != l.syncs[first]) {
       std::fprintf(stderr, "cuda_host: divergent __syncthreads(): block %u thread %u reached %u, "
                    "thread 0 reached %u\n", i / block, i % block, l.syncs[i], l.syncs[first]);
+      std::abort();
+    }
+    const unsigned cfirst = cluster > 0 ? (i / block) / cluster * cluster * block : 0;
+    if (l.cluster_syncs[i] != l.cluster_syncs[cfirst]) {
+      std::fprintf(stderr, "cuda_host: divergent cluster barrier: thread %u reached %u, thread "
+                   "%u reached %u\n", i, l.cluster_syncs[i], cfirst, l.cluster_syncs[cfirst]);
       std::abort();
     }
     if (l.grid_syncs[i] != l.grid_syncs[0]) {
@@ -368,6 +448,23 @@ struct grid_group {
   void barrier_wait(arrival_token&& token) const { fusedgru_host::grid_wait(token); }
 };
 inline grid_group this_grid() { return grid_group{}; }
+struct cluster_group {
+  using arrival_token = unsigned int;
+  void sync() const { fusedgru_host::cluster_sync(); }
+  arrival_token barrier_arrive() const { return fusedgru_host::cluster_arrive(); }
+  void barrier_wait(arrival_token&& token) const { fusedgru_host::cluster_wait(token); }
+  unsigned block_rank() const {
+    return blockIdx.x % fusedgru_host::cluster_launch("cluster.block_rank()")->cluster;
+  }
+  unsigned num_blocks() const {
+    return fusedgru_host::cluster_launch("cluster.num_blocks()")->cluster;
+  }
+  template <typename T>
+  T* map_shared_rank(T* p, int rank) const {
+    return static_cast<T*>(fusedgru_host::map_shared_rank(p, rank));
+  }
+};
+inline cluster_group this_cluster() { return cluster_group{}; }
 }  // namespace cooperative_groups
 
 // ---------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@
 //          f32x3 (strict float32 on TF32 tensor cores, split precision 3xTF32: the default) |
 //          tf32 | f16 | bf16 (tensor cores, wmma)
 //   PATH   persistent (one cooperative launch) | step (one launch per step and phase)
-//   OPTS   after IN OUT, any of: stage=0|1, split=0|1, balance=0|1, groups=N and SEQ.
+//   OPTS   after IN OUT, any of: stage=0|1, split=0|1, balance=0|1, groups=N, cluster=N
+//          and SEQ.
 //            stage=1    step variant bit 1 (fusedgru::_set_cuda_step_variant(1)): the MMA's
 //                       A operand staged in shared memory (plan_staging, stage_a) where it
 //                       fits in kSmemCap; stage=0 (the default): the old step
@@ -31,6 +32,11 @@
 //            groups=N   step variant bit 8 (_set_cuda_step_variant(8)): the batch tiles split
 //                       over N groups of blocks (plan_groups; make_plan takes N from the SMs
 //                       left idle); groups=1 (the default): one group
+//            cluster=N  step variant bit 16 (_set_cuda_step_variant(16)): the persistent
+//                       forward as one thread block cluster of at most N blocks
+//                       (plan_cluster, fwd_cluster_loop; make_plan asks for 16, 8 where the
+//                       device refuses non-portable sizes) where it fits; cluster=0 (the
+//                       default): the grid kernels.  The backward is not a cluster launch
 //   SEQ    the sequence structure (gru_common.h Layout), default dense:
 //            packed=N0,N1,...   batch_sizes (T values, non-increasing, N0 = B): the rows
 //                               below are then the N = sum(batch_sizes) packed rows
@@ -113,6 +119,7 @@ struct Case {
   bool split = false;  // step variant bit 2 (split=1)
   bool balance = false;  // step variant bit 4 (balance=1)
   int groups = 1;        // step variant bit 8 (groups=N)
+  int cluster = 0;       // step variant bit 16 (cluster=N: at most N blocks)
   std::vector<int64_t> batch_sizes;  // empty: dense
   std::vector<bool> resets;          // (T, B), or empty
   std::vector<double> gi, w_hh, b_hh, h0, grad_y;
@@ -162,8 +169,12 @@ T* copy_in(Arena& a, const std::vector<double>& v) {
 
 // make_plan (gru_cuda.cu) for the harness's options, in its order: groups, the balanced
 // split, staging, the split-barrier step.
+// The cluster forward first (make_plan: it replaces the rest where it is taken).
 inline Plan plan_of(const Case& c, int64_t op_size, int64_t acc_size, bool backward, bool fma) {
   Plan pl = plan_layout(c.T, c.B, c.H, op_size, acc_size, backward);
+  if (c.cluster > 0 && c.persistent &&
+      plan_cluster(pl, c.cluster, c.reset_after, fma, op_size, acc_size, kSmemCap, c.balance))
+    return pl;
   if (c.groups > 1) plan_groups(pl, c.groups, acc_size);
   if (c.balance) plan_balance(pl, acc_size, kSmemCap);
   if (c.stage) plan_staging(pl, c.persistent, fma, op_size, kSmemCap);
@@ -177,7 +188,10 @@ inline Plan plan_of(const Case& c, int64_t op_size, int64_t acc_size, bool backw
 template <typename Persistent, typename Step>
 void launch_layer(fusedgru_host::ThreadPool& pool, const Plan& pl, const Case& c,
                   bool backward, const Persistent& persistent, const Step& step) {
-  if (c.persistent) {
+  if (c.persistent && pl.g.cluster) {  // cudaLaunchKernelEx, one cluster of pl.NB blocks
+    fusedgru_host::launch(pool, pl.NB, kThreads, pl.smem_bytes(true), false, persistent,
+                          static_cast<unsigned>(pl.NB));
+  } else if (c.persistent) {
     fusedgru_host::launch(pool, pl.NB, kThreads, pl.smem_bytes(true), true, persistent);
   } else {
     for_each_step_launch(c.T, c.reset_after, backward, [&](int64_t t, int phase) {
@@ -313,7 +327,7 @@ namespace {
 
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr, "gru_host: %s\nusage: gru_host f64|f32|f32x3|tf32|f16|bf16 persistent|step "
-               "T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT [stage=0|1] [split=0|1] [balance=0|1] [groups=N] [packed=N0,N1,...|resets=0110...]\n",
+               "T B H RESET_AFTER HAS_H0 HAS_BIAS IN OUT [stage=0|1] [split=0|1] [balance=0|1] [groups=N] [cluster=N] [packed=N0,N1,...|resets=0110...]\n",
                why);
   std::exit(2);
 }
@@ -370,6 +384,25 @@ int main(int argc, char** argv) {
                 pl.NB, pl.g.mtg);
     return 0;
   }
+  if (argc == 8 && std::string(argv[1]) == "cplan") {
+    // The cluster forward's plan (plan_cluster), sizes only: fits q C w_bytes acc_bytes
+    // h_bytes total nsplit, for benchmarks/NOTES-cuda-latency.md and its test.
+    // usage: gru_host cplan DTYPE B H RESET_AFTER MAX_CLUSTER BALANCE
+    using namespace fusedgru::cuda_gru;
+    const std::string dt = argv[2];
+    const int64_t B = std::atoll(argv[3]), H = std::atoll(argv[4]);
+    const int64_t op = dt == "f64" ? 8 : (dt == "f16" || dt == "bf16") ? 2 : 4;
+    const int64_t acc = dt == "f64" ? 8 : 4;
+    Plan pl = plan_layout(1, B, H, op, acc, false);
+    const bool fits = plan_cluster(pl, std::atoi(argv[6]), std::atoi(argv[5]) != 0,
+                                   dt == "f64" || dt == "f32", op, acc, kSmemCap,
+                                   std::atoi(argv[7]) != 0);
+    std::printf("%d %d %d %lld %lld %lld %lld %d\n", fits ? 1 : 0, pl.g.q, pl.g.cluster,
+                static_cast<long long>(pl.w_bytes), static_cast<long long>(pl.acc_bytes),
+                static_cast<long long>(pl.h_bytes), static_cast<long long>(pl.smem_bytes(true)),
+                pl.g.nsplit);
+    return 0;
+  }
   if (argc < 11) usage("expected at least 10 arguments");
   const std::string dtype = argv[1], path = argv[2];
   Case c;
@@ -395,6 +428,9 @@ int main(int argc, char** argv) {
     else if (opt.rfind("groups=", 0) == 0) {
       c.groups = std::atoi(opt.c_str() + 7);
       if (c.groups < 1) usage("groups=: expected a count >= 1");
+    } else if (opt.rfind("cluster=", 0) == 0) {
+      c.cluster = std::atoi(opt.c_str() + 8);
+      if (c.cluster < 0 || c.cluster > fusedgru::cuda_gru::kMaxCluster) usage("cluster=: expected 0 .. 16");
     }
     else
       seq = opt;
