@@ -57,7 +57,7 @@
 #   sanitizer.log         compute-sanitizer memcheck and racecheck reports
 #   results.json          `fusedgru bench` rows of the stream grid
 #   speedup.png           speed-up vs nn.GRU against batch size (stream grid)
-#   step_variants.json    the cuda backend's step variants 0..15 vs nn.GRU (if time)
+#   step_variants.json    the cuda backend's step variants 0..31 vs nn.GRU (if time)
 #   large_h.json          the Triton large-H strategies against nn.GRU (if time)
 #   rest/results.json     batch, deep, d2l grids, then the reference under torch.compile
 set -u -o pipefail
