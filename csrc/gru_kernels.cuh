@@ -563,11 +563,12 @@ __device__ void fwd_split_loop(const FwdArgs<scalar_t, op_t, acc_t>& p, const op
   // step's rows(t) <= B): gi of step t, and whether step t+1 restarts the row.
   auto load_gi = [&](int64_t t) {
     const StepSpan span = step_span(p.steps, t, B);
+    const int64_t row_end = imin64(span.rows, b_lim);  // the group's rows this step
     const bool* restart = p.resets && t + 1 < g.T ? p.resets + (t + 1) * B : nullptr;
 #pragma unroll
     for (int i = 0; i < kSplitPer; ++i) {
       const int64_t b = b0 + 16 * i;
-      if (own && b < span.rows && b < b_lim) {
+      if (own && b < row_end) {
         const scalar_t* gir = p.gi + (span.first + b) * 3 * H;
         gr[i] = acc_t(ldf(gir + j));
         gz[i] = acc_t(ldf(gir + H + j));
@@ -581,13 +582,14 @@ __device__ void fwd_split_loop(const FwdArgs<scalar_t, op_t, acc_t>& p, const op
     const op_t* hin = p.hbuf + (t & 1) * static_cast<int64_t>(g.Bp) * Hp;
     op_t* hout = p.hbuf + ((t + 1) & 1) * static_cast<int64_t>(g.Bp) * Hp;
     const StepSpan span = step_span(p.steps, t, B);
+    const int64_t row_end = imin64(span.rows, b_lim);  // the group's rows this step
     const int MT = group_tile_end(g, gt0, span.rows), mtp = MT - gt0;
     if (p.reset_after) {
       block_gemm<op_t, acc_t, MM>(g, hin, Hp, W, 3, Hp, gt0, MT, acc);
 #pragma unroll
       for (int i = 0; i < kSplitPer; ++i) {
         const int64_t b = b0 + 16 * i;
-        if (!own || b >= span.rows || b >= b_lim) continue;
+        if (!own || b >= row_end) continue;
         const int64_t row = span.first + b;
         const acc_t hr = tile_sum(g, acc, gt0, mtp, 3, b, 0, jj) + br;
         const acc_t hz = tile_sum(g, acc, gt0, mtp, 3, b, 1, jj) + bz;
@@ -612,7 +614,7 @@ __device__ void fwd_split_loop(const FwdArgs<scalar_t, op_t, acc_t>& p, const op
 #pragma unroll
       for (int i = 0; i < kSplitPer; ++i) {
         const int64_t b = b0 + 16 * i;
-        if (!own || b >= span.rows || b >= b_lim) continue;
+        if (!own || b >= row_end) continue;
         const int64_t row = span.first + b;
         const acc_t r = sigm(gr[i] + tile_sum(g, acc, gt0, mtp, 2, b, 0, jj) + br);
         const acc_t z = sigm(gz[i] + tile_sum(g, acc, gt0, mtp, 2, b, 1, jj) + bz);
@@ -628,7 +630,7 @@ __device__ void fwd_split_loop(const FwdArgs<scalar_t, op_t, acc_t>& p, const op
 #pragma unroll
       for (int i = 0; i < kSplitPer; ++i) {
         const int64_t b = b0 + 16 * i;
-        if (!own || b >= span.rows || b >= b_lim) continue;
+        if (!own || b >= row_end) continue;
         const int64_t row = span.first + b;
         const acc_t hn = tile_sum(g, acc, gt0, mtp, 1, b, 0, jj) + bn;
         const acc_t n = tanh_(gn[i] + hn);
@@ -1039,6 +1041,7 @@ __device__ void bwd_split_loop(const BwdArgs<scalar_t, op_t, acc_t>& p, const op
   }
   auto load_step = [&](int64_t t) {
     const StepSpan span = step_span(p.steps, t, B);
+    const int64_t row_end = imin64(span.rows, b_lim);  // the group's rows this step
     const bool has_next = t + 1 < T;
     const int64_t carry_rows = has_next ? step_span(p.steps, t + 1, B).rows : 0;
     const int64_t prev_first = t > 0 ? step_span(p.steps, t - 1, B).first : 0;
@@ -1047,7 +1050,7 @@ __device__ void bwd_split_loop(const BwdArgs<scalar_t, op_t, acc_t>& p, const op
 #pragma unroll
     for (int i = 0; i < kSplitPer; ++i) {
       const int64_t b = b0 + 16 * i;
-      if (!own || b >= span.rows || b >= b_lim) continue;
+      if (!own || b >= row_end) continue;
       const int64_t row = span.first + b;
       const scalar_t* wsr = p.ws + row * 4 * H;
       vr[i] = ldf(wsr + j);
@@ -1067,12 +1070,13 @@ __device__ void bwd_split_loop(const BwdArgs<scalar_t, op_t, acc_t>& p, const op
     op_t* gout = p.gbuf + (t & 1) * buf;              // dgh_t
     const bool has_next = t + 1 < T;
     const StepSpan span = step_span(p.steps, t, B);
+    const int64_t row_end = imin64(span.rows, b_lim);  // the group's rows this step
     const int MT = group_tile_end(g, gt0, span.rows), mtp = MT - gt0;
     if (has_next) block_gemm<op_t, acc_t, MM>(g, gin, lda, W, 1, Krec, gt0, MT, acc);
 #pragma unroll
     for (int i = 0; i < kSplitPer; ++i) {
       const int64_t b = b0 + 16 * i;
-      if (!own || b >= span.rows || b >= b_lim) continue;
+      if (!own || b >= row_end) continue;
       const int64_t row = span.first + b;
       const acc_t mm = has_next ? tile_sum(g, acc, gt0, mtp, 1, b, 0, jj) : acc_t(0);
       const acc_t r = vr[i], z = vz[i], h = vh[i];
@@ -1108,7 +1112,7 @@ __device__ void bwd_split_loop(const BwdArgs<scalar_t, op_t, acc_t>& p, const op
 #pragma unroll
       for (int i = 0; i < kSplitPer; ++i) {
         const int64_t b = b0 + 16 * i;
-        if (!own || b >= span.rows || b >= b_lim) continue;
+        if (!own || b >= row_end) continue;
         const int64_t row = span.first + b;
         const acc_t mm = tile_sum(g, acc, gt0, mtp, 1, b, 0, jj);
         const acc_t r = vr[i], h = vh[i];

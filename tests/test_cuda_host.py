@@ -1344,13 +1344,17 @@ MUTANTS = {
         "  const int kpart = ((K / 16 + g.nsplit - 1) / g.nsplit) * 16;",
         "  const int kpart = ((K / 16) / g.nsplit) * 16;",
         None, MUTANT_BALANCED),
-    # Batch groups, split-barrier forward: a thread's rows not limited to its group's, so
-    # the last row of group 0's reach (row 16 at B = 17) is also computed and stored by
+    # Batch groups, split-barrier forward: a thread's rows not limited to its group's (a
+    # step's row_end is span.rows alone), so the last row of group 0's reach (row 16 at B = 17) is also computed and stored by
     # group 1's block of the same units: two blocks write the same y, ws and h elements.
     "groups-split-rows-of-another-group": (
         "tsan",
-        "        if (!own || b >= span.rows || b >= b_lim) continue;",
-        "        if (!own || b >= span.rows) continue;",
+        "    const int64_t row_end = imin64(span.rows, b_lim);  // the group's rows this step\n"
+        "    const int MT = group_tile_end(g, gt0, span.rows), mtp = MT - gt0;\n"
+        "    if (p.reset_after) {",
+        "    const int64_t row_end = span.rows;\n"
+        "    const int MT = group_tile_end(g, gt0, span.rows), mtp = MT - gt0;\n"
+        "    if (p.reset_after) {",
         "WARNING: ThreadSanitizer: data race", MUTANT_GROUPS_SPLIT),
     # Batch groups: a group's tiles end one tile early, so the last tile of every group but
     # the last is never computed (its rows keep the poison): the error budget.
