@@ -103,9 +103,14 @@ def test_backward_small_switches_match_reference(shape, reset_after, step_rows, 
 
 
 def test_backward_small_switches_take_effect(gen):
-    """Each backward switch changes the path it names: the inline loops and ATen's GEMM sum
-    in different orders, so the gradient it governs changes in its last bits (and only
-    there), while the other gradient keeps its bits."""
+    """Each backward switch changes the path it names, seen in the ATen products the
+    backward calls (the profiler): the step's dh product on ATen's GEMM (addmm_) or inline,
+    the weight gradients on ATen's GEMM (mm, sum) or inline.  The gradient a switch governs
+    stays within rounding of the other path's (the two may or may not agree bitwise,
+    depending on the BLAS and the CPU: MKL on an AVX-512 Xeon sums these in the inline
+    order), and the other gradient keeps its bits."""
+    from collections import Counter
+
     from fusedgru import FusedGRU
 
     ops = torch.ops.fusedgru
@@ -119,19 +124,24 @@ def test_backward_small_switches_take_effect(gen):
         try:
             for t in (x, h0, *m.parameters()):
                 t.grad = None
-            m(x, h0)[0].backward(gy)
-            return h0.grad.clone(), m.weight_hh_l0.grad.clone()
+            y = m(x, h0)[0]
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                y.backward(gy)
+            aten = Counter(e.name for e in prof.events()
+                           if e.name in ("aten::mm", "aten::addmm_", "aten::sum"))
+            return h0.grad.clone(), m.weight_hh_l0.grad.clone(), aten
         finally:
             ops._set_cpu_small_bwd_step(prev[0])
             ops._set_cpu_small_wgrad(prev[1])
 
-    dh_in, dw_in = grads(1 << 20, 1 << 20)
-    dh_step, dw_step = grads(0, 1 << 20)   # the dh product on ATen's GEMM
-    dh_w, dw_w = grads(1 << 20, 0)         # the weight gradients on ATen's GEMM
-    assert not torch.equal(dh_in, dh_step) and torch.allclose(dh_in, dh_step, rtol=1e-12)
-    assert torch.equal(dw_in, dw_step)
-    assert not torch.equal(dw_in, dw_w) and torch.allclose(dw_in, dw_w, rtol=1e-12)
-    assert torch.equal(dh_in, dh_w)
+    dh_in, dw_in, aten_in = grads(1 << 20, 1 << 20)
+    dh_step, dw_step, aten_step = grads(0, 1 << 20)   # the dh product on ATen's GEMM
+    dh_w, dw_w, aten_w = grads(1 << 20, 0)            # the weight gradients on ATen's GEMM
+    assert aten_in == Counter(), aten_in  # everything inline
+    assert aten_step == Counter({"aten::addmm_": 1}), aten_step  # one step: one product
+    assert aten_w == Counter({"aten::mm": 3, "aten::sum": 2}), aten_w  # dx, dW_ih, dW_hh
+    assert torch.allclose(dh_in, dh_step, rtol=1e-12) and torch.equal(dw_in, dw_step)
+    assert torch.allclose(dw_in, dw_w, rtol=1e-12) and torch.equal(dh_in, dh_w)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
