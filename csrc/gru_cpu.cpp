@@ -991,18 +991,26 @@ void small_outer(const scalar_t* a, int64_t lda, int64_t R, int64_t O, const sca
 }
 
 // weight_grads (gru_common.h) for a call of T*B <= small_b rows: dx, dW_ih, dW_hh and the
-// bias gradients by the inline loops above instead of five ATen GEMMs and sums.
+// bias gradients by the inline loops above instead of five ATen GEMMs and sums (need_dx /
+// need_dw false: empty tensors instead, as there).
 template <typename scalar_t>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> small_weight_grads(
     const Tensor& dgi, const Tensor& dgh, const Tensor& x, const Tensor& w_ih,
-    const Tensor& hprev, const Tensor& ws, bool reset_after) {
+    const Tensor& hprev, const Tensor& ws, bool reset_after, bool need_dx, bool need_dw) {
   const int64_t I = x.size(-1), H = hprev.size(-1);
   const int64_t R = x.numel() / std::max<int64_t>(I, 1), G = 3 * H;
   const scalar_t* dgi_p = dgi.data_ptr<scalar_t>();
   const scalar_t* dgh_p = dgh.data_ptr<scalar_t>();
   const scalar_t* hp_p = hprev.data_ptr<scalar_t>();
-  Tensor dx = at::zeros(x.sizes(), x.options());
-  small_nn_add(dgi_p, G, R, G, w_ih.data_ptr<scalar_t>(), I, dx.data_ptr<scalar_t>());
+  Tensor dx = at::empty({0}, x.options());
+  if (need_dx) {
+    dx = at::zeros(x.sizes(), x.options());
+    small_nn_add(dgi_p, G, R, G, w_ih.data_ptr<scalar_t>(), I, dx.data_ptr<scalar_t>());
+  }
+  if (!need_dw) {  // four distinct tensors: a schema's outputs never alias each other
+    const auto none = [&] { return at::empty({0}, x.options()); };
+    return {dx, none(), none(), none(), none()};
+  }
   Tensor dw_ih = at::empty({G, I}, x.options());
   small_outer(dgi_p, G, R, G, x.data_ptr<scalar_t>(), I, I, dw_ih.data_ptr<scalar_t>(), I);
   Tensor dw_hh = at::empty({G, H}, x.options());
@@ -1442,7 +1450,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cpu(
     const Tensor& grad_y_, const Tensor& x_, const std::optional<Tensor>& h0_,
     const Tensor& w_ih_, const Tensor& w_hh_, const Tensor& y_, const Tensor& ws_,
     bool reset_after, const std::optional<Tensor>& batch_sizes,
-    const std::optional<Tensor>& resets) {
+    const std::optional<Tensor>& resets, bool need_dx, bool need_dw) {
   constexpr const char* op = "fusedgru::gru_bwd (cpu)";
   Layout lay;
   const Dims d = check_inputs(op, x_, h0_, w_ih_, w_hh_, std::nullopt, std::nullopt, batch_sizes,
@@ -1470,11 +1478,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cpu(
   if (lay.N <= small_rows(g_small_wgrad)) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_bwd_cpu_small", [&] {
       std::tie(dx, dw_ih, dw_hh, db_ih, db_hh) =
-          small_weight_grads<scalar_t>(dgi, dgh, x, w_ih, hprev, ws, reset_after);
+          small_weight_grads<scalar_t>(dgi, dgh, x, w_ih, hprev, ws, reset_after, need_dx,
+                                       need_dw);
     });
   } else {
     std::tie(dx, dw_ih, dw_hh, db_ih, db_hh) =
-        weight_grads(dgi, dgh, x, w_ih, hprev, ws, reset_after);
+        weight_grads(dgi, dgh, x, w_ih, hprev, ws, reset_after, need_dx, need_dw);
   }
   return {dx, dh0, dw_ih, dw_hh, db_ih, db_hh};
 }

@@ -620,7 +620,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cuda(
     const Tensor& grad_y_, const Tensor& x_, const std::optional<Tensor>& h0_,
     const Tensor& w_ih_, const Tensor& w_hh_, const Tensor& y_, const Tensor& ws_,
     bool reset_after, const std::optional<Tensor>& batch_sizes,
-    const std::optional<Tensor>& resets) {
+    const std::optional<Tensor>& resets, bool need_dx, bool need_dw) {
   constexpr const char* op = "fusedgru::gru_bwd (cuda)";
   Layout lay;
   const Dims d = check_inputs(op, x_, h0_, w_ih_, w_hh_, std::nullopt, std::nullopt, batch_sizes,
@@ -645,7 +645,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cuda(
                       reset_after, lay, dgi, dgh, dh0);
   }
   const Tensor hprev = states_before(h0, y, lay);
-  auto [dx, dw_ih, dw_hh, db_ih, db_hh] = weight_grads(dgi, dgh, x, w_ih, hprev, ws, reset_after);
+  auto [dx, dw_ih, dw_hh, db_ih, db_hh] =
+      weight_grads(dgi, dgh, x, w_ih, hprev, ws, reset_after, need_dx, need_dw);
   return {dx, dh0, dw_ih, dw_hh, db_ih, db_hh};
 }
 

@@ -43,9 +43,12 @@ TORCH_LIBRARY(fusedgru, m) {
   m.def(
       "gru_infer(Tensor x, Tensor? h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
       "bool reset_after, Tensor? batch_sizes=None, Tensor? resets=None) -> Tensor");
+  // need_dx / need_dw False: dx / the four weight and bias gradients are not computed and
+  // come back as empty (0,) tensors (the input / the parameters need no gradient).
   m.def(
       "gru_bwd(Tensor grad_y, Tensor x, Tensor? h0, Tensor w_ih, Tensor w_hh, Tensor y, "
-      "Tensor ws, bool reset_after, Tensor? batch_sizes=None, Tensor? resets=None) "
+      "Tensor ws, bool reset_after, Tensor? batch_sizes=None, Tensor? resets=None, "
+      "bool need_dx=True, bool need_dw=True) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("_set_poison(bool enable) -> bool", &fusedgru::set_poison);
   m.def("_set_cuda_path(int mode) -> int", &fusedgru::set_cuda_path);

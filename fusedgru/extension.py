@@ -4,8 +4,9 @@ fusedgru._C (csrc/) registers the dispatcher ops
 
     fusedgru::gru_fwd(x, h0?, w_ih, w_hh, b_ih?, b_hh?, reset_after, batch_sizes?, resets?)
                       -> (y, ws)
-    fusedgru::gru_bwd(grad_y, x, h0?, w_ih, w_hh, y, ws, reset_after, batch_sizes?, resets?)
-                      -> 6 gradients
+    fusedgru::gru_bwd(grad_y, x, h0?, w_ih, w_hh, y, ws, reset_after, batch_sizes?, resets?,
+                      need_dx = True, need_dw = True)
+                      -> 6 gradients (those not needed: empty, not computed)
     fusedgru::gru_infer(x, h0?, w_ih, w_hh, b_ih?, b_hh?, reset_after, batch_sizes?, resets?)
                       -> y
                       (no gradient needed: no (T, B, 4H) ws is kept)
@@ -141,9 +142,10 @@ class _ExtensionBackend:
                                           batch_sizes, resets)
 
     @staticmethod
-    def backward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after, batch_sizes=None, resets=None):
+    def backward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after, batch_sizes=None, resets=None,
+                 need_dx=True, need_dw=True):
         return torch.ops.fusedgru.gru_bwd(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after,
-                                          batch_sizes, resets)
+                                          batch_sizes, resets, need_dx, need_dw)
 
     @staticmethod
     def inference(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, batch_sizes=None, resets=None):

@@ -136,9 +136,12 @@ class _PerStep:
             self.inference = self._wrap(impl.inference, 0)
 
     def _wrap(self, fn, x_index):
-        # a: the op's arguments, all positional (the last two batch_sizes and resets)
+        # a: the op's arguments, all positional; batch_sizes follows reset_after (7 fixed
+        # arguments forward, 8 backward, whose need_dx / need_dw come after resets)
         def call(*a):
-            with self.impl.per_step_path(ops.layout_batch(a[x_index], a[-2])):
+            bs_index = x_index + 7
+            batch_sizes = a[bs_index] if len(a) > bs_index else None
+            with self.impl.per_step_path(ops.layout_batch(a[x_index], batch_sizes)):
                 return fn(*a)
         return call
 

@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 
-from . import backends
+from . import backends, ops
 from . import functional as F_gru
 from .errors import ScriptingUnsupportedError
 
@@ -362,9 +362,11 @@ class _LeanTrain(torch.autograd.Function):
             for k, g in zip(want, got):
                 grads[k] = g
         else:
+            need = ops.wanted_grads(ctx.needs_input_grad[3:])
             with torch._C._AutoDispatchBelowADInplaceOrView():
-                grads = list(ctx.bwd(gy.contiguous(), x, h0, w_ih, w_hh, y, ws,
-                                     ctx.reset_after, None, None))
+                grads = list(ops.unwanted_to_none(
+                    ctx.bwd(gy.contiguous(), x, h0, w_ih, w_hh, y, ws, ctx.reset_after, None,
+                            None, *need), *need))
             for k in (1, 4, 5):  # no gradient for an absent hx or bias
                 if inputs[k] is None:
                     grads[k] = None

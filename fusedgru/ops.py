@@ -7,8 +7,14 @@ fusedgru/reference.py; T, B, I, H as there):
                reset_after: bool, batch_sizes (T)? = None, resets (T,B)? = None)
                -> (y (T,B,H), ws (T,B,4H))
     <name>_bwd(grad_y (T,B,H), x, h0?, w_ih, w_hh, y, ws, reset_after: bool,
-               batch_sizes? = None, resets? = None)
+               batch_sizes? = None, resets? = None, need_dx: bool = True,
+               need_dw: bool = True)
                -> (dx (T,B,I), dh0 (B,H), dw_ih (3H,I), dw_hh (3H,H), db_ih (3H), db_hh (3H))
+
+need_dx / need_dw: whether dx / the four weight and bias gradients are wanted.  One not
+wanted is not computed and comes back as an empty (0,) tensor, as nn.GRU's backward skips
+them when the input / the parameters need no gradient (the first layer on raw features,
+frozen weights): dx is one (N, 3H) x (3H, I) product, the weight gradients two more.
 
 batch_sizes / resets are the sequence structure (fusedgru/reference.py's docstring): with
 batch_sizes, x, y, ws, grad_y and dx are packed (N, .) rows, no padding; resets zero the
@@ -44,8 +50,8 @@ from . import reference
 
 __all__ = ["fake_forward", "fake_backward", "register_backend_ops", "register_autograd",
            "register_extension_autograd", "fake_inference", "register_inference_op",
-           "tf32_matmul_allowed", "rnn_tf32_allowed", "autocast_enabled", "autocast_off", "register_vmap_rules",
-           "functorch_forward"]
+           "tf32_matmul_allowed", "rnn_tf32_allowed", "autocast_enabled", "autocast_off",
+           "register_vmap_rules", "functorch_forward", "wanted_grads", "unwanted_to_none"]
 
 
 _AUTOCAST_AVAILABLE = {}
@@ -134,17 +140,25 @@ def _batch_size(x, h0, batch_sizes):
     return torch.library.get_ctx().new_dynamic_size(min=1)
 
 
-def fake_backward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after, batch_sizes=None, resets=None):
+def fake_backward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after, batch_sizes=None, resets=None,
+                  need_dx=True, need_dw=True):
     B = _batch_size(x, h0, batch_sizes)
     H = w_hh.shape[1]
-    return (
-        torch.empty_like(x),
-        x.new_empty(B, H),
-        torch.empty_like(w_ih),
-        torch.empty_like(w_hh),
-        w_hh.new_empty(3 * H),
-        w_hh.new_empty(3 * H),
-    )
+    dw = ((torch.empty_like(w_ih), torch.empty_like(w_hh), w_hh.new_empty(3 * H),
+           w_hh.new_empty(3 * H)) if need_dw else tuple(w_hh.new_empty(0) for _ in range(4)))
+    return (torch.empty_like(x) if need_dx else x.new_empty(0), x.new_empty(B, H), *dw)
+
+
+def wanted_grads(needs_input_grad) -> Tuple[bool, bool]:
+    """(need_dx, need_dw) for a backward op from a forward's needs_input_grad (x, h0,
+    w_ih, w_hh, b_ih, b_hh first, as the forward ops take them)."""
+    return bool(needs_input_grad[0]), any(needs_input_grad[2:6])
+
+
+def unwanted_to_none(grads, need_dx: bool, need_dw: bool) -> tuple:
+    """A backward op's six outputs with the skipped ones (empty tensors) as None."""
+    dx, dh0, *dw = grads
+    return (dx if need_dx else None, dh0, *(dw if need_dw else (None,) * 4))
 
 
 # ----------------------------------------------------------------------------------------
@@ -181,8 +195,10 @@ def _make_forward_formula(bwd_op):
         batch_sizes, resets = ctx.seq
         if grad_ws is None:  # the hot path: the backend's own backward kernel
             gy = torch.zeros_like(y) if grad_y is None else grad_y.contiguous()
+            need = wanted_grads(ctx.needs_input_grad)
             with autocast_off(x.device.type):
-                grads = bwd_op(gy, x, h0, w_ih, w_hh, y, ws, ra, batch_sizes, resets)
+                grads = unwanted_to_none(
+                    bwd_op(gy, x, h0, w_ih, w_hh, y, ws, ra, batch_sizes, resets, *need), *need)
         else:  # ws is used downstream: differentiate the reference forward instead
             h0_ = (h0 if h0 is not None
                    else x.new_zeros(layout_batch(y, batch_sizes), w_hh.shape[1]))
@@ -211,6 +227,8 @@ def _setup_backward(ctx, inputs, output):
     ctx.save_for_backward(grad_y, x, h0, w_ih, w_hh, y, ws)
     ctx.reset_after = reset_after
     ctx.seq = _seq_args(inputs, 8)
+    rest = tuple(inputs[10:]) + (True, True)  # need_dx, need_dw (a direct call may omit them)
+    ctx.need = (bool(rest[0]), bool(rest[1]))
     ctx.set_materialize_grads(False)
 
 
@@ -222,9 +240,12 @@ def _backward_formula(ctx, *grads):
     out, vjp = torch.func.vjp(
         lambda *a: reference.gru_layer_backward(*a, ra, batch_sizes, resets),
         grad_y, x, h0_, w_ih, w_hh, y, ws)
+    # An output the op skipped (need_dx / need_dw False) is an empty tensor: nothing of it
+    # depends on the inputs.
+    grads = unwanted_to_none(grads, *ctx.need)
     d_grad_y, dx, dh0, dw_ih, dw_hh, dy, dws = vjp(_zeros_if_none(grads, out))
     return (d_grad_y, dx, dh0 if h0 is not None else None, dw_ih, dw_hh, dy, dws, None,
-            None, None)
+            None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -324,8 +345,9 @@ def functorch_forward(impl) -> Callable:
 
             @staticmethod
             def forward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after, batch_sizes=None,
-                        resets=None):
-                return bwd_op(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after, batch_sizes, resets)
+                        resets=None, need_dx=True, need_dw=True):
+                return bwd_op(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after, batch_sizes, resets,
+                              need_dx, need_dw)
 
             setup_context = staticmethod(_setup_backward)
             backward = staticmethod(_backward_formula)
@@ -426,8 +448,11 @@ def register_backend_ops(
         reset_after: bool,
         batch_sizes: Optional[Tensor] = None,
         resets: Optional[Tensor] = None,
+        need_dx: bool = True,
+        need_dw: bool = True,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return backward_impl(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after, batch_sizes, resets)
+        return backward_impl(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after, batch_sizes, resets,
+                             need_dx, need_dw)
 
     fwd.register_fake(fake_forward)
     bwd.register_fake(fake_backward)

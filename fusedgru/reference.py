@@ -220,6 +220,8 @@ def gru_layer_backward(
     reset_after: bool = True,
     batch_sizes: Optional[Tensor] = None,
     resets: Optional[Tensor] = None,
+    need_dx: bool = True,
+    need_dw: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of ``gru_layer_forward`` (SPEC section 4).
 
@@ -229,6 +231,8 @@ def gru_layer_backward(
     batch_sizes, resets: as in the forward (dense (T, B, .) or packed (N, .) layouts)
     Returns (dx (T,B,I), dh0 (B,H), dw_ih (3H,I), dw_hh (3H,H), db_ih (3H,), db_hh (3H,)).
     The bias gradients are returned even when the layer has no bias (the caller drops them).
+    need_dx / need_dw False: dx / the four weight and bias gradients are not computed and
+    come back as empty (0,) tensors (fusedgru/ops.py).
     """
     B, steps = step_rows(x, batch_sizes)
     I = x.shape[-1]
@@ -266,7 +270,9 @@ def gru_layer_backward(
     # anywhere, so autograd can differentiate this function: the double backward.)
     dgi2 = torch.cat(dgi[::-1])
     dgh2 = torch.cat(dgh[::-1])
-    dx = (dgi2 @ w_ih).view(x.shape)
+    dx = (dgi2 @ w_ih).view(x.shape) if need_dx else x.new_empty(0)
+    if not need_dw:
+        return (dx, dh, *(w_hh.new_empty(0) for _ in range(4)))
     dw_ih = dgi2.T @ x.reshape(N, I)
     if reset_after:
         dw_hh = dgh2.T @ h_prev

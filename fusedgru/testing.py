@@ -205,12 +205,27 @@ def check_layer(backend: str, case: LayerCase, *, device="cpu", dtype=torch.floa
 
 class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the name of every dispatcher op run inside it (``"fusedgru.gru_fwd.default"``,
-    ``"aten.mm.default"`` ...): which kernels a call really took."""
+    ``"aten.mm.default"`` ...): which kernels a call really took; ``calls``: (name, args,
+    kwargs) of each, as the dispatcher passed them (arguments equal to their defaults at
+    the end may be left out)."""
 
     def __init__(self):
         super().__init__()
         self.names = []
+        self.calls = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func))
+        self.calls.append((str(func), args, kwargs or {}))
         return func(*args, **(kwargs or {}))
+
+    def backward_needs(self, op_name: str) -> list:
+        """(need_dx, need_dw) of each call of the backward op ``op_name``
+        (``"fusedgru.gru_bwd.default"``), in call order."""
+        out = []
+        for name, args, kwargs in self.calls:
+            if name == op_name:
+                rest = list(args[10:12]) + [True, True]
+                out.append((bool(kwargs.get("need_dx", rest[0])),
+                            bool(kwargs.get("need_dw", rest[1]))))
+        return out

@@ -136,6 +136,8 @@ def triton_backward(
     reset_after: bool,
     batch_sizes: Optional[Tensor] = None,  # (T,) int64 CPU
     resets: Optional[Tensor] = None,  # (T, B) bool
+    need_dx: bool = True,  # False: dx not computed, an empty (0,) tensor (fusedgru/ops.py)
+    need_dw: bool = True,  # False: likewise the four weight and bias gradients
 ):
     _check_sequence(x, batch_sizes, resets)
     I = x.shape[-1]
@@ -160,7 +162,9 @@ def triton_backward(
     # After the loop: each gradient is one product (or sum) over all rows (T*B, or N packed).
     dgi2 = dgi.view(N, 3 * H)
     dgh2 = dgh.view(N, 3 * H)
-    dx = (dgi2 @ w_ih).view(x.shape)
+    dx = (dgi2 @ w_ih).view(x.shape) if need_dx else x.new_empty(0)
+    if not need_dw:
+        return (dx, dh0, *(w_hh.new_empty(0) for _ in range(4)))
     dw_ih = dgi2.T @ x.reshape(N, I)
     # The state entering each row (reference._states_before), split as the rows of step 0
     # (h0, or none: zeros) and the later rows (N - B of them), for dW_hh.

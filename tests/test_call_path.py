@@ -312,6 +312,53 @@ def test_lean_training_call_is_one_op_pair_and_bitwise_the_general_path(kind, bi
         assert a is not None and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["cell", "gru"])
+@pytest.mark.parametrize("frozen", ["input", "weights"])
+def test_lean_training_call_computes_only_what_is_needed(kind, frozen, gen):
+    """The lean call asks gru_bwd for dx only when the input needs a gradient and for the
+    weight gradients only when the parameters do (as nn.GRUCell's backward); what it
+    returns is bitwise the general path's, which asks the same."""
+    from fusedgru import backends, functional
+
+    if "cpu" not in backends.available_backends():
+        pytest.skip("the lean call serves the cpu backend, not built here")
+    if kind == "cell":
+        m = FusedGRUCell(5, 7, backend="cpu")
+        x = torch.randn(3, 5, generator=gen)
+        h = torch.randn(3, 7, generator=gen)
+    else:
+        m = FusedGRU(5, 7, backend="cpu")
+        x = torch.randn(4, 3, 5, generator=gen)
+        h = torch.randn(1, 3, 7, generator=gen)
+    with torch.no_grad():
+        m(x, h)  # plans
+    assert m.__dict__["_lean"][2] is not None
+    for p in m.parameters():
+        p.requires_grad_(frozen == "input")
+
+    def general(xx, hh):
+        w = list(m.parameters())
+        if kind == "cell":
+            return functional.gru_cell(xx, hh, *w, backend="cpu")
+        return functional.gru(xx, w, hh, backend="cpu")
+
+    def run(fn):
+        xx = x.clone().requires_grad_(frozen == "weights")
+        hh = h.clone().requires_grad_()
+        wanted = [t for t in [xx, hh, *m.parameters()] if t.requires_grad]
+        with OpLog() as log:
+            out = fn(xx, hh)
+            y = out if kind == "cell" else out[0]
+            grads = torch.autograd.grad(y.square().sum(), wanted)
+        return grads, log.backward_needs("fusedgru.gru_bwd.default")
+
+    grads_g, needs_g = run(general)
+    grads_l, needs_l = run(m)
+    assert needs_l == needs_g == [(frozen == "weights", frozen == "input")]
+    for a, b in zip(grads_l, grads_g):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
 def test_lean_training_call_gradcheck_and_double_backward(reset_after, gen):
     """float64 gradcheck and gradgradcheck through the lean call of a planned cell and GRU

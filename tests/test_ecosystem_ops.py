@@ -149,6 +149,93 @@ def test_backward_runs_the_backends_backward_op(backend, prefix, dtype, gen):
     assert not any(n.startswith(("aten.sigmoid", "aten.tanh")) for n in log.names), log.names
 
 
+# ----------------------------------------------------------------------------------------
+# Only the gradients something needs (need_dx / need_dw), as nn.GRU's backward
+# ----------------------------------------------------------------------------------------
+
+_NEEDS = [(False, True), (True, False), (False, False)]
+
+
+@pytest.mark.parametrize("backend,prefix,dtype", CPU_BACKENDS)
+@pytest.mark.parametrize("reset_after", FORMS)
+def test_backward_op_skips_what_is_not_needed(backend, prefix, dtype, reset_after, gen):
+    """need_dx / need_dw False: dx / the four weight and bias gradients come back as empty
+    tensors, and every other output is bitwise what the op returns when it computes all
+    six; on a call of few rows (the CPU kernel's inline weight gradients, at most 8) and of
+    many.  opcheck checks the fake implementation's empty outputs against the kernel's."""
+    fwd = getattr(torch.ops.fusedgru, f"{prefix}_fwd")
+    bwd = getattr(torch.ops.fusedgru, f"{prefix}_bwd")
+    for T, B in [(1, 2), (5, 7)]:
+        case = testing.make_layer_case(T, B, 4, 5, reset_after=reset_after, generator=gen)
+        fw = case.args(dtype=dtype)
+        y, ws = fwd(*fw, reset_after)
+        args = (case.grad_y.to(dtype), *fw[:4], y, ws, reset_after)
+        full = bwd(*args)
+        assert full[0].shape == fw[0].shape and full[2].shape == fw[2].shape
+        for need_dx, need_dw in _NEEDS:
+            got = bwd(*args, None, None, need_dx, need_dw)
+            for k, (g, f) in enumerate(zip(got, full)):
+                if (k == 0 and not need_dx) or (k >= 2 and not need_dw):
+                    assert g.shape == (0,) and g.dtype == f.dtype, (k, need_dx, need_dw)
+                else:
+                    assert torch.equal(g, f), (k, need_dx, need_dw)
+        torch.library.opcheck(bwd.default, args + (None, None, False, False))
+        torch.library.opcheck(bwd.default, args + (None, None, False, True))
+
+
+@pytest.mark.parametrize("backend,prefix,dtype", CPU_BACKENDS)
+@pytest.mark.parametrize("frozen", ["input", "weights", "all-but-h0"])
+def test_module_backward_computes_only_what_is_needed(backend, prefix, dtype, frozen, gen):
+    """As nn.GRU: a layer's backward op is asked for dx only when its input needs a
+    gradient (the first layer on an input without requires_grad: not) and for the weight
+    gradients only when its parameters need them; the gradients it returns are bitwise
+    those of a backward that computes everything."""
+    f = FusedGRU(3, 4, num_layers=2, dtype=dtype, backend=backend)
+    x = torch.randn(5, 3, 3, dtype=dtype, generator=gen)
+    h0 = torch.randn(2, 3, 4, dtype=dtype, generator=gen)
+    gy = torch.randn(5, 3, 4, dtype=dtype, generator=gen)
+    params = list(f.parameters())
+
+    def grads_of(wanted):
+        y, h_n = f(x, h0)
+        with testing.OpLog() as log:
+            got = torch.autograd.grad((y * gy).sum() + h_n.square().sum(), wanted)
+        return got, log.backward_needs(f"fusedgru.{prefix}_bwd.default")
+
+    for t in [x, h0, *params]:
+        t.requires_grad_(True)
+    everything, needs = grads_of([x, h0, *params])
+    assert needs == [(True, True), (True, True)]
+    x.requires_grad_(frozen == "weights")
+    for p in params:
+        p.requires_grad_(frozen == "input")
+    wanted = [t for t in [x, h0, *params] if t.requires_grad]
+    got, needs = grads_of(wanted)
+    # The backward runs layer 1, then layer 0; layer 1's input (layer 0's output) always
+    # needs a gradient here: h0 does.
+    expect = {"input": [(True, True), (False, True)], "weights": [(True, False), (True, False)],
+              "all-but-h0": [(True, False), (False, False)]}[frozen]
+    assert needs == expect
+    full = dict(zip(map(id, [x, h0, *params]), everything))
+    for t, g in zip(wanted, got):
+        assert torch.equal(g, full[id(t)])
+
+
+@pytest.mark.parametrize("backend,prefix,dtype", [p for p in CPU_BACKENDS if p.values[2] == F64])
+def test_double_backward_with_a_frozen_input(backend, prefix, dtype, gen):
+    """A gradient penalty on the weights of a layer whose input needs no gradient: the
+    first backward skips dx, and the second differentiates the rest (gradgradcheck)."""
+    f = FusedGRU(3, 4, dtype=F64, backend=backend)
+    names = [n for n, _ in f.named_parameters()]
+    x = torch.randn(2, 2, 3, dtype=F64, generator=gen)
+
+    def fn(*params):
+        with torch.nn.utils.stateless._reparametrize_module(f, dict(zip(names, params))):
+            return f(x)[0]
+
+    assert torch.autograd.gradgradcheck(fn, tuple(f.parameters()))
+
+
 def test_compiled_backward_graph_holds_the_backward_op(gen):
     """Under torch.compile the traced backward graph calls the backward op (AOTAutograd
     passes no gradient for ws either), not a recomputation."""
@@ -164,6 +251,29 @@ def test_compiled_backward_graph_holds_the_backward_op(gen):
     (bw,) = rec.bw_graphs
     code = bw.code
     assert "fusedgru.reference_bwd" in code and "sigmoid" not in code, code
+
+
+def test_compiled_backward_skips_dx_of_a_frozen_input(gen):
+    """Under torch.compile (fullgraph) the traced backward asks the backward op for no dx
+    when the input needs no gradient, and the weight gradients equal eager's."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    torch._dynamo.reset()
+    rec = AotEagerAndRecordGraphs()
+    f = FusedGRU(3, 4, dtype=F64, backend="reference")
+    compiled = torch.compile(f, backend=rec, fullgraph=True)
+    x = torch.randn(2, 3, 3, dtype=F64, generator=gen)
+    compiled(x)[0].square().sum().backward()
+    got = [p.grad.clone() for p in f.parameters()]
+    (bw,) = rec.bw_graphs
+    calls = [n for n in bw.graph.nodes if "reference_bwd" in str(n.target)]
+    assert len(calls) == 1, bw.code
+    need = list(calls[0].args[10:12]) + [True, True]  # trailing defaults may be left out
+    assert (need[0], need[1]) == (False, True), calls[0].args
+    f.zero_grad()
+    f(x)[0].square().sum().backward()
+    for g, p in zip(got, f.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=0, atol=1e-12)
 
 
 @pytest.fixture

@@ -163,6 +163,24 @@ def test_cuda_backward_is_deterministic(gen):
         assert torch.equal(u, v)
 
 
+def test_cuda_backward_skips_what_is_not_needed(gen):
+    """need_dx / need_dw False (the input / the weights need no gradient): those outputs
+    come back empty, the others bitwise the full backward's."""
+    _ext_ready()
+    case = testing.make_layer_case(9, 7, 20, 70, generator=gen)
+    x, h0, w_ih, w_hh, b_ih, b_hh = case.args("cuda", torch.float32)
+    y, ws = torch.ops.fusedgru.gru_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, True)
+    args = (case.grad_y.float().cuda(), x, h0, w_ih, w_hh, y, ws, True)
+    full = torch.ops.fusedgru.gru_bwd(*args)
+    for need_dx, need_dw in [(False, True), (True, False), (False, False)]:
+        got = torch.ops.fusedgru.gru_bwd(*args, None, None, need_dx, need_dw)
+        for k, (g, f) in enumerate(zip(got, full)):
+            if (k == 0 and not need_dx) or (k >= 2 and not need_dw):
+                assert g.numel() == 0, (k, need_dx, need_dw)
+            else:
+                assert torch.equal(g, f), (k, need_dx, need_dw)
+
+
 def test_cuda_plan_knows_the_capacity_limit():
     _ext_ready()
     x = torch.empty(8, 4, 16, device="cuda", dtype=torch.bfloat16)
