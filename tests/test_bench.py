@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import fusedgru
 from fusedgru import bench
+from fusedgru.bench.cells import make_io
 
 CPU = torch.device("cpu")
 
@@ -218,6 +220,51 @@ def test_gradient_error_is_caught():
     data = bench.make_cell_data(case, CPU)
     report = bench.check_provider(bench.Provider("wg", "fusedgru", WrongGrad), case, data, 64)
     assert not report.ok and "dx" in report.failures and "y" not in report.failures
+
+
+@pytest.mark.parametrize("call", ["seq", "cell"])
+def test_frozen_input_training_cells(call):
+    """Mode "train-frozen-input": a grid with train cells has them when asked for (and only
+    then); the input takes no gradient, so dx is neither computed nor compared, and the
+    weight gradients are still checked: a wrong one fails the check."""
+    assert not any(c.mode == "train-frozen-input" for c in bench.grid_cases("cpu"))
+    frozen = bench.grid_cases("cpu", modes=["train-frozen-input"])
+    assert frozen and all(c.mode == "train-frozen-input" for c in frozen)
+    assert not bench.grid_cases("calls", modes=["train-frozen-input"])  # no train cells
+    case = bench.Case("tiny", 2, 5, 3, 4, mode="train-frozen-input", call=call)
+    data = bench.make_cell_data(case, CPU)
+    io = make_io(case, data, torch.float32, grad=True)
+    assert not io.x.requires_grad and io.h0.requires_grad
+    names = ["nn.GRU", "reference"] + (["cpu"] if "cpu" in fusedgru.available_backends() else [])
+    providers, _ = bench.discover_providers(CPU, names)
+    rows = bench.run_cell(case, providers, CPU,
+                          bench.RunOptions(timing=bench.TimingOptions(quick=True)))
+    for r in rows:
+        assert r["status"] == "ok" and r["mode"] == "train-frozen-input", r
+        assert "dx" not in r["check"]["errors"] and "d.weight_ih_l0" in r["check"]["errors"]
+
+    class WrongWeightGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            return w.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 1.01
+
+    class Wrong(torch.nn.Module):
+        def __init__(self, gru):
+            super().__init__()
+            self.gru = gru
+
+        def forward(self, x, h0):
+            w = dict(self.gru.named_parameters())
+            w["weight_ih_l0"] = WrongWeightGrad.apply(w["weight_ih_l0"])
+            return torch.func.functional_call(self.gru, w, (x, h0))
+
+    if call == "seq":
+        report = bench.check_provider(bench.Provider("w", "fusedgru", Wrong), case, data, 64)
+        assert not report.ok and "d.weight_ih_l0" in report.failures, report.failures
 
 
 def test_providers_come_from_the_table():

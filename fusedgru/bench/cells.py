@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from . import sequences
-from .grids import DTYPES, Case
+from .grids import DTYPES, Case, input_needs_grad, is_train
 from .providers import CellLoop, Provider
 from .results import _blank_row, _relative_to_baseline
 from .timing import TimingOptions, peak_memory, saved_activation_bytes, spread, time_rounds
@@ -83,6 +83,7 @@ class CallIO:
     gy: Tensor  # fed to the output tensor (packed cells: the output's data)
     ghn: Tensor
     batch_first: bool = False  # rollout cells of a "batch" layout provider
+    x_grad: bool = True  # training: whether x takes a gradient (mode "train-frozen-input")
 
     def call(self, module: nn.Module):
         """(y, h_n) of module on these inputs; y is a tensor (packed: the data)."""
@@ -97,7 +98,8 @@ class CallIO:
 def make_io(case: Case, data: CellData, dtype: torch.dtype, *, steps: Optional[int] = None,
             grad: bool = False, layout: str = "time") -> CallIO:
     """The cell's inputs cast to dtype (fresh tensors: the cell's data is never touched),
-    over its first ``steps`` steps (None: all); ``grad``: x and h0 require grad."""
+    over its first ``steps`` steps (None: all); ``grad``: h0 requires grad, and x unless the
+    mode freezes the input."""
     Tc = case.T if steps is None else min(case.T, steps)
     x, gy = data.x[:Tc].detach().to(dtype), data.gy[:Tc].detach().to(dtype)
     h0, ghn = data.h0.detach().to(dtype), data.ghn.detach().to(dtype)
@@ -118,11 +120,12 @@ def make_io(case: Case, data: CellData, dtype: torch.dtype, *, steps: Optional[i
             resets = resets.t().contiguous()
         kwargs["resets"] = resets
     x, h0 = x.clone(), h0.clone()  # never the cell's own tensors (.to(float64) is a no-op)
+    x_grad = input_needs_grad(case.mode)
     if grad:
-        x.requires_grad_(True)
+        x.requires_grad_(x_grad)
         h0.requires_grad_(True)
     inp = sequences.with_data(packed, x) if packed is not None else x
-    return CallIO((inp, h0), kwargs, x, h0, gy, ghn, batch_first)
+    return CallIO((inp, h0), kwargs, x, h0, gy, ghn, batch_first, x_grad)
 
 
 def _grad_name(name: str) -> str:
@@ -145,15 +148,17 @@ def _run(module: nn.Module, io: CallIO, train: bool) -> Dict[str, Tensor]:
         with torch.no_grad():
             y, hn = io.call(module)
         return {"y": io.time_major(y), "h_n": hn}
-    io.x.requires_grad_(True)
+    io.x.requires_grad_(io.x_grad)
     io.h0.requires_grad_(True)
     io.x.grad = io.h0.grad = None
     for p in module.parameters():
         p.grad = None
     y, hn = io.call(module)
     torch.autograd.backward((y, hn), (io.gy, io.ghn))
-    out = {"y": io.time_major(y.detach()), "h_n": hn.detach(),
-           "dx": None if io.x.grad is None else io.time_major(io.x.grad), "dh0": io.h0.grad}
+    out = {"y": io.time_major(y.detach()), "h_n": hn.detach()}
+    if io.x_grad:  # a frozen input has no dx to compare
+        out["dx"] = None if io.x.grad is None else io.time_major(io.x.grad)
+    out["dh0"] = io.h0.grad
     out.update({"d." + _grad_name(n): p.grad for n, p in module.named_parameters()})
     return out
 
@@ -175,7 +180,7 @@ def check_provider(provider: Provider, case: Case, data: CellData, steps: int):
     from ..testing import LayerReport, budget, rel_err
 
     dtype = DTYPES[case.dtype]
-    train = case.mode == "train"
+    train = is_train(case.mode)
 
     def io(dt, layout="time"):
         return make_io(case, data, dt, steps=steps, layout=layout)
@@ -288,7 +293,7 @@ def run_cell(case: Case, providers: Sequence[Provider], device: torch.device,
                    spread=spread(ms, timing.get("iqr_ms")))
         try:
             row["peak_mem_bytes"] = peak_memory(fn, device)
-            if case.mode == "train":
+            if is_train(case.mode):
                 row["saved_bytes"] = saved_activation_bytes(module, case, data, p.layout)
         except Exception as exc:  # noqa: BLE001
             fail(row, exc)

@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="packed cells: sorted, unsorted or sorted,unsorted (default: "
                         "unsorted: pack_padded_sequence(enforce_sorted=False))")
     p.add_argument("--dtype", default=None, help="only these dtypes (float32,bfloat16,...)")
-    p.add_argument("--mode", default=None, help="only these modes (inference,train)")
+    p.add_argument("--mode", default=None,
+                   help="only these modes (inference,train; train-frozen-input: training "
+                        "with an input that needs no gradient, on the grids with train cells)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
                    help="default: cuda when a GPU is present")
     p.add_argument("--out", default="bench-out", help="folder for results.json and "

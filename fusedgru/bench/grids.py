@@ -11,7 +11,20 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
-MODES = ("inference", "train")
+# "train-frozen-input": training where the input needs no gradient (the first layer on raw
+# features, an RL observation, one-hot characters): every provider may skip dx, as nn.GRU
+# does.  Any grid with "train" cells has these too, when asked for with --mode.
+MODES = ("inference", "train", "train-frozen-input")
+
+
+def is_train(mode: str) -> bool:
+    """Whether cells of this mode run forward + backward."""
+    return mode in ("train", "train-frozen-input")
+
+
+def input_needs_grad(mode: str) -> bool:
+    """Whether a training cell of this mode takes the gradient of the input too."""
+    return mode == "train"
 
 
 @dataclass(frozen=True)
@@ -159,8 +172,9 @@ def grid_cases(name: str, *, quick: bool = False, dtypes: Optional[Sequence[str]
     for dtype in spec.dtypes:
         if dtypes and dtype not in dtypes:
             continue
-        for mode in spec.modes:
-            if modes and mode not in modes:
+        spec_modes = spec.modes + (("train-frozen-input",) if "train" in spec.modes else ())
+        for mode in spec_modes:
+            if (modes and mode not in modes) or (not modes and mode not in spec.modes):
                 continue
             if spec.shapes:
                 picked = [spec.shapes[i] for i in sub.get("shapes", range(len(spec.shapes)))]

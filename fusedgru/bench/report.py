@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+from .grids import is_train
 from .providers import BASELINE
 from .results import _KEY, _mem, _row_label
 from .timing import NOISY_SPREAD
@@ -89,7 +90,7 @@ def format_peer_table(rows: Sequence[dict]) -> str:
 
 def format_memory_table(rows: Sequence[dict]) -> str:
     """Training memory of each provider beside nn.GRU on the same cell."""
-    train = [r for r in rows if r["mode"] == "train" and r["status"] == "ok"]
+    train = [r for r in rows if is_train(r["mode"]) and r["status"] == "ok"]
     if not train:
         return ""
     base = {tuple(r[k] for k in _KEY): r for r in train if r["provider"] == BASELINE}
