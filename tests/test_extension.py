@@ -662,6 +662,44 @@ def test_inline_products_avx512_within_budget(gen, poisoned):
         torch.ops.fusedgru._set_cpu_small_avx512(True)
 
 
+@pytest.mark.skipif(not AVX512, reason=NO_AVX512)
+@pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
+def test_outer_products_avx512_bitwise_equal_avx2(gen, poisoned, reset_after):
+    """The backward's few-row weight gradients in AVX-512 (fusedgru::_set_cpu_outer_avx512,
+    default on; rows r = 1..8) give the AVX2 loop's bits: the same sum over r in order per
+    output.  Every row count 1..9 (9 falls back), odd output row counts (the last row
+    alone), column tails (K = 1, 15, 16, 17, 600) and, at H = 600, a dW_hh of 4.3 MB
+    (non-temporal stores, rows not all 64-byte aligned); 1 and 2 threads (split by output
+    rows).  Both within SPEC's budget."""
+    threads = torch.get_num_threads()
+    prev = torch.ops.fusedgru._set_cpu_outer_avx512(True)
+    shapes = [(1, 1, 1, 5), (1, 2, 15, 7), (1, 3, 16, 9), (2, 2, 17, 33), (5, 1, 600, 16),
+              (3, 2, 7, 6), (1, 7, 17, 600), (1, 8, 33, 130), (1, 9, 5, 11)]
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for T, B, I, H in shapes:
+                case = make_layer_case(T, B, I, H, reset_after=reset_after, generator=gen)
+                args = case.args(dtype=torch.float32)
+                y, ws = torch.ops.fusedgru.gru_fwd(*args, reset_after)
+                gy = case.grad_y.float()
+
+                def grads(on):
+                    torch.ops.fusedgru._set_cpu_outer_avx512(on)
+                    return torch.ops.fusedgru.gru_bwd(gy, args[0], args[1], args[2], args[3],
+                                                      y, ws, reset_after)
+
+                wide, narrow = grads(True), grads(False)
+                for a, b in zip(wide, narrow):
+                    assert torch.equal(a, b), (n, T, B, I, H)
+                torch.ops.fusedgru._set_cpu_outer_avx512(True)
+                report = check_layer("cpu", case, dtype=torch.float32)
+                assert report.ok, (T, B, I, H, report.failures)
+    finally:
+        torch.ops.fusedgru._set_cpu_outer_avx512(prev)
+        torch.set_num_threads(threads)
+
+
 def test_small_avx512_switch_follows_the_cpu_capability():
     """ATEN_CPU_CAPABILITY=avx2 (torch's own way to cap the instruction set) turns the
     AVX-512 products off, and asking for them then is refused with a message naming the
