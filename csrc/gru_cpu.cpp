@@ -873,6 +873,84 @@ inline void nn_tile(const typename Vec::value_type* a, int64_t lda, int64_t o0, 
     }
 }
 
+#ifdef FUSEDGRU_AVX512_TARGET
+// small_nn_add's float32 tile in AVX-512: out[b, k0 .. k0 + 16*NC) for NB batch rows over
+// the weight rows [o0, o1), as nn_tile (the first row's product, then an FMA per row in
+// order, the block's sums added into out at the end): the same bits, 16 lanes per
+// instruction instead of 8.  n: the lanes of the last vector (NC = 1 when n < 16).
+template <int NB, int NC>
+FUSEDGRU_AVX512_INLINE void nn_tile_avx512(const float* a, int64_t lda, int64_t o0, int64_t o1,
+                                           const float* W, int64_t K, int64_t k0, int64_t n,
+                                           float* out) {
+  const __mmask16 m = n >= 16 ? static_cast<__mmask16>(0xFFFF)
+                              : static_cast<__mmask16>((1u << n) - 1u);
+  __m512 acc[NB][NC];
+  {
+    __m512 w[NC];
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) w[c] = _mm512_maskz_loadu_ps(m, W + o0 * K + k0 + c * 16);
+#pragma GCC unroll 4
+    for (int i = 0; i < NB; ++i) {
+      const __m512 ai = _mm512_set1_ps(a[i * lda + o0]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NC; ++c) acc[i][c] = _mm512_mul_ps(ai, w[c]);
+    }
+  }
+  for (int64_t o = o0 + 1; o < o1; ++o) {
+    __m512 w[NC];
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) w[c] = _mm512_maskz_loadu_ps(m, W + o * K + k0 + c * 16);
+#pragma GCC unroll 4
+    for (int i = 0; i < NB; ++i) {
+      const __m512 ai = _mm512_set1_ps(a[i * lda + o]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NC; ++c) acc[i][c] = _mm512_fmadd_ps(ai, w[c], acc[i][c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < NB; ++i)
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) {
+      float* p = out + i * K + k0 + c * 16;
+      _mm512_mask_storeu_ps(p, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, p), acc[i][c]));
+    }
+}
+
+// small_nn_add's body in AVX-512 for the column slabs [s0, s1) of 64 columns (the last
+// ones 16 at a time, then masked), blocks of kSumBlock weight rows in order, batch rows 4
+// at a time: the same loop order as the AVX2 body.
+FUSEDGRU_AVX512 void small_nn_add_avx512(const float* a, int64_t lda, int64_t B, int64_t O,
+                                         const float* W, int64_t K, float* out, int64_t s0,
+                                         int64_t s1) {
+  const int64_t full = K / 64;
+  for (int64_t o0 = 0; o0 < O; o0 += kSumBlock) {
+    const int64_t o1 = std::min(O, o0 + kSumBlock);
+    for (int64_t s = s0; s < s1; ++s) {
+      const bool whole = s < full;
+      const int64_t k0 = whole ? s * 64 : full * 64 + (s - full) * 16;
+      const int64_t n = whole ? 16 : std::min<int64_t>(16, K - k0);
+      int64_t b = 0;
+      for (; b + 4 <= B; b += 4) {
+        if (whole) nn_tile_avx512<4, 4>(a + b * lda, lda, o0, o1, W, K, k0, 16, out + b * K);
+        else nn_tile_avx512<4, 1>(a + b * lda, lda, o0, o1, W, K, k0, n, out + b * K);
+      }
+      for (; b < B; ++b) {
+        if (whole) nn_tile_avx512<1, 4>(a + b * lda, lda, o0, o1, W, K, k0, 16, out + b * K);
+        else nn_tile_avx512<1, 1>(a + b * lda, lda, o0, o1, W, K, k0, n, out + b * K);
+      }
+    }
+  }
+}
+
+// Switch fusedgru::_set_cpu_nn_avx512 (default on; it takes effect only where the small
+// AVX-512 products do: g_small_avx512).
+std::atomic<bool> g_nn_avx512{true};
+
+bool set_nn_avx512(bool on) { return g_nn_avx512.exchange(on); }
+#else
+bool set_nn_avx512(bool on) { return on && false; }
+#endif
+
 // out[b, k] += sum_o a[b, o] * W[o, k] for b < B, k < K: a (B, O) row stride lda,
 // W (O, K) row-major, out (B, K) contiguous.  Columns in slabs of kColVecs vectors, a task's
 // slabs (split over threads when a task gets at least kSmallTaskMacs multiply-adds: each
@@ -888,6 +966,23 @@ void small_nn_add(const scalar_t* a, int64_t lda, int64_t B, int64_t O, const sc
                   int64_t K, scalar_t* out) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t V = Vec::size();
+#ifdef FUSEDGRU_AVX512_TARGET
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (g_small_avx512.load(std::memory_order_relaxed) &&
+        g_nn_avx512.load(std::memory_order_relaxed)) {
+      const int64_t full = K / 64;
+      const int64_t nslab = full + (K - full * 64 + 15) / 16;
+      const int64_t grain =
+          g_small_split.load(std::memory_order_relaxed)
+              ? std::max<int64_t>(1, kSmallTaskMacs / std::max<int64_t>(1, B * O * 64))
+              : nslab;
+      at::parallel_for(0, nslab, grain, [&](int64_t s0, int64_t s1) {
+        small_nn_add_avx512(a, lda, B, O, W, K, out, s0, s1);
+      });
+      return;
+    }
+  }
+#endif
   const int64_t full = K / (kColVecs * V);  // whole slabs; the columns left go vector by vector
   const int64_t nslab = full + (K - full * kColVecs * V + V - 1) / V;
   const int64_t grain =
@@ -1608,6 +1703,7 @@ TORCH_LIBRARY_FRAGMENT(fusedgru, m) {
   m.def("_set_cpu_wide_gi(bool on) -> bool", &fusedgru::set_wide_gi);
   m.def("_set_cpu_outer_nt(bool on) -> bool", &fusedgru::set_outer_nt);
   m.def("_set_cpu_outer_avx512(bool on) -> bool", &fusedgru::set_outer_avx512);
+  m.def("_set_cpu_nn_avx512(bool on) -> bool", &fusedgru::set_nn_avx512);
   // Test hook: the forward's float32 activations (sigmoid, tanh) of x, as the kernels
   // compute them under the current switch.
   m.def("_cpu_activations(Tensor x) -> (Tensor, Tensor)", &fusedgru::cpu_activations);

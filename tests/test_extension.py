@@ -664,15 +664,19 @@ def test_inline_products_avx512_within_budget(gen, poisoned):
 
 @pytest.mark.skipif(not AVX512, reason=NO_AVX512)
 @pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
-def test_outer_products_avx512_bitwise_equal_avx2(gen, poisoned, reset_after):
-    """The backward's few-row weight gradients in AVX-512 (fusedgru::_set_cpu_outer_avx512,
-    default on; rows r = 1..8) give the AVX2 loop's bits: the same sum over r in order per
-    output.  Every row count 1..9 (9 falls back), odd output row counts (the last row
-    alone), column tails (K = 1, 15, 16, 17, 600) and, at H = 600, a dW_hh of 4.3 MB
-    (non-temporal stores, rows not all 64-byte aligned); 1 and 2 threads (split by output
-    rows).  Both within SPEC's budget."""
+@pytest.mark.parametrize("switch", ["_set_cpu_outer_avx512", "_set_cpu_nn_avx512"],
+                         ids=["outer", "nn"])
+def test_backward_products_avx512_bitwise_equal_avx2(gen, poisoned, reset_after, switch):
+    """The backward's few-row products in AVX-512 give the AVX2 loops' bits (each output's
+    sum in the same order): the weight gradients (fusedgru::_set_cpu_outer_avx512; rows
+    r = 1..8, 9 falls back) and the dh / dx products (_set_cpu_nn_avx512; 4 batch rows at
+    a time, then one by one).  Every row count 1..9, odd output row counts, column tails
+    (K = 1, 15, 16, 17, 600; 64-column slabs, then 16, then masked) and, at H = 600, a dW_hh
+    of 4.3 MB (non-temporal stores, rows not all 64-byte aligned); 1 and 2 threads.  Both
+    within SPEC's budget."""
     threads = torch.get_num_threads()
-    prev = torch.ops.fusedgru._set_cpu_outer_avx512(True)
+    set_avx512 = getattr(torch.ops.fusedgru, switch)
+    prev = set_avx512(True)
     shapes = [(1, 1, 1, 5), (1, 2, 15, 7), (1, 3, 16, 9), (2, 2, 17, 33), (5, 1, 600, 16),
               (3, 2, 7, 6), (1, 7, 17, 600), (1, 8, 33, 130), (1, 9, 5, 11)]
     try:
@@ -685,18 +689,18 @@ def test_outer_products_avx512_bitwise_equal_avx2(gen, poisoned, reset_after):
                 gy = case.grad_y.float()
 
                 def grads(on):
-                    torch.ops.fusedgru._set_cpu_outer_avx512(on)
+                    set_avx512(on)
                     return torch.ops.fusedgru.gru_bwd(gy, args[0], args[1], args[2], args[3],
                                                       y, ws, reset_after)
 
                 wide, narrow = grads(True), grads(False)
                 for a, b in zip(wide, narrow):
                     assert torch.equal(a, b), (n, T, B, I, H)
-                torch.ops.fusedgru._set_cpu_outer_avx512(True)
+                set_avx512(True)
                 report = check_layer("cpu", case, dtype=torch.float32)
                 assert report.ok, (T, B, I, H, report.failures)
     finally:
-        torch.ops.fusedgru._set_cpu_outer_avx512(prev)
+        set_avx512(prev)
         torch.set_num_threads(threads)
 
 
