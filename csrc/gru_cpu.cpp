@@ -219,8 +219,18 @@ int64_t set_small_batch(int64_t rows) {
 // Multiply-adds per parallel task of small_nt: ~6 us of work on one AVX2 core.  Interleaved
 // A/B at 2 threads (benchmarks/NOTES-cpu-cuda.md), a FusedGRUCell call split vs on the
 // calling thread: B=8 H=1024 2.1x, B=1 H=1024 2.6x, B=4..8 H=256 1.3x, smaller products
-// unchanged (one task).  Switch fusedgru::_set_cpu_small_split (off: the calling thread).
-constexpr int64_t kSmallTaskMacs = 1 << 18;
+// unchanged (one task).  Switch fusedgru::_set_cpu_small_split (off: the calling thread);
+// the size itself: fusedgru::_set_cpu_small_task_macs (A/B timing).  Halved to 2^17 on
+// 2026-12-02 (7th session, an AVX-512 Xeon, 2 threads, interleaved): B=1 H=256 (196K
+// multiply-adds a product) now splits in two, GRUCell call 0.69x -> 1.30x nn.GRUCell, T=1
+// call 1.13x -> 2.05x nn.GRU, 32-step cell loop with backward 0.64x -> 1.07x; B=8 H=64
+// (98K) stays one task (at 2^16 it split and lost 5-12%); the other cells unchanged.
+constexpr int64_t kSmallTaskMacsDefault = 1 << 17;
+std::atomic<int64_t> g_small_task_macs{kSmallTaskMacsDefault};
+
+int64_t set_small_task_macs(int64_t macs) {
+  return exchange_at_least(g_small_task_macs, macs, 1, "_set_cpu_small_task_macs: macs");
+}
 std::atomic<bool> g_small_split{true};
 
 bool set_small_split(bool on) { return g_small_split.exchange(on); }
@@ -441,7 +451,7 @@ void small_nt(const scalar_t* a, int64_t lda, int64_t B, int64_t K, const scalar
   // output's sum is the same whatever the split: bitwise the same results.
   const int64_t ng = (O + 3) / 4;
   const int64_t grain = g_small_split.load(std::memory_order_relaxed)
-                            ? std::max<int64_t>(1, kSmallTaskMacs / std::max<int64_t>(1, 4 * B * K))
+                            ? std::max<int64_t>(1, g_small_task_macs.load(std::memory_order_relaxed) / std::max<int64_t>(1, 4 * B * K))
                             : ng;
 #ifdef FUSEDGRU_AVX512_TARGET
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -974,7 +984,7 @@ void small_nn_add(const scalar_t* a, int64_t lda, int64_t B, int64_t O, const sc
       const int64_t nslab = full + (K - full * 64 + 15) / 16;
       const int64_t grain =
           g_small_split.load(std::memory_order_relaxed)
-              ? std::max<int64_t>(1, kSmallTaskMacs / std::max<int64_t>(1, B * O * 64))
+              ? std::max<int64_t>(1, g_small_task_macs.load(std::memory_order_relaxed) / std::max<int64_t>(1, B * O * 64))
               : nslab;
       at::parallel_for(0, nslab, grain, [&](int64_t s0, int64_t s1) {
         small_nn_add_avx512(a, lda, B, O, W, K, out, s0, s1);
@@ -987,7 +997,7 @@ void small_nn_add(const scalar_t* a, int64_t lda, int64_t B, int64_t O, const sc
   const int64_t nslab = full + (K - full * kColVecs * V + V - 1) / V;
   const int64_t grain =
       g_small_split.load(std::memory_order_relaxed)
-          ? std::max<int64_t>(1, kSmallTaskMacs / std::max<int64_t>(1, B * O * kColVecs * V))
+          ? std::max<int64_t>(1, g_small_task_macs.load(std::memory_order_relaxed) / std::max<int64_t>(1, B * O * kColVecs * V))
           : nslab;
   at::parallel_for(0, nslab, grain, [&](int64_t s0, int64_t s1) {
     for (int64_t o0 = 0; o0 < O; o0 += kSumBlock) {
@@ -1143,7 +1153,7 @@ void small_outer(const scalar_t* a, int64_t lda, int64_t R, int64_t O, const sca
   const int64_t npair = (O + 1) / 2;
   const int64_t grain =
       g_small_split.load(std::memory_order_relaxed)
-          ? std::max<int64_t>(1, kSmallTaskMacs / std::max<int64_t>(1, 2 * R * K))
+          ? std::max<int64_t>(1, g_small_task_macs.load(std::memory_order_relaxed) / std::max<int64_t>(1, 2 * R * K))
           : npair;
 #ifdef FUSEDGRU_AVX512_TARGET
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -1704,6 +1714,7 @@ TORCH_LIBRARY_FRAGMENT(fusedgru, m) {
   m.def("_set_cpu_outer_nt(bool on) -> bool", &fusedgru::set_outer_nt);
   m.def("_set_cpu_outer_avx512(bool on) -> bool", &fusedgru::set_outer_avx512);
   m.def("_set_cpu_nn_avx512(bool on) -> bool", &fusedgru::set_nn_avx512);
+  m.def("_set_cpu_small_task_macs(int macs) -> int", &fusedgru::set_small_task_macs);
   // Test hook: the forward's float32 activations (sigmoid, tanh) of x, as the kernels
   // compute them under the current switch.
   m.def("_cpu_activations(Tensor x) -> (Tensor, Tensor)", &fusedgru::cpu_activations);

@@ -592,7 +592,7 @@ def _small_product_outputs(case):
     True, marks=pytest.mark.skipif(not AVX512, reason=NO_AVX512))])
 def test_inline_products_pairs_and_thread_split_are_bitwise_equal(gen, poisoned, avx512):
     """small_nt's two batch rows at a time (fusedgru::_set_cpu_small_pairs) and its split of
-    weight rows over 2 threads (_set_cpu_small_split; a task gets >= 256K multiply-adds, so
+    weight rows over 2 threads (_set_cpu_small_split; a task gets >= 128K multiply-adds, so
     H=600 with 5 rows splits) keep every output's sum in the same order: forward,
     inference and backward bitwise equal across the four settings, odd batch sizes
     included, and within SPEC's budget; in the AVX2 loops and in the AVX-512 ones
@@ -701,6 +701,32 @@ def test_backward_products_avx512_bitwise_equal_avx2(gen, poisoned, reset_after,
                 assert report.ok, (T, B, I, H, report.failures)
     finally:
         set_avx512(prev)
+        torch.set_num_threads(threads)
+
+
+def test_small_task_macs_switch():
+    """fusedgru::_set_cpu_small_task_macs (the multiply-adds a parallel task of the inline
+    products gets at least) returns the previous value, refuses a value below 1 naming
+    the switch, and a split at any task size gives the same bits at 2 threads (each
+    output is summed by one task, in order)."""
+    ops = torch.ops.fusedgru
+    prev = ops._set_cpu_small_task_macs(1 << 17)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert ops._set_cpu_small_task_macs(1 << 17) == 1 << 17  # the default
+        with pytest.raises(RuntimeError, match="_set_cpu_small_task_macs"):
+            ops._set_cpu_small_task_macs(0)
+        case = make_layer_case(2, 1, 256, 256, generator=torch.Generator().manual_seed(5))
+        outs = []
+        for macs in (1 << 30, 1 << 17, 1 << 12):
+            ops._set_cpu_small_task_macs(macs)
+            outs.append(_small_product_outputs(case))
+        for other in outs[1:]:
+            for a, b in zip(outs[0], other):
+                assert torch.equal(a, b)
+    finally:
+        ops._set_cpu_small_task_macs(prev)
         torch.set_num_threads(threads)
 
 
