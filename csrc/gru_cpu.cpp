@@ -30,6 +30,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <unistd.h>
+
 #include "gru_common.h"
 
 namespace fusedgru {
@@ -1022,11 +1024,45 @@ void small_nn_add(const scalar_t* a, int64_t lda, int64_t B, int64_t O, const sc
 
 // small_outer's output written with non-temporal stores when it is at least kOuterNtBytes
 // (switch fusedgru::_set_cpu_outer_nt): a store that misses the cache first reads the line
-// (write-allocate), so a 12 MB dW (H = 1024) cost 24 MB of DRAM traffic per step.
+// (write-allocate), so a 12 MB dW (H = 1024) cost 24 MB of DRAM traffic per step.  Only
+// where the two dW of a step would not stay in the last-level cache until autograd's add_
+// reads them back (together more than half of it).  On an Intel host with 480 MB of L3
+// (2026-12-02, 7th session; 32-step cell loop with backward, H = 1024, medians of the
+// interleaved rounds without page faults) streaming them made the loop slower: 1 thread
+// B=1 193 ms against 179 without, B=8 220 against 214; 2 threads B=1 101 against 92, B=8
+// 121 against 112.  From 512 KB up it took the B=1 H=256 loop from 0.95x to 0.78x
+// nn.GRUCell.  The AMD host it was chosen on (01c1c37) has 32 MB of L3 per CCD: 2 x 12 MB
+// is more than half of it, so there it still streams.
 constexpr int64_t kOuterNtBytes = int64_t(4) << 20;
 std::atomic<bool> g_outer_nt{true};
 
 bool set_outer_nt(bool on) { return g_outer_nt.exchange(on); }
+
+// The last-level cache the rule above assumes: -1 (the default) what sysconf reports
+// (_SC_LEVEL3_CACHE_SIZE; 0 where unknown), else this many bytes; 0: unknown, stream from
+// kOuterNtBytes up (the rule before).  Switch fusedgru::_set_cpu_llc_bytes (tests, A/B).
+std::atomic<int64_t> g_llc_bytes{-1};
+
+int64_t set_llc_bytes(int64_t bytes) {
+  return exchange_at_least(g_llc_bytes, bytes, -1, "_set_cpu_llc_bytes: bytes");
+}
+
+int64_t llc_bytes() {
+  const int64_t set = g_llc_bytes.load(std::memory_order_relaxed);
+  if (set >= 0) return set;
+  static const int64_t reported = [] {
+    const long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return v > 0 ? static_cast<int64_t>(v) : int64_t(0);
+  }();
+  return reported;
+}
+
+// Whether a weight gradient of `bytes` (one of a step's two) is written around the cache.
+bool outer_streams(int64_t bytes) {
+  if (!g_outer_nt.load(std::memory_order_relaxed) || bytes < kOuterNtBytes) return false;
+  const int64_t llc = llc_bytes();
+  return llc == 0 || 4 * bytes > llc;
+}
 
 template <typename Vec>
 inline void st_out(const Vec& v, typename Vec::value_type* p, int64_t n, bool nt) {
@@ -1148,8 +1184,7 @@ template <typename scalar_t>
 void small_outer(const scalar_t* a, int64_t lda, int64_t R, int64_t O, const scalar_t* x,
                  int64_t ldx, int64_t K, scalar_t* out, int64_t ldo) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  const bool nt = g_outer_nt.load(std::memory_order_relaxed) &&
-                  O * K * static_cast<int64_t>(sizeof(scalar_t)) >= kOuterNtBytes;
+  const bool nt = outer_streams(O * K * static_cast<int64_t>(sizeof(scalar_t)));
   const int64_t npair = (O + 1) / 2;
   const int64_t grain =
       g_small_split.load(std::memory_order_relaxed)
@@ -1715,6 +1750,7 @@ TORCH_LIBRARY_FRAGMENT(fusedgru, m) {
   m.def("_set_cpu_outer_avx512(bool on) -> bool", &fusedgru::set_outer_avx512);
   m.def("_set_cpu_nn_avx512(bool on) -> bool", &fusedgru::set_nn_avx512);
   m.def("_set_cpu_small_task_macs(int macs) -> int", &fusedgru::set_small_task_macs);
+  m.def("_set_cpu_llc_bytes(int bytes) -> int", &fusedgru::set_llc_bytes);
   // Test hook: the forward's float32 activations (sigmoid, tanh) of x, as the kernels
   // compute them under the current switch.
   m.def("_cpu_activations(Tensor x) -> (Tensor, Tensor)", &fusedgru::cpu_activations);

@@ -843,11 +843,17 @@ def test_avx512_input_projection_within_budget(gen, poisoned):
 
 def test_weight_gradients_streamed_are_bitwise_the_same(gen, poisoned):
     """small_outer's non-temporal stores (_set_cpu_outer_nt, on by default, for a weight
-    gradient of >= 4 MB: 3H x I floats with H = 600, I = 700 is 5 MB) change where the
-    values go, not the values: dW_ih and dW_hh bitwise equal with them off, aligned rows
-    (I = 704) and unaligned ones (I = 700, H = 600: rows of 2800 and 2400 bytes, a mix)."""
+    gradient of >= 4 MB: 3H x I floats with H = 600, I = 700 is 5 MB, where the two dW
+    exceed half the last-level cache: _set_cpu_llc_bytes(0), an unknown cache, makes them
+    stream here whatever this host's L3) change where the values go, not the values: dW_ih
+    and dW_hh bitwise equal with them off, aligned rows (I = 704) and unaligned ones
+    (I = 700, H = 600: rows of 2800 and 2400 bytes, a mix).  The cache switch returns the
+    previous setting and refuses a value below -1 (-1: what sysconf reports)."""
     ops = torch.ops.fusedgru
     assert ops._set_cpu_outer_nt(True) is True  # the default
+    assert ops._set_cpu_llc_bytes(0) == -1  # the default: sysconf's
+    with pytest.raises(RuntimeError, match="_set_cpu_llc_bytes"):
+        ops._set_cpu_llc_bytes(-2)
     try:
         for T, B, I, H in [(1, 2, 700, 600), (1, 1, 704, 608)]:
             case = make_layer_case(T, B, I, H, generator=gen)
@@ -865,3 +871,4 @@ def test_weight_gradients_streamed_are_bitwise_the_same(gen, poisoned):
             assert check_layer("cpu", case, dtype=torch.float32).ok
     finally:
         ops._set_cpu_outer_nt(True)
+        ops._set_cpu_llc_bytes(-1)
