@@ -4,7 +4,8 @@ A row names the object that implements it, ``module:attribute``; the module is i
 first use.  The object (a module-level instance, see fusedgru/_reference_backend.py) has:
 
     forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after) -> (y, ws)        (fusedgru/ops.py)
-    backward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after) -> 6 grads
+    backward(grad_y, x, h0, w_ih, w_hh, y, ws, reset_after, batch_sizes=None, resets=None,
+             need_dx=True, need_dw=True) -> 6 grads (those not needed: empty tensors)
     unavailable_reason() -> str | None      why this backend cannot run on this machine
     unsupported_reason(device_type: str, dtype) -> str | None
                                             why it cannot run on that device / dtype

@@ -168,6 +168,10 @@ class _ExtensionBackend:
     def unavailable_reason(self) -> Optional[str]:
         if not _state["loaded"]:
             return _state["error"]
+        if not _bwd_takes_grad_mask():
+            # backward() passes need_dx / need_dw: every backward would fail
+            return ("fusedgru._C was built from older sources (gru_bwd without need_dx / "
+                    "need_dw): rebuild it")
         if self.device_type == "cuda":
             if not has_cuda_kernels():
                 return "fusedgru._C was built without CUDA (no nvcc or a CPU-only torch)"
@@ -186,6 +190,12 @@ class _ExtensionBackend:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             return f"supports {names}, got {dtype}"
         return None
+
+
+def _bwd_takes_grad_mask() -> bool:
+    """Whether the loaded fusedgru::gru_bwd has the need_dx / need_dw arguments."""
+    names = [a.name for a in torch.ops.fusedgru.gru_bwd.default._schema.arguments]
+    return "need_dx" in names and "need_dw" in names
 
 
 _cuda_path_lock = threading.Lock()

@@ -312,6 +312,19 @@ def test_lean_training_call_is_one_op_pair_and_bitwise_the_general_path(kind, bi
         assert a is not None and torch.equal(a, b)
 
 
+def _graph_has(t, node_name: str, depth: int = 3) -> bool:
+    """Whether an autograd node named node_name is within depth steps of t.grad_fn."""
+    todo = [(t.grad_fn, 0)]
+    while todo:
+        node, d = todo.pop()
+        if node is None or d > depth:
+            continue
+        if type(node).__name__ == node_name:
+            return True
+        todo.extend((n, d + 1) for n, _ in node.next_functions)
+    return False
+
+
 @pytest.mark.parametrize("kind", ["cell", "gru"])
 @pytest.mark.parametrize("frozen", ["input", "weights"])
 def test_lean_training_call_computes_only_what_is_needed(kind, frozen, gen):
@@ -349,11 +362,13 @@ def test_lean_training_call_computes_only_what_is_needed(kind, frozen, gen):
         with OpLog() as log:
             out = fn(xx, hh)
             y = out if kind == "cell" else out[0]
+            lean = _graph_has(y, "_LeanTrainBackward")
             grads = torch.autograd.grad(y.square().sum(), wanted)
-        return grads, log.backward_needs("fusedgru.gru_bwd.default")
+        return grads, log.backward_needs("fusedgru.gru_bwd.default"), lean
 
-    grads_g, needs_g = run(general)
-    grads_l, needs_l = run(m)
+    grads_g, needs_g, lean_g = run(general)
+    grads_l, needs_l, lean_l = run(m)
+    assert lean_l and not lean_g  # the module took the lean call, the functional API not
     assert needs_l == needs_g == [(frozen == "weights", frozen == "input")]
     for a, b in zip(grads_l, grads_g):
         assert torch.equal(a, b)

@@ -714,7 +714,7 @@ def test_small_task_macs_switch():
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert ops._set_cpu_small_task_macs(1 << 17) == 1 << 17  # the default
+        assert prev == 1 << 17  # the default (every test restores what it sets)
         with pytest.raises(RuntimeError, match="_set_cpu_small_task_macs"):
             ops._set_cpu_small_task_macs(0)
         case = make_layer_case(2, 1, 256, 256, generator=torch.Generator().manual_seed(5))
@@ -872,3 +872,15 @@ def test_weight_gradients_streamed_are_bitwise_the_same(gen, poisoned):
     finally:
         ops._set_cpu_outer_nt(True)
         ops._set_cpu_llc_bytes(-1)
+
+
+def test_a_build_without_the_gradient_mask_is_unavailable(monkeypatch):
+    """A fusedgru._C built before gru_bwd took need_dx / need_dw (a stale in-place build)
+    would fail every backward: the backend says so, naming the fix, instead of running."""
+    from fusedgru import extension
+
+    assert extension._bwd_takes_grad_mask()  # this build has them
+    assert extension.cpu_backend.unavailable_reason() is None
+    monkeypatch.setattr(extension, "_bwd_takes_grad_mask", lambda: False)
+    why = extension.cpu_backend.unavailable_reason()
+    assert why is not None and "need_dx" in why and "rebuild" in why
