@@ -157,6 +157,14 @@ inline void check_backward_extra(const char* op, const Dims& d, const Layout& la
   check_shape(op, ws, "ws", rows_shape(lay, 4 * d.H));
 }
 
+// What the weight gradients' producers return when need_dw is false: dx and four empty
+// (0,) tensors, distinct (a schema's outputs never alias each other).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+without_weight_grads(const at::Tensor& dx) {
+  const auto none = [&] { return at::empty({0}, dx.options()); };
+  return {dx, none(), none(), none(), none()};
+}
+
 // After the reverse-time loop (SPEC section 4): every remaining gradient is ONE GEMM or sum
 // over all rows (T*B dense, N packed: no padded rows).  dgi, dgh: laid out like y with 3H
 // features (the same tensor when reset_after=False); hprev: the state entering each row's
@@ -171,10 +179,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> we
   const int64_t N = dgi2.size(0);
   const at::Tensor x2 = x.reshape({N, I}), hp2 = hprev.reshape({N, H});
   at::Tensor dx = need_dx ? at::mm(dgi2, w_ih).view(x.sizes()) : at::empty({0}, x.options());
-  if (!need_dw) {  // four distinct tensors: a schema's outputs never alias each other
-    const auto none = [&] { return at::empty({0}, x.options()); };
-    return {dx, none(), none(), none(), none()};
-  }
+  if (!need_dw) return without_weight_grads(dx);
   at::Tensor dw_ih = at::mm(dgi2.t(), x2);
   at::Tensor dw_hh;
   if (reset_after) {

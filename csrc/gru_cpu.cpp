@@ -237,6 +237,15 @@ std::atomic<bool> g_small_split{true};
 
 bool set_small_split(bool on) { return g_small_split.exchange(on); }
 
+// The grain of an inline product's at::parallel_for over `items` work items of
+// `item_macs` multiply-adds each: enough items for g_small_task_macs, at least one; all of
+// them (one task) with the split switched off.
+int64_t small_grain(int64_t item_macs, int64_t items) {
+  if (!g_small_split.load(std::memory_order_relaxed)) return items;
+  return std::max<int64_t>(1, g_small_task_macs.load(std::memory_order_relaxed) /
+                                  std::max<int64_t>(1, item_macs));
+}
+
 // The backward's own thresholds (test / benchmark switches fusedgru::_set_cpu_small_bwd_step
 // and _set_cpu_small_wgrad): the largest row count whose per-step dh product takes the
 // inline loops (small_nn_add), and the largest T*B whose weight gradients do
@@ -448,13 +457,11 @@ void small_nt(const scalar_t* a, int64_t lda, int64_t B, int64_t K, const scalar
     return at::vec::vec_reduce_all<scalar_t>([](Vec& x, Vec& y) { return x + y; }, v);
   };
   const bool pairs = g_small_pairs.load(std::memory_order_relaxed);
-  // Groups of 4 weight rows split over threads when a task gets at least kSmallTaskMacs
+  // Groups of 4 weight rows split over threads when a task gets at least g_small_task_macs
   // multiply-adds (the calling thread alone below: a fork costs a few microseconds).  Each
   // output's sum is the same whatever the split: bitwise the same results.
   const int64_t ng = (O + 3) / 4;
-  const int64_t grain = g_small_split.load(std::memory_order_relaxed)
-                            ? std::max<int64_t>(1, g_small_task_macs.load(std::memory_order_relaxed) / std::max<int64_t>(1, 4 * B * K))
-                            : ng;
+  const int64_t grain = small_grain(4 * B * K, ng);
 #ifdef FUSEDGRU_AVX512_TARGET
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (g_small_avx512.load(std::memory_order_relaxed)) {
@@ -890,6 +897,24 @@ inline void nn_tile(const typename Vec::value_type* a, int64_t lda, int64_t o0, 
 // the weight rows [o0, o1), as nn_tile (the first row's product, then an FMA per row in
 // order, the block's sums added into out at the end): the same bits, 16 lanes per
 // instruction instead of 8.  n: the lanes of the last vector (NC = 1 when n < 16).
+// One weight row o of nn_tile_avx512: its NC vectors times each batch row's a[i, o],
+// the first row (FIRST) a product, every later one an FMA into the sums.
+template <int NB, int NC, bool FIRST>
+FUSEDGRU_AVX512_INLINE void nn_row_avx512(const float* a, int64_t lda, int64_t o, const float* W,
+                                          int64_t K, int64_t k0, __mmask16 m,
+                                          __m512 (&acc)[NB][NC]) {
+  __m512 w[NC];
+#pragma GCC unroll 4
+  for (int c = 0; c < NC; ++c) w[c] = _mm512_maskz_loadu_ps(m, W + o * K + k0 + c * 16);
+#pragma GCC unroll 4
+  for (int i = 0; i < NB; ++i) {
+    const __m512 ai = _mm512_set1_ps(a[i * lda + o]);
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c)
+      acc[i][c] = FIRST ? _mm512_mul_ps(ai, w[c]) : _mm512_fmadd_ps(ai, w[c], acc[i][c]);
+  }
+}
+
 template <int NB, int NC>
 FUSEDGRU_AVX512_INLINE void nn_tile_avx512(const float* a, int64_t lda, int64_t o0, int64_t o1,
                                            const float* W, int64_t K, int64_t k0, int64_t n,
@@ -897,28 +922,8 @@ FUSEDGRU_AVX512_INLINE void nn_tile_avx512(const float* a, int64_t lda, int64_t 
   const __mmask16 m = n >= 16 ? static_cast<__mmask16>(0xFFFF)
                               : static_cast<__mmask16>((1u << n) - 1u);
   __m512 acc[NB][NC];
-  {
-    __m512 w[NC];
-#pragma GCC unroll 4
-    for (int c = 0; c < NC; ++c) w[c] = _mm512_maskz_loadu_ps(m, W + o0 * K + k0 + c * 16);
-#pragma GCC unroll 4
-    for (int i = 0; i < NB; ++i) {
-      const __m512 ai = _mm512_set1_ps(a[i * lda + o0]);
-#pragma GCC unroll 4
-      for (int c = 0; c < NC; ++c) acc[i][c] = _mm512_mul_ps(ai, w[c]);
-    }
-  }
-  for (int64_t o = o0 + 1; o < o1; ++o) {
-    __m512 w[NC];
-#pragma GCC unroll 4
-    for (int c = 0; c < NC; ++c) w[c] = _mm512_maskz_loadu_ps(m, W + o * K + k0 + c * 16);
-#pragma GCC unroll 4
-    for (int i = 0; i < NB; ++i) {
-      const __m512 ai = _mm512_set1_ps(a[i * lda + o]);
-#pragma GCC unroll 4
-      for (int c = 0; c < NC; ++c) acc[i][c] = _mm512_fmadd_ps(ai, w[c], acc[i][c]);
-    }
-  }
+  nn_row_avx512<NB, NC, true>(a, lda, o0, W, K, k0, m, acc);
+  for (int64_t o = o0 + 1; o < o1; ++o) nn_row_avx512<NB, NC, false>(a, lda, o, W, K, k0, m, acc);
 #pragma GCC unroll 4
   for (int i = 0; i < NB; ++i)
 #pragma GCC unroll 4
@@ -965,7 +970,7 @@ bool set_nn_avx512(bool on) { return on && false; }
 
 // out[b, k] += sum_o a[b, o] * W[o, k] for b < B, k < K: a (B, O) row stride lda,
 // W (O, K) row-major, out (B, K) contiguous.  Columns in slabs of kColVecs vectors, a task's
-// slabs (split over threads when a task gets at least kSmallTaskMacs multiply-adds: each
+// slabs (split over threads when a task gets at least g_small_task_macs multiply-adds: each
 // output column is summed by one task, in the same order whatever the split) within blocks
 // of kSumBlock weight rows in order: the block's rows are read as 16 sequential streams over
 // the task's columns (a slab outermost instead read W down its columns, 4 KB apart at
@@ -984,10 +989,7 @@ void small_nn_add(const scalar_t* a, int64_t lda, int64_t B, int64_t O, const sc
         g_nn_avx512.load(std::memory_order_relaxed)) {
       const int64_t full = K / 64;
       const int64_t nslab = full + (K - full * 64 + 15) / 16;
-      const int64_t grain =
-          g_small_split.load(std::memory_order_relaxed)
-              ? std::max<int64_t>(1, g_small_task_macs.load(std::memory_order_relaxed) / std::max<int64_t>(1, B * O * 64))
-              : nslab;
+      const int64_t grain = small_grain(B * O * 64, nslab);
       at::parallel_for(0, nslab, grain, [&](int64_t s0, int64_t s1) {
         small_nn_add_avx512(a, lda, B, O, W, K, out, s0, s1);
       });
@@ -997,10 +999,7 @@ void small_nn_add(const scalar_t* a, int64_t lda, int64_t B, int64_t O, const sc
 #endif
   const int64_t full = K / (kColVecs * V);  // whole slabs; the columns left go vector by vector
   const int64_t nslab = full + (K - full * kColVecs * V + V - 1) / V;
-  const int64_t grain =
-      g_small_split.load(std::memory_order_relaxed)
-          ? std::max<int64_t>(1, g_small_task_macs.load(std::memory_order_relaxed) / std::max<int64_t>(1, B * O * kColVecs * V))
-          : nslab;
+  const int64_t grain = small_grain(B * O * kColVecs * V, nslab);
   at::parallel_for(0, nslab, grain, [&](int64_t s0, int64_t s1) {
     for (int64_t o0 = 0; o0 < O; o0 += kSumBlock) {
       const int64_t o1 = std::min(O, o0 + kSumBlock);
@@ -1178,7 +1177,7 @@ bool set_outer_avx512(bool on) { return on && false; }
 // rows (a T*B <= small_b call): an outer product, written once (ATen's GEMM with an inner
 // dimension of 1-4 took ~4 ms for 3072 x 1024, twice what writing it costs).  Rows of out
 // two at a time (each loaded x vector feeds 2 FMAs), split over threads by rows when a
-// task gets at least kSmallTaskMacs multiply-adds; each output's sum runs over r in order
+// task gets at least g_small_task_macs multiply-adds; each output's sum runs over r in order
 // whatever the tiling or split.
 template <typename scalar_t>
 void small_outer(const scalar_t* a, int64_t lda, int64_t R, int64_t O, const scalar_t* x,
@@ -1186,10 +1185,7 @@ void small_outer(const scalar_t* a, int64_t lda, int64_t R, int64_t O, const sca
   using Vec = at::vec::Vectorized<scalar_t>;
   const bool nt = outer_streams(O * K * static_cast<int64_t>(sizeof(scalar_t)));
   const int64_t npair = (O + 1) / 2;
-  const int64_t grain =
-      g_small_split.load(std::memory_order_relaxed)
-          ? std::max<int64_t>(1, g_small_task_macs.load(std::memory_order_relaxed) / std::max<int64_t>(1, 2 * R * K))
-          : npair;
+  const int64_t grain = small_grain(2 * R * K, npair);
 #ifdef FUSEDGRU_AVX512_TARGET
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (R >= 1 && R <= kOuterRows512 && g_small_avx512.load(std::memory_order_relaxed) &&
@@ -1249,10 +1245,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> small_weight_grads(
     dx = at::zeros(x.sizes(), x.options());
     small_nn_add(dgi_p, G, R, G, w_ih.data_ptr<scalar_t>(), I, dx.data_ptr<scalar_t>());
   }
-  if (!need_dw) {  // four distinct tensors: a schema's outputs never alias each other
-    const auto none = [&] { return at::empty({0}, x.options()); };
-    return {dx, none(), none(), none(), none()};
-  }
+  if (!need_dw) return without_weight_grads(dx);
   Tensor dw_ih = at::empty({G, I}, x.options());
   small_outer(dgi_p, G, R, G, x.data_ptr<scalar_t>(), I, I, dw_ih.data_ptr<scalar_t>(), I);
   Tensor dw_hh = at::empty({G, H}, x.options());

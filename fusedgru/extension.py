@@ -193,9 +193,12 @@ class _ExtensionBackend:
 
 
 def _bwd_takes_grad_mask() -> bool:
-    """Whether the loaded fusedgru::gru_bwd has the need_dx / need_dw arguments."""
-    names = [a.name for a in torch.ops.fusedgru.gru_bwd.default._schema.arguments]
-    return "need_dx" in names and "need_dw" in names
+    """Whether the loaded fusedgru::gru_bwd has the need_dx / need_dw arguments (read once:
+    unavailable_reason runs at every backend resolution)."""
+    if _state.get("grad_mask") is None:
+        names = [a.name for a in torch.ops.fusedgru.gru_bwd.default._schema.arguments]
+        _state["grad_mask"] = "need_dx" in names and "need_dw" in names
+    return _state["grad_mask"]
 
 
 _cuda_path_lock = threading.Lock()

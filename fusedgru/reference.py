@@ -209,6 +209,13 @@ def gru_layer_forward(
 # ----------------------------------------------------------------------------------------
 
 
+def skipped_weight_grads(like: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What a backward returns for dW_ih, dW_hh, db_ih, db_hh with need_dw=False: four
+    distinct empty (0,) tensors of like's dtype and device (a registered op's outputs must
+    not alias each other)."""
+    return tuple(like.new_empty(0) for _ in range(4))
+
+
 def gru_layer_backward(
     grad_y: Tensor,
     x: Tensor,
@@ -272,7 +279,7 @@ def gru_layer_backward(
     dgh2 = torch.cat(dgh[::-1])
     dx = (dgi2 @ w_ih).view(x.shape) if need_dx else x.new_empty(0)
     if not need_dw:
-        return (dx, dh, *(w_hh.new_empty(0) for _ in range(4)))
+        return (dx, dh, *skipped_weight_grads(w_hh))
     dw_ih = dgi2.T @ x.reshape(N, I)
     if reset_after:
         dw_hh = dgh2.T @ h_prev

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fusedgru import ops
+from fusedgru import ops, reference
 
 from . import gru
 
@@ -164,7 +164,7 @@ def triton_backward(
     dgh2 = dgh.view(N, 3 * H)
     dx = (dgi2 @ w_ih).view(x.shape) if need_dx else x.new_empty(0)
     if not need_dw:
-        return (dx, dh0, *(w_hh.new_empty(0) for _ in range(4)))
+        return (dx, dh0, *reference.skipped_weight_grads(w_hh))
     dw_ih = dgi2.T @ x.reshape(N, I)
     # The state entering each row (reference._states_before), split as the rows of step 0
     # (h0, or none: zeros) and the later rows (N - B of them), for dW_hh.

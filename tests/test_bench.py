@@ -196,17 +196,21 @@ def test_wrong_provider_is_reported_not_timed():
     assert "WRONG" in bench.format_table(rows, "cpu")
 
 
+class _WrongGradient(torch.autograd.Function):
+    """The identity forward whose backward is 1% off: a provider built on it computes the
+    right outputs and a wrong gradient of what it is applied to."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 1.01
+
+
 def test_gradient_error_is_caught():
     """A backward that is wrong (forward right) fails the training check."""
-
-    class Scale(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, y):
-            return y.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            return g * 1.01
 
     class WrongGrad(torch.nn.Module):
         def __init__(self, gru):
@@ -214,7 +218,7 @@ def test_gradient_error_is_caught():
             self.gru = gru
 
         def forward(self, x, h0):
-            return self.gru(Scale.apply(x), h0)
+            return self.gru(_WrongGradient.apply(x), h0)
 
     case = bench.Case("tiny", 2, 5, 3, 4, mode="train")
     data = bench.make_cell_data(case, CPU)
@@ -243,15 +247,6 @@ def test_frozen_input_training_cells(call):
         assert r["status"] == "ok" and r["mode"] == "train-frozen-input", r
         assert "dx" not in r["check"]["errors"] and "d.weight_ih_l0" in r["check"]["errors"]
 
-    class WrongWeightGrad(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, w):
-            return w.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            return g * 1.01
-
     class Wrong(torch.nn.Module):
         def __init__(self, gru):
             super().__init__()
@@ -259,7 +254,7 @@ def test_frozen_input_training_cells(call):
 
         def forward(self, x, h0):
             w = dict(self.gru.named_parameters())
-            w["weight_ih_l0"] = WrongWeightGrad.apply(w["weight_ih_l0"])
+            w["weight_ih_l0"] = _WrongGradient.apply(w["weight_ih_l0"])
             return torch.func.functional_call(self.gru, w, (x, h0))
 
     if call == "seq":

@@ -172,9 +172,11 @@ def grid_cases(name: str, *, quick: bool = False, dtypes: Optional[Sequence[str]
     for dtype in spec.dtypes:
         if dtypes and dtype not in dtypes:
             continue
-        spec_modes = spec.modes + (("train-frozen-input",) if "train" in spec.modes else ())
+        spec_modes = spec.modes
+        if modes and "train" in spec.modes:  # frozen-input cells only when asked for
+            spec_modes += ("train-frozen-input",)
         for mode in spec_modes:
-            if (modes and mode not in modes) or (not modes and mode not in spec.modes):
+            if modes and mode not in modes:
                 continue
             if spec.shapes:
                 picked = [spec.shapes[i] for i in sub.get("shapes", range(len(spec.shapes)))]
