@@ -26,6 +26,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -549,7 +550,7 @@ void small_nt(const scalar_t* a, int64_t lda, int64_t B, int64_t K, const scalar
 //      (row stride N), the last panel's loads clipped to the columns that exist.
 // Which products take them: g_panel_rows = -1 (the default, "auto"): the forward's per-step
 // product of more than small_b (from 2 * kMR rows up when H <= kAutoPanelSmallH) and at most
-// kAutoPanelRows rows, in a call of at least
+// kAutoPanelRows rows (any number with the AVX-512 panels), in a call of at least
 // kAutoPanelSteps steps (W is packed once per call, a pass over W: worth it after a few
 // steps, not for a T=1 call); the backward never (its in-place panels stride through W,
 // slower at large H).  n >= 0: rows up to n in the forward and the backward (0: off, the
@@ -575,14 +576,22 @@ struct PanelRows {
   bool takes(int64_t R) const { return R > lo && R <= hi; }
 };
 
-inline PanelRows panel_rows_for(bool backward, int64_t T, int64_t H, int64_t small_b) {
+// wide: the panels are the AVX-512 ones.  Their upper bound was lifted on 2026-12-02 (eighth
+// session, the AVX-512 Xeon, interleaved, T=32 inference, us per step against the rule
+// before: small_nt to 64 rows, ATen's GEMM above, which repacks W_hh every step): 1 thread
+// B=64 H=64 39.1 -> 29.7, H=256 332 -> 287, B=48 H=256 251 -> 216, H=1024 4588 -> 4406,
+// B=128 H=64 64.5 -> 59.5, H=256 617 -> 592, H=1024 9104 -> 8937, B=256 H=256 1330 -> 1320;
+// 2 threads B=64 1.08-1.29x, B=128 H=256 1.10x.  The AVX2 panels keep kAutoPanelRows
+// (above it they were within the noise of ATen's GEMM on the AMD host, 2026-12-02).
+inline PanelRows panel_rows_for(bool backward, int64_t T, int64_t H, int64_t small_b,
+                                bool wide) {
   const int64_t set = g_panel_rows.load(std::memory_order_relaxed);
   if (set >= 0) return {0, set};
   if (backward || T < kAutoPanelSteps) return {};
   // From 2 tiles (8 rows) up where W_hh is small enough to stay in cache between steps; at
   // larger H the inline products' single pass over W per step wins up to small_b rows.
   return {H <= kAutoPanelSmallH ? std::min<int64_t>(2 * kMR - 1, small_b) : small_b,
-          kAutoPanelRows};
+          wide ? std::numeric_limits<int64_t>::max() : kAutoPanelRows};
 }
 
 template <typename scalar_t>
@@ -1380,13 +1389,14 @@ void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T +
   auto ws_first = [&](int64_t t) { return save_ws ? lay.first(t) : 0; };
 
   const int64_t small_b = fwd_small_rows<scalar_t>();
+  const bool wide_ok = use_wide_panels<scalar_t>();  // read once: rule, packing and use agree
   const PanelRows prows =
-      panel_rows_for(false, T, H, g_small_b.load(std::memory_order_relaxed));
+      panel_rows_for(false, T, H, g_small_b.load(std::memory_order_relaxed), wide_ok);
   const Act<scalar_t> act{g_fast_act.load(std::memory_order_relaxed)};
   // Panels of W_hh when some step takes them (rows never grow with t: the first step has
   // the most, the last the fewest).
   const bool panels = lay.rows(T - 1) <= prows.hi && lay.rows(0) > prows.lo;
-  const bool wide = panels && use_wide_panels<scalar_t>();  // read once: packing and use agree
+  const bool wide = panels && wide_ok;
   const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
   if (reset_after) {
     const Tensor w_t = w_hh.t();                 // (H, 3H) view, no copy
@@ -1587,7 +1597,7 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
       if (resets[t * B + b]) std::fill_n(dh_p + b * H, H, scalar_t(0));
   };
   const int64_t small_b = small_rows(g_small_bwd_step);
-  const PanelRows prows = panel_rows_for(true, T, H, small_b);
+  const PanelRows prows = panel_rows_for(true, T, H, small_b, false);
   const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
   const Vec one(1);
 

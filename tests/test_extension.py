@@ -544,10 +544,11 @@ def test_pointwise_loops_split_over_threads_match_reference(gen, poisoned):
 @pytest.mark.parametrize("reset_after", [True, False], ids=["after", "before"])
 def test_cpu_automatic_panel_rule(reset_after, gen, poisoned):
     """The default panel rule (fusedgru::_set_cpu_panel_rows(-1)): the forward's per-step
-    products of 8..32 rows (9..32 when H > 512) in a call of at least 8 steps take the panels (their rounding
-    differs from ATen's GEMM: the outputs are not bitwise equal to the panels switched
-    off), other calls do not (bitwise equal); every case within SPEC's budget, dense,
-    packed (rows per step vary across the rule's bounds) and with resets."""
+    products of 8..32 rows (9..32 when H > 512; no upper bound where the panels are the
+    AVX-512 ones) in a call of at least 8 steps take the panels (their rounding differs
+    from ATen's GEMM and the inline products: the outputs are not bitwise equal to the
+    panels switched off), other calls do not (bitwise equal); every case within SPEC's
+    budget, dense, packed (rows per step vary across the rule's bounds) and with resets."""
     def y_of(case, rows):
         prev = torch.ops.fusedgru._set_cpu_panel_rows(rows)
         try:
@@ -559,10 +560,13 @@ def test_cpu_automatic_panel_rule(reset_after, gen, poisoned):
     assert torch.ops.fusedgru._set_cpu_panel_rows(-1) == -1  # the default
     small_b = torch.ops.fusedgru._set_cpu_small_batch(8)
     torch.ops.fusedgru._set_cpu_small_batch(small_b)
+    wide = torch.ops.fusedgru._set_cpu_small_avx512(False)  # the AVX-512 panels: no bound
+    torch.ops.fusedgru._set_cpu_small_avx512(wide)
+    hi = float("inf") if wide else 32
     # H > 128: the panels sum in blocks of 128 terms, an order ATen's GEMM does not use;
     # H > 512: from small_b + 1 rows (9), else from 8
     for T, B, H in [(9, 20, 130), (8, 32, 150), (7, 20, 130), (9, 33, 130), (9, 8, 130),
-                    (9, 7, 130), (8, 9, 520), (8, 8, 520)]:
+                    (9, 7, 130), (8, 9, 520), (8, 8, 520), (8, 70, 130), (7, 70, 130)]:
         for kw in ({}, {"lengths": sorted([T] + [1 + k % T for k in range(B - 1)],
                                           reverse=True)},
                    {"resets": torch.rand(T, B, generator=gen) < 0.3}):
@@ -571,7 +575,7 @@ def test_cpu_automatic_panel_rule(reset_after, gen, poisoned):
             assert report.ok, (T, B, H, kw, report.failures)
             rows = case.batch_sizes.tolist() if case.batch_sizes is not None else [B] * T
             lo = small_b if H > 512 else min(7, small_b)
-            panels = T >= 8 and any(lo < r <= 32 for r in rows)
+            panels = T >= 8 and any(lo < r <= hi for r in rows)
             assert torch.equal(y_of(case, -1), y_of(case, 0)) != panels, (T, B, H, kw)
 
 
