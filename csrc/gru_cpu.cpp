@@ -334,14 +334,52 @@ int64_t set_small_wide(int64_t rows) {
   return exchange_at_least(g_small_wide, rows, 0, "_set_cpu_small_wide: rows");
 }
 
-// The forward's inline-product threshold for scalar_t: small_b, raised to the wide one for
-// float32 in AVX-512.  small_b = 0 (every product on ATen's GEMM) stays 0.
+// Where ATen's GEMM runs AVX-512 too (MKL does on Intel CPUs, not on AMD ones), small_nt's
+// edge at many rows holds only for long dot products: each output of its tile ends in a
+// horizontal sum of 16 lanes (~20 shuffle and add instructions per 4 outputs, sharing the
+// FMA port), against K/16 FMAs of work.  There, products with K < kWideMinKMkl512 take the
+// wide rows up to kWideRowsShortK only.  Interleaved A/B on the AVX-512 Xeon (2026-12-02,
+// eighth session, 1 thread, against nn.GRUCell / nn.GRU, small_nt / MKL above small_b):
+// GRUCell calls B=64 H=64 0.78x / 0.92x, H=128 0.77x / 0.92x, H=256 0.86x / 0.92x, B=40
+// H=128 0.83x / 0.91x, B=48 H=256 0.90x / 0.91x, H=512 0.98x / 0.94x, H=768 1.00x /
+// 0.98x, H=1024 1.07x / 1.06x; T=1 call B=64 H=256 0.96x / 1.03x; but B=1 H=256 T=35
+// (x W_ih^T of 35 rows) 2.65x / 2.49x and B=16 H=256 T=4 (16-row steps, MKL repacking W_hh
+// at each) 1.25x / 1.10x: hence the cap at 48 rows, not small_b.
+// Switch: fusedgru::_set_cpu_small_wide_min_k (-1: this rule; 0: the wide rows at every
+// K, the rule before; else the K below which the cap applies).
+constexpr int64_t kWideMinKMkl512 = 512;
+constexpr int64_t kWideRowsShortK = 48;
+std::atomic<int64_t> g_small_wide_min_k{-1};
+
+int64_t set_small_wide_min_k(int64_t k) {
+  return exchange_at_least(g_small_wide_min_k, k, -1, "_set_cpu_small_wide_min_k: k");
+}
+
+bool blas_runs_avx512() {
+#ifdef FUSEDGRU_AVX512_TARGET
+  static const bool intel = __builtin_cpu_is("intel");
+  return intel && avx512_supported();
+#else
+  return false;
+#endif
+}
+
+int64_t small_wide_min_k() {
+  const int64_t set = g_small_wide_min_k.load(std::memory_order_relaxed);
+  return set >= 0 ? set : (blas_runs_avx512() ? kWideMinKMkl512 : 0);
+}
+
+// The forward's inline-product threshold for scalar_t and a product of inner size K:
+// small_b, raised to the wide rows for float32 in AVX-512 (capped for short K, above).
+// small_b = 0 (every product on ATen's GEMM) stays 0.
 template <typename scalar_t>
-int64_t fwd_small_rows() {
+int64_t fwd_small_rows(int64_t K) {
   const int64_t b = g_small_b.load(std::memory_order_relaxed);
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (b > 0 && g_small_avx512.load(std::memory_order_relaxed))
-      return std::max(b, g_small_wide.load(std::memory_order_relaxed));
+    if (b > 0 && g_small_avx512.load(std::memory_order_relaxed)) {
+      const int64_t wide = g_small_wide.load(std::memory_order_relaxed);
+      return std::max(b, K < small_wide_min_k() ? std::min(wide, kWideRowsShortK) : wide);
+    }
   }
   return b;
 }
@@ -1388,7 +1426,7 @@ void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T +
   // 0 when it is one step's scratch (inference: r, z, n, hn stay in cache).
   auto ws_first = [&](int64_t t) { return save_ws ? lay.first(t) : 0; };
 
-  const int64_t small_b = fwd_small_rows<scalar_t>();
+  const int64_t small_b = fwd_small_rows<scalar_t>(H);
   const bool wide_ok = use_wide_panels<scalar_t>();  // read once: rule, packing and use agree
   const PanelRows prows =
       panel_rows_for(false, T, H, g_small_b.load(std::memory_order_relaxed), wide_ok);
@@ -1513,8 +1551,8 @@ std::tuple<Tensor, Tensor> forward_cpu(const char* op, bool save_ws, const Tenso
   // gi = x W_ih^T + b_ih: one GEMM over all rows (T*B, or N packed: no padding); inline for
   // a few rows (T=1 calls).
   const bool is_f32 = x.scalar_type() == at::kFloat;
-  const bool small_gi = is_f32 ? lay.N <= fwd_small_rows<float>()
-                               : lay.N <= fwd_small_rows<double>();
+  const bool small_gi = is_f32 ? lay.N <= fwd_small_rows<float>(d.I)
+                               : lay.N <= fwd_small_rows<double>(d.I);
   const bool panel_gi = !small_gi && is_f32 && use_wide_panels<float>() &&
                         g_wide_gi.load(std::memory_order_relaxed);
   Tensor gi = small_gi || panel_gi
@@ -1748,6 +1786,7 @@ TORCH_LIBRARY_FRAGMENT(fusedgru, m) {
   m.def("_set_cpu_small_avx512(bool on) -> bool", &fusedgru::set_small_avx512);
   m.def("_cpu_has_avx512() -> bool", &fusedgru::cpu_has_avx512);
   m.def("_set_cpu_small_wide(int rows) -> int", &fusedgru::set_small_wide);
+  m.def("_set_cpu_small_wide_min_k(int k) -> int", &fusedgru::set_small_wide_min_k);
   m.def("_set_cpu_wide_gi(bool on) -> bool", &fusedgru::set_wide_gi);
   m.def("_set_cpu_outer_nt(bool on) -> bool", &fusedgru::set_outer_nt);
   m.def("_set_cpu_outer_avx512(bool on) -> bool", &fusedgru::set_outer_avx512);

@@ -766,33 +766,47 @@ def test_small_wide_rows_take_the_avx512_products(gen, poisoned):
     _set_cpu_small_wide rows (64 by default) take it instead of ATen's GEMM: within SPEC's
     budget at 9..64 rows (dense, packed, resets, both formulations, training included), and
     the switch changes exactly what it says: float32 calls of <= 64 rows, not 65 rows, not
-    float64, not when _set_cpu_small_batch(0) puts every product on ATen's GEMM."""
+    float64, not when _set_cpu_small_batch(0) puts every product on ATen's GEMM.  Products
+    whose K is below _set_cpu_small_wide_min_k (512 where MKL runs AVX-512 too, else 0)
+    take the wide rows up to 48 only."""
     ops = torch.ops.fusedgru
     assert ops._set_cpu_small_wide(64) == 64  # the default
+    assert ops._set_cpu_small_wide_min_k(-1) == -1  # the default
     try:
         _within_budget_in_every_structure(
             [(1, 9, 20, 33), (1, 64, 7, 130), (2, 30, 9, 17), (3, 21, 5, 40)], gen, 0.3)
 
-        def y_of(case, dtype, wide, small_b=8):
-            prev = (ops._set_cpu_small_wide(wide), ops._set_cpu_small_batch(small_b))
+        def y_of(case, dtype, wide, small_b=8, min_k=0):
+            prev = (ops._set_cpu_small_wide(wide), ops._set_cpu_small_batch(small_b),
+                    ops._set_cpu_small_wide_min_k(min_k))
             try:
                 return ops.gru_infer(*case.args(dtype=dtype), True)
             finally:
                 ops._set_cpu_small_wide(prev[0])
                 ops._set_cpu_small_batch(prev[1])
+                ops._set_cpu_small_wide_min_k(prev[2])
 
-        for B, dtype, small_b, moves in [(40, torch.float32, 8, True),
-                                         (64, torch.float32, 8, True),
-                                         (65, torch.float32, 8, False),
-                                         (40, torch.float64, 8, False),
-                                         (40, torch.float32, 0, False)]:
+        # I = 50, H = 70: both products' K; min_k 512 caps them at 48 rows, 32 does not
+        for B, dtype, small_b, min_k, moves in [(40, torch.float32, 8, 0, True),
+                                                (64, torch.float32, 8, 0, True),
+                                                (65, torch.float32, 8, 0, False),
+                                                (40, torch.float64, 8, 0, False),
+                                                (40, torch.float32, 0, 0, False),
+                                                (48, torch.float32, 8, 512, True),
+                                                (49, torch.float32, 8, 512, False),
+                                                (64, torch.float32, 8, 512, False),
+                                                (64, torch.float32, 8, 32, True)]:
             case = make_layer_case(1, B, 50, 70, generator=gen)
-            same = torch.equal(y_of(case, dtype, 64, small_b), y_of(case, dtype, 0, small_b))
-            assert same != moves, (B, dtype, small_b)
+            same = torch.equal(y_of(case, dtype, 64, small_b, min_k),
+                               y_of(case, dtype, 0, small_b, min_k))
+            assert same != moves, (B, dtype, small_b, min_k)
         with pytest.raises(RuntimeError, match="rows must be >= 0"):
             ops._set_cpu_small_wide(-1)
+        with pytest.raises(RuntimeError, match="k must be >= -1"):
+            ops._set_cpu_small_wide_min_k(-2)
     finally:
         ops._set_cpu_small_wide(64)
+        ops._set_cpu_small_wide_min_k(-1)
 
 
 @pytest.mark.skipif(not AVX512, reason=NO_AVX512)
