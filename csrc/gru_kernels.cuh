@@ -913,6 +913,63 @@ struct BwdArgs {
   bool reset_after;
 };
 
+// The backward's element math, shared by bwd_phase and bwd_split_loop (the same expressions
+// in the same order: the two steps' outputs are bitwise equal).
+//
+// h_{t-1} of row b, unit j: zero where step t restarts the row (fresh: resets of step t),
+// else y of step t-1 (its rows start at prev_first), or h0 (zeros when absent) at t = 0.
+template <typename scalar_t, typename op_t, typename acc_t>
+__device__ __forceinline__ acc_t bwd_h_prev(const BwdArgs<scalar_t, op_t, acc_t>& p,
+                                            const bool* fresh, int64_t t, int64_t prev_first,
+                                            int64_t b, int64_t j) {
+  const int64_t H = p.g.H;
+  return fresh && fresh[b] ? acc_t(0)
+         : t > 0           ? acc_t(ldf(p.y + (prev_first + b) * H + j))
+                           : (p.h0 ? acc_t(ldf(p.h0 + b * H + j)) : acc_t(0));
+}
+
+// Step t's element (row `row` of the layout, batch row b, unit j) from gg = dL/dh_t and the
+// saved r, z, n, hn (reset_after) and h_{t-1}: writes dgh (and dgi when reset_after) and the
+// step's MMA operand row go; returns the dh it carries to h_{t-1} directly (gg z).
+template <typename scalar_t, typename op_t, typename acc_t>
+__device__ __forceinline__ acc_t bwd_element(const BwdArgs<scalar_t, op_t, acc_t>& p,
+                                             int64_t row, int64_t j, op_t* go, acc_t gg,
+                                             acc_t r, acc_t z, acc_t n, acc_t hn, acc_t h) {
+  const int64_t H = p.g.H, Hp = p.g.Hp;
+  scalar_t* dghr = p.dgh + row * 3 * H;
+  const acc_t da_n = gg * (acc_t(1) - z) * (acc_t(1) - n * n);
+  const acc_t da_z = gg * (h - n) * z * (acc_t(1) - z);
+  stf(dghr + H + j, da_z);
+  stf(go + Hp + j, da_z);
+  stf(go + 2 * Hp + j, da_n);  // reset_after=False: operand of phase 1
+  if (p.reset_after) {
+    const acc_t da_r = da_n * hn * r * (acc_t(1) - r);
+    scalar_t* dgir = p.dgi + row * 3 * H;
+    stf(dgir + j, da_r);
+    stf(dgir + H + j, da_z);
+    stf(dgir + 2 * H + j, da_n);
+    stf(dghr + j, da_r);
+    stf(dghr + 2 * H + j, da_n * r);
+    stf(go + j, da_r);
+    stf(go + 2 * Hp + j, da_n * r);
+  } else {
+    stf(dghr + 2 * H + j, da_n);
+  }
+  return gg * z;
+}
+
+// reset_after=False, the second half of step t's element: mm = d(r h) from da_n W_hn;
+// writes da_r (dgh and the operand row go) and returns the dh it adds for h_{t-1} (mm r).
+template <typename scalar_t, typename op_t, typename acc_t>
+__device__ __forceinline__ acc_t bwd_element_rh(const BwdArgs<scalar_t, op_t, acc_t>& p,
+                                                int64_t row, int64_t j, op_t* go, acc_t mm,
+                                                acc_t r, acc_t h) {
+  const acc_t da_r = mm * h * r * (acc_t(1) - r);
+  stf(p.dgh + row * 3 * p.g.H + j, da_r);
+  stf(go + j, da_r);
+  return mm * r;
+}
+
 // phase 0 / 1: step t (phase 1 only for reset_after=False); phase 2: dh0 after the loop.
 // The dh that step tn carries back (dhs + dgh_tn W_hh, summed where it is consumed: at
 // step tn - 1, or in phase 2 for tn = 0) reaches row b only if b was active at step tn and
@@ -966,42 +1023,19 @@ __device__ void bwd_phase(const BwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W
       }
       const int64_t row = span.first + b;
       const scalar_t* wsr = p.ws + row * 4 * H;
-      const acc_t r = ldf(wsr + j), z = ldf(wsr + H + j);
-      const acc_t h = fresh && fresh[b] ? acc_t(0)
-                      : t > 0           ? acc_t(ldf(p.y + (prev_first + b) * H + j))
-                                        : (p.h0 ? acc_t(ldf(p.h0 + b * H + j)) : acc_t(0));
-      scalar_t* dghr = p.dgh + row * 3 * H;
+      const acc_t r = ldf(wsr + j);
+      const acc_t h = bwd_h_prev(p, fresh, t, prev_first, b, j);
       op_t* go = gout + b * 3 * Hp;
       if (phase == 1) {
-        const acc_t da_r = mm * h * r * (acc_t(1) - r);
-        stf(dghr + j, da_r);
-        stf(go + j, da_r);
-        *dhs += mm * r;
+        *dhs += bwd_element_rh(p, row, j, go, mm, r, h);
         continue;
       }
+      const acc_t z = ldf(wsr + H + j);
       const acc_t gy = ldf(p.gy + row * H + j);
       const acc_t gg = carried ? gy + *dhs + mm : gy;
       const acc_t n = ldf(wsr + 2 * H + j);
-      const acc_t da_n = gg * (acc_t(1) - z) * (acc_t(1) - n * n);
-      const acc_t da_z = gg * (h - n) * z * (acc_t(1) - z);
-      *dhs = gg * z;
-      stf(dghr + H + j, da_z);
-      stf(go + Hp + j, da_z);
-      stf(go + 2 * Hp + j, da_n);  // reset_after=False: operand of phase 1
-      if (p.reset_after) {
-        const acc_t hn = ldf(wsr + 3 * H + j);
-        const acc_t da_r = da_n * hn * r * (acc_t(1) - r);
-        scalar_t* dgir = p.dgi + row * 3 * H;
-        stf(dgir + j, da_r);
-        stf(dgir + H + j, da_z);
-        stf(dgir + 2 * H + j, da_n);
-        stf(dghr + j, da_r);
-        stf(dghr + 2 * H + j, da_n * r);
-        stf(go + j, da_r);
-        stf(go + 2 * Hp + j, da_n * r);
-      } else {
-        stf(dghr + 2 * H + j, da_n);
-      }
+      const acc_t hn = p.reset_after ? acc_t(ldf(wsr + 3 * H + j)) : acc_t(0);
+      *dhs = bwd_element(p, row, j, go, gg, r, z, n, hn, h);
     }
     __syncthreads();
   }
@@ -1057,9 +1091,7 @@ __device__ void bwd_split_loop(const BwdArgs<scalar_t, op_t, acc_t>& p, const op
       vz[i] = ldf(wsr + H + j);
       vn[i] = ldf(wsr + 2 * H + j);
       vhn[i] = p.reset_after ? acc_t(ldf(wsr + 3 * H + j)) : acc_t(0);
-      vh[i] = fresh && fresh[b] ? acc_t(0)
-              : t > 0           ? acc_t(ldf(p.y + (prev_first + b) * H + j))
-                                : (p.h0 ? acc_t(ldf(p.h0 + b * H + j)) : acc_t(0));
+      vh[i] = bwd_h_prev(p, fresh, t, prev_first, b, j);
       vgy[i] = ldf(p.gy + row * H + j);
       vc[i] = b < carry_rows && !(carry_reset && carry_reset[b]);
     }
@@ -1079,32 +1111,8 @@ __device__ void bwd_split_loop(const BwdArgs<scalar_t, op_t, acc_t>& p, const op
       if (!own || b >= row_end) continue;
       const int64_t row = span.first + b;
       const acc_t mm = has_next ? tile_sum(g, acc, gt0, mtp, 1, b, 0, jj) : acc_t(0);
-      const acc_t r = vr[i], z = vz[i], h = vh[i];
-      scalar_t* dghr = p.dgh + row * 3 * H;
-      op_t* go = gout + b * 3 * Hp;
-      const acc_t gy = vgy[i];
-      const acc_t gg = vc[i] ? gy + ds[i] + mm : gy;
-      const acc_t n = vn[i];
-      const acc_t da_n = gg * (acc_t(1) - z) * (acc_t(1) - n * n);
-      const acc_t da_z = gg * (h - n) * z * (acc_t(1) - z);
-      ds[i] = gg * z;
-      stf(dghr + H + j, da_z);
-      stf(go + Hp + j, da_z);
-      stf(go + 2 * Hp + j, da_n);  // reset_after=False: operand of phase 1
-      if (p.reset_after) {
-        const acc_t hn = vhn[i];
-        const acc_t da_r = da_n * hn * r * (acc_t(1) - r);
-        scalar_t* dgir = p.dgi + row * 3 * H;
-        stf(dgir + j, da_r);
-        stf(dgir + H + j, da_z);
-        stf(dgir + 2 * H + j, da_n);
-        stf(dghr + j, da_r);
-        stf(dghr + 2 * H + j, da_n * r);
-        stf(go + j, da_r);
-        stf(go + 2 * Hp + j, da_n * r);
-      } else {
-        stf(dghr + 2 * H + j, da_n);
-      }
+      const acc_t gg = vc[i] ? vgy[i] + ds[i] + mm : vgy[i];
+      ds[i] = bwd_element(p, row, j, gout + b * 3 * Hp, gg, vr[i], vz[i], vn[i], vhn[i], vh[i]);
     }
     if (!p.reset_after) {
       grid.sync();  // da_n of every block in gout; acc free again
@@ -1115,11 +1123,7 @@ __device__ void bwd_split_loop(const BwdArgs<scalar_t, op_t, acc_t>& p, const op
         if (!own || b >= row_end) continue;
         const int64_t row = span.first + b;
         const acc_t mm = tile_sum(g, acc, gt0, mtp, 1, b, 0, jj);
-        const acc_t r = vr[i], h = vh[i];
-        const acc_t da_r = mm * h * r * (acc_t(1) - r);
-        stf(p.dgh + row * 3 * H + j, da_r);
-        stf(gout + b * 3 * Hp + j, da_r);
-        ds[i] += mm * r;
+        ds[i] += bwd_element_rh(p, row, j, gout + b * 3 * Hp, mm, vr[i], vh[i]);
       }
     }
     if (t > 0) {
