@@ -168,18 +168,20 @@ without_weight_grads(const at::Tensor& dx) {
 // After the reverse-time loop (SPEC section 4): every remaining gradient is ONE GEMM or sum
 // over all rows (T*B dense, N packed: no padded rows).  dgi, dgh: laid out like y with 3H
 // features (the same tensor when reset_after=False); hprev: the state entering each row's
-// step, laid out like y (states_before).  Returns (dx laid out like x, dw_ih, dw_hh, db_ih,
-// db_hh); need_dx / need_dw false: dx / the other four are empty (0,) tensors, not computed.
+// step, laid out like y (states_before; only read when need_dw, so a caller that has no
+// other use for it may pass an undefined tensor then).  Returns (dx laid out like x, dw_ih,
+// dw_hh, db_ih, db_hh); need_dx / need_dw false: dx / the other four are empty (0,)
+// tensors, not computed.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> weight_grads(
     const at::Tensor& dgi, const at::Tensor& dgh, const at::Tensor& x, const at::Tensor& w_ih,
     const at::Tensor& hprev, const at::Tensor& ws, bool reset_after, bool need_dx,
     bool need_dw) {
-  const int64_t I = x.size(-1), H = hprev.size(-1);
+  const int64_t I = x.size(-1), H = dgi.size(-1) / 3;
   const at::Tensor dgi2 = dgi.reshape({-1, 3 * H}), dgh2 = dgh.reshape({-1, 3 * H});
   const int64_t N = dgi2.size(0);
-  const at::Tensor x2 = x.reshape({N, I}), hp2 = hprev.reshape({N, H});
   at::Tensor dx = need_dx ? at::mm(dgi2, w_ih).view(x.sizes()) : at::empty({0}, x.options());
   if (!need_dw) return without_weight_grads(dx);
+  const at::Tensor x2 = x.reshape({N, I}), hp2 = hprev.reshape({N, H});
   at::Tensor dw_ih = at::mm(dgi2.t(), x2);
   at::Tensor dw_hh;
   if (reset_after) {

@@ -644,7 +644,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cuda(
     FUSEDGRU_DISPATCH(x.scalar_type(), launch_backward, d, grad_y, x, h0, w_hh, y, ws,
                       reset_after, lay, dgi, dgh, dh0);
   }
-  const Tensor hprev = states_before(h0, y, lay);
+  // The states entering each step feed only the weight gradients here.
+  const Tensor hprev = need_dw ? states_before(h0, y, lay) : Tensor();
   auto [dx, dw_ih, dw_hh, db_ih, db_hh] =
       weight_grads(dgi, dgh, x, w_ih, hprev, ws, reset_after, need_dx, need_dw);
   return {dx, dh0, dw_ih, dw_hh, db_ih, db_hh};
