@@ -810,6 +810,45 @@ def test_small_wide_rows_take_the_avx512_products(gen, poisoned):
 
 
 @pytest.mark.skipif(not AVX512, reason=NO_AVX512)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_avx512_element_phase_is_bitwise_the_avx2_loop(gen, poisoned, threads):
+    """The forward's float32 element phase in AVX-512 (_set_cpu_pointwise_avx512: 16 units
+    per instruction, the gate activations' operations in ATen's AVX2 order) gives the AVX2
+    loop's bits: y, ws and gru_infer's y, both formulations, H below, at and across 16
+    (the AVX2 loop takes the units past the last whole 16), saturating gates (inputs x 8),
+    a NaN input (propagated the same way), 1 and 2 threads (the element phase split into
+    chunks of units)."""
+    ops = torch.ops.fusedgru
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for T, B, I, H in [(3, 5, 7, 37), (2, 1, 3, 1), (4, 9, 5, 16), (9, 3, 5, 17),
+                           (3, 33, 20, 130), (2, 4, 6, 600)]:
+            for reset_after in (True, False):
+                case = make_layer_case(T, B, I, H, reset_after=reset_after, generator=gen)
+                x, h0, w_ih, w_hh, b_ih, b_hh = case.args(dtype=torch.float32)
+                x = x * 8
+                x[0, 0, 0] = float("nan")
+                outs = []
+                for on in (True, False):
+                    prev = ops._set_cpu_pointwise_avx512(on)
+                    try:
+                        outs.append(ops.gru_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after) +
+                                    (ops.gru_infer(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after),))
+                    finally:
+                        ops._set_cpu_pointwise_avx512(prev)
+                for a, b in zip(*outs):
+                    assert torch.equal(a.isnan(), b.isnan()), (T, B, I, H, reset_after)
+                    assert torch.equal(a.nan_to_num(0.5), b.nan_to_num(0.5)), \
+                        (T, B, I, H, reset_after)
+                y = outs[0][0]  # the NaN reaches row 0 only: rows are independent
+                assert y[:, 0].isnan().any() and not y[:, 1:].isnan().any()
+        assert ops._set_cpu_pointwise_avx512(True) is True  # the default
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+@pytest.mark.skipif(not AVX512, reason=NO_AVX512)
 def test_avx512_panels_are_bitwise_the_avx2_panels(gen, poisoned):
     """The forward's per-step panel products in AVX-512 (8 rows x 32 columns) sum every
     output in the AVX2 micro-kernel's order (blocks of 128 terms, each from zero, added into
