@@ -1388,10 +1388,11 @@ FUSEDGRU_AVX512_INLINE __m512 tanh_gate16(__m512 x) {
 }
 
 // The functions below take the whole vectors of 16 units from j0 and return where they
-// stopped; the AVX2 loop does the rest (fewer than 16 units), so every unit is computed by
-// the same code as without them: GCC contracts a multiply and an add into an FMA in the
-// AVX2 loop's whole-vector version and not in its partial-vector one (a unit in a partial
-// vector came out 1 ulp apart when these functions masked it).
+// stopped; the AVX2 loop does the rest (fewer than 16 units), so that every unit gets the
+// bits it got without them.  When these functions took the last units too (masked), a
+// unit that the AVX2 loop computes in a partial vector came out 1 ulp apart: its
+// partial-vector version rounds differently from its whole-vector one (most likely GCC
+// contracting a multiply and an add into an FMA in one of them only; not confirmed).
 FUSEDGRU_AVX512_INLINE __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
 
 // reset_after=True, one row from unit j0: forward_loop's element expressions.
