@@ -209,6 +209,43 @@ def test_lean_cell_call_under_autocast_and_func(cpu_cell, gen, monkeypatch):
     assert len(calls) >= 3
 
 
+def test_lean_call_reads_a_setting_a_subclass_computes(gen):
+    """The lean plan reads the module's settings from its instance dict, and through
+    getattr where a subclass computes one (a property): a FusedGRU subclass whose
+    batch_first is a property gets nn.GRU's batch-first results from the lean call, and
+    after the property changes, nn.GRU's time-first ones."""
+    from fusedgru import backends
+
+    if "cpu" not in backends.available_backends():
+        pytest.skip("the lean call serves the cpu backend, not built here")
+
+    class Computed(FusedGRU):
+        @property
+        def batch_first(self):
+            return self.__dict__["_layout"] == "BTC"
+
+        @batch_first.setter
+        def batch_first(self, value):
+            self.__dict__["_layout"] = "BTC" if value else "TBC"
+
+    torch.manual_seed(0)
+    t = nn.GRU(5, 7, batch_first=True)
+    f = Computed(5, 7, batch_first=True, backend="cpu")
+    f.load_state_dict(t.state_dict())
+    assert "batch_first" not in f.__dict__
+    x = torch.randn(3, 4, 5, generator=gen)
+    with torch.no_grad():
+        for batch_first in (True, False):
+            f.batch_first = t.batch_first = batch_first
+            f(x)
+            lean = f.__dict__["_lean"]
+            assert lean[2] is not None and lean[1][2] is batch_first  # planned, and served
+            got, names = _ops_of(lambda: f(x))
+            assert [n for n in names if "fusedgru" in n] == ["fusedgru.gru_infer.default"]
+            for a, b in zip(got, t(x)):
+                torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 def test_lean_gru_call_is_one_op_and_equal(batch_first, bias, gen):
