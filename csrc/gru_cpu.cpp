@@ -355,10 +355,22 @@ int64_t set_small_wide_min_k(int64_t k) {
   return exchange_at_least(g_small_wide_min_k, k, -1, "_set_cpu_small_wide_min_k: k");
 }
 
+// Whether torch's BLAS (MKL in the x86 wheels) runs AVX-512 code: an Intel CPU with
+// AVX-512, unless MKL_ENABLE_INSTRUCTIONS or MKL_CBWR (other than AUTO) names a lower
+// level.  A heuristic: it does not ask MKL itself.
 bool blas_runs_avx512() {
 #ifdef FUSEDGRU_AVX512_TARGET
-  static const bool intel = __builtin_cpu_is("intel");
-  return intel && avx512_supported();
+  static const bool ok = [] {
+    if (!__builtin_cpu_is("intel") || !avx512_supported()) return false;
+    for (const char* name : {"MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR"}) {
+      const char* v = std::getenv(name);
+      if (v == nullptr || *v == '\0') continue;
+      const std::string s(v);
+      if (s.rfind("AVX512", 0) != 0 && s.rfind("AUTO", 0) != 0) return false;
+    }
+    return true;
+  }();
+  return ok;
 #else
   return false;
 #endif

@@ -810,6 +810,34 @@ def test_small_wide_rows_take_the_avx512_products(gen, poisoned):
 
 
 @pytest.mark.skipif(not AVX512, reason=NO_AVX512)
+def test_mkl_capped_below_avx512_keeps_the_wide_rows_at_short_k():
+    """With MKL_ENABLE_INSTRUCTIONS naming a level below AVX-512, ATen's GEMM is not the
+    AVX-512 one, so the cap for short K (_set_cpu_small_wide_min_k) does not apply by
+    default: 64 rows with K = 50 and 70 take small_nt (outputs differ from the wide rows
+    off), as the explicit min_k 0 says; MKL_CBWR=AUTO leaves the rule to the CPU."""
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import sys, torch, fusedgru.extension as e; e._load()\n"
+        "from fusedgru.testing import make_layer_case\n"
+        "ops = torch.ops.fusedgru\n"
+        "args = make_layer_case(1, 64, 50, 70, generator=torch.Generator().manual_seed(3))"
+        ".args(dtype=torch.float32)\n"
+        "def y(wide, min_k):\n"
+        "    prev = (ops._set_cpu_small_wide(wide), ops._set_cpu_small_wide_min_k(min_k))\n"
+        "    out = ops.gru_infer(*args, True)\n"
+        "    ops._set_cpu_small_wide(prev[0]); ops._set_cpu_small_wide_min_k(prev[1])\n"
+        "    return out\n"
+        "assert torch.equal(y(64, -1), y(64, 0)), 'the cap applied'\n"
+        "assert not torch.equal(y(64, -1), y(0, -1)), 'the wide rows did not apply'\n")
+    env = dict(os.environ, MKL_ENABLE_INSTRUCTIONS="AVX2", MKL_CBWR="AUTO")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(not AVX512, reason=NO_AVX512)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_avx512_element_phase_is_bitwise_the_avx2_loop(gen, poisoned, threads):
     """The forward's float32 element phase in AVX-512 (_set_cpu_pointwise_avx512: 16 units
