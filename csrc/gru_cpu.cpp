@@ -1407,20 +1407,27 @@ FUSEDGRU_AVX512_INLINE __m512 tanh_gate16(__m512 x) {
 // contracting a multiply and an add into an FMA in one of them only; not confirmed).
 FUSEDGRU_AVX512_INLINE __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
 
+// sigmoid(gi + gh + b) of the gate whose units start at offset `at` (j: r, H + j: z).
+FUSEDGRU_AVX512_INLINE __m512 gate16(const float* gi, const float* gh, const float* b,
+                                     int64_t at) {
+  return sigmoid_gate16(_mm512_add_ps(_mm512_add_ps(ld16(gi + at), ld16(gh + at)), ld16(b + at)));
+}
+
+// h' = n + z (h - n).
+FUSEDGRU_AVX512_INLINE __m512 next_h16(__m512 nn, __m512 z, __m512 h) {
+  return _mm512_add_ps(nn, _mm512_mul_ps(z, _mm512_sub_ps(h, nn)));
+}
+
 // reset_after=True, one row from unit j0: forward_loop's element expressions.
 FUSEDGRU_AVX512 int64_t fwd_after_elems16(const float* gir, const float* ghr, const float* bp,
                                        const float* hpr, float* yr, float* wsr, int64_t H,
                                        int64_t j0, int64_t j1) {
   int64_t j = j0;
   for (; j + 16 <= j1; j += 16) {
-    const __m512 r = sigmoid_gate16(
-        _mm512_add_ps(_mm512_add_ps(ld16(gir + j), ld16(ghr + j)), ld16(bp + j)));
-    const __m512 z = sigmoid_gate16(_mm512_add_ps(
-        _mm512_add_ps(ld16(gir + H + j), ld16(ghr + H + j)), ld16(bp + H + j)));
+    const __m512 r = gate16(gir, ghr, bp, j), z = gate16(gir, ghr, bp, H + j);
     const __m512 hn = _mm512_add_ps(ld16(ghr + 2 * H + j), ld16(bp + 2 * H + j));
     const __m512 nn = tanh_gate16(_mm512_add_ps(ld16(gir + 2 * H + j), _mm512_mul_ps(r, hn)));
-    const __m512 h = ld16(hpr + j);
-    _mm512_storeu_ps(yr + j, _mm512_add_ps(nn, _mm512_mul_ps(z, _mm512_sub_ps(h, nn))));
+    _mm512_storeu_ps(yr + j, next_h16(nn, z, ld16(hpr + j)));
     _mm512_storeu_ps(wsr + j, r);
     _mm512_storeu_ps(wsr + H + j, z);
     _mm512_storeu_ps(wsr + 2 * H + j, nn);
@@ -1435,10 +1442,7 @@ FUSEDGRU_AVX512 int64_t fwd_before_rz16(const float* gir, const float* gr, const
                                      int64_t j0, int64_t j1) {
   int64_t j = j0;
   for (; j + 16 <= j1; j += 16) {
-    const __m512 r = sigmoid_gate16(
-        _mm512_add_ps(_mm512_add_ps(ld16(gir + j), ld16(gr + j)), ld16(bp + j)));
-    const __m512 z = sigmoid_gate16(_mm512_add_ps(
-        _mm512_add_ps(ld16(gir + H + j), ld16(gr + H + j)), ld16(bp + H + j)));
+    const __m512 r = gate16(gir, gr, bp, j), z = gate16(gir, gr, bp, H + j);
     _mm512_storeu_ps(rhr + j, _mm512_mul_ps(r, ld16(hpr + j)));
     _mm512_storeu_ps(wsr + j, r);
     _mm512_storeu_ps(wsr + H + j, z);
@@ -1454,9 +1458,7 @@ FUSEDGRU_AVX512 int64_t fwd_before_n16(const float* gir, const float* ghn, const
   for (; j + 16 <= j1; j += 16) {
     const __m512 hn = _mm512_add_ps(ld16(ghn + j), ld16(bp + 2 * H + j));
     const __m512 nn = tanh_gate16(_mm512_add_ps(ld16(gir + 2 * H + j), hn));
-    const __m512 z = ld16(wsr + H + j);
-    const __m512 h = ld16(hpr + j);
-    _mm512_storeu_ps(yr + j, _mm512_add_ps(nn, _mm512_mul_ps(z, _mm512_sub_ps(h, nn))));
+    _mm512_storeu_ps(yr + j, next_h16(nn, ld16(wsr + H + j), ld16(hpr + j)));
     _mm512_storeu_ps(wsr + 2 * H + j, nn);
     _mm512_storeu_ps(wsr + 3 * H + j, hn);
   }
