@@ -158,6 +158,13 @@ class FusedGRU(nn.Module):
         # torch.jit.script calls this on every submodule before compiling it.
         _refuse_scripting(self)
 
+    def __getstate__(self):
+        # pickle, torch.save(module), copy.deepcopy: without the lean call's plan (it holds
+        # the extension's op handles, which do not pickle); the next call makes it again.
+        state = self.__dict__.copy()
+        state.pop("_lean", None)
+        return state
+
     def forward(self, input, hx: Optional[Tensor] = None, *, resets: Optional[Tensor] = None):
         """As torch.nn.GRU.forward, plus ``resets``: a bool tensor shaped like the input's
         leading dimensions ((T, B), (B, T) with batch_first, (T,) unbatched); True at
@@ -263,6 +270,7 @@ class FusedGRUCell(nn.Module):
 
     reset_parameters = FusedGRU.reset_parameters
     __prepare_scriptable__ = FusedGRU.__prepare_scriptable__
+    __getstate__ = FusedGRU.__getstate__
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         p = self._parameters  # a dict read; Module.__getattr__ costs more than the kernel
