@@ -1154,7 +1154,7 @@ constexpr int64_t kOuterRows512 = 8;
 template <int R, int NO, bool WHOLE>
 FUSEDGRU_AVX512_INLINE void outer_cols_avx512(const __m512 (&c)[NO][R], const float* x,
                                               int64_t ldx, int64_t k, __mmask16 m, float* out,
-                                              int64_t ldo, int64_t o, bool nt) {
+                                              int64_t ldo, int64_t o, bool nt, bool add) {
   __m512 acc[NO];
   const __m512 x0 = WHOLE ? _mm512_loadu_ps(x + k) : _mm512_maskz_loadu_ps(m, x + k);
 #pragma GCC unroll 2
@@ -1169,6 +1169,7 @@ FUSEDGRU_AVX512_INLINE void outer_cols_avx512(const __m512 (&c)[NO][R], const fl
 #pragma GCC unroll 2
   for (int j = 0; j < NO; ++j) {
     float* p = out + (o + j) * ldo + k;
+    if (add) acc[j] = _mm512_add_ps(WHOLE ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p), acc[j]);
     if (!WHOLE) {
       _mm512_mask_storeu_ps(p, m, acc[j]);
     } else if (nt && reinterpret_cast<uintptr_t>(p) % 64 == 0) {
@@ -1182,7 +1183,7 @@ FUSEDGRU_AVX512_INLINE void outer_cols_avx512(const __m512 (&c)[NO][R], const fl
 template <int R, int NO>
 FUSEDGRU_AVX512_INLINE void outer_rows_avx512(const float* a, int64_t lda, int64_t o,
                                               const float* x, int64_t ldx, int64_t K,
-                                              float* out, int64_t ldo, bool nt) {
+                                              float* out, int64_t ldo, bool nt, bool add) {
   __m512 c[NO][R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -1190,35 +1191,36 @@ FUSEDGRU_AVX512_INLINE void outer_rows_avx512(const float* a, int64_t lda, int64
     for (int j = 0; j < NO; ++j) c[j][r] = _mm512_set1_ps(a[r * lda + o + j]);
   int64_t k = 0;
   for (; k + 16 <= K; k += 16)
-    outer_cols_avx512<R, NO, true>(c, x, ldx, k, static_cast<__mmask16>(0xFFFF), out, ldo, o, nt);
+    outer_cols_avx512<R, NO, true>(c, x, ldx, k, static_cast<__mmask16>(0xFFFF), out, ldo, o, nt,
+                                   add);
   if (k < K)
     outer_cols_avx512<R, NO, false>(c, x, ldx, k, static_cast<__mmask16>((1u << (K - k)) - 1u),
-                                    out, ldo, o, nt);
+                                    out, ldo, o, nt, add);
 }
 
 template <int R>
 FUSEDGRU_AVX512 void outer_block_avx512(const float* a, int64_t lda, int64_t o0, int64_t o1,
                                         const float* x, int64_t ldx, int64_t K, float* out,
-                                        int64_t ldo, bool nt) {
+                                        int64_t ldo, bool nt, bool add) {
   int64_t o = o0;
-  for (; o + 2 <= o1; o += 2) outer_rows_avx512<R, 2>(a, lda, o, x, ldx, K, out, ldo, nt);
-  if (o < o1) outer_rows_avx512<R, 1>(a, lda, o, x, ldx, K, out, ldo, nt);
+  for (; o + 2 <= o1; o += 2) outer_rows_avx512<R, 2>(a, lda, o, x, ldx, K, out, ldo, nt, add);
+  if (o < o1) outer_rows_avx512<R, 1>(a, lda, o, x, ldx, K, out, ldo, nt, add);
   if (nt) _mm_sfence();  // the streamed lines visible before the task ends
 }
 
 // Output rows [o0, o1) of small_outer for R <= kOuterRows512.
 inline void small_outer_avx512(const float* a, int64_t lda, int64_t R, int64_t o0, int64_t o1,
                                const float* x, int64_t ldx, int64_t K, float* out, int64_t ldo,
-                               bool nt) {
+                               bool nt, bool add) {
   switch (R) {
-    case 1: return outer_block_avx512<1>(a, lda, o0, o1, x, ldx, K, out, ldo, nt);
-    case 2: return outer_block_avx512<2>(a, lda, o0, o1, x, ldx, K, out, ldo, nt);
-    case 3: return outer_block_avx512<3>(a, lda, o0, o1, x, ldx, K, out, ldo, nt);
-    case 4: return outer_block_avx512<4>(a, lda, o0, o1, x, ldx, K, out, ldo, nt);
-    case 5: return outer_block_avx512<5>(a, lda, o0, o1, x, ldx, K, out, ldo, nt);
-    case 6: return outer_block_avx512<6>(a, lda, o0, o1, x, ldx, K, out, ldo, nt);
-    case 7: return outer_block_avx512<7>(a, lda, o0, o1, x, ldx, K, out, ldo, nt);
-    default: return outer_block_avx512<8>(a, lda, o0, o1, x, ldx, K, out, ldo, nt);
+    case 1: return outer_block_avx512<1>(a, lda, o0, o1, x, ldx, K, out, ldo, nt, add);
+    case 2: return outer_block_avx512<2>(a, lda, o0, o1, x, ldx, K, out, ldo, nt, add);
+    case 3: return outer_block_avx512<3>(a, lda, o0, o1, x, ldx, K, out, ldo, nt, add);
+    case 4: return outer_block_avx512<4>(a, lda, o0, o1, x, ldx, K, out, ldo, nt, add);
+    case 5: return outer_block_avx512<5>(a, lda, o0, o1, x, ldx, K, out, ldo, nt, add);
+    case 6: return outer_block_avx512<6>(a, lda, o0, o1, x, ldx, K, out, ldo, nt, add);
+    case 7: return outer_block_avx512<7>(a, lda, o0, o1, x, ldx, K, out, ldo, nt, add);
+    default: return outer_block_avx512<8>(a, lda, o0, o1, x, ldx, K, out, ldo, nt, add);
   }
 }
 
@@ -1237,12 +1239,13 @@ bool set_outer_avx512(bool on) { return on && false; }
 // dimension of 1-4 took ~4 ms for 3072 x 1024, twice what writing it costs).  Rows of out
 // two at a time (each loaded x vector feeds 2 FMAs), split over threads by rows when a
 // task gets at least g_small_task_macs multiply-adds; each output's sum runs over r in order
-// whatever the tiling or split.
+// whatever the tiling or split.  add: out[o, k] += that sum instead (out + sum, the bits of
+// adding the written product afterwards, as autograd's add_ does), never streamed.
 template <typename scalar_t>
 void small_outer(const scalar_t* a, int64_t lda, int64_t R, int64_t O, const scalar_t* x,
-                 int64_t ldx, int64_t K, scalar_t* out, int64_t ldo) {
+                 int64_t ldx, int64_t K, scalar_t* out, int64_t ldo, bool add = false) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  const bool nt = outer_streams(O * K * static_cast<int64_t>(sizeof(scalar_t)));
+  const bool nt = !add && outer_streams(O * K * static_cast<int64_t>(sizeof(scalar_t)));
   const int64_t npair = (O + 1) / 2;
   const int64_t grain = small_grain(2 * R * K, npair);
 #ifdef FUSEDGRU_AVX512_TARGET
@@ -1250,7 +1253,7 @@ void small_outer(const scalar_t* a, int64_t lda, int64_t R, int64_t O, const sca
     if (R >= 1 && R <= kOuterRows512 && g_small_avx512.load(std::memory_order_relaxed) &&
         g_outer_avx512.load(std::memory_order_relaxed)) {
       at::parallel_for(0, npair, grain, [&](int64_t p0, int64_t p1) {
-        small_outer_avx512(a, lda, R, 2 * p0, std::min(O, 2 * p1), x, ldx, K, out, ldo, nt);
+        small_outer_avx512(a, lda, R, 2 * p0, std::min(O, 2 * p1), x, ldx, K, out, ldo, nt, add);
       });
       return;
     }
@@ -1269,6 +1272,10 @@ void small_outer(const scalar_t* a, int64_t lda, int64_t R, int64_t O, const sca
             acc0 = at::vec::fmadd(Vec(a[r * lda + o]), xr, acc0);
             acc1 = at::vec::fmadd(Vec(a[r * lda + o + 1]), xr, acc1);
           }
+          if (add) {
+            acc0 = ld<Vec>(o0 + k, n) + acc0;
+            acc1 = ld<Vec>(o1 + k, n) + acc1;
+          }
           st_out(acc0, o0 + k, n, nt);
           st_out(acc1, o1 + k, n, nt);
         });
@@ -1277,6 +1284,7 @@ void small_outer(const scalar_t* a, int64_t lda, int64_t R, int64_t O, const sca
           Vec acc = Vec(a[o]) * ld<Vec>(x + k, n);
           for (int64_t r = 1; r < R; ++r)
             acc = at::vec::fmadd(Vec(a[r * lda + o]), ld<Vec>(x + r * ldx + k, n), acc);
+          if (add) acc = ld<Vec>(o0 + k, n) + acc;
           st_out(acc, o0 + k, n, nt);
         });
       }
@@ -1287,37 +1295,61 @@ void small_outer(const scalar_t* a, int64_t lda, int64_t R, int64_t O, const sca
   });
 }
 
-// weight_grads (gru_common.h) for a call of T*B <= small_b rows: dx, dW_ih, dW_hh and the
-// bias gradients by the inline loops above instead of five ATen GEMMs and sums (need_dx /
-// need_dw false: empty tensors instead, as there).
+// dW_ih = dgi^T x and dW_hh = dgh^T h_prev over all R rows (reset_after=False: rows n of
+// dW_hh multiply r * h_prev), written into dw_ih / dw_hh ((3H, I) / (3H, H), contiguous; an
+// undefined one is skipped), or with add added into them (gru_bwd_acc).  small: small_outer
+// (R <= small rows), else ATen's GEMM (addmm_ where it adds).
 template <typename scalar_t>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> small_weight_grads(
-    const Tensor& dgi, const Tensor& dgh, const Tensor& x, const Tensor& w_ih,
-    const Tensor& hprev, const Tensor& ws, bool reset_after, bool need_dx, bool need_dw) {
-  const int64_t I = x.size(-1), H = hprev.size(-1);
-  const int64_t R = x.numel() / std::max<int64_t>(I, 1), G = 3 * H;
-  const scalar_t* dgi_p = dgi.data_ptr<scalar_t>();
-  const scalar_t* dgh_p = dgh.data_ptr<scalar_t>();
-  const scalar_t* hp_p = hprev.data_ptr<scalar_t>();
-  Tensor dx = at::empty({0}, x.options());
-  if (need_dx) {
-    dx = at::zeros(x.sizes(), x.options());
-    small_nn_add(dgi_p, G, R, G, w_ih.data_ptr<scalar_t>(), I, dx.data_ptr<scalar_t>());
-  }
-  if (!need_dw) return without_weight_grads(dx);
-  Tensor dw_ih = at::empty({G, I}, x.options());
-  small_outer(dgi_p, G, R, G, x.data_ptr<scalar_t>(), I, I, dw_ih.data_ptr<scalar_t>(), I);
-  Tensor dw_hh = at::empty({G, H}, x.options());
-  scalar_t* dwh_p = dw_hh.data_ptr<scalar_t>();
+void weight_products(const Tensor& dgi, const Tensor& dgh, const Tensor& x, const Tensor& hprev,
+                     const Tensor& ws, bool reset_after, bool small, bool add,
+                     const Tensor& dw_ih, const Tensor& dw_hh) {
+  const int64_t I = x.size(-1), H = hprev.size(-1), G = 3 * H;
+  const int64_t R = x.numel() / std::max<int64_t>(I, 1);
+  const Tensor dgi2 = dgi.reshape({R, G}), dgh2 = dgh.reshape({R, G});
+  // out (n, K) (+)= a[:, o0 : o0 + n]^T b, a (R, G), b (R, K) contiguous
+  const auto product = [&](const Tensor& a, int64_t o0, int64_t n, const Tensor& b,
+                           Tensor out) {
+    const int64_t K = b.size(1);
+    if (small) {
+      small_outer(a.data_ptr<scalar_t>() + o0, G, R, n, b.data_ptr<scalar_t>(), K, K,
+                  out.data_ptr<scalar_t>(), K, add);
+    } else if (add) {
+      out.addmm_(a.narrow(1, o0, n).t(), b);
+    } else {
+      at::mm_out(out, a.narrow(1, o0, n).t(), b);
+    }
+  };
+  if (dw_ih.defined()) product(dgi2, 0, G, x.reshape({R, I}), dw_ih);
+  if (!dw_hh.defined()) return;
+  const Tensor hp2 = hprev.reshape({R, H});
   if (reset_after) {
-    small_outer(dgh_p, G, R, G, hp_p, H, H, dwh_p, H);
+    product(dgh2, 0, G, hp2, dw_hh);
   } else {
     // Rows r, z multiply h; rows n multiply r * h (r: ws[..., :H]).
-    small_outer(dgh_p, G, R, 2 * H, hp_p, H, H, dwh_p, H);
-    const Tensor rh = ws.reshape({R, 4 * H}).narrow(1, 0, H) * hprev.reshape({R, H});
-    small_outer(dgh_p + 2 * H, G, R, H, rh.data_ptr<scalar_t>(), H, H, dwh_p + 2 * H * H, H);
+    product(dgh2, 0, 2 * H, hp2, dw_hh.narrow(0, 0, 2 * H));
+    const Tensor rh = ws.reshape({R, 4 * H}).narrow(1, 0, H) * hp2;
+    product(dgh2, 2 * H, H, rh, dw_hh.narrow(0, 2 * H, H));
   }
-  Tensor db_hh = at::empty({G}, x.options()), db_ih = at::empty({G}, x.options());
+}
+
+// dx = dgi W_ih by small_nn_add (R <= small rows).
+template <typename scalar_t>
+Tensor small_dx(const Tensor& dgi, const Tensor& x, const Tensor& w_ih) {
+  const int64_t I = x.size(-1), G = dgi.size(-1);
+  const int64_t R = x.numel() / std::max<int64_t>(I, 1);
+  Tensor dx = at::zeros(x.sizes(), x.options());
+  small_nn_add(dgi.data_ptr<scalar_t>(), G, R, G, w_ih.data_ptr<scalar_t>(), I,
+               dx.data_ptr<scalar_t>());
+  return dx;
+}
+
+// (db_ih, db_hh): the sums of dgi / dgh over their R rows, each output's over r in order.
+template <typename scalar_t>
+std::tuple<Tensor, Tensor> small_bias_grads(const Tensor& dgi, const Tensor& dgh) {
+  const int64_t G = dgh.size(-1), R = dgh.numel() / std::max<int64_t>(G, 1);
+  const scalar_t* dgi_p = dgi.data_ptr<scalar_t>();
+  const scalar_t* dgh_p = dgh.data_ptr<scalar_t>();
+  Tensor db_hh = at::empty({G}, dgh.options()), db_ih = at::empty({G}, dgh.options());
   scalar_t* dbh = db_hh.data_ptr<scalar_t>();
   scalar_t* dbi = db_ih.data_ptr<scalar_t>();
   for (int64_t o = 0; o < G; ++o) {
@@ -1329,6 +1361,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> small_weight_grads(
     dbh[o] = sh;
     dbi[o] = si;
   }
+  return {db_ih, db_hh};
+}
+
+// weight_grads (gru_common.h) for a call of T*B <= small_b rows: dx, dW_ih, dW_hh and the
+// bias gradients by the inline loops above instead of five ATen GEMMs and sums (need_dx /
+// need_dw false: empty tensors instead, as there).
+template <typename scalar_t>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> small_weight_grads(
+    const Tensor& dgi, const Tensor& dgh, const Tensor& x, const Tensor& w_ih,
+    const Tensor& hprev, const Tensor& ws, bool reset_after, bool need_dx, bool need_dw) {
+  const int64_t I = x.size(-1), G = dgh.size(-1);
+  const Tensor dx = need_dx ? small_dx<scalar_t>(dgi, x, w_ih) : at::empty({0}, x.options());
+  if (!need_dw) return without_weight_grads(dx);
+  const Tensor dw_ih = at::empty({G, I}, x.options()), dw_hh = at::empty({G, G / 3}, x.options());
+  weight_products<scalar_t>(dgi, dgh, x, hprev, ws, reset_after, true, false, dw_ih, dw_hh);
+  const auto [db_ih, db_hh] = small_bias_grads<scalar_t>(dgi, dgh);
   return {dx, dw_ih, dw_hh, db_ih, db_hh};
 }
 
@@ -1899,13 +1947,20 @@ Tensor backward_loop(const Tensor& grad_y, const Tensor& hprev, const Tensor& w_
   return dh;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cpu(
-    const Tensor& grad_y_, const Tensor& x_, const std::optional<Tensor>& h0_,
-    const Tensor& w_ih_, const Tensor& w_hh_, const Tensor& y_, const Tensor& ws_,
-    bool reset_after, const std::optional<Tensor>& batch_sizes,
-    const std::optional<Tensor>& resets, bool need_dx, bool need_dw) {
-  constexpr const char* op = "fusedgru::gru_bwd (cpu)";
+// What gru_bwd and gru_bwd_acc share: the checks, the reverse-time loop's gate gradients
+// dgi / dgh (one tensor when reset_after=False), the states entering each step and dh0.
+struct BwdCore {
   Layout lay;
+  Tensor x, w_ih, ws, dgi, dgh, hprev, dh0;
+};
+
+BwdCore backward_core(const char* op, const Tensor& grad_y_, const Tensor& x_,
+                      const std::optional<Tensor>& h0_, const Tensor& w_ih_, const Tensor& w_hh_,
+                      const Tensor& y_, const Tensor& ws_, bool reset_after,
+                      const std::optional<Tensor>& batch_sizes,
+                      const std::optional<Tensor>& resets) {
+  BwdCore c;
+  Layout& lay = c.lay;
   const Dims d = check_inputs(op, x_, h0_, w_ih_, w_hh_, std::nullopt, std::nullopt, batch_sizes,
                               resets, lay);
   check_backward_extra(op, d, lay, x_, grad_y_, y_, ws_);
@@ -1913,32 +1968,89 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cpu(
   TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble, op,
               ": supports float32 and float64, got ", x_.scalar_type());
   const int64_t B = d.B, H = d.H;
-  const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  const Tensor grad_y = grad_y_.contiguous(), y = y_.contiguous(), ws = ws_.contiguous();
-  const Tensor h0 = h0_.has_value() ? h0_->contiguous() : at::zeros({B, H}, x.options());
+  c.x = x_.contiguous();
+  c.w_ih = w_ih_.contiguous();
+  c.ws = ws_.contiguous();
+  const Tensor w_hh = w_hh_.contiguous(), grad_y = grad_y_.contiguous(), y = y_.contiguous();
+  const Tensor h0 = h0_.has_value() ? h0_->contiguous() : at::zeros({B, H}, c.x.options());
 
-  Tensor dgh = at::empty(rows_shape(lay, 3 * H), x.options());
-  Tensor dgi = reset_after ? at::empty(rows_shape(lay, 3 * H), x.options()) : dgh;
-  poison(dgh);
-  poison(dgi);
-  const Tensor hprev = states_before(h0, y, lay);  // laid out like y, contiguous
-  Tensor dh0;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_bwd_cpu", [&] {
-    dh0 = backward_loop<scalar_t>(grad_y, hprev, w_hh, ws, reset_after, dgi, dgh, lay);
+  c.dgh = at::empty(rows_shape(lay, 3 * H), c.x.options());
+  c.dgi = reset_after ? at::empty(rows_shape(lay, 3 * H), c.x.options()) : c.dgh;
+  poison(c.dgh);
+  poison(c.dgi);
+  c.hprev = states_before(h0, y, lay);  // laid out like y, contiguous
+  AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "gru_bwd_cpu", [&] {
+    c.dh0 = backward_loop<scalar_t>(grad_y, c.hprev, w_hh, c.ws, reset_after, c.dgi, c.dgh, lay);
   });
+  return c;
+}
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cpu(
+    const Tensor& grad_y, const Tensor& x, const std::optional<Tensor>& h0, const Tensor& w_ih,
+    const Tensor& w_hh, const Tensor& y, const Tensor& ws, bool reset_after,
+    const std::optional<Tensor>& batch_sizes, const std::optional<Tensor>& resets, bool need_dx,
+    bool need_dw) {
+  const BwdCore c = backward_core("fusedgru::gru_bwd (cpu)", grad_y, x, h0, w_ih, w_hh, y, ws,
+                                  reset_after, batch_sizes, resets);
   Tensor dx, dw_ih, dw_hh, db_ih, db_hh;
-  if (lay.N <= small_rows(g_small_wgrad)) {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_bwd_cpu_small", [&] {
-      std::tie(dx, dw_ih, dw_hh, db_ih, db_hh) =
-          small_weight_grads<scalar_t>(dgi, dgh, x, w_ih, hprev, ws, reset_after, need_dx,
-                                       need_dw);
+  if (c.lay.N <= small_rows(g_small_wgrad)) {
+    AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "gru_bwd_cpu_small", [&] {
+      std::tie(dx, dw_ih, dw_hh, db_ih, db_hh) = small_weight_grads<scalar_t>(
+          c.dgi, c.dgh, c.x, c.w_ih, c.hprev, c.ws, reset_after, need_dx, need_dw);
     });
   } else {
-    std::tie(dx, dw_ih, dw_hh, db_ih, db_hh) =
-        weight_grads(dgi, dgh, x, w_ih, hprev, ws, reset_after, need_dx, need_dw);
+    std::tie(dx, dw_ih, dw_hh, db_ih, db_hh) = weight_grads(
+        c.dgi, c.dgh, c.x, c.w_ih, c.hprev, c.ws, reset_after, need_dx, need_dw);
   }
-  return {dx, dh0, dw_ih, dw_hh, db_ih, db_hh};
+  return {dx, c.dh0, dw_ih, dw_hh, db_ih, db_hh};
+}
+
+// fusedgru::gru_bwd_acc: gru_bwd of a dense call (no batch_sizes / resets) whose weight
+// gradients are ADDED into dw_ih / dw_hh (either may be absent: not computed) instead of
+// returned: (dx, dh0, db_ih, db_hh).  The lean training call (fusedgru/modules.py) adds
+// every step of a backward pass into one buffer per weight: autograd would otherwise get a
+// fresh (3H, I) and (3H, H) per step and add each into its own buffer, reading and writing
+// them twice more (at H = 256, 1.5 MB a step against a 2 MB L2).  The same bits as that
+// add (small_outer: out + sum; ATen's GEMM: addmm_ with beta 1, not bitwise).
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_bwd_acc_cpu(
+    const Tensor& grad_y, const Tensor& x, const std::optional<Tensor>& h0, const Tensor& w_ih,
+    const Tensor& w_hh, const Tensor& y, const Tensor& ws, bool reset_after, bool need_dx,
+    bool need_db, const std::optional<Tensor>& dw_ih, const std::optional<Tensor>& dw_hh) {
+  constexpr const char* op = "fusedgru::gru_bwd_acc (cpu)";
+  const BwdCore c = backward_core(op, grad_y, x, h0, w_ih, w_hh, y, ws, reset_after,
+                                  std::nullopt, std::nullopt);
+  const int64_t G = c.dgh.size(-1);
+  const auto out_or_none = [&](const std::optional<Tensor>& t, const char* name, int64_t K) {
+    if (!t.has_value()) return Tensor();
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({G, K}) && t->scalar_type() == c.x.scalar_type()
+                    && t->device().is_cpu() && t->is_contiguous(),
+                op, ": ", name, ": expected a contiguous ", c.x.scalar_type(), " CPU tensor of shape (",
+                G, ", ", K, "), got ", t->scalar_type(), " ", t->sizes(), " on ", t->device(),
+                t->is_contiguous() ? "" : " (not contiguous)");
+    return *t;
+  };
+  const Tensor into_ih = out_or_none(dw_ih, "dw_ih", c.x.size(-1));
+  const Tensor into_hh = out_or_none(dw_hh, "dw_hh", G / 3);
+  const bool small = c.lay.N <= small_rows(g_small_wgrad);
+  Tensor dx = at::empty({0}, c.x.options());
+  Tensor db_ih = at::empty({0}, c.x.options()), db_hh = at::empty({0}, c.x.options());
+  AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "gru_bwd_acc_cpu", [&] {
+    if (need_dx) {
+      dx = small ? small_dx<scalar_t>(c.dgi, c.x, c.w_ih)
+                 : at::mm(c.dgi.reshape({-1, G}), c.w_ih).view(c.x.sizes());
+    }
+    weight_products<scalar_t>(c.dgi, c.dgh, c.x, c.hprev, c.ws, reset_after, small, true,
+                              into_ih, into_hh);
+    if (need_db) {
+      if (small) {
+        std::tie(db_ih, db_hh) = small_bias_grads<scalar_t>(c.dgi, c.dgh);
+      } else {
+        db_hh = c.dgh.reshape({-1, G}).sum(0);
+        db_ih = reset_after ? c.dgi.reshape({-1, G}).sum(0) : db_hh.clone();
+      }
+    }
+  });
+  return {dx, c.dh0, db_ih, db_hh};
 }
 
 }  // namespace
@@ -1967,10 +2079,17 @@ TORCH_LIBRARY_FRAGMENT(fusedgru, m) {
   // Test hook: the forward's float32 activations (sigmoid, tanh) of x, as the kernels
   // compute them under the current switch.
   m.def("_cpu_activations(Tensor x) -> (Tensor, Tensor)", &fusedgru::cpu_activations);
+  // gru_bwd with the weight gradients added into dw_ih / dw_hh (CPU only; the lean training
+  // call's, below autograd): (dx, dh0, db_ih, db_hh)
+  m.def(
+      "gru_bwd_acc(Tensor grad_y, Tensor x, Tensor? h0, Tensor w_ih, Tensor w_hh, Tensor y, "
+      "Tensor ws, bool reset_after, bool need_dx, bool need_db, Tensor(a!)? dw_ih, "
+      "Tensor(b!)? dw_hh) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fusedgru, CPU, m) {
   m.impl("gru_fwd", &fusedgru::gru_fwd_cpu);
   m.impl("gru_infer", &fusedgru::gru_infer_cpu);
   m.impl("gru_bwd", &fusedgru::gru_bwd_cpu);
+  m.impl("gru_bwd_acc", &fusedgru::gru_bwd_acc_cpu);
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import List, Optional
 
 import torch
@@ -339,46 +340,135 @@ class FusedGRUCell(nn.Module):
 # the lean call does not serve is not planned again at every call.
 
 
-class _LeanTrain(torch.autograd.Function):
-    """A lean call that autograd records: fusedgru::gru_fwd, and gru_bwd in the backward,
-    both called below the autograd dispatch key.  Through the ops' registered autograd
-    formula (fusedgru/ops.py: the general path) each call also runs torch.library's Python
-    wrapper and re-dispatch, ~100 us per step of a FusedGRUCell loop at B=1 whose kernels
-    take ~15 us.  Same ops, same arguments: bitwise the general path's results.  A backward
-    that builds a graph (create_graph=True: double backward) differentiates the general op
-    instead, recomputing the forward, so that the gradient of the saved ws reaches the
-    inputs as it does there."""
+# The weight gradients of lean training calls.  A loop of FusedGRUCell calls (or FusedGRU
+# calls of T=1) makes one autograd node per step; each used to return a fresh dW_ih and
+# dW_hh, which autograd then added into one buffer per weight: per step, at H = 256, 1.5 MB
+# written and then read back and added (3 MB against a 2 MB L2), more than the products
+# cost.  Instead every step of a backward pass adds its products into ONE buffer per weight
+# (fusedgru::gru_bwd_acc), the buffer the pass's first step returns; the later steps
+# return None for it.  That gradient does not go to the weight directly, where other uses of
+# the weight (a regularizer, a tied weight) add theirs into the same autograd buffer, but to
+# a token: a (3H, K) stand-in made by _GradSink from the weight, which only these calls
+# consume, so autograd's buffer for it holds that one tensor until every step has run; then
+# _GradSink hands it on to the weight (its hooks, .grad) once.  The buffers are found by
+# autograd's graph task id, so that passes that overlap (threads, reentrant checkpoints,
+# retain_graph) never share one, and held weakly (a pass that needs no weight gradient drops
+# its buffer).  Switch: _set_lean_accumulate (default on).
+_LEAN_ACCUMULATE = [True]
+
+
+def _set_lean_accumulate(on: bool) -> bool:
+    """Test / A/B switch: whether lean training calls add their weight gradients into one
+    buffer per backward pass (True, the default) or return them per call.  Returns the old
+    setting."""
+    old, _LEAN_ACCUMULATE[0] = _LEAN_ACCUMULATE[0], bool(on)
+    return old
+
+
+class _GradSink(torch.autograd.Function):
+    """A weight's token for lean training calls (see above): forward(w, accs) is a (3H, K)
+    stand-in for w (zero strides, no storage of its own); backward hands the gradient on to
+    w and forgets the pass's buffer."""
 
     @staticmethod
-    def forward(ctx, reset_after, fwd, bwd, x, h0, w_ih, w_hh, b_ih, b_hh):
+    def forward(ctx, w, accs):
+        ctx.accs = accs
+        return w.new_zeros(()).expand(w.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.accs.pop(torch._C._current_graph_task_id(), None)
+        return g, None
+
+
+def _grad_token(holder: list, k: int, w: Tensor) -> tuple:
+    """(token, buffers by graph task) for weight k (0: w_ih, 1: w_hh) of a plan: the one the
+    calls of a graph share while any of them is alive (the calls keep it), else a new one."""
+    rec = holder[k]
+    if rec is not None:
+        tok = rec[0]()
+        if tok is not None and tok.shape == w.shape:
+            return tok, rec[1]
+    accs = weakref.WeakValueDictionary()
+    tok = _GradSink.apply(w, accs)
+    holder[k] = (weakref.ref(tok), accs)
+    return tok, accs
+
+
+class _LeanTrain(torch.autograd.Function):
+    """A lean call that autograd records: fusedgru::gru_fwd, and gru_bwd (or gru_bwd_acc) in
+    the backward, both called below the autograd dispatch key.  Through the ops' registered
+    autograd formula (fusedgru/ops.py: the general path) each call also runs torch.library's
+    Python wrapper and re-dispatch, ~100 us per step of a FusedGRUCell loop at B=1 whose
+    kernels take ~15 us.  Same ops, same arguments: bitwise the general path's results.  A
+    backward that builds a graph (create_graph=True: double backward) differentiates the
+    general op instead, recomputing the forward, so that the gradient of the saved ws reaches
+    the inputs as it does there.  tok_ih / tok_hh: the weights' tokens (None: the weight's
+    gradient is returned to it directly), sinks their buffers by graph task."""
+
+    @staticmethod
+    def forward(ctx, reset_after, fwd, bwd, acc, sinks, x, h0, w_ih, w_hh, b_ih, b_hh, tok_ih,
+                tok_hh):
         with torch._C._AutoDispatchBelowADInplaceOrView():
             y, ws = fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, None, None)
         ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, y, ws)
-        ctx.reset_after, ctx.fwd, ctx.bwd = reset_after, fwd, bwd
+        ctx.reset_after, ctx.fwd, ctx.bwd, ctx.acc, ctx.sinks = reset_after, fwd, bwd, acc, sinks
+        ctx.tokens = (tok_ih, tok_hh)  # alive while the graph is: its calls share them
         return y
 
     @staticmethod
     def backward(ctx, gy):
         x, h0, w_ih, w_hh, b_ih, b_hh, y, ws = ctx.saved_tensors
         inputs = (x, h0, w_ih, w_hh, b_ih, b_hh)
-        if torch.is_grad_enabled():  # create_graph: through the general op's formulas
-            want = [k for k, t in enumerate(inputs) if t is not None and t.requires_grad]
-            y2 = ctx.fwd(*inputs, ctx.reset_after, None, None)[0]
-            got = torch.autograd.grad(y2, [inputs[k] for k in want], gy, create_graph=True,
-                                      allow_unused=True)
-            grads = [None] * 6
-            for k, g in zip(want, got):
-                grads[k] = g
-        else:
-            need = ops.wanted_grads(ctx.needs_input_grad[3:])
-            with torch._C._AutoDispatchBelowADInplaceOrView():
-                grads = list(ops.unwanted_to_none(
-                    ctx.bwd(gy.contiguous(), x, h0, w_ih, w_hh, y, ws, ctx.reset_after, None,
-                            None, *need), *need))
-            for k in (1, 4, 5):  # no gradient for an absent hx or bias
+        needs = ctx.needs_input_grad[5:]
+        need_dx, need_dw = ops.wanted_grads(needs[:6])
+        if torch.is_grad_enabled():  # create_graph: through the general ops' formulas
+            # The forward again, recorded (its ws is an output there, whose gradient the
+            # double backward needs), and gru_bwd on it through its registered formula: the
+            # gradients as the general path computes them, differentiable in the inputs.
+            # (autograd.grad of the recomputed y would follow h0's own history back through
+            # the earlier calls of a loop and count their weight gradients again.)
+            y2, ws2 = ctx.fwd(*inputs, ctx.reset_after, None, None)
+            grads = list(ops.unwanted_to_none(
+                ctx.bwd(gy, x, h0, w_ih, w_hh, y2, ws2, ctx.reset_after, None, None, need_dx,
+                        need_dw), need_dx, need_dw))
+            for k in (1, 4, 5):
                 if inputs[k] is None:
                     grads[k] = None
-        return (None, None, None, *grads)
+            return (None,) * 5 + tuple(grads) + (None, None)
+        gy = gy.contiguous()
+        # the weights whose gradient goes through their token: all that need one, or none
+        via = [needs[6 + k] and ctx.sinks[k] is not None for k in (0, 1)]
+        if not any(via) or torch.compiler.is_compiling() or any(
+                needs[2 + k] and not via[k] for k in (0, 1)):
+            via = [False, False]
+        toks = [None, None]
+        if any(via):
+            tid = torch._C._current_graph_task_id()
+            bufs = [ctx.sinks[k].get(tid) if via[k] else None for k in (0, 1)]
+        if any(via) and all(b is not None or not v for b, v in zip(bufs, via)):
+            need_db = needs[4] or needs[5]
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                dx, dh0, db_ih, db_hh = ctx.acc(gy, x, h0, w_ih, w_hh, y, ws, ctx.reset_after,
+                                                need_dx, need_db, bufs[0], bufs[1])
+            grads = [dx if need_dx else None, dh0, None, None,
+                     db_ih if need_db else None, db_hh if need_db else None]
+        else:
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                grads = list(ops.unwanted_to_none(
+                    ctx.bwd(gy, x, h0, w_ih, w_hh, y, ws, ctx.reset_after, None, None,
+                            need_dx, need_dw), need_dx, need_dw))
+            for k in (0, 1):  # the pass's first call with a token: its dW becomes the buffer
+                if via[k]:
+                    if bufs[k] is None:
+                        ctx.sinks[k][tid] = toks[k] = grads[2 + k]
+                    else:
+                        bufs[k].add_(grads[2 + k])
+                    grads[2 + k] = None
+        for k in (1, 4, 5):  # no gradient for an absent hx or bias
+            if inputs[k] is None:
+                grads[k] = None
+        return (None,) * 5 + tuple(grads) + tuple(toks)
 
 
 def _setting(module, d: dict, name: str, default=None):
@@ -419,8 +509,10 @@ def _lean_plan(module, w) -> tuple:
             and F_gru.layer_backend_name(module.backend, w[1]) == "cpu"
             and hasattr(torch.ops.fusedgru, "gru_infer")):
         ops = torch.ops.fusedgru
+        acc = ops.gru_bwd_acc.default if hasattr(ops, "gru_bwd_acc") else None
         served = (w[1].dtype, w[1].device, I, H, module.reset_after,
-                  (ops.gru_infer.default, ops.gru_fwd.default, ops.gru_bwd.default))
+                  (ops.gru_infer.default, ops.gru_fwd.default, ops.gru_bwd.default, acc),
+                  [None, None])  # the weights' gradient tokens (_grad_token)
     return tuple(w), assumed, served
 
 
@@ -449,7 +541,7 @@ def _lean_gru_call(lean, weights, input, hx) -> Optional[tuple]:
 def _lean_cell_call(lean, w, input, hx, seq: bool = False) -> Optional[Tensor]:
     """h' of a cell call (input (B, I)), or with seq: y (T, B, H) of a sequence (input
     (T, B, I)); None where the general path must run."""
-    weights, _, (dtype, device, I, H, reset_after, (infer, fwd, bwd)) = lean
+    weights, _, (dtype, device, I, H, reset_after, (infer, fwd, bwd, acc), tokens) = lean
     if (w[0] is not weights[0] or w[1] is not weights[1]
             or (len(weights) > 2 and (w[2] is not weights[2] or w[3] is not weights[3]))
             or (len(weights) == 2 and w[2] is not None) or type(input) is not Tensor):
@@ -469,7 +561,14 @@ def _lean_cell_call(lean, w, input, hx, seq: bool = False) -> Optional[Tensor]:
                                     or (hx is not None and hx.requires_grad)
                                     or (w[2] is not None and (w[2].requires_grad
                                                               or w[3].requires_grad))):
-        y = _LeanTrain.apply(reset_after, fwd, bwd, x.contiguous(), hx, *w)
+        tok_ih = tok_hh = sink_ih = sink_hh = None
+        if acc is not None and _LEAN_ACCUMULATE[0]:
+            if w[0].requires_grad and w[0].is_leaf:
+                tok_ih, sink_ih = _grad_token(tokens, 0, w[0])
+            if w[1].requires_grad and w[1].is_leaf:
+                tok_hh, sink_hh = _grad_token(tokens, 1, w[1])
+        y = _LeanTrain.apply(reset_after, fwd, bwd, acc, (sink_ih, sink_hh), x.contiguous(), hx,
+                             *w, tok_ih, tok_hh)
     else:
         y = infer(x, hx, w[0], w[1], w[2], w[3], reset_after)
     return y if seq else y[0]
