@@ -229,13 +229,6 @@ def layer_backend_name(backend: str, weight: Tensor) -> Optional[str]:
         return None
 
 
-def lean_call_blocked(device: torch.device) -> bool:
-    """Whether something the general call path handles is active for ``device``: autocast,
-    an ONNX export, a torch.func transform (modules._lean_cell_call)."""
-    return (ops.autocast_enabled(device.type) or fused_onnx.exporting() is not None
-            or torch._C._functorch.peek_interpreter_stack() is not None)
-
-
 # ----------------------------------------------------------------------------------------
 # The functional GRU
 # ----------------------------------------------------------------------------------------

@@ -34,17 +34,23 @@ except (ImportError, AttributeError):
     _dynamo_flags = _ts_globals = None
 
 
+def exporting_flags() -> Optional[str]:
+    """exporting() outside a compiled region (where torch.compiler.is_compiling() is False):
+    the exporters' own flags only (the lean call's check, after its is_compiling)."""
+    if _dynamo_flags is not None:
+        if _dynamo_flags._is_onnx_exporting:
+            return "dynamo"
+        return "torchscript" if _ts_globals.in_onnx_export else None
+    return "torchscript" if torch.onnx.is_in_onnx_export() else None
+
+
 def exporting() -> Optional[str]:
     """"dynamo" or "torchscript" while torch.onnx.export runs, else None."""
     if torch.compiler.is_compiling():  # Dynamo knows the public query, not the flags
         if not torch.onnx.is_in_onnx_export():
             return None
         return "dynamo" if _dynamo_flags is None or _dynamo_flags._is_onnx_exporting else "torchscript"
-    if _dynamo_flags is not None:
-        if _dynamo_flags._is_onnx_exporting:
-            return "dynamo"
-        return "torchscript" if _ts_globals.in_onnx_export else None
-    return "torchscript" if torch.onnx.is_in_onnx_export() else None
+    return exporting_flags()
 
 
 def _zrn(t: Tensor, H: int) -> Tensor:
