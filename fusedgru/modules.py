@@ -511,9 +511,10 @@ def _lean_plan(module, w) -> tuple:
             and hasattr(torch.ops.fusedgru, "gru_infer")):
         ops = torch.ops.fusedgru
         acc = ops.gru_bwd_acc.default if hasattr(ops, "gru_bwd_acc") else None
+        cell = ops.gru_cell_infer.default if hasattr(ops, "gru_cell_infer") else None
         assert w[1].device.type == "cpu"  # the cpu backend's: _lean_cell_call relies on it
         served = (w[1].dtype, w[1].device, I, H, module.reset_after,
-                  (ops.gru_infer.default, ops.gru_fwd.default, ops.gru_bwd.default, acc),
+                  (ops.gru_infer.default, ops.gru_fwd.default, ops.gru_bwd.default, acc, cell),
                   [None, None])  # the weights' gradient tokens (_grad_token)
     return tuple(w), assumed, served
 
@@ -553,7 +554,7 @@ def _lean_cell_call(lean, w, input, hx, seq: bool = False) -> Optional[Tensor]:
     """h' of a cell call (input (B, I)), or with seq: y (T, B, H) of a sequence (input
     (T, B, I)); None where the general path must run.  A plan serves the cpu backend only:
     its tensors are CPU tensors (is_cpu, without making device objects)."""
-    weights, _, (dtype, _, I, H, reset_after, (infer, fwd, bwd, acc), tokens) = lean
+    weights, _, (dtype, _, I, H, reset_after, (infer, fwd, bwd, acc, cell), tokens) = lean
     if (w[0] is not weights[0] or w[1] is not weights[1]
             or (len(weights) > 2 and (w[2] is not weights[2] or w[3] is not weights[3]))
             or (len(weights) == 2 and w[2] is not None) or type(input) is not Tensor):
@@ -571,7 +572,6 @@ def _lean_cell_call(lean, w, input, hx, seq: bool = False) -> Optional[Tensor]:
     if (torch.compiler.is_compiling() or _is_tracing() or _autocast_on("cpu")
             or fused_onnx.exporting_flags() is not None or _functorch_stack() is not None):
         return None
-    x = input if seq else input.unsqueeze(0)
     if torch.is_grad_enabled() and (input.requires_grad or w[1].requires_grad or w[0].requires_grad
                                     or (hx is not None and hx.requires_grad)
                                     or (w[2] is not None and (w[2].requires_grad
@@ -582,10 +582,13 @@ def _lean_cell_call(lean, w, input, hx, seq: bool = False) -> Optional[Tensor]:
                 tok_ih, sink_ih = _grad_token(tokens, 0, w[0])
             if w[1].requires_grad and w[1].is_leaf:
                 tok_hh, sink_hh = _grad_token(tokens, 1, w[1])
+        x = input if seq else input.unsqueeze(0)
         y = _LeanTrain.apply(reset_after, fwd, bwd, acc, (sink_ih, sink_hh), x.contiguous(), hx,
                              *w, tok_ih, tok_hh)
+    elif seq or cell is None:
+        y = infer(input if seq else input.unsqueeze(0), hx, w[0], w[1], w[2], w[3], reset_after)
     else:
-        y = infer(x, hx, w[0], w[1], w[2], w[3], reset_after)
+        return cell(input, hx, w[0], w[1], w[2], w[3], reset_after)
     return y if seq else y[0]
 
 

@@ -129,8 +129,8 @@ def cpu_cell():
 
 
 def test_lean_cell_call_is_one_op_and_equal(cpu_cell, gen):
-    """After a first call, an inference call is the one fusedgru::gru_infer (no other op
-    runs: no unsqueeze/contiguous/index of its own), bitwise the general path's result."""
+    """After a first call, an inference call is the one fusedgru::gru_cell_infer (no other
+    op runs: no unsqueeze/contiguous/index of its own), bitwise the general path's result."""
     t, f = cpu_cell
     x = torch.randn(3, 5, generator=gen)
     h = torch.randn(3, 7, generator=gen)
@@ -138,7 +138,7 @@ def test_lean_cell_call_is_one_op_and_equal(cpu_cell, gen):
         general = f(x, h)  # the first call takes the general path and plans
         assert f.__dict__.get("_lean") is not None
         lean, names = _ops_of(lambda: f(x, h))
-        assert [n for n in names if "fusedgru" in n] == ["fusedgru.gru_infer.default"]
+        assert names == ["fusedgru.gru_cell_infer.default"]
         assert torch.equal(lean, general)
         torch.testing.assert_close(lean, t(x, h))
         torch.testing.assert_close(f(x), t(x))  # hx absent
