@@ -341,57 +341,44 @@ class FusedGRUCell(nn.Module):
 # the lean call does not serve is not planned again at every call.
 
 
-# The weight gradients of lean training calls.  A loop of FusedGRUCell calls (or FusedGRU
-# calls of T=1) makes one autograd node per step; each used to return a fresh dW_ih and
-# dW_hh, which autograd then added into one buffer per weight: per step, at H = 256, 1.5 MB
-# written and then read back and added (3 MB against a 2 MB L2), more than the products
-# cost.  Instead every step of a backward pass adds its products into ONE buffer per weight
-# (fusedgru::gru_bwd_acc), the buffer the pass's first step returns; the later steps
-# return None for it.  That gradient does not go to the weight directly, where other uses of
-# the weight (a regularizer, a tied weight) add theirs into the same autograd buffer, but to
-# a token: a (3H, K) stand-in made by _GradSink from the weight, which only these calls
-# consume, so autograd's buffer for it holds that one tensor until every step has run; then
-# _GradSink hands it on to the weight (its hooks, .grad) once.  The buffers are found by
-# autograd's graph task id, so that passes that overlap (threads, reentrant checkpoints,
-# retain_graph) never share one, and held weakly (a pass that needs no weight gradient drops
-# its buffer).  Switch: _set_lean_accumulate (default on).
+# The weight gradients of lean step calls.  A loop of FusedGRUCell calls (or FusedGRU calls
+# of T=1) makes one autograd node per step; each used to return a fresh dW_ih and dW_hh,
+# which autograd then added into one buffer per weight: per step, at H = 256, 1.5 MB written
+# and then read back and added (3 MB against a 2 MB L2), more than the products cost.
+# Instead every step of a backward pass adds its products into ONE buffer per weight
+# (fusedgru::gru_bwd_acc), the buffer the pass's first step returns; the later steps return
+# None for it.  That gradient does not go to the weight directly, where other uses of the
+# weight (a regularizer, a tied weight) add theirs into the same autograd buffer, but to a
+# token: w.expand(w.shape), a view that only these calls consume, so autograd's buffer for
+# its node (ExpandBackward: the gradient itself, same shape) holds that one tensor until
+# every step has run, then hands it on to the weight (its hooks, .grad) once.  The buffers
+# are found by autograd's graph task id, so that passes that overlap (threads, reentrant
+# checkpoints, retain_graph) never share one, and held weakly (a pass that needs no weight
+# gradient drops its buffer; ids are never reused).  Calls of T > 1 keep returning their
+# gradients (one call per pass is the usual case there, and the token costs ~2 us).
+# Switch: _set_lean_accumulate (default on).
 _LEAN_ACCUMULATE = [True]
 
 
 def _set_lean_accumulate(on: bool) -> bool:
-    """Test / A/B switch: whether lean training calls add their weight gradients into one
-    buffer per backward pass (True, the default) or return them per call.  Returns the old
+    """Test / A/B switch: whether lean step calls add their weight gradients into one buffer
+    per backward pass (True, the default) or return them per call.  Returns the old
     setting."""
     old, _LEAN_ACCUMULATE[0] = _LEAN_ACCUMULATE[0], bool(on)
     return old
 
 
-class _GradSink(torch.autograd.Function):
-    """A weight's token for lean training calls (see above): forward(w, accs) is a (3H, K)
-    stand-in for w (zero strides, no storage of its own); backward hands the gradient on to
-    w and forgets the pass's buffer."""
-
-    @staticmethod
-    def forward(ctx, w, accs):
-        ctx.accs = accs
-        return w.new_zeros(()).expand(w.shape)
-
-    @staticmethod
-    def backward(ctx, g):
-        ctx.accs.pop(torch._C._current_graph_task_id(), None)
-        return g, None
-
-
 def _grad_token(holder: list, k: int, w: Tensor) -> tuple:
-    """(token, buffers by graph task) for weight k (0: w_ih, 1: w_hh) of a plan: the one the
-    calls of a graph share while any of them is alive (the calls keep it), else a new one."""
+    """(token, buffers by graph task) for weight k (0: w_ih, 1: w_hh) of a plan: the token
+    the calls of a graph share while any of them is alive (the calls keep it), else a new
+    one."""
     rec = holder[k]
     if rec is not None:
         tok = rec[0]()
         if tok is not None and tok.shape == w.shape:
             return tok, rec[1]
-    accs = weakref.WeakValueDictionary()
-    tok = _GradSink.apply(w, accs)
+    accs = rec[1] if rec is not None else weakref.WeakValueDictionary()
+    tok = w.expand(w.shape)
     holder[k] = (weakref.ref(tok), accs)
     return tok, accs
 
@@ -577,7 +564,7 @@ def _lean_cell_call(lean, w, input, hx, seq: bool = False) -> Optional[Tensor]:
                                     or (w[2] is not None and (w[2].requires_grad
                                                               or w[3].requires_grad))):
         tok_ih = tok_hh = sink_ih = sink_hh = None
-        if acc is not None and _LEAN_ACCUMULATE[0]:
+        if acc is not None and _LEAN_ACCUMULATE[0] and (not seq or shape[0] == 1):
             if w[0].requires_grad and w[0].is_leaf:
                 tok_ih, sink_ih = _grad_token(tokens, 0, w[0])
             if w[1].requires_grad and w[1].is_leaf:

@@ -1,4 +1,4 @@
-"""The weight gradients of lean training calls (fusedgru/modules.py, _GradSink): every call
+"""The weight gradients of lean training calls (fusedgru/modules.py, _grad_token): every call
 of a backward pass adds its weight gradients into one buffer per weight (fusedgru::
 gru_bwd_acc), which reaches the weight once, through a token only these calls consume.
 Whatever else autograd does with the weights must see the same gradients as with
@@ -171,7 +171,8 @@ def test_two_modules_sharing_weights_and_two_sequences_in_one_graph():
 def test_retain_graph_partial_passes_and_grad_accumulation_over_passes():
     """A full pass then a pass from a middle step over the same graph (retain_graph),
     accumulating into .grad across both, then autograd.grad of an input only (no weight
-    gradient: that pass's buffer is dropped, not kept), then a fresh pass."""
+    gradient: that pass's buffer is dropped, not kept), then a last pass; afterwards
+    fusedgru holds no buffer of any pass (weak references only)."""
     f, t = _cells()
     xs, h0 = _inputs(3, 5, 7)
     f(xs[0], h0)
@@ -189,9 +190,12 @@ def test_retain_graph_partial_passes_and_grad_accumulation_over_passes():
         return first + [p.grad for p in m.parameters()] + [gx]
 
     _assert_all_close(run(f), run(t))
+    for p in f.parameters():
+        p.grad = None  # .grad may be a pass's buffer itself (autograd steals it)
     gc.collect()
-    for rec in f.__dict__["_lean"][2][6]:
-        assert rec is None or len(rec[1]) == 0  # no pass's buffer outlives it
+    recs = f.__dict__["_lean"][2][6]
+    assert all(rec is not None for rec in recs)
+    assert all(len(rec[1]) == 0 for rec in recs)  # fusedgru keeps no pass's buffer alive
 
 
 def test_optimizer_steps_over_iterations():
@@ -351,6 +355,10 @@ def test_t1_calls_of_a_gru_share_the_buffer_too():
         got = run(f)
     assert log.names.count("fusedgru.gru_bwd_acc.default") == len(xs) - 1
     _assert_all_close(got, run(t))
+    with OpLog() as log:  # T > 1: one call per pass is the usual case; gradients returned
+        y, _ = f(torch.stack(xs), h0[None])
+        y.sum().backward()
+    assert "fusedgru.gru_bwd_acc.default" not in log.names
 
 
 def test_gru_bwd_acc_refuses_a_wrong_buffer():
@@ -368,3 +376,22 @@ def test_gru_bwd_acc_refuses_a_wrong_buffer():
     with pytest.raises(RuntimeError, match=r"dw_hh: expected a contiguous Float CPU tensor of "
                                            r"shape \(12, 4\)"):
         ops.gru_bwd_acc(gy, x, h0, w, u, y, ws, True, True, True, None, torch.zeros(12, 3))
+
+
+def test_gru_cell_infer_is_gru_infer_of_one_step():
+    """fusedgru::gru_cell_infer (the lean FusedGRUCell inference call's op) gives gru_infer's
+    step bitwise, with and without hx and biases, and refuses an input that is not (B, I)."""
+    ops = torch.ops.fusedgru
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, F64):
+        x, h0 = torch.randn(3, 5, generator=g, dtype=dtype), torch.randn(3, 4, generator=g, dtype=dtype)
+        w, u = torch.randn(12, 5, generator=g, dtype=dtype), torch.randn(12, 4, generator=g, dtype=dtype)
+        b, c = torch.randn(12, generator=g, dtype=dtype), torch.randn(12, generator=g, dtype=dtype)
+        for args in ((h0, w, u, b, c), (None, w, u, None, None)):
+            for ra in (True, False):
+                want = ops.gru_infer(x[None], *args, ra)[0]
+                got = ops.gru_cell_infer(x, *args, ra)
+                assert got.shape == (3, 4) and torch.equal(got, want)
+    with pytest.raises(RuntimeError, match=r"gru_cell_infer \(cpu\): x: expected a 2-D \(B, I\) "
+                                           r"tensor, got 3-D"):
+        ops.gru_cell_infer(x[None], h0, w, u, b, c, True)
