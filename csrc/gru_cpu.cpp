@@ -1461,6 +1461,11 @@ FUSEDGRU_AVX512_INLINE __m512 gate16(const float* gi, const float* gh, const flo
   return sigmoid_gate16(_mm512_add_ps(_mm512_add_ps(ld16(gi + at), ld16(gh + at)), ld16(b + at)));
 }
 
+// The input side of n: gi's n part plus b_ih's (bp[3H:], see forward_biases).
+FUSEDGRU_AVX512_INLINE __m512 gi_n16(const float* gir, const float* bp, int64_t H, int64_t j) {
+  return _mm512_add_ps(ld16(gir + 2 * H + j), ld16(bp + 3 * H + j));
+}
+
 // h' = n + z (h - n).
 FUSEDGRU_AVX512_INLINE __m512 next_h16(__m512 nn, __m512 z, __m512 h) {
   return _mm512_add_ps(nn, _mm512_mul_ps(z, _mm512_sub_ps(h, nn)));
@@ -1474,7 +1479,7 @@ FUSEDGRU_AVX512 int64_t fwd_after_elems16(const float* gir, const float* ghr, co
   for (; j + 16 <= j1; j += 16) {
     const __m512 r = gate16(gir, ghr, bp, j), z = gate16(gir, ghr, bp, H + j);
     const __m512 hn = _mm512_add_ps(ld16(ghr + 2 * H + j), ld16(bp + 2 * H + j));
-    const __m512 nn = tanh_gate16(_mm512_add_ps(ld16(gir + 2 * H + j), _mm512_mul_ps(r, hn)));
+    const __m512 nn = tanh_gate16(_mm512_add_ps(gi_n16(gir, bp, H, j), _mm512_mul_ps(r, hn)));
     _mm512_storeu_ps(yr + j, next_h16(nn, z, ld16(hpr + j)));
     _mm512_storeu_ps(wsr + j, r);
     _mm512_storeu_ps(wsr + H + j, z);
@@ -1505,7 +1510,7 @@ FUSEDGRU_AVX512 int64_t fwd_before_n16(const float* gir, const float* ghn, const
   int64_t j = j0;
   for (; j + 16 <= j1; j += 16) {
     const __m512 hn = _mm512_add_ps(ld16(ghn + j), ld16(bp + 2 * H + j));
-    const __m512 nn = tanh_gate16(_mm512_add_ps(ld16(gir + 2 * H + j), hn));
+    const __m512 nn = tanh_gate16(_mm512_add_ps(gi_n16(gir, bp, H, j), hn));
     _mm512_storeu_ps(yr + j, next_h16(nn, ld16(wsr + H + j), ld16(hpr + j)));
     _mm512_storeu_ps(wsr + 2 * H + j, nn);
     _mm512_storeu_ps(wsr + 3 * H + j, hn);
@@ -1612,7 +1617,7 @@ template <typename scalar_t>
 void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T + b_ih
                   const Tensor& h0,    // (B, H)
                   const Tensor& w_hh,  // (3H, H)
-                  const Tensor& bhh,   // (3H,) zeros when the layer has no bias
+                  const Tensor& bhh,   // (4H,): forward_biases
                   bool reset_after, Tensor& y /* x's rows with H features */,
                   Tensor& ws /* x's rows with 4H, or a (B, 4H) scratch reused every step */,
                   bool save_ws, const Layout& lay) {
@@ -1667,7 +1672,8 @@ void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T +
           const Vec z = act.sig(ld<Vec>(gir + H + j, n) + ld<Vec>(ghr + H + j, n) +
                                 ld<Vec>(b_p + H + j, n));
           const Vec hn = ld<Vec>(ghr + 2 * H + j, n) + ld<Vec>(b_p + 2 * H + j, n);
-          const Vec nn = act.tanh(ld<Vec>(gir + 2 * H + j, n) + r * hn);
+          const Vec gin = ld<Vec>(gir + 2 * H + j, n) + ld<Vec>(b_p + 3 * H + j, n);
+          const Vec nn = act.tanh(gin + r * hn);
           const Vec h = ld<Vec>(hpr + j, n);
           st(nn + z * (h - nn), yr + j, n);
           st(r, wsr + j, n);
@@ -1731,7 +1737,8 @@ void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T +
 #endif
       for_vectors<Vec>(j0, j1, [&](int64_t j, int64_t n) {
         const Vec hn = ld<Vec>(ghn_p + b * H + j, n) + ld<Vec>(b_p + 2 * H + j, n);
-        const Vec nn = act.tanh(ld<Vec>(gir + 2 * H + j, n) + hn);
+        const Vec gin = ld<Vec>(gir + 2 * H + j, n) + ld<Vec>(b_p + 3 * H + j, n);
+        const Vec nn = act.tanh(gin + hn);
         const Vec z = ld<Vec>(wsr + H + j, n);
         const Vec h = ld<Vec>(hp_p + b * H + j, n);
         st(nn + z * (h - nn), yr + j, n);
@@ -1740,6 +1747,35 @@ void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T +
       });
     });
   }
+}
+
+// b_ih folded into the element phase instead of into gi (switch
+// fusedgru::_set_cpu_fold_bias_ih, default on): ATen's addmm copies b_ih into every row of
+// its output before the GEMM adds into it, and the inline and panel products did the same,
+// a pass over N x 3H (at B=64 H=256 T=1, 196 KB: ~4% of a GRUCell call; at T*B = 4096
+// rows, 12.6 MB).  The element phase adds a vector more per n gate instead.
+std::atomic<bool> g_fold_bias_ih{true};
+
+bool set_fold_bias_ih(bool on) { return g_fold_bias_ih.exchange(on); }
+
+// The element phase's biases (4H): [b_ih + b_hh for r and z | b_hh for n | b_ih for n]
+// (absent ones zeros); fold false: [b_hh | 0] (b_ih is in gi).  Filled by one loop: as
+// ATen ops (zeros, narrow, copy_, add_) it took ~4 us of a 36 us B=1 H=256 call.
+template <typename scalar_t>
+Tensor forward_biases(const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_,
+                      int64_t H, const at::TensorOptions& opts, bool fold) {
+  Tensor bias = at::empty({4 * H}, opts);
+  scalar_t* o = bias.data_ptr<scalar_t>();
+  const Tensor b_hh = b_hh_.has_value() ? b_hh_->contiguous() : Tensor();
+  const Tensor b_ih = b_ih_.has_value() && fold ? b_ih_->contiguous() : Tensor();
+  const scalar_t* bh = b_hh.defined() ? b_hh.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* bi = b_ih.defined() ? b_ih.data_ptr<scalar_t>() : nullptr;
+  for (int64_t j = 0; j < 3 * H; ++j) {
+    const scalar_t h = bh ? bh[j] : scalar_t(0);
+    o[j] = bi && j < 2 * H ? h + bi[j] : h;
+  }
+  for (int64_t j = 0; j < H; ++j) o[3 * H + j] = bi ? bi[2 * H + j] : scalar_t(0);
+  return bias;
 }
 
 // The forward of gru_fwd (save_ws: ws keeps every step for the backward) and gru_infer
@@ -1764,10 +1800,15 @@ std::tuple<Tensor, Tensor> forward_cpu(const char* op, bool save_ws, const Tenso
   poison(ws);
   if (d.T == 0 || d.B == 0) return {y, ws};
   const Tensor h0 = h0_.has_value() ? h0_->contiguous() : at::zeros({d.B, d.H}, x.options());
-  const Tensor bhh = b_hh_.has_value() ? b_hh_->contiguous() : at::zeros({3 * d.H}, x.options());
+  const bool fold = g_fold_bias_ih.load(std::memory_order_relaxed);
+  Tensor bias;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_fwd_biases", [&] {
+    bias = forward_biases<scalar_t>(b_ih_, b_hh_, d.H, x.options(), fold);
+  });
+  const bool gi_bias = b_ih_.has_value() && !fold;  // b_ih in gi (the switch off)
   const Tensor x2 = x.view({lay.N, d.I});
-  // gi = x W_ih^T + b_ih: one GEMM over all rows (T*B, or N packed: no padding); inline for
-  // a few rows (T=1 calls).
+  // gi = x W_ih^T (+ b_ih with the switch off): one GEMM over all rows (T*B, or N packed:
+  // no padding); inline for a few rows (T=1 calls).
   const bool is_f32 = x.scalar_type() == at::kFloat;
   const bool small_gi = is_f32 ? lay.N <= fwd_small_rows<float>(d.I)
                                : lay.N <= fwd_small_rows<double>(d.I);
@@ -1775,30 +1816,30 @@ std::tuple<Tensor, Tensor> forward_cpu(const char* op, bool save_ws, const Tenso
                         g_wide_gi.load(std::memory_order_relaxed);
   Tensor gi = small_gi || panel_gi
                   ? at::empty({lay.N, 3 * d.H}, x.options())
-                  : (b_ih_.has_value() ? at::addmm(*b_ih_, x2, w_ih.t()) : at::mm(x2, w_ih.t()));
+                  : (gi_bias ? at::addmm(*b_ih_, x2, w_ih.t()) : at::mm(x2, w_ih.t()));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_fwd_cpu", [&] {
     if (panel_gi) {
       scalar_t* gi_p = gi.data_ptr<scalar_t>();
       const int64_t G = 3 * d.H;
-      if (b_ih_.has_value()) {
+      if (gi_bias) {
         const Tensor b = b_ih_->contiguous();
         for (int64_t r = 0; r < lay.N; ++r) std::copy_n(b.data_ptr<scalar_t>(), G, gi_p + r * G);
       }
       const Tensor pack = pack_panels(w_ih.data_ptr<scalar_t>(), G, d.I, x.options(), true);
       panel_gemm_packed(x2.data_ptr<scalar_t>(), d.I, lay.N, d.I, pack.data_ptr<scalar_t>(),
-                        true, G, gi_p, G, b_ih_.has_value());
+                        true, G, gi_p, G, gi_bias);
     } else if (small_gi) {
       scalar_t* gi_p = gi.data_ptr<scalar_t>();
       const int64_t rows = lay.N, G = 3 * d.H;
-      if (b_ih_.has_value()) {
+      if (gi_bias) {
         const Tensor b = b_ih_->contiguous();
         for (int64_t r = 0; r < rows; ++r)
           std::copy_n(b.data_ptr<scalar_t>(), G, gi_p + r * G);
       }
       small_nt(x2.data_ptr<scalar_t>(), d.I, rows, d.I, w_ih.data_ptr<scalar_t>(), G, gi_p, G,
-               b_ih_.has_value());
+               gi_bias);
     }
-    forward_loop<scalar_t>(gi, h0, w_hh, bhh, reset_after, y, ws, save_ws, lay);
+    forward_loop<scalar_t>(gi, h0, w_hh, bias, reset_after, y, ws, save_ws, lay);
   });
   return {y, ws};
 }
@@ -2089,6 +2130,7 @@ TORCH_LIBRARY_FRAGMENT(fusedgru, m) {
   m.def("_set_cpu_nn_avx512(bool on) -> bool", &fusedgru::set_nn_avx512);
   m.def("_set_cpu_small_task_macs(int macs) -> int", &fusedgru::set_small_task_macs);
   m.def("_set_cpu_llc_bytes(int bytes) -> int", &fusedgru::set_llc_bytes);
+  m.def("_set_cpu_fold_bias_ih(bool on) -> bool", &fusedgru::set_fold_bias_ih);
   // Test hook: the forward's float32 activations (sigmoid, tanh) of x, as the kernels
   // compute them under the current switch.
   m.def("_cpu_activations(Tensor x) -> (Tensor, Tensor)", &fusedgru::cpu_activations);

@@ -969,3 +969,30 @@ def test_a_build_without_the_gradient_mask_is_unavailable(monkeypatch):
     monkeypatch.setattr(extension, "_bwd_takes_grad_mask", lambda: False)
     why = extension.cpu_backend.unavailable_reason()
     assert why is not None and "need_dx" in why and "rebuild" in why
+
+
+def test_b_ih_folded_into_the_element_phase_within_budget(gen, poisoned):
+    """gi without b_ih, b_ih added in the element phase (fusedgru::_set_cpu_fold_bias_ih,
+    the default) and b_ih in gi (the switch off): both against the float64 reference on
+    every path gi takes (the inline products: 1 row; the panels: a sequence of 40 rows;
+    ATen's GEMM: 96 rows at T=1), both formulations, with and without biases, dense, packed
+    and with resets.  And the switch is taken: the bits differ with biases, not without."""
+    ops = torch.ops.fusedgru
+    assert ops._set_cpu_fold_bias_ih(True) is True  # the default
+    shapes = [(3, 1, 5, 7), (10, 4, 6, 40), (1, 96, 9, 33)]
+    try:
+        for fold in (True, False):
+            ops._set_cpu_fold_bias_ih(fold)
+            _within_budget_in_every_structure(shapes, gen, 0.3, biases=(True, False))
+        for T, B, I, H in shapes:
+            for bias in (True, False):
+                case = make_layer_case(T, B, I, H, bias=bias, generator=gen)
+                ops._set_cpu_fold_bias_ih(True)
+                folded = _small_product_outputs(case)
+                ops._set_cpu_fold_bias_ih(False)
+                in_gi = _small_product_outputs(case)
+                assert torch.equal(folded[0], in_gi[0]) != bias, (T, B, I, H, bias)
+                for a, b in zip(folded, in_gi):
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    finally:
+        ops._set_cpu_fold_bias_ih(True)
