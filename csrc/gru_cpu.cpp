@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -2059,6 +2060,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bwd_cpu(
   return {dx, c.dh0, dw_ih, dw_hh, db_ih, db_hh};
 }
 
+// fusedgru::grad_token: the stand-in through which the lean step calls' summed weight
+// gradient reaches the weight (fusedgru/modules.py, _grad_token).  Forward: a (3H, K)
+// tensor of zero strides over its own 0-dim zero, not a view of w (a view would hold w's
+// storage while any graph holds the token, and autograd remakes a view's grad_fn after
+// every in-place update of w: an as_strided scatter of the whole gradient); backward: the
+// gradient, unchanged, to w.  In C++: as a Python autograd.Function it took 12.7 us a call.
+struct GradToken : public torch::autograd::Function<GradToken> {
+  static Tensor forward(torch::autograd::AutogradContext*, const Tensor& w) {
+    return at::zeros({}, w.options()).expand(w.sizes());
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
+                                                 torch::autograd::variable_list grads) {
+    return {grads[0]};
+  }
+};
+
+Tensor grad_token_autograd(const Tensor& w) { return GradToken::apply(w); }
+
+Tensor grad_token_plain(const Tensor& w) { return at::zeros({}, w.options()).expand(w.sizes()); }
+
 // fusedgru::gru_bwd_acc: gru_bwd of a dense call (no batch_sizes / resets) whose weight
 // gradients are ADDED into dw_ih / dw_hh (either may be absent: not computed) instead of
 // returned: (dx, dh0, db_ih, db_hh).  The lean training call (fusedgru/modules.py) adds
@@ -2138,6 +2159,8 @@ TORCH_LIBRARY_FRAGMENT(fusedgru, m) {
   m.def(
       "gru_cell_infer(Tensor x, Tensor? h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
       "Tensor? b_hh, bool reset_after) -> Tensor");
+  // the lean step calls' gradient token of a weight (see GradToken)
+  m.def("grad_token(Tensor w) -> Tensor");
   // gru_bwd with the weight gradients added into dw_ih / dw_hh (CPU only; the lean training
   // call's, below autograd): (dx, dh0, db_ih, db_hh)
   m.def(
@@ -2152,4 +2175,9 @@ TORCH_LIBRARY_IMPL(fusedgru, CPU, m) {
   m.impl("gru_bwd", &fusedgru::gru_bwd_cpu);
   m.impl("gru_bwd_acc", &fusedgru::gru_bwd_acc_cpu);
   m.impl("gru_cell_infer", &fusedgru::gru_cell_infer_cpu);
+  m.impl("grad_token", &fusedgru::grad_token_plain);
+}
+
+TORCH_LIBRARY_IMPL(fusedgru, Autograd, m) {
+  m.impl("grad_token", &fusedgru::grad_token_autograd);
 }

@@ -349,9 +349,9 @@ class FusedGRUCell(nn.Module):
 # (fusedgru::gru_bwd_acc), the buffer the pass's first step returns; the later steps return
 # None for it.  That gradient does not go to the weight directly, where other uses of the
 # weight (a regularizer, a tied weight) add theirs into the same autograd buffer, but to a
-# token: w.expand(w.shape), a view that only these calls consume, so autograd's buffer for
-# its node (ExpandBackward: the gradient itself, same shape) holds that one tensor until
-# every step has run, then hands it on to the weight (its hooks, .grad) once.  The buffers
+# token (fusedgru::grad_token: a (3H, K) stand-in that only these calls consume, not a view
+# of the weight), so autograd's buffer for its node holds that one tensor until every step
+# has run; the node then hands it on to the weight (its hooks, .grad) once.  The buffers
 # are found by autograd's graph task id, so that passes that overlap (threads, reentrant
 # checkpoints, retain_graph) never share one, and held weakly (a pass that needs no weight
 # gradient drops its buffer; ids are never reused).  Calls of T > 1 keep returning their
@@ -378,7 +378,7 @@ def _grad_token(holder: list, k: int, w: Tensor) -> tuple:
         if tok is not None and tok.shape == w.shape:
             return tok, rec[1]
     accs = rec[1] if rec is not None else weakref.WeakValueDictionary()
-    tok = w.expand(w.shape)
+    tok = torch.ops.fusedgru.grad_token.default(w)
     holder[k] = (weakref.ref(tok), accs)
     return tok, accs
 
@@ -427,12 +427,13 @@ class _LeanTrain(torch.autograd.Function):
         gy = gy.contiguous()
         # the weights whose gradient goes through their token: all that need one, or none
         via = [needs[6 + k] and ctx.sinks[k] is not None for k in (0, 1)]
-        if not any(via) or torch.compiler.is_compiling() or any(
+        tid = torch._C._current_graph_task_id() if any(via) else -1
+        # (no graph task: the node called outside autograd's engine)
+        if tid < 0 or torch.compiler.is_compiling() or any(
                 needs[2 + k] and not via[k] for k in (0, 1)):
             via = [False, False]
         toks = [None, None]
         if any(via):
-            tid = torch._C._current_graph_task_id()
             bufs = [ctx.sinks[k].get(tid) if via[k] else None for k in (0, 1)]
         if any(via) and all(b is not None or not v for b, v in zip(bufs, via)):
             need_db = needs[4] or needs[5]
@@ -486,7 +487,8 @@ def _lean_serves(lean, module) -> bool:
 def _lean_stale(lean, module, w) -> bool:
     """Whether the plan must be made again: new weight objects or module settings."""
     return (lean is None or lean[1] != _assumed(module) or len(lean[0]) != len(w)
-            or any(a is not b for a, b in zip(lean[0], w)))
+            or any(a is not b for a, b in zip(lean[0], w))
+            or lean[3] != (w[1].dtype, w[1].device))  # .float(), .to(): the same objects
 
 
 def _lean_plan(module, w) -> tuple:
@@ -503,7 +505,7 @@ def _lean_plan(module, w) -> tuple:
         served = (w[1].dtype, w[1].device, I, H, module.reset_after,
                   (ops.gru_infer.default, ops.gru_fwd.default, ops.gru_bwd.default, acc, cell),
                   [None, None])  # the weights' gradient tokens (_grad_token)
-    return tuple(w), assumed, served
+    return tuple(w), assumed, served, (w[1].dtype, w[1].device)
 
 
 
@@ -535,13 +537,14 @@ def _lean_gru_call(lean, weights, input, hx) -> Optional[tuple]:
 _is_tracing = torch._C._is_tracing
 _autocast_on = torch.is_autocast_enabled
 _functorch_stack = torch._C._functorch.peek_interpreter_stack
+_inference_mode = torch.is_inference_mode_enabled  # records nothing, grad mode or not
 
 
 def _lean_cell_call(lean, w, input, hx, seq: bool = False) -> Optional[Tensor]:
     """h' of a cell call (input (B, I)), or with seq: y (T, B, H) of a sequence (input
     (T, B, I)); None where the general path must run.  A plan serves the cpu backend only:
     its tensors are CPU tensors (is_cpu, without making device objects)."""
-    weights, _, (dtype, _, I, H, reset_after, (infer, fwd, bwd, acc, cell), tokens) = lean
+    weights, _, (dtype, _, I, H, reset_after, (infer, fwd, bwd, acc, cell), tokens), _ = lean
     if (w[0] is not weights[0] or w[1] is not weights[1]
             or (len(weights) > 2 and (w[2] is not weights[2] or w[3] is not weights[3]))
             or (len(weights) == 2 and w[2] is not None) or type(input) is not Tensor):
@@ -559,10 +562,10 @@ def _lean_cell_call(lean, w, input, hx, seq: bool = False) -> Optional[Tensor]:
     if (torch.compiler.is_compiling() or _is_tracing() or _autocast_on("cpu")
             or fused_onnx.exporting_flags() is not None or _functorch_stack() is not None):
         return None
-    if torch.is_grad_enabled() and (input.requires_grad or w[1].requires_grad or w[0].requires_grad
-                                    or (hx is not None and hx.requires_grad)
-                                    or (w[2] is not None and (w[2].requires_grad
-                                                              or w[3].requires_grad))):
+    if torch.is_grad_enabled() and not _inference_mode() and (
+            input.requires_grad or w[1].requires_grad or w[0].requires_grad
+            or (hx is not None and hx.requires_grad)
+            or (w[2] is not None and (w[2].requires_grad or w[3].requires_grad))):
         tok_ih = tok_hh = sink_ih = sink_hh = None
         if acc is not None and _LEAN_ACCUMULATE[0] and (not seq or shape[0] == 1):
             if w[0].requires_grad and w[0].is_leaf:

@@ -395,3 +395,83 @@ def test_gru_cell_infer_is_gru_infer_of_one_step():
     with pytest.raises(RuntimeError, match=r"gru_cell_infer \(cpu\): x: expected a 2-D \(B, I\) "
                                            r"tensor, got 3-D"):
         ops.gru_cell_infer(x[None], h0, w, u, b, c, True)
+
+
+def test_the_token_is_no_view_of_the_weight_and_survives_optimizer_steps():
+    """The usual loop keeps the previous iteration's graph alive (loss still assigned) while
+    the next forward runs, so the token is reused across an optimizer step.  It is not a
+    view of the weight: its node stays fusedgru's (a view's grad_fn would be remade after
+    the in-place step, as an as_strided scatter of the whole gradient), it holds no storage
+    of the weight, and the weights still train as nn.GRUCell's."""
+    f, t = _cells()
+    opt_f = torch.optim.SGD(f.parameters(), lr=0.1)
+    opt_t = torch.optim.SGD(t.parameters(), lr=0.1)
+    f(torch.randn(2, 5, dtype=F64), None)
+    nodes = []
+    loss_f = loss_t = None  # kept across iterations, as a training loop keeps them
+    for it in range(3):
+        xs, h0 = _inputs(2, 5, 7, seed=30 + it)
+        for m, opt in ((f, opt_f), (t, opt_t)):
+            opt.zero_grad()
+            loss = _loss(_loop(m, xs, h0))
+            loss.backward()
+            opt.step()
+            if m is f:
+                loss_f = loss
+                tok = f.__dict__["_lean"][2][6][1][0]()
+                assert tok is not None and tok.untyped_storage().nbytes() == 8  # its own 0-dim
+                nodes.append(tok.grad_fn.name())
+            else:
+                loss_t = loss
+    assert loss_f is not None and loss_t is not None
+    # fusedgru's node every time, never remade as a view's AsStridedBackward
+    assert len(nodes) == 3 and all(n.endswith("GradToken>") for n in nodes), nodes
+    _assert_all_close(list(f.parameters()), list(t.parameters()))
+
+
+def test_converting_the_module_while_a_graph_is_alive():
+    """module.float() with swap_module_params_on_conversion (torch.utils.swap_tensors) while
+    an earlier graph is still referenced: as with nn.GRUCell, it works (a token viewing the
+    weight made swap_tensors refuse: one reference too many)."""
+    f, t = _cells()
+    xs, h0 = _inputs(2, 5, 7)
+    f(xs[0], h0)
+    old = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        for m in (t, f):
+            loss = _loss(_loop(m, xs, h0))
+            loss.backward()
+            m.float()  # loss (and its graph) still alive
+        x32, h32 = [x.float() for x in xs], h0.float()
+        _assert_all_close(_loop(f, x32, h32), _loop(t, x32, h32))
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(old)
+
+
+def test_a_dtype_change_makes_a_new_plan():
+    """.float() / .double() keep the Parameter objects (their .data changes): the next call
+    makes a new plan for the new dtype, and the lean call serves it again (it stayed off)."""
+    f, _ = _cells(dtype=torch.float32)
+    x = torch.randn(2, 5)
+    xd = x.double()
+    with torch.no_grad():
+        f(x)
+        f.double()
+        f(xd)  # the general path, which plans again
+        assert f.__dict__["_lean"][2][0] is F64
+        with OpLog() as log:
+            f(xd)
+        assert log.names == ["fusedgru.gru_cell_infer.default"]
+
+
+def test_inference_mode_with_grad_enabled_records_nothing():
+    """torch.inference_mode() with torch.enable_grad() inside: nn.GRUCell records no graph
+    (inference tensors are not saved), and neither does the lean call: no error, no grad."""
+    f, t = _cells()
+    xs, h0 = _inputs(2, 5, 7)
+    f(xs[0], h0)
+    with torch.inference_mode(), torch.enable_grad():
+        y, want = f(xs[0], h0), t(xs[0], h0)
+    assert not y.requires_grad and not want.requires_grad
+    torch.testing.assert_close(y, want)
