@@ -492,6 +492,17 @@ __device__ __forceinline__ acc_t* acc_region(unsigned char* smem, int64_t w_byte
   return reinterpret_cast<acc_t*>(smem + w_bytes);
 }
 
+// Defined below.  Declared first: a call with explicit template arguments needs the name
+// declared before it under C++17, which torch 2.11's extension build gives nvcc (C++20,
+// torch 2.14's, finds it when the template is instantiated: the host build and CI never
+// saw the difference).
+template <typename scalar_t, typename op_t, typename acc_t, int MM>
+__device__ void fwd_split_loop(const FwdArgs<scalar_t, op_t, acc_t>& p, const op_t* W,
+                               acc_t* acc, const cg::grid_group& grid);
+template <typename scalar_t, typename op_t, typename acc_t, int MM>
+__device__ void fwd_cluster_loop(const FwdArgs<scalar_t, op_t, acc_t>& p, unsigned char* smem,
+                                 int64_t w_bytes);
+
 // One cooperative launch for the whole sequence; W slice resident in shared memory.
 template <typename scalar_t, typename op_t, typename acc_t, int MM>
 __global__ void __launch_bounds__(kThreads, 1)

@@ -883,6 +883,22 @@ def _check_grid_case(variant: str, spec: Spec, grid_results):
             f"{spec.id}: the step variant's outputs differ from the old step's (bitwise)")
 
 
+def test_the_kernels_source_compiles_as_cxx17():
+    """torch 2.11's extension build (the GPU machine's) compiles gru_cuda.cu with
+    -std=c++17 under nvcc; torch 2.14's with c++20, as the harnesses here do.  C++20 looks a
+    call with explicit template arguments (f<T>(x)) up when the template is instantiated,
+    C++17 needs f declared before: fwd_split_loop / fwd_cluster_loop called before their
+    definition built everywhere here and failed there ("identifier fwd_cluster_loop is
+    undefined").  So the same source, through the host harness, must parse as C++17 too."""
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++ / c++ / $CXX)")
+    main = os.path.join(CSRC, "host", "gru_host_main.cpp")
+    r = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wno-unknown-pragmas",
+                        main], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
 @pytest.mark.parametrize("spec", GRIDS["asan"], ids=lambda s: s.id)
 def test_asan_ubsan_and_error_budget(spec, grid_results):
     _check_grid_case("asan", spec, grid_results)
