@@ -1615,17 +1615,17 @@ struct StateBefore {
 };
 
 template <typename scalar_t>
-void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T + b_ih
+void forward_loop(const Tensor& gi,    // x's rows with 3H features = x W_ih^T (forward_biases)
                   const Tensor& h0,    // (B, H)
                   const Tensor& w_hh,  // (3H, H)
-                  const Tensor& bhh,   // (4H,): forward_biases
+                  const Tensor& bias,  // (4H,): forward_biases
                   bool reset_after, Tensor& y /* x's rows with H features */,
                   Tensor& ws /* x's rows with 4H, or a (B, 4H) scratch reused every step */,
                   bool save_ws, const Layout& lay) {
   using Vec = at::vec::Vectorized<scalar_t>;
   const int64_t T = lay.T, B = lay.B, H = w_hh.size(1);
   const scalar_t* gi_p = gi.data_ptr<scalar_t>();
-  const scalar_t* b_p = bhh.data_ptr<scalar_t>();
+  const scalar_t* b_p = bias.data_ptr<scalar_t>();
   scalar_t* y_p = y.data_ptr<scalar_t>();
   scalar_t* ws_p = ws.data_ptr<scalar_t>();
   StateBefore<scalar_t> before(lay, h0, y);
@@ -1802,10 +1802,6 @@ std::tuple<Tensor, Tensor> forward_cpu(const char* op, bool save_ws, const Tenso
   if (d.T == 0 || d.B == 0) return {y, ws};
   const Tensor h0 = h0_.has_value() ? h0_->contiguous() : at::zeros({d.B, d.H}, x.options());
   const bool fold = g_fold_bias_ih.load(std::memory_order_relaxed);
-  Tensor bias;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_fwd_biases", [&] {
-    bias = forward_biases<scalar_t>(b_ih_, b_hh_, d.H, x.options(), fold);
-  });
   const bool gi_bias = b_ih_.has_value() && !fold;  // b_ih in gi (the switch off)
   const Tensor x2 = x.view({lay.N, d.I});
   // gi = x W_ih^T (+ b_ih with the switch off): one GEMM over all rows (T*B, or N packed:
@@ -1819,6 +1815,7 @@ std::tuple<Tensor, Tensor> forward_cpu(const char* op, bool save_ws, const Tenso
                   ? at::empty({lay.N, 3 * d.H}, x.options())
                   : (gi_bias ? at::addmm(*b_ih_, x2, w_ih.t()) : at::mm(x2, w_ih.t()));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_fwd_cpu", [&] {
+    const Tensor bias = forward_biases<scalar_t>(b_ih_, b_hh_, d.H, x.options(), fold);
     if (panel_gi) {
       scalar_t* gi_p = gi.data_ptr<scalar_t>();
       const int64_t G = 3 * d.H;

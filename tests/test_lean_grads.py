@@ -37,7 +37,7 @@ def _cells(B_in=5, H=7, bias=True, reset_after=True, dtype=F64):
     return f, t
 
 
-def _loop(m, xs, h, keep=False):
+def _loop(m, xs, h):
     hs = []
     for x in xs:
         h = m(x, h)
@@ -51,8 +51,7 @@ def _loss(hs):
 
 def _grads(m, xs, h0, extra=None):
     """Gradients of a weighted loss over a step loop: (inputs', parameters')."""
-    for p in m.parameters():
-        p.grad = None
+    _no_grads(m)
     xs = [x.detach().clone().requires_grad_() for x in xs]
     loss = _loss(_loop(m, xs, h0))
     if extra is not None:
@@ -65,6 +64,20 @@ def _inputs(B, I, H, T=6, dtype=F64, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(B, I, generator=g, dtype=dtype) for _ in range(T)], \
         torch.randn(B, H, generator=g, dtype=dtype)
+
+
+def _no_grads(m):
+    for p in m.parameters():
+        p.grad = None
+
+
+def _planned(B, T=6):
+    """The cell pair (H=7), a loop's inputs, and the fused cell's lean plan made (one
+    call)."""
+    f, t = _cells()
+    xs, h0 = _inputs(B, 5, 7, T=T)
+    f(xs[0], h0)
+    return f, t, xs, h0
 
 
 def _assert_all_close(a, b, **kw):
@@ -113,8 +126,7 @@ def test_reset_before_and_h0_absent_match_the_general_path():
         return functional.gru_cell(x, h, *f.parameters(), reset_after=False, backend="cpu")
 
     def run(step):
-        for p in f.parameters():
-            p.grad = None
+        _no_grads(f)
         xx = [x.clone().requires_grad_() for x in xs]
         h, hs = None, []
         for x in xx:
@@ -133,9 +145,7 @@ def test_other_uses_of_the_weights_in_the_same_graph():
     """A regularizer on both weights and a tied use of weight_hh outside the cell: their
     gradients reach the same .grad as the steps' (which arrive once, summed), and nothing
     is lost whatever order autograd runs them in."""
-    f, t = _cells()
-    xs, h0 = _inputs(2, 5, 7, T=8)
-    f(xs[0], h0)
+    f, t, xs, h0 = _planned(2, T=8)
     v = torch.randn(3, 7, dtype=F64)
 
     def extra(m):
@@ -173,13 +183,10 @@ def test_retain_graph_partial_passes_and_grad_accumulation_over_passes():
     accumulating into .grad across both, then autograd.grad of an input only (no weight
     gradient: that pass's buffer is dropped, not kept), then a last pass; afterwards
     fusedgru holds no buffer of any pass (weak references only)."""
-    f, t = _cells()
-    xs, h0 = _inputs(3, 5, 7)
-    f(xs[0], h0)
+    f, t, xs, h0 = _planned(3)
 
     def run(m):
-        for p in m.parameters():
-            p.grad = None
+        _no_grads(m)
         xx = [x.clone().requires_grad_() for x in xs]
         hs = _loop(m, xx, h0)
         _loss(hs).backward(retain_graph=True)
@@ -216,9 +223,7 @@ def test_optimizer_steps_over_iterations():
 def test_hooks_on_the_weights_fire_once_per_pass_with_the_sum():
     """A tensor hook and a post-accumulate-grad hook on weight_hh fire once per backward
     pass, as with nn.GRUCell, and see the summed gradient."""
-    f, t = _cells()
-    xs, h0 = _inputs(2, 5, 7)
-    f(xs[0], h0)
+    f, t, xs, h0 = _planned(2)
     seen = {}
     for name, m in (("f", f), ("t", t)):
         seen[name] = []
@@ -263,13 +268,10 @@ def test_reentrant_checkpoint_inside_the_loop():
     part of the loop: the outer pass's buffer survives the inner pass."""
     from torch.utils.checkpoint import checkpoint
 
-    f, t = _cells()
-    xs, h0 = _inputs(2, 5, 7)
-    f(xs[0], h0)
+    f, t, xs, h0 = _planned(2)
 
     def run(m):
-        for p in m.parameters():
-            p.grad = None
+        _no_grads(m)
         h = m(xs[0], h0)
         h = checkpoint(lambda h: m(xs[2], m(xs[1], h)), h, use_reentrant=True)
         h = m(xs[3], h)
@@ -288,8 +290,7 @@ def test_a_frozen_weight_and_a_frozen_input():
     xs, h0 = _inputs(3, 5, 7)
     f(xs[0], h0)
     for m in (f, t):
-        for p in m.parameters():
-            p.grad = None
+        _no_grads(m)
         _loss(_loop(m, xs, h0)).backward()
     assert f.weight_ih.grad is None and t.weight_ih.grad is None
     _assert_all_close([p.grad for p in f.parameters() if p.requires_grad],
@@ -342,8 +343,7 @@ def test_t1_calls_of_a_gru_share_the_buffer_too():
     f(xs[0][None], h0[None])
 
     def run(m):
-        for p in m.parameters():
-            p.grad = None
+        _no_grads(m)
         h, loss = h0[None], 0
         for x in xs:
             y, h = m(x[None], h)
@@ -433,9 +433,7 @@ def test_converting_the_module_while_a_graph_is_alive():
     """module.float() with swap_module_params_on_conversion (torch.utils.swap_tensors) while
     an earlier graph is still referenced: as with nn.GRUCell, it works (a token viewing the
     weight made swap_tensors refuse: one reference too many)."""
-    f, t = _cells()
-    xs, h0 = _inputs(2, 5, 7)
-    f(xs[0], h0)
+    f, t, xs, h0 = _planned(2)
     old = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(True)
     try:
@@ -468,9 +466,7 @@ def test_a_dtype_change_makes_a_new_plan():
 def test_inference_mode_with_grad_enabled_records_nothing():
     """torch.inference_mode() with torch.enable_grad() inside: nn.GRUCell records no graph
     (inference tensors are not saved), and neither does the lean call: no error, no grad."""
-    f, t = _cells()
-    xs, h0 = _inputs(2, 5, 7)
-    f(xs[0], h0)
+    f, t, xs, h0 = _planned(2)
     with torch.inference_mode(), torch.enable_grad():
         y, want = f(xs[0], h0), t(xs[0], h0)
     assert not y.requires_grad and not want.requires_grad
