@@ -30,10 +30,12 @@ for torch.compile / torch.export, and autograd formulas registered on the ops).
 
 Choosing a backend is a lookup in this table, never an if/else elsewhere in the package.
 "auto" takes the first row of AUTO_ORDER[device type] that is available and supports the
-dtype; the rows after it that do too are its fallbacks (AutoChoice.fallbacks): if a fused
-GPU kernel cannot be launched for a shape (is_launch_failure), the call runs on the
-chosen row's per-step path, then on those rows, with one BackendFallbackWarning.  An
-explicitly named backend never falls back: it raises BackendLaunchError.
+dtype; the rows after it that do too are its fallbacks (auto_fallbacks): if a fused GPU
+kernel cannot be launched for a shape (is_launch_failure), the call runs on the chosen
+row's per-step path, then on those rows, with one BackendFallbackWarning.  An explicitly
+named backend never falls back: it raises BackendLaunchError.  A resolved name is always a
+plain str (torch.compile takes it as a constant); whether it came from "auto" travels
+beside it (fusedgru/function.py gru_layer's ``auto``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 __all__ = [
-    "AutoChoice",
+    "auto_fallbacks",
     "BackendFallbackWarning",
     "BackendLaunchError",
     "is_launch_failure",
@@ -73,23 +75,6 @@ class BackendLaunchError(RuntimeError):
 class BackendFallbackWarning(RuntimeWarning):
     """backend="auto" ran a layer on a slower path than its first choice, because the
     first choice's fused kernel could not be launched for that shape."""
-
-
-class AutoChoice(str):
-    """The name "auto" resolved to (a plain str for every other use: it compares, hashes
-    and prints as the name), carrying ``fallbacks``: the later rows of AUTO_ORDER that run
-    the same device and dtype, in order.  Only a name that is an AutoChoice may fall back
-    (fusedgru/function.py): an explicitly chosen backend raises instead."""
-
-    fallbacks: Tuple[str, ...]
-
-    def __new__(cls, name: str, fallbacks: Tuple[str, ...]):
-        self = super().__new__(cls, name)
-        self.fallbacks = tuple(fallbacks)
-        return self
-
-    def __reduce__(self):  # pickles (and deep-copies) as itself
-        return (AutoChoice, (str(self), self.fallbacks))
 
 
 # What a kernel launch raises when the kernel cannot run at this size on this device, as
@@ -225,22 +210,37 @@ def check_backend_name(name) -> str:
     return name
 
 
+def _auto_rows(device_type: str, dtype: torch.dtype) -> Tuple[List[str], List[str]]:
+    """The rows of AUTO_ORDER[device_type] that run ``dtype`` here, in order, and why each
+    other row cannot."""
+    reasons, usable = [], []
+    for candidate in AUTO_ORDER.get(device_type, ["reference"]):
+        why = _why_unavailable(candidate)
+        if why is None:
+            why = _loaded[candidate].unsupported_reason(device_type, dtype)
+        if why is None:
+            usable.append(candidate)
+        else:
+            reasons.append(f"{candidate}: {why}")
+    return usable, reasons
+
+
+def auto_fallbacks(name: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, ...]:
+    """The rows "auto" falls back to after ``name`` for this device and dtype: the later
+    rows of AUTO_ORDER that run them here, in order."""
+    usable, _ = _auto_rows(torch.device(device).type, dtype)
+    return tuple(usable[usable.index(name) + 1:]) if name in usable else tuple(usable)
+
+
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend that runs tensors of this device and dtype for ``name``."""
+    """The concrete backend (a plain str) that runs tensors of this device and dtype for
+    ``name``."""
     check_backend_name(name)
     device_type = torch.device(device).type
     if name == "auto":
-        reasons, usable = [], []
-        for candidate in AUTO_ORDER.get(device_type, ["reference"]):
-            why = _why_unavailable(candidate)
-            if why is None:
-                why = _loaded[candidate].unsupported_reason(device_type, dtype)
-            if why is None:
-                usable.append(candidate)
-            else:
-                reasons.append(f"{candidate}: {why}")
+        usable, reasons = _auto_rows(device_type, dtype)
         if usable:
-            return AutoChoice(usable[0], usable[1:])
+            return usable[0]
         raise BackendUnavailableError(
             f"no backend runs {dtype} on {device_type}: " + "; ".join(reasons)
         )

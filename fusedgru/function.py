@@ -9,7 +9,7 @@ torch.compile / torch.export see one opaque node for each.
 backend="auto" never takes a model down for a kernel that cannot launch at some shape (a
 cooperative grid the driver refuses, more shared memory than a block gets:
 backends.is_launch_failure): the layer runs on the chosen row's per-step path, then on the
-next rows of the table (backends.AutoChoice.fallbacks), with one BackendFallbackWarning,
+next rows of the table (backends.auto_fallbacks), with one BackendFallbackWarning,
 and later calls of that shape go straight to the path that worked.  This is eager-mode
 work (a compiled graph or a trace raises as before); an explicitly named backend raises
 BackendLaunchError.
@@ -57,6 +57,7 @@ def gru_layer(
     backend: str,  # a name already resolved by backends.resolve_backend
     batch_sizes: Optional[Tensor] = None,  # (T,) int64 CPU: x is packed (N, I) rows
     resets: Optional[Tensor] = None,  # (T, B) bool on x's device
+    auto: bool = False,  # backend is what "auto" chose: a launch failure falls back
 ) -> Tensor:
     """y (T, B, H) = one GRU layer in one direction over x (see fusedgru/reference.py;
     (N, H) when x is packed rows with batch_sizes).
@@ -69,7 +70,7 @@ def gru_layer(
     args = (x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, batch_sizes, resets)
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return _run(impl, *args)
-    key = (str(backend), x.device, x.dtype, ops.layout_batch(x, batch_sizes), w_hh.shape[1],
+    key = (backend, x.device, x.dtype, ops.layout_batch(x, batch_sizes), w_hh.shape[1],
            reset_after)
     route = _routes.get(key)
     if route is not None:  # this shape fell back before: straight to what worked
@@ -79,9 +80,9 @@ def gru_layer(
     except Exception as exc:  # noqa: BLE001 - only launch failures are handled
         if not backends.is_launch_failure(exc):
             raise
-        if not isinstance(backend, backends.AutoChoice):
+        if not auto:
             raise backends.BackendLaunchError(
-                f"fusedgru backend {str(backend)!r} could not launch its kernel for B="
+                f"fusedgru backend {backend!r} could not launch its kernel for B="
                 f"{x.shape[1]}, H={w_hh.shape[1]}, {x.dtype} on {x.device}: {exc}. "
                 f"backend='auto' would fall back to a slower path instead") from exc
         return _fall_back(key, backend, exc, args)
@@ -93,11 +94,13 @@ _routes: Dict[tuple, Tuple[str, bool]] = {}
 _routes_lock = threading.Lock()
 
 
-def _fall_back(key, backend: "backends.AutoChoice", first: BaseException, args) -> Tensor:
+def _fall_back(key, backend: str, first: BaseException, args) -> Tensor:
     """Runs the layer on the first route after ``backend``'s fused kernels that launches:
-    its per-step path (where it has one), then each later row (as chosen, then per-step)."""
+    its per-step path (where it has one), then each later row of "auto" for this device and
+    dtype (as chosen, then per-step)."""
     B = key[3]
-    routes = [(str(backend), True)] + [(n, p) for n in backend.fallbacks for p in (False, True)]
+    later = backends.auto_fallbacks(backend, key[1], key[2])
+    routes = [(backend, True)] + [(n, p) for n in later for p in (False, True)]
     failures = [f"{backend}: {first}"]
     for name, per_step in routes:
         impl = backends._loaded.get(name) or backends.get_backend(name)
@@ -113,7 +116,7 @@ def _fall_back(key, backend: "backends.AutoChoice", first: BaseException, args) 
         with _routes_lock:
             _routes[key] = (name, per_step)
         warnings.warn(
-            f"fusedgru: backend 'auto' chose {str(backend)!r}, whose fused kernel could not "
+            f"fusedgru: backend 'auto' chose {backend!r}, whose fused kernel could not "
             f"be launched for B={B}, H={key[4]}, {key[2]} on {key[1]} ({first}); this layer "
             f"runs on {name!r}{' (per-step kernels)' if per_step else ''} instead, now and "
             "for later calls of this shape", backends.BackendFallbackWarning, stacklevel=4)

@@ -224,7 +224,7 @@ def _layer_backend(backend: str, x: Tensor, B: int, H: int, I: int) -> str:
 def layer_backend_name(backend: str, weight: Tensor) -> Optional[str]:
     """The backend that runs ``weight``'s device and dtype for ``backend``, or None."""
     try:
-        return str(_resolve(backend, weight.device, weight.dtype))
+        return _resolve(backend, weight.device, weight.dtype)
     except backends.BackendUnavailableError:
         return None
 
@@ -335,16 +335,17 @@ def gru(
                   if resets is not None and D == 2 else None)
 
     output, h_n_t = _run_layers(
-        x, hx, layers, num_layers, D, dropout, training, reset_after, name,
+        x, hx, layers, num_layers, D, dropout, training, reset_after, name, backend == "auto",
         reverse=lambda t: t.flip(0), final=lambda y: y[-1],
         seq=({"resets": resets}, {"resets": resets_rev}))
     return _shape_outputs(output, h_n_t, unbatched, batch_first)
 
 
 def _run_layers(x: Tensor, hx: Optional[Tensor], layers, num_layers: int, D: int,
-                dropout: float, training: bool, reset_after: bool, name: str, *, reverse,
-                final, seq) -> Tuple[Tensor, Tensor]:
-    """The layers and directions over x's rows, dense (T, B, I) or packed (N, I):
+                dropout: float, training: bool, reset_after: bool, name: str, auto: bool, *,
+                reverse, final, seq) -> Tuple[Tensor, Tensor]:
+    """The layers and directions over x's rows, dense (T, B, I) or packed (N, I) on
+    backend ``name`` (what "auto" chose, if ``auto``):
     reverse(t) puts rows in the reverse direction's order (its own inverse), final(y)
     gives each sequence's state after a direction's last step, seq = (forward, reverse)
     keywords of gru_layer (the sequence structure).  Returns (output, h_n (L*D, B, H))."""
@@ -356,7 +357,8 @@ def _run_layers(x: Tensor, hx: Optional[Tensor], layers, num_layers: int, D: int
             w_ih, w_hh, b_ih, b_hh = layers[layer * D + direction]
             h0 = hx[layer * D + direction].contiguous() if hx is not None else None
             xin = reverse(layer_input) if direction else layer_input
-            y = gru_layer(xin, h0, w_ih, w_hh, b_ih, b_hh, reset_after, name, **seq[direction])
+            y = gru_layer(xin, h0, w_ih, w_hh, b_ih, b_hh, reset_after, name, auto=auto,
+                          **seq[direction])
             h_n.append(final(y))
             outputs.append(reverse(y) if direction else y)
         layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=-1)
@@ -427,7 +429,7 @@ def _gru_packed(input: PackedSequence, hx: Optional[Tensor], layers, H: int, num
     reverse, last = packing.packed_indices(input)
 
     layer_input, h_n_t = _run_layers(
-        x, hx, layers, num_layers, D, dropout, training, reset_after, name,
+        x, hx, layers, num_layers, D, dropout, training, reset_after, name, backend == "auto",
         reverse=lambda t: t.index_select(0, reverse), final=lambda y: y.index_select(0, last),
         seq=({"batch_sizes": batch_sizes},) * 2)
     if input.unsorted_indices is not None:  # back to the caller's order
@@ -507,5 +509,5 @@ def gru_cell(
             h0 = hx[0].contiguous()
         name = _layer_backend(backend, x, B, _checked[1], I)
         h = gru_layer(x.unsqueeze(0).contiguous(), h0, w_ih, w_hh, b_ih, b_hh, reset_after,
-                      name)[0]
+                      name, auto=backend == "auto")[0]
     return h.squeeze(0) if unbatched else h

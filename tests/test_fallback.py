@@ -165,17 +165,19 @@ def test_launch_failure_classification():
     assert not any(backends.is_launch_failure(e) for e in no)
 
 
-def test_auto_choice_is_the_name_with_its_fallbacks():
+def test_resolved_names_are_plain_strings_and_auto_knows_its_fallbacks():
+    """A resolved name is a plain str, so torch.compile (torch 2.11's Dynamo included) takes
+    it as a constant; the rows "auto" falls back to come from the table for the device and
+    dtype, after the chosen one."""
+    for name in ("auto", "reference"):
+        pick = backends.resolve_backend(name, torch.device("cpu"), torch.float32)
+        assert type(pick) is str and pick in backends.BACKENDS
     pick = backends.resolve_backend("auto", torch.device("cpu"), torch.float32)
-    assert isinstance(pick, backends.AutoChoice) and pick.fallbacks[-1] == "reference"
-    assert pick == str(pick) and str(pick) in backends.BACKENDS and hash(pick) == hash(str(pick))
-    import copy
-    import pickle
-
-    assert pickle.loads(pickle.dumps(pick)).fallbacks == pick.fallbacks
-    assert copy.deepcopy(pick).fallbacks == pick.fallbacks
-    explicit = backends.resolve_backend("reference", torch.device("cpu"), torch.float32)
-    assert not isinstance(explicit, backends.AutoChoice)
+    later = backends.auto_fallbacks(pick, torch.device("cpu"), torch.float32)
+    order = backends.AUTO_ORDER["cpu"]
+    assert pick not in later and later[-1] == "reference"
+    assert list(later) == [n for n in order[order.index(pick) + 1:] if n in later]
+    assert backends.auto_fallbacks("reference", torch.device("cpu"), torch.float32) == ()
 
 
 def test_triton_per_step_path_runs_the_split_kernels(gen):
