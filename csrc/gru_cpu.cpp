@@ -274,6 +274,22 @@ std::atomic<bool> g_small_pairs{true};
 
 bool set_small_pairs(bool on) { return g_small_pairs.exchange(on); }
 
+// small_nt's AVX-512 tiles prefetch the next group of 4 weight rows (a line of each per
+// 16 lanes of k) during a group's last batch tile, so that the next group's first tile
+// finds them in L2 instead of waiting on memory: 0 off, 1 into L1, 2 into L2 (default).
+// Interleaved A/B, T=1 FusedGRU calls, 1 thread, 7 rounds, AMD EPYC Zen 4 (32 KB L1d, the
+// x rows of a 4-row tile 16 KB at K=1024), off / L1 / L2 in us (tenth session,
+// benchmarks/NOTES-cpu-cuda.md): H=1024 B=8 3346 / 3717 / 2453 (ONNX Runtime 2748), B=1
+// 1518 / ~1000 / ~1000 (ORT 1432), B=64 10185 / 10657 / 9826, H=256 B=8 within noise.
+// Into L1 the next rows evict the x rows of a 4-row tile.  Switch:
+// fusedgru::_set_cpu_small_prefetch.
+std::atomic<int> g_small_prefetch{2};
+int64_t set_small_prefetch(int64_t mode) {
+  TORCH_CHECK(mode >= 0 && mode <= 2, "_set_cpu_small_prefetch: mode must be 0 (off), 1 (L1) "
+              "or 2 (L2), got ", mode);
+  return g_small_prefetch.exchange(static_cast<int>(mode));
+}
+
 // ---------------------------------------------------------------------------------------
 // small_nt's float32 products in AVX-512, chosen at run time
 // ---------------------------------------------------------------------------------------
@@ -414,9 +430,10 @@ FUSEDGRU_AVX512_INLINE __m128 fold4(__m512 a, __m512 b, __m512 c, __m512 d) {
 
 // out[b, o .. o + NW) (+)= x_b . W[o + j] for the NB batch rows x[0 .. NB): NB x NW sums
 // in registers over k in steps of 16 lanes, the last step masked.
-template <int NB, int NW>
+template <int NB, int NW, int PF = 0>
 FUSEDGRU_AVX512_INLINE void nt_tile_avx512(const float* const* x, const float* w, int64_t K,
-                                           float* const* out, int64_t o, bool add) {
+                                           float* const* out, int64_t o, bool add,
+                                           const float* pf = nullptr) {
   __m512 acc[NB][4];
 #pragma GCC unroll 4
   for (int i = 0; i < NB; ++i)
@@ -424,6 +441,12 @@ FUSEDGRU_AVX512_INLINE void nt_tile_avx512(const float* const* x, const float* w
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
+    if constexpr (PF != 0) {  // the next group's 4 weight rows, a line each per step
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(pf + j * K + k),
+                     PF == 1 ? _MM_HINT_T0 : _MM_HINT_T1);
+    }
     __m512 v[NW];
 #pragma GCC unroll 4
     for (int j = 0; j < NW; ++j) v[j] = _mm512_loadu_ps(w + j * K + k);
@@ -459,6 +482,17 @@ FUSEDGRU_AVX512_INLINE void nt_tile_avx512(const float* const* x, const float* w
   }
 }
 
+// nt_tile_avx512 of 4 weight rows, prefetching ``next`` (another 4 rows; none if null) as
+// g_small_prefetch's mode ``pf`` says.
+template <int NB>
+FUSEDGRU_AVX512_INLINE void nt_tile_pf_avx512(const float* const* x, const float* w, int64_t K,
+                                              float* const* out, int64_t o, bool add,
+                                              const float* next, int pf) {
+  if (next == nullptr) nt_tile_avx512<NB, 4>(x, w, K, out, o, add);
+  else if (pf == 1) nt_tile_avx512<NB, 4, 1>(x, w, K, out, o, add, next);
+  else nt_tile_avx512<NB, 4, 2>(x, w, K, out, o, add, next);
+}
+
 // small_nt's body for weight rows [o0, o1): groups of 4 rows, batch rows 4 at a time inside
 // (W's 4 rows stay in L1 while every batch row uses them), then the rows left one by one.
 FUSEDGRU_AVX512 void small_nt_avx512(const float* a, int64_t lda, int64_t B, int64_t K,
@@ -472,19 +506,22 @@ FUSEDGRU_AVX512 void small_nt_avx512(const float* a, int64_t lda, int64_t B, int
   };
   const float* x[4] = {};
   float* ob[4] = {};
+  const int pf = g_small_prefetch.load(std::memory_order_relaxed);
   int64_t o = o0;
   for (; o + 4 <= o1; o += 4) {
     const float* w = W + o * K;
+    // The group's last tile (its weight rows in L1 by then) prefetches the next group's.
+    const float* next = (pf != 0 && o + 8 <= o1) ? w + 4 * K : nullptr;
     int64_t b = 0;
     for (; b + 4 <= B; b += 4) {
       rows(b, x, ob);
-      nt_tile_avx512<4, 4>(x, w, K, ob, o, add);
+      nt_tile_pf_avx512<4>(x, w, K, ob, o, add, b + 4 == B ? next : nullptr, pf);
     }
     rows(b, x, ob);
     switch (B - b) {
-      case 3: nt_tile_avx512<3, 4>(x, w, K, ob, o, add); break;
-      case 2: nt_tile_avx512<2, 4>(x, w, K, ob, o, add); break;
-      case 1: nt_tile_avx512<1, 4>(x, w, K, ob, o, add); break;
+      case 3: nt_tile_pf_avx512<3>(x, w, K, ob, o, add, next, pf); break;
+      case 2: nt_tile_pf_avx512<2>(x, w, K, ob, o, add, next, pf); break;
+      case 1: nt_tile_pf_avx512<1>(x, w, K, ob, o, add, next, pf); break;
       default: break;
     }
   }
@@ -2137,6 +2174,7 @@ TORCH_LIBRARY_FRAGMENT(fusedgru, m) {
   m.def("_set_cpu_pointwise_avx512(bool on) -> bool", &fusedgru::set_pointwise_avx512);
   m.def("_set_cpu_inline_elems(int n) -> int", &fusedgru::set_inline_elems);
   m.def("_set_cpu_small_pairs(bool on) -> bool", &fusedgru::set_small_pairs);
+  m.def("_set_cpu_small_prefetch(int mode) -> int", &fusedgru::set_small_prefetch);
   m.def("_set_cpu_small_split(bool on) -> bool", &fusedgru::set_small_split);
   m.def("_set_cpu_small_avx512(bool on) -> bool", &fusedgru::set_small_avx512);
   m.def("_cpu_has_avx512() -> bool", &fusedgru::cpu_has_avx512);

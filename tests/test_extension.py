@@ -626,6 +626,40 @@ def test_inline_products_pairs_and_thread_split_are_bitwise_equal(gen, poisoned,
         torch.set_num_threads(threads)
 
 
+@pytest.mark.skipif(not AVX512, reason=NO_AVX512)
+def test_inline_products_prefetch_modes_are_bitwise_equal(gen, poisoned):
+    """small_nt's AVX-512 tiles prefetch the next group of weight rows during a group's last
+    batch tile (fusedgru::_set_cpu_small_prefetch: 0 off, 1 L1, 2 L2, the default): a hint
+    only, so forward, inference and backward are bitwise equal in every mode and within
+    SPEC's budget; batch sizes with and without a remainder tile (1, 3, 4, 5, 8), weight
+    rows not a multiple of 4, 1 and 2 threads.  A mode outside 0..2 is refused."""
+    threads = torch.get_num_threads()
+    mode = torch.ops.fusedgru._set_cpu_small_prefetch(2)
+    wide = torch.ops.fusedgru._set_cpu_small_avx512(True)
+    try:
+        assert mode == 2  # the default
+        with pytest.raises(RuntimeError, match="_set_cpu_small_prefetch: mode must be"):
+            torch.ops.fusedgru._set_cpu_small_prefetch(3)
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            for T, B, I, H in [(1, 1, 70, 33), (1, 8, 33, 64), (2, 5, 9, 17), (1, 3, 40, 130),
+                               (2, 4, 700, 600)]:
+                case = make_layer_case(T, B, I, H, generator=gen)
+                outs = []
+                for m in (0, 1, 2):
+                    torch.ops.fusedgru._set_cpu_small_prefetch(m)
+                    outs.append(_small_product_outputs(case))
+                    report = check_layer("cpu", case, dtype=torch.float32)
+                    assert report.ok, (T, B, I, H, m, report.failures)
+                for other in outs[1:]:
+                    for a, b in zip(outs[0], other):
+                        assert torch.equal(a, b), (T, B, I, H, n_threads)
+    finally:
+        torch.ops.fusedgru._set_cpu_small_prefetch(mode)
+        torch.ops.fusedgru._set_cpu_small_avx512(wide)
+        torch.set_num_threads(threads)
+
+
 def _within_budget_in_every_structure(shapes, gen, resets_p, biases=(True,)):
     """Each (T, B, I, H) in float32 against the float64 reference: dense, packed (lengths
     T, then 1 + k % T) and with random resets (probability resets_p), both formulations,
