@@ -281,9 +281,12 @@ bool set_small_pairs(bool on) { return g_small_pairs.exchange(on); }
 // x rows of a 4-row tile 16 KB at K=1024), off / L1 / L2 in us (tenth session,
 // benchmarks/NOTES-cpu-cuda.md): H=1024 B=8 3346 / 3717 / 2453 (ONNX Runtime 2748), B=1
 // 1518 / ~1000 / ~1000 (ORT 1432), B=64 10185 / 10657 / 9826, H=256 B=8 within noise.
-// Into L1 the next rows evict the x rows of a 4-row tile.  Switch:
-// fusedgru::_set_cpu_small_prefetch.
+// Into L1 the next rows evict the x rows of a 4-row tile.  Only for a weight matrix over
+// kPrefetchMinBytes (half of a 2 MB L2): a smaller one stays in cache from step to step,
+// where the prefetches only take load slots (H=256, B=1, T=128, three grid runs: 1997,
+// 2270 us without, 2438 with).  Switch: fusedgru::_set_cpu_small_prefetch.
 std::atomic<int> g_small_prefetch{2};
+constexpr int64_t kPrefetchMinBytes = int64_t(1) << 20;
 int64_t set_small_prefetch(int64_t mode) {
   TORCH_CHECK(mode >= 0 && mode <= 2, "_set_cpu_small_prefetch: mode must be 0 (off), 1 (L1) "
               "or 2 (L2), got ", mode);
@@ -497,7 +500,7 @@ FUSEDGRU_AVX512_INLINE void nt_tile_pf_avx512(const float* const* x, const float
 // (W's 4 rows stay in L1 while every batch row uses them), then the rows left one by one.
 FUSEDGRU_AVX512 void small_nt_avx512(const float* a, int64_t lda, int64_t B, int64_t K,
                                      const float* W, int64_t o0, int64_t o1, float* out,
-                                     int64_t ldo, bool add) {
+                                     int64_t ldo, bool add, int pf) {
   const auto rows = [&](int64_t b, const float** x, float** o) {
     for (int i = 0; i < 4 && b + i < B; ++i) {
       x[i] = a + (b + i) * lda;
@@ -506,7 +509,6 @@ FUSEDGRU_AVX512 void small_nt_avx512(const float* a, int64_t lda, int64_t B, int
   };
   const float* x[4] = {};
   float* ob[4] = {};
-  const int pf = g_small_prefetch.load(std::memory_order_relaxed);
   int64_t o = o0;
   for (; o + 4 <= o1; o += 4) {
     const float* w = W + o * K;
@@ -554,8 +556,10 @@ void small_nt(const scalar_t* a, int64_t lda, int64_t B, int64_t K, const scalar
 #ifdef FUSEDGRU_AVX512_TARGET
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (g_small_avx512.load(std::memory_order_relaxed)) {
+      const int pf = O * K * int64_t(sizeof(float)) > kPrefetchMinBytes
+                         ? g_small_prefetch.load(std::memory_order_relaxed) : 0;
       at::parallel_for(0, ng, grain, [&](int64_t g0, int64_t g1) {
-        small_nt_avx512(a, lda, B, K, W, 4 * g0, std::min(O, 4 * g1), out, ldo, add);
+        small_nt_avx512(a, lda, B, K, W, 4 * g0, std::min(O, 4 * g1), out, ldo, add, pf);
       });
       return;
     }

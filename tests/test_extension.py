@@ -629,10 +629,11 @@ def test_inline_products_pairs_and_thread_split_are_bitwise_equal(gen, poisoned,
 @pytest.mark.skipif(not AVX512, reason=NO_AVX512)
 def test_inline_products_prefetch_modes_are_bitwise_equal(gen, poisoned):
     """small_nt's AVX-512 tiles prefetch the next group of weight rows during a group's last
-    batch tile (fusedgru::_set_cpu_small_prefetch: 0 off, 1 L1, 2 L2, the default): a hint
-    only, so forward, inference and backward are bitwise equal in every mode and within
-    SPEC's budget; batch sizes with and without a remainder tile (1, 3, 4, 5, 8), weight
-    rows not a multiple of 4, 1 and 2 threads.  A mode outside 0..2 is refused."""
+    batch tile (fusedgru::_set_cpu_small_prefetch: 0 off, 1 L1, 2 L2, the default) when
+    the weight matrix is over 1 MB: a hint only, so forward, inference and backward are
+    bitwise equal in every mode and within SPEC's budget; batch sizes with and without a
+    remainder tile (1, 3, 4, 5, 8), weight rows not a multiple of 4, weights under and over
+    1 MB, 1 and 2 threads.  A mode outside 0..2 is refused."""
     threads = torch.get_num_threads()
     mode = torch.ops.fusedgru._set_cpu_small_prefetch(2)
     wide = torch.ops.fusedgru._set_cpu_small_avx512(True)
@@ -642,8 +643,9 @@ def test_inline_products_prefetch_modes_are_bitwise_equal(gen, poisoned):
             torch.ops.fusedgru._set_cpu_small_prefetch(3)
         for n_threads in (1, 2):
             torch.set_num_threads(n_threads)
-            for T, B, I, H in [(1, 1, 70, 33), (1, 8, 33, 64), (2, 5, 9, 17), (1, 3, 40, 130),
-                               (2, 4, 700, 600)]:
+            for T, B, I, H in [(1, 1, 70, 33), (2, 5, 9, 17), (1, 1, 520, 519),
+                               (1, 3, 40, 522), (2, 4, 700, 600), (1, 5, 520, 521),
+                               (1, 8, 513, 520)]:
                 case = make_layer_case(T, B, I, H, generator=gen)
                 outs = []
                 for m in (0, 1, 2):
