@@ -283,8 +283,10 @@ bool set_small_pairs(bool on) { return g_small_pairs.exchange(on); }
 // 1518 / ~1000 / ~1000 (ORT 1432), B=64 10185 / 10657 / 9826, H=256 B=8 within noise.
 // Into L1 the next rows evict the x rows of a 4-row tile.  Only for a weight matrix over
 // kPrefetchMinBytes (half of a 2 MB L2): a smaller one stays in cache from step to step,
-// where the prefetches only take load slots (H=256, B=1, T=128, three grid runs: 1997,
-// 2270 us without, 2438 with).  Switch: fusedgru::_set_cpu_small_prefetch.
+// where the prefetches can only take load slots.  That bound rests on this reasoning, not
+// on a measurement: H=256, B=1, T=128 read 1997 and 2270 us in two grid runs without
+// prefetch and 2438 with it, within this host's noise.  Switch:
+// fusedgru::_set_cpu_small_prefetch.
 std::atomic<int> g_small_prefetch{2};
 constexpr int64_t kPrefetchMinBytes = int64_t(1) << 20;
 int64_t set_small_prefetch(int64_t mode) {
